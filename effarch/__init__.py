@@ -1,0 +1,17 @@
+"""effarch: efficient LLM architectures, derived, implemented, verified and measured.
+
+Subpackages follow the survey's families (Sun et al., 2025, arXiv:2508.09834):
+
+* :mod:`effarch.attention` -- softmax attention and its efficient exact forms;
+* :mod:`effarch.models` -- the transformer baseline and its analytic cost;
+* :mod:`effarch.bench` -- the measuring toolkit (time, memory, FLOPs, sweeps, plots);
+* :mod:`effarch.notebook` -- the setup shared by every notebook of the book.
+
+Everything here runs on a CPU without Triton; GPU kernels live in the optional
+``effarch_kernels`` package and are imported only where a function dispatches to them.
+"""
+
+from . import attention, bench, models, survey
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "attention", "bench", "models", "survey"]

@@ -1,0 +1,160 @@
+"""Softmax attention, written the obvious way: the reference every fast form is checked against.
+
+Layout ``[batch, seq, heads, head_dim]`` as in flash-attn (``flash_attn_func``) and
+flash-linear-attention. To compare with ``torch.nn.functional.scaled_dot_product_attention``
+transpose to ``[batch, heads, seq, head_dim]`` first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+
+from .._checks import check_same, check_tensor
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_tensor("q", q, ndim=4, floating=True)
+    check_tensor("k", k, ndim=4, floating=True)
+    check_tensor("v", v, ndim=4, floating=True)
+    check_same(("q", "k", "v"), (q, k, v))
+    b, _, hq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(
+            f"q, k and v must share the batch size: q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[3] != d:
+        raise ValueError(
+            f"k must have the head_dim of q ({d}) in dim 3, got shape {tuple(k.shape)}"
+        )
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v must match k in seq and heads: expected [{b}, {k.shape[1]}, {k.shape[2]}, *], "
+            f"got {tuple(v.shape)}"
+        )
+    hkv = k.shape[2]
+    if hq % hkv != 0:
+        raise ValueError(
+            f"the number of q heads ({hq}) must be a multiple of the number of k/v heads "
+            f"({hkv}) for grouped-query attention"
+        )
+
+
+def attention_mask(
+    seq_q: int,
+    seq_k: int,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean ``[seq_q, seq_k]`` mask, True where query ``i`` may attend to key ``j``.
+
+    Aligned to the bottom right as in flash-attn: with ``off = seq_k - seq_q``,
+    ``causal`` keeps ``j <= i + off`` and ``window=(left, right)`` keeps
+    ``i + off - left <= j <= i + off + right`` (``-1`` leaves that side unbounded).
+    """
+    i = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
+    j = torch.arange(seq_k, device=device)[None, :]
+    mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            mask &= j >= i - left
+        if right >= 0:
+            mask &= j <= i + right
+    if causal:
+        mask &= j <= i
+    return mask
+
+
+def naive_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention that materialises the full score matrix.
+
+    ``O = softmax(scale * Q K^T + M) V`` with ``M`` zero where allowed and ``-inf`` where
+    masked (see :func:`attention_mask`).
+
+    Args:
+        q: ``[B, Tq, Hq, D]`` queries.
+        k: ``[B, Tk, Hkv, D]`` keys; ``Hq`` must be a multiple of ``Hkv`` (grouped-query
+            attention: query head ``h`` uses key/value head ``h // (Hq // Hkv)``).
+        v: ``[B, Tk, Hkv, Dv]`` values.
+        causal: mask future keys, aligned to the bottom right when ``Tq != Tk``.
+        scale: score scale, default ``D ** -0.5``.
+        window: ``(left, right)`` local window as flash-attn's ``window_size``.
+
+    Returns:
+        ``[B, Tq, Hq, Dv]`` in the dtype of ``q``. A query that sees no key outputs
+        zeros (as flash-attn does). Half-precision inputs are computed in float32.
+
+    Memory is ``O(B Hq Tq Tk)`` for the scores: that is the point of this function.
+    Equivalent to ``flash_attn_func(q, k, v, softmax_scale=scale, causal=causal,
+    window_size=window)``.
+    """
+    _check_qkv(q, k, v)
+    if window is not None:
+        if (
+            not isinstance(window, (tuple, list))
+            or len(window) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window)
+        ):
+            raise ValueError(f"window must be a pair (left, right) of ints >= -1, got {window!r}")
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else float(scale)
+    groups = q.shape[2] // k.shape[2]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
+    kf = repeat(kf, "b t h d -> b t (h g) d", g=groups)
+    vf = repeat(vf, "b t h d -> b t (h g) d", g=groups)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale  # [B, H, Tq, Tk]
+    mask = None
+    if causal or window is not None:
+        mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window, device=q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)  # rows with no key: NaN -> 0
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+    return out.to(q.dtype)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """PyTorch's fused ``scaled_dot_product_attention`` in our ``[B, T, H, D]`` layout.
+
+    The same contract as :func:`naive_attention` (GQA, bottom-right causal mask when
+    ``Tq != Tk``), delegating to whichever fused backend torch picks (FlashAttention or
+    memory-efficient attention on a GPU, a fused kernel on the CPU). Rows that see no key
+    are zeroed, as in flash-attn. An independent reference for tests and the baseline in
+    benchmarks.
+    """
+    _check_qkv(q, k, v)
+    tq, tk = q.shape[1], k.shape[1]
+    groups = q.shape[2] // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    if groups > 1:
+        kt = kt.repeat_interleave(groups, dim=1)
+        vt = vt.repeat_interleave(groups, dim=1)
+    if causal and tq != tk:
+        mask = attention_mask(tq, tk, causal=True, device=q.device)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        out = out.masked_fill(~mask.any(dim=-1)[:, None], 0.0)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,44 @@
+"""The measuring toolkit every chapter uses: time, memory, FLOPs, sweeps and plots.
+
+>>> from effarch import bench
+>>> t = bench.benchmark(lambda: sum(range(1000)))
+>>> t.median > 0
+True
+"""
+
+from .fit import PowerLawFit, fit_exponent
+from .flops import FlopCount, attention_flops, format_flops, matmul_flops, measure_flops
+from .memory import MemoryUsage, format_bytes, peak_memory
+from .plot import plot_kv_cache, plot_memory, plot_roofline, plot_scaling
+from .roofline import DEVICES, DeviceSpec, measure_device
+from .sweep import OK, OUT_OF_BUDGET, SweepResult, is_out_of_memory, sweep
+from .timing import Timing, benchmark, format_seconds, synchronize
+
+__all__ = [
+    "DEVICES",
+    "OK",
+    "OUT_OF_BUDGET",
+    "DeviceSpec",
+    "FlopCount",
+    "MemoryUsage",
+    "PowerLawFit",
+    "SweepResult",
+    "Timing",
+    "attention_flops",
+    "benchmark",
+    "fit_exponent",
+    "format_bytes",
+    "format_flops",
+    "format_seconds",
+    "is_out_of_memory",
+    "matmul_flops",
+    "measure_device",
+    "measure_flops",
+    "peak_memory",
+    "plot_kv_cache",
+    "plot_memory",
+    "plot_roofline",
+    "plot_scaling",
+    "sweep",
+    "synchronize",
+]

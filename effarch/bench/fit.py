@@ -1,0 +1,69 @@
+"""Empirical scaling exponents: fit ``y ~ c * n^p`` by least squares in log-log space."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """``y ~ coefficient * n ** exponent``; ``r2`` is the fit quality in log space."""
+
+    exponent: float
+    coefficient: float
+    r2: float
+    n_points: int
+
+    def predict(self, n: float | np.ndarray) -> float | np.ndarray:
+        return self.coefficient * np.asarray(n, dtype=float) ** self.exponent
+
+    def __str__(self) -> str:
+        return f"~ n^{self.exponent:.2f} (R^2 = {self.r2:.3f}, {self.n_points} points)"
+
+
+def fit_exponent(
+    sizes: Sequence[float],
+    values: Sequence[float],
+    *,
+    min_size: float | None = None,
+) -> PowerLawFit:
+    """Fit ``values ~ c * sizes^p`` and return the exponent ``p``.
+
+    ``log y = log c + p log n`` is fitted by ordinary least squares. Points with a
+    non-finite or non-positive value (out-of-budget entries) are ignored, and so are sizes
+    below ``min_size``: small problems are dominated by fixed overheads (kernel launches,
+    Python), which flatten the curve and would understate the asymptotic exponent.
+
+    Raises:
+        ValueError: if fewer than two usable points remain.
+    """
+    if len(sizes) != len(values):
+        raise ValueError(
+            f"sizes and values must have the same length, got {len(sizes)} and {len(values)}"
+        )
+    pts = [
+        (float(n), float(y))
+        for n, y in zip(sizes, values, strict=True)
+        if n is not None
+        and y is not None
+        and math.isfinite(float(y))
+        and float(y) > 0
+        and float(n) > 0
+        and (min_size is None or float(n) >= min_size)
+    ]
+    if len(pts) < 2:
+        raise ValueError(
+            f"fit_exponent needs at least 2 points with positive finite values"
+            f"{'' if min_size is None else f' and size >= {min_size}'}, got {len(pts)}"
+        )
+    x = np.log([p[0] for p in pts])
+    y = np.log([p[1] for p in pts])
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    return PowerLawFit(float(slope), float(math.exp(intercept)), r2, len(pts))

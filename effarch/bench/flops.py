@@ -1,0 +1,97 @@
+"""Floating-point operations: measured and analytic, side by side.
+
+Convention (the one used by ``torch.utils.flop_counter`` and by FLOP counts in papers):
+a multiply-add is 2 FLOPs, so ``A @ B`` with ``A: [m, k]`` and ``B: [k, n]`` costs
+``2 m k n``. ``FlopCounterMode`` counts the matrix products (mm, bmm, addmm, convolution,
+``scaled_dot_product_attention``); softmax, normalisation and elementwise work are not
+counted. The analytic formulas below follow the same convention, so the two agree exactly
+on the matmuls and a reader can see what each leaves out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from .._checks import check_callable, check_positive_int
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Total FLOPs of one call and the share of each aten operator."""
+
+    total: int
+    by_operator: dict[str, int]
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {format_flops(v)}" for k, v in self.by_operator.items())
+        return f"{format_flops(self.total)} ({parts})"
+
+
+def format_flops(n: float) -> str:
+    """Format a FLOP count with an SI prefix: ``2.5e12 -> '2.50 TFLOP'``."""
+    for unit, factor in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def measure_flops(fn: Callable[[], Any]) -> FlopCount:
+    """Count the FLOPs of ``fn()`` with ``torch.utils.flop_counter.FlopCounterMode``.
+
+    The call runs once, for real, with the counter active. Only matrix products are
+    counted (see the module docstring).
+    """
+    check_callable("fn", fn)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    whole_call = counter.get_flop_counts().get("Global", {})
+    by_op = {str(op).removeprefix("aten."): int(n) for op, n in whole_call.items()}
+    return FlopCount(total=int(counter.get_total_flops()), by_operator=by_op)
+
+
+def matmul_flops(m: int, k: int, n: int) -> int:
+    """FLOPs of ``[m, k] @ [k, n]``: ``2 m k n``."""
+    for name, v in (("m", m), ("k", k), ("n", n)):
+        check_positive_int(name, v)
+    return 2 * m * k * n
+
+
+def attention_flops(
+    batch: int,
+    seq_q: int,
+    heads: int,
+    head_dim: int,
+    *,
+    seq_k: int | None = None,
+    causal: bool = False,
+    head_dim_v: int | None = None,
+) -> int:
+    """Matmul FLOPs of softmax attention ``softmax(Q K^T) V`` per call.
+
+    ``S = Q K^T`` costs ``2 Tq Tk d`` per head and ``O = P V`` costs ``2 Tq Tk d_v``:
+
+        FLOPs = 2 B H Tq Tk (d + d_v)           (non-causal)
+
+    With ``causal=True`` only the unmasked entries are useful work, ``Tq (Tq + 1) / 2``
+    of the square when ``Tq == Tk``; this is what an ideal causal kernel performs (a naive
+    implementation still computes the full square). For ``Tq != Tk`` the mask is aligned to
+    the bottom right, as in flash-attn.
+    """
+    for name, v in (("batch", batch), ("seq_q", seq_q), ("heads", heads), ("head_dim", head_dim)):
+        check_positive_int(name, v)
+    tk = seq_q if seq_k is None else check_positive_int("seq_k", seq_k)
+    dv = head_dim if head_dim_v is None else check_positive_int("head_dim_v", head_dim_v)
+    if causal:
+        # query i sees keys j <= i + tk - tq: sum over i of clamp(i + tk - tq + 1, 0, tk)
+        # query i sees c_i = i + (tk - seq_q) + 1 keys, clamped at 0; c runs up to tk, so
+        # the total is the sum of the integers max(first, 1) .. tk.
+        first = max(tk - seq_q + 1, 1)
+        pairs = (tk * (tk + 1) - (first - 1) * first) // 2
+    else:
+        pairs = seq_q * tk
+    return 2 * batch * heads * pairs * (head_dim + dv)

@@ -1,0 +1,165 @@
+"""naive_attention and sdpa_attention against independent references."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effarch.attention import attention_mask, kv_cache_bytes, naive_attention, sdpa_attention
+
+
+def brute_force_attention(q, k, v, *, causal=False, window=None, scale=None):
+    """A loop over batch, head and query, in float64: shares no code with naive_attention."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    out = torch.zeros(b, tq, hq, v.shape[-1], dtype=torch.float64)
+    for bi, h, i in itertools.product(range(b), range(hq), range(tq)):
+        kv_h = h // (hq // hkv)
+        pos = i + tk - tq  # bottom-right alignment
+        keys = []
+        for j in range(tk):
+            if causal and j > pos:
+                continue
+            if window is not None:
+                left, right = window
+                if (left >= 0 and j < pos - left) or (right >= 0 and j > pos + right):
+                    continue
+            keys.append(j)
+        if not keys:
+            continue  # a query that sees no key outputs zeros
+        s = torch.stack([q[bi, i, h].double() @ k[bi, j, kv_h].double() * scale for j in keys])
+        p = torch.softmax(s, 0)
+        out[bi, i, h] = sum(p[n] * v[bi, j, kv_h].double() for n, j in enumerate(keys))
+    return out
+
+
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+CASES = [
+    # (Tq, Tk, Hq, Hkv, D, causal, window)
+    (1, 1, 2, 2, 8, False, None),
+    (17, 17, 4, 4, 16, True, None),
+    (17, 17, 4, 2, 16, False, None),
+    (5, 23, 4, 1, 8, True, None),  # decoding against a cache: bottom-right causal
+    (23, 5, 2, 2, 8, True, None),  # more queries than keys: early rows see nothing
+    (30, 30, 4, 2, 12, False, (3, 2)),
+    (30, 30, 2, 1, 8, True, (4, -1)),
+    (10, 14, 2, 2, 8, False, (-1, 0)),
+]
+
+
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal", "window"), CASES)
+def test_naive_matches_brute_force(tq, tk, hq, hkv, d, causal, window):
+    q, k, v = rand(2, tq, hq, d), rand(2, tk, hkv, d), rand(2, tk, hkv, d + 3)
+    ours = naive_attention(q, k, v, causal=causal, window=window)
+    ref = brute_force_attention(q, k, v, causal=causal, window=window)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [1, 17, 64, 100, 257])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_naive_matches_torch_sdpa(t, causal, groups):
+    hkv = 2
+    q, k, v = rand(1, t, hkv * groups, 24), rand(1, t, hkv, 24), rand(1, t, hkv, 24)
+    ours = naive_attention(q, k, v, causal=causal, scale=0.3)
+    kk = k.repeat_interleave(groups, dim=2).transpose(1, 2)
+    vv = v.repeat_interleave(groups, dim=2).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, is_causal=causal, scale=0.3)
+    torch.testing.assert_close(ours, ref.transpose(1, 2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("tq", "tk", "hq", "hkv", "d", "causal", "window"), [c for c in CASES if c[-1] is None]
+)
+def test_sdpa_wrapper_matches_naive(tq, tk, hq, hkv, d, causal, window):
+    q, k, v = rand(2, tq, hq, d), rand(2, tk, hkv, d), rand(2, tk, hkv, d)
+    torch.testing.assert_close(
+        sdpa_attention(q, k, v, causal=causal), naive_attention(q, k, v, causal=causal)
+    )
+
+
+def test_half_precision_is_computed_in_float32():
+    q, k, v = (rand(1, 33, 2, 16, dtype=torch.float32) for _ in range(3))
+    low = naive_attention(q.half(), k.half(), v.half(), causal=True)
+    assert low.dtype == torch.float16
+    ref = naive_attention(q, k, v, causal=True)
+    assert (low.float() - ref).abs().max() < 5e-3
+
+
+def test_attention_mask_alignment():
+    m = attention_mask(2, 4, causal=True)
+    assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+    m = attention_mask(4, 2, causal=True)
+    assert m.tolist() == [[False, False], [False, False], [True, False], [True, True]]
+
+
+@pytest.mark.parametrize(
+    ("args", "err", "words"),
+    [
+        ((rand(2, 4, 2), rand(2, 4, 2, 8), rand(2, 4, 2, 8)), ValueError, "q must have 4 dim"),
+        (([1.0], rand(2, 4, 2, 8), rand(2, 4, 2, 8)), TypeError, "q must be a torch.Tensor"),
+        ((rand(2, 4, 2, 8), rand(3, 4, 2, 8), rand(3, 4, 2, 8)), ValueError, "batch size"),
+        ((rand(2, 4, 2, 8), rand(2, 4, 2, 4), rand(2, 4, 2, 8)), ValueError, "head_dim of q"),
+        ((rand(2, 4, 3, 8), rand(2, 4, 2, 8), rand(2, 4, 2, 8)), ValueError, "multiple"),
+        ((rand(2, 4, 2, 8), rand(2, 5, 2, 8), rand(2, 4, 2, 8)), ValueError, "v must match k"),
+        (
+            (rand(2, 4, 2, 8), rand(2, 4, 2, 8, dtype=torch.float32), rand(2, 4, 2, 8)),
+            TypeError,
+            "k must have the dtype of q",
+        ),
+        (
+            (torch.ones(2, 4, 2, 8, dtype=torch.long),) * 3,
+            TypeError,
+            "q must be a floating-point tensor",
+        ),
+    ],
+)
+def test_bad_input_is_named(args, err, words):
+    with pytest.raises(err, match=words):
+        naive_attention(*args)
+    with pytest.raises(err, match=words):
+        sdpa_attention(*args)
+
+
+def test_bad_window_is_named():
+    q = rand(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="window must be a pair"):
+        naive_attention(q, q, q, window=(2,))
+    with pytest.raises(ValueError, match="window must be a pair"):
+        naive_attention(q, q, q, window=(-2, 0))
+
+
+def test_kv_cache_bytes_known_configs():
+    # LLaMA-2-7B: 32 layers x 32 heads x 128 dims x (K and V) x 2 bytes = 0.5 MiB per token
+    per_token = kv_cache_bytes(n_layers=32, seq_len=1, n_kv_heads=32, head_dim=128)
+    assert per_token == 2**19
+    assert kv_cache_bytes(n_layers=32, seq_len=131072, n_kv_heads=32, head_dim=128) == 64 * 2**30
+    # GQA with 8 heads is 4x smaller, MQA 32x; batch and precision scale linearly
+    assert kv_cache_bytes(n_layers=32, seq_len=1, n_kv_heads=8, head_dim=128) == per_token // 4
+    assert kv_cache_bytes(n_layers=32, seq_len=1, n_kv_heads=1, head_dim=128) == per_token // 32
+    assert (
+        kv_cache_bytes(
+            n_layers=32, seq_len=1, batch=3, n_kv_heads=32, head_dim=128, bytes_per_element=4
+        )
+        == 6 * per_token
+    )
+    # DeepSeek-V2 MLA: 512 latent + 64 RoPE dims per token per layer, 60 layers
+    assert kv_cache_bytes(n_layers=60, seq_len=1, kv_lora_rank=512, rope_head_dim=64) == (
+        60 * 576 * 2
+    )
+
+
+def test_kv_cache_bytes_rejects_bad_input():
+    with pytest.raises(ValueError, match="n_kv_heads and head_dim are required"):
+        kv_cache_bytes(n_layers=1, seq_len=1)
+    with pytest.raises(ValueError, match="not both"):
+        kv_cache_bytes(n_layers=1, seq_len=1, kv_lora_rank=4, n_kv_heads=2, head_dim=4)
+    with pytest.raises(ValueError, match="n_layers"):
+        kv_cache_bytes(n_layers=0, seq_len=1, n_kv_heads=1, head_dim=4)
+    with pytest.raises(ValueError, match="bytes_per_element"):
+        kv_cache_bytes(n_layers=1, seq_len=1, n_kv_heads=1, head_dim=4, bytes_per_element=0)

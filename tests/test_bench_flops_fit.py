@@ -1,0 +1,91 @@
+"""FLOP counting (measured against analytic) and exponent fitting."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from effarch.attention import attention_mask, naive_attention
+from effarch.bench import attention_flops, benchmark, fit_exponent, matmul_flops, measure_flops
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(3, 5, 7), (64, 128, 32), (1, 1, 1)])
+def test_measured_matmul_flops_equal_2mkn(m, k, n):
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    count = measure_flops(lambda: a @ b)
+    assert count.total == matmul_flops(m, k, n) == 2 * m * k * n
+    assert count.by_operator == {"mm": 2 * m * k * n}
+
+
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv"), [(17, 17, 4, 4), (8, 33, 6, 2), (64, 64, 2, 1)])
+def test_naive_attention_flops_match_the_formula(tq, tk, hq, hkv):
+    q = torch.randn(2, tq, hq, 16)
+    k, v = torch.randn(2, tk, hkv, 16), torch.randn(2, tk, hkv, 16)
+    measured = measure_flops(lambda: naive_attention(q, k, v)).total
+    assert measured == attention_flops(2, tq, hq, 16, seq_k=tk)
+    # the same by hand: QK^T and PV are each B*H*Tq*Tk multiply-adds per head dim
+    assert measured == 2 * (2 * 2 * hq * tq * tk * 16)
+
+
+@pytest.mark.parametrize(("tq", "tk"), [(1, 1), (5, 5), (3, 9), (9, 3), (100, 257), (257, 100)])
+def test_causal_attention_flops_count_the_unmasked_pairs(tq, tk):
+    pairs = int(attention_mask(tq, tk, causal=True).sum())  # brute force over the mask
+    assert attention_flops(1, tq, 1, 8, seq_k=tk, causal=True) == 2 * pairs * 16
+
+
+def test_flop_helpers_reject_bad_input():
+    with pytest.raises(TypeError, match="fn must be callable"):
+        measure_flops(3)
+    with pytest.raises(ValueError, match="seq_q"):
+        attention_flops(1, 0, 1, 8)
+    with pytest.raises(TypeError, match="head_dim"):
+        attention_flops(1, 4, 1, 8.0)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5, 3.0])
+def test_fit_recovers_exact_power_laws(p):
+    n = np.array([16, 32, 64, 128, 256, 512])
+    fit = fit_exponent(n, 3.0 * n**p)
+    assert fit.exponent == pytest.approx(p, abs=1e-9)
+    assert fit.coefficient == pytest.approx(3.0, rel=1e-9)
+    assert fit.r2 == pytest.approx(1.0)
+
+
+def test_fit_tolerates_noise_and_ignores_missing_points():
+    rng = np.random.default_rng(0)
+    n = 2.0 ** np.arange(6, 16)
+    y = 1e-6 * n**2 * np.exp(rng.normal(0, 0.05, n.size))
+    y[-1] = math.nan  # an out-of-budget point
+    fit = fit_exponent(n, y)
+    assert fit.exponent == pytest.approx(2.0, abs=0.05)
+    assert fit.n_points == n.size - 1
+
+
+def test_fit_min_size_drops_the_overhead_dominated_head():
+    n = 2.0 ** np.arange(4, 14)
+    y = 1e-5 + 1e-9 * n**2  # a constant overhead hides the quadratic at small n
+    assert fit_exponent(n, y).exponent < 1.5
+    assert fit_exponent(n, y, min_size=2**11).exponent == pytest.approx(2.0, abs=0.02)
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        fit_exponent([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="at least 2 points"):
+        fit_exponent([1, 2], [1, math.nan])
+
+
+def _timed_exponent(fn, sizes):
+    times = [benchmark(lambda n=n: fn(n), min_run_time=0.03).median for n in sizes]
+    return fit_exponent(sizes, times).exponent
+
+
+def test_timing_plus_fit_finds_linear_and_quadratic_work():
+    """Measured, not synthetic: O(n) and O(n^2) workloads timed on this machine."""
+    x = torch.ones(2**22)
+    a = torch.ones(4096, 4096)
+    linear = _timed_exponent(lambda n: x[:n].cumsum(0), [2**k for k in range(18, 23)])
+    quadratic = _timed_exponent(lambda n: a[:n, :n] @ x[:n], [2**k for k in range(9, 13)])
+    assert 0.7 < linear < 1.3
+    assert 1.7 < quadratic < 2.3

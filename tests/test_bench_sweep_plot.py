@@ -1,0 +1,221 @@
+"""sweep(): budgets, out-of-memory handling, the tidy table; and the plotting helpers."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from effarch.bench import (
+    DEVICES,
+    OK,
+    OUT_OF_BUDGET,
+    DeviceSpec,
+    measure_device,
+    plot_kv_cache,
+    plot_memory,
+    plot_roofline,
+    plot_scaling,
+    sweep,
+)
+
+
+def _sleep_ms(n):
+    time.sleep(n / 1000)
+
+
+def test_sweep_builds_a_tidy_table():
+    res = sweep(
+        {"square": lambda a: a @ a, "sum": lambda a: a.sum()},
+        [16, 32, 64],
+        lambda n: torch.ones(n, n),
+        measure=("time", "memory", "flops"),
+        analytic_flops={"square": lambda n: 2 * n**3},
+        min_run_time=0.01,
+        progress=False,
+    )
+    assert res.impls == ["square", "sum"]
+    assert len(res.rows) == 6
+    assert all(r["status"] == OK for r in res.rows)
+    sizes, flops = res.series("square", "flops")
+    assert sizes == [16, 32, 64]
+    assert flops == [2.0 * n**3 for n in sizes]  # FlopCounterMode's count
+    assert res.series("square", "analytic_flops")[1] == flops
+    assert math.isnan(res.rows[1]["analytic_flops"])  # no formula given for "sum"
+    _, peaks = res.series("square", "peak_bytes")
+    assert peaks == [4.0 * n * n for n in sizes]  # the output matrix, measured
+    assert "square time_s" in res.table() and "64" in res.table()
+
+
+def test_time_budget_stops_only_the_slow_series():
+    res = sweep(
+        {"slow": _sleep_ms, "fast": lambda n: None},
+        [1, 5, 50, 100],
+        lambda n: n,
+        measure="time",
+        time_budget=0.02,
+        min_run_time=0.01,
+        progress=False,
+    )
+    slow = [r for r in res.rows if r["impl"] == "slow"]
+    assert [r["status"] for r in slow] == [OK, OK, OK, OUT_OF_BUDGET]
+    assert slow[2]["time_s"] >= 0.05  # measured once, then the series stops
+    assert "budget" in slow[2]["note"] and "n=50" in slow[3]["note"]
+    assert math.isnan(slow[3]["time_s"])
+    assert all(r["status"] == OK for r in res.rows if r["impl"] == "fast")
+
+
+def test_memory_budget_stops_the_series():
+    res = sweep(
+        {"alloc": lambda n: torch.ones(n * 1024 * 256)},  # n MiB
+        [1, 2, 8, 16],
+        lambda n: n,
+        measure="memory",
+        memory_budget=4 * 2**20,
+        progress=False,
+    )
+    assert [r["status"] for r in res.rows] == [OK, OK, OK, OUT_OF_BUDGET]
+    assert res.rows[2]["peak_bytes"] == 8 * 2**20
+
+
+def test_out_of_memory_is_out_of_budget_and_others_go_on():
+    def greedy(n):
+        if n >= 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+        return n
+
+    def cpu_greedy(n):
+        if n >= 32:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 1 TB")
+        return n
+
+    res = sweep(
+        {"greedy": greedy, "cpu greedy": cpu_greedy, "modest": lambda n: n},
+        [16, 32, 64, 128],
+        lambda n: n,
+        measure="time",
+        min_run_time=0.005,
+        progress=False,
+    )
+    status = {(r["impl"], r["size"]): r["status"] for r in res.rows}
+    assert [status[("greedy", n)] for n in (16, 32, 64, 128)] == [OK, OK] + [OUT_OF_BUDGET] * 2
+    assert [status[("cpu greedy", n)] for n in (16, 32, 64, 128)] == [OK] + [OUT_OF_BUDGET] * 3
+    assert all(status[("modest", n)] == OK for n in (16, 32, 64, 128))
+
+
+def test_inputs_that_run_out_of_memory_stop_every_series():
+    def make(n):
+        if n > 2:
+            raise MemoryError
+        return n
+
+    res = sweep(
+        {"a": lambda n: n, "b": lambda n: n},
+        [1, 2, 4],
+        make,
+        measure="time",
+        min_run_time=0.005,
+        progress=False,
+    )
+    assert [r["status"] for r in res.rows if r["size"] == 4] == [OUT_OF_BUDGET] * 2
+
+
+def test_sweep_lets_real_bugs_through():
+    with pytest.raises(ZeroDivisionError):
+        sweep({"bug": lambda n: 1 / 0}, [1], lambda n: n, measure="time", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "words"),
+    [
+        (dict(impls={}), ValueError, "impls must be a non-empty"),
+        (dict(impls={"x": 3}), TypeError, r"impls\['x'\] must be callable"),
+        (dict(sizes=[]), ValueError, "sizes must not be empty"),
+        (dict(sizes=[4, 2]), ValueError, "increasing"),
+        (dict(sizes=[0, 2]), ValueError, r"sizes\[0\]"),
+        (dict(sizes="128"), TypeError, "sizes must be a sequence"),
+        (dict(make_inputs=None), TypeError, "make_inputs must be callable"),
+        (dict(time_budget=-1.0), ValueError, "time_budget"),
+        (dict(memory_budget=0), ValueError, "memory_budget"),
+        (dict(measure=("speed",)), ValueError, "measure"),
+        (dict(measure=()), ValueError, "measure"),
+        (dict(analytic_flops={"other": lambda n: n}), ValueError, "analytic_flops"),
+    ],
+)
+def test_sweep_rejects_bad_input(kwargs, err, words):
+    args = dict(impls={"f": lambda n: n}, sizes=[1, 2], make_inputs=lambda n: n)
+    args.update(kwargs)
+    with pytest.raises(err, match=words):
+        sweep(args.pop("impls"), args.pop("sizes"), args.pop("make_inputs"), progress=False, **args)
+
+
+def _synthetic_result():
+    """O(n) and O(n^2) workloads measured for real: the fit must tell them apart."""
+    return sweep(
+        {"linear": lambda a: a.cumsum(0), "quadratic": lambda a: a[:, None] * a[None, :]},
+        [512, 1024, 2048, 4096],
+        lambda n: torch.ones(n),
+        measure=("memory",),
+        progress=False,
+        size_name="T",
+    )
+
+
+def test_plot_scaling_labels_the_fitted_exponent():
+    res = _synthetic_result()
+    ax = plot_memory(res)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "linear ~ T^1.00"
+    assert labels[1] == "quadratic ~ T^2.00"
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert "MiB" in ax.get_ylabel() and "T" in ax.get_xlabel()
+
+
+def test_plot_scaling_marks_out_of_budget_series():
+    res = sweep(
+        {"slow": _sleep_ms, "fast": lambda n: None},
+        [1, 2, 40, 80],
+        lambda n: n,
+        measure="time",
+        time_budget=0.01,
+        min_run_time=0.005,
+        progress=False,
+    )
+    ax = plot_scaling(res)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("slow" in s and "out of budget" in s for s in labels)
+    assert not any("fast" in s and "out of budget" in s for s in labels)
+
+
+def test_roofline_model():
+    h100 = DEVICES["H100"]
+    assert h100.ridge_point == pytest.approx(989e12 / 3.35e12)
+    assert h100.attainable(1.0) == pytest.approx(3.35e12)  # memory-bound: I * bandwidth
+    assert h100.attainable(1e4) == h100.peak_flops  # compute-bound: the flat roof
+    for name in ("T4", "A100", "H100", "H200"):
+        assert DEVICES[name].peak_flops > 1e13 and DEVICES[name].bandwidth > 1e11
+    with pytest.raises(ValueError, match="intensity"):
+        h100.attainable(-1)
+
+
+def test_measure_device_measures_this_cpu():
+    spec = measure_device("cpu", matmul_size=256, copy_bytes=8 * 2**20, repeats=2)
+    assert spec.name == "this CPU"
+    assert 1e8 < spec.peak_flops < 1e13  # between a slow core and a very fast CPU
+    assert 1e8 < spec.bandwidth < 1e12
+
+
+def test_plot_roofline_and_kv_cache():
+    ax = plot_roofline([DEVICES["T4"], DEVICES["H100"]], points=[("decode", 1.0, 3e12)])
+    assert len(ax.get_lines()) >= 5  # two roofs, two ridges, one point
+    with pytest.raises(ValueError, match="devices"):
+        plot_roofline([])
+    with pytest.raises(TypeError, match="DeviceSpec"):
+        plot_roofline(["H100"])
+    ax = plot_kv_cache({"x": lambda n: n * 2**20}, [1024, 2048], devices=[DEVICES["H200"]])
+    line = ax.get_lines()[0]
+    assert np.allclose(line.get_ydata(), [1.0, 2.0])  # GiB
+    with pytest.raises(ValueError, match="series"):
+        plot_kv_cache({}, [1])
+    assert isinstance(DeviceSpec("x", 1.0, 1.0).ridge_point, float)

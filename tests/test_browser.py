@@ -1,0 +1,231 @@
+"""Build the book and read every page in a real (headless) Chromium.
+
+The book is rendered from the outputs committed with the notebooks (nbval re-executes
+and checks those in the same test run), served on 127.0.0.1, and loaded page by page.
+For each page we assert its title, that every image decoded, that no cell shows a
+traceback or an error, that each notebook page offers a Colab launch link, and that every
+internal link points at a page (and an anchor) that exists.
+
+Chromium is the system's (Debian's ``chromium``), driven through Playwright's
+``executable_path``; no browser is ever downloaded. ``EFFARCH_CHROMIUM`` overrides the path.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+pytestmark = pytest.mark.browser
+
+
+def chromium_path() -> str:
+    for candidate in (
+        os.environ.get("EFFARCH_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.fail(
+        "the browser test needs Chromium: install Debian's `chromium` package "
+        "(scripts/test.sh does this) or set EFFARCH_CHROMIUM to its path"
+    )
+
+
+def repository_url() -> str:
+    import yaml
+
+    return yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+
+
+@pytest.fixture(scope="module")
+def book() -> Path:
+    rc = subprocess.call([sys.executable, str(ROOT / "scripts" / "build_book.py"), "--no-execute"])
+    assert rc == 0, "the strict book build failed (warnings are errors): see the log above"
+    return HTML
+
+
+@pytest.fixture(scope="module")
+def server(book):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep the test log readable
+            pass
+
+    handler = functools.partial(Quiet, directory=str(book))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=chromium_path(),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield b
+        b.close()
+
+
+def content_pages(book: Path) -> list[str]:
+    """Every HTML page of the book, relative to its root (assets and sources excluded)."""
+    pages = []
+    for path in sorted(book.rglob("*.html")):
+        rel = path.relative_to(book).as_posix()
+        if rel.split("/")[0] in {"_static", "_sources", "_images"}:
+            continue
+        pages.append(rel)
+    return pages
+
+
+def notebook_pages() -> dict[str, str]:
+    """``{html page: notebook path in the repository}`` for every notebook in the book."""
+    return {
+        nb.relative_to(ROOT).with_suffix(".html").as_posix(): nb.relative_to(ROOT).as_posix()
+        for nb in sorted((ROOT / "chapters").rglob("*.ipynb"))
+        if ".ipynb_checkpoints" not in nb.parts
+    }
+
+
+class _Ids(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("id", "name") and v:
+                self.ids.add(v)
+
+
+@functools.cache
+def anchors(page: Path) -> frozenset[str]:
+    parser = _Ids()
+    parser.feed(page.read_text(errors="ignore"))
+    return frozenset(parser.ids)
+
+
+PAGE_REPORT = """() => {
+  const imgs = [...document.images].map(i => ({src: i.currentSrc || i.src,
+      ok: i.complete && i.naturalWidth > 0}));
+  const outputs = [...document.querySelectorAll('.cell_output, .output')];
+  const bad = [...document.querySelectorAll(
+      '.output.error, .output.traceback, .output.stderr, .cell_output .stderr')];
+  return {
+    title: document.title,
+    h1: (document.querySelector('main h1, article h1, h1') || {}).textContent || '',
+    images: imgs,
+    tracebacks: outputs.filter(o => /Traceback|Error:/.test(o.textContent)).length,
+    errorOutputs: bad.map(o => o.textContent.slice(0, 200)),
+    links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')),
+  };
+}"""
+
+
+def test_every_page_in_chromium(book, server, browser):
+    pages = content_pages(book)
+    notebooks = notebook_pages()
+    assert len(pages) >= 12, pages
+    assert set(notebooks) <= set(pages), "every notebook must be a page of the book"
+    book_title = __import__("yaml").safe_load((ROOT / "_config.yml").read_text())["title"]
+    colab = f"https://colab.research.google.com/github/{urlsplit(repository_url()).path.strip('/')}"
+
+    context = browser.new_context()
+    # Nothing leaves the machine: requests to other hosts (fonts, MathJax CDN) are refused
+    # here, so a page that depends on the network shows it as a missing image below.
+    context.route(
+        "**/*",
+        lambda route: route.continue_() if route.request.url.startswith(server) else route.abort(),
+    )
+    page = context.new_page()
+    problems: list[str] = []
+    internal_links: dict[str, set[str]] = {}
+    report_rows = []
+    for rel in pages:
+        if 'http-equiv="Refresh"' in (book / rel).read_text()[:2000]:
+            # jupyter-book's index.html redirects to the root page: follow it once
+            page.goto(server + rel, wait_until="load")
+            page.wait_for_url(f"{server}intro.html")
+            continue
+        response = page.goto(server + rel, wait_until="load")
+        assert response is not None and response.ok, f"{rel}: HTTP {response and response.status}"
+        r = page.evaluate(PAGE_REPORT)
+        if not r["title"].strip():
+            problems.append(f"{rel}: empty <title>")
+        elif rel not in ("genindex.html", "search.html"):
+            heading = r["h1"].replace("#", "").strip()
+            if not heading or heading not in r["title"] or book_title not in r["title"]:
+                problems.append(f"{rel}: title {r['title']!r} lacks {heading!r} or the book title")
+        for img in r["images"]:
+            if not img["ok"]:
+                problems.append(f"{rel}: image did not decode: {img['src']}")
+        if r["tracebacks"] or r["errorOutputs"]:
+            problems.append(f"{rel}: error output in a cell: {r['errorOutputs'] or 'Traceback'}")
+        if rel in notebooks:
+            want = f"{colab}/blob/main/{notebooks[rel]}"
+            if want not in r["links"]:
+                problems.append(f"{rel}: no Colab launch link {want}")
+        for href in r["links"]:
+            url = urljoin(server + rel, href)
+            if url.startswith(server):
+                internal_links.setdefault(url, set()).add(rel)
+        report_rows.append((rel, len(r["images"]), len(r["links"])))
+
+    for url, sources in sorted(internal_links.items()):
+        parts = urlsplit(url)
+        target = book / unquote(parts.path[len(urlsplit(server).path) :])
+        if target.is_dir():
+            target = target / "index.html"
+        if not target.is_file():
+            problems.append(f"broken link {url} (from {sorted(sources)[0]})")
+        elif parts.fragment and target.suffix == ".html":
+            if unquote(parts.fragment) not in anchors(target):
+                problems.append(f"missing anchor {url} (from {sorted(sources)[0]})")
+    context.close()
+
+    print(
+        json.dumps(
+            {
+                "pages": len(report_rows),
+                "notebook pages": len(notebooks),
+                "images": sum(r[1] for r in report_rows),
+                "internal links checked": len(internal_links),
+            }
+        )
+    )
+    assert not problems, "\n".join(problems)
+
+
+def test_launch_buttons_and_repository_links(book):
+    page = (book / next(iter(notebook_pages()))).read_text()
+    url = repository_url()
+    assert "colab.research.google.com" in page
+    assert f'href="{url}"' in page, "repository button"
+    assert f"{url}/edit/main/" in page, "edit this page"

@@ -1,0 +1,158 @@
+"""Packaging promises, the shared notebook setup, and the chapters' structure."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ipywidgets as widgets
+import pytest
+import torch
+
+from effarch.notebook import SIZES_MARKER, Context, explore, setup, setup_cell
+from effarch.notebook.__main__ import expected_first_cell, repository_url, sync
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "chapters").rglob("*.ipynb"))
+
+
+def test_effarch_imports_without_triton():
+    """A meta-path hook makes `import triton` fail, as on a machine without it."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton is not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import effarch, effarch.bench, effarch.attention, effarch.models, effarch_kernels\n"
+        "import torch\n"
+        "q = torch.randn(1, 8, 2, 4)\n"
+        "print(effarch.attention.naive_attention(q, q, q).shape)\n"
+        "assert 'triton' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "torch.Size([1, 8, 2, 4])" in out.stdout
+
+
+def test_kernels_install_under_a_private_name():
+    import effarch_kernels
+
+    assert Path(effarch_kernels.__file__).resolve().parent == ROOT / "kernels"
+
+
+def test_setup_seeds_everything():
+    a = (setup(seed=3, quiet=True), torch.randn(4))
+    b = (setup(seed=3, quiet=True), torch.randn(4))
+    assert torch.equal(a[1], b[1])
+    assert a[0].device.type in ("cpu", "cuda")
+
+
+def test_profile_follows_device_and_override(monkeypatch):
+    monkeypatch.delenv("EFFARCH_SIZE", raising=False)
+    ctx = setup(quiet=True)
+    assert ctx.profile == ("large" if torch.cuda.is_available() else "small")
+    monkeypatch.setenv("EFFARCH_SIZE", "large")
+    assert setup(quiet=True).profile == "large"
+    monkeypatch.setenv("EFFARCH_SIZE", "huge")
+    with pytest.raises(ValueError, match="profile must be one of"):
+        setup(quiet=True)
+
+
+def test_pick_returns_the_active_profile_and_checks_it():
+    ctx = Context(torch.device("cpu"), "small", 0)
+    sizes = ctx.pick(small=dict(T=256, reps=2), large=dict(T=8192, reps=9))
+    assert (sizes.T, sizes.reps) == (256, 2)
+    with pytest.raises(ValueError, match="missing"):
+        ctx.pick(small=dict(T=1))
+    with pytest.raises(ValueError, match="unknown profiles"):
+        ctx.pick(small={}, large={}, medium={})
+
+
+def test_explore_renders_defaults_and_redraws(monkeypatch):
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(("update", obj))
+
+    def fake_display(obj, display_id=False):
+        shown.append(("display", obj))
+        return Handle() if display_id else None
+
+    monkeypatch.setattr("IPython.display.display", fake_display)
+    calls = []
+    slider = widgets.IntSlider(value=3, min=1, max=9)
+    explore(lambda n: calls.append(n) or f"n={n}", n=slider)
+    assert calls == [3] and shown[-1] == ("display", "n=3")  # static rendering of the default
+    slider.value = 7
+    assert calls == [3, 7] and shown[-1] == ("update", "n=7")
+    with pytest.raises(ValueError, match="at least one control"):
+        explore(lambda: None)
+    with pytest.raises(TypeError, match="ipywidgets value widget"):
+        explore(lambda n: n, n=5)
+
+
+def test_explore_turns_figures_into_static_images(monkeypatch):
+    import matplotlib.pyplot as plt
+    from IPython.display import Image
+
+    shown = []
+    monkeypatch.setattr(
+        "IPython.display.display", lambda obj, display_id=False: shown.append(obj) or None
+    )
+    explore(lambda a: plt.subplots()[0], a=widgets.FloatSlider(value=1.0))
+    assert isinstance(shown[-1], Image) and shown[-1].data[:4] == b"\x89PNG"
+    assert plt.get_fignums() == []  # the figure was closed, not left to render twice
+
+
+def test_setup_cell_template():
+    with pytest.raises(ValueError, match="https"):
+        setup_cell("git@example.org:x.git")
+    cell = setup_cell("https://github.com/effarch/effarch/")
+    assert "git+https://github.com/effarch/effarch'" in cell
+    compile(cell.replace("get_ipython()", "None"), "<setup>", "exec")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_first_cell_is_the_shared_block(path):
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    first = "".join(code[0]["source"])
+    assert first == expected_first_cell(first, repository_url(ROOT))
+    assert "SIZES = ctx.pick(" in first.split(SIZES_MARKER)[1]
+    sources = ["".join(c["source"]) for c in code]
+    assert not any("SIZES = " in s for s in sources[1:]), "sizes live in the first cell only"
+    checked = [c for c in code if "NBVAL_CHECK_OUTPUT" in "".join(c["source"])]
+    assert checked and all(c["outputs"] for c in checked)
+    for c in code:
+        for out in c["outputs"]:
+            assert out["output_type"] != "error", f"{path.name} holds an error output"
+
+
+def test_sync_check_reports_and_fixes_a_stale_notebook(tmp_path):
+    import nbformat
+
+    stale = tmp_path / "stale.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"import os\n{SIZES_MARKER}\nSIZES = ctx.pick(a=1)")]
+    nbformat.write(nb, stale)
+    url = "https://github.com/effarch/effarch"
+    assert sync([stale], url, check=True) == [stale]
+    assert sync([stale], url, check=False) == [stale]
+    assert sync([stale], url, check=True) == []
+    text = nbformat.read(stale, as_version=4).cells[0].source
+    assert text.startswith(setup_cell(url)) and text.endswith("SIZES = ctx.pick(a=1)")
+
+
+def test_repository_url_has_one_home():
+    url = repository_url(ROOT)
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    homes = []
+    for name in tracked.stdout.split():
+        path = ROOT / name
+        if path.suffix in {".py", ".toml", ".yml", ".md", ".cfg", ".txt"} and path.is_file():
+            if url in path.read_text(errors="ignore"):
+                homes.append(name)
+    assert homes == ["_config.yml"], homes
