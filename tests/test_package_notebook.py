@@ -109,8 +109,8 @@ def test_explore_turns_figures_into_static_images(monkeypatch):
 def test_setup_cell_template():
     with pytest.raises(ValueError, match="https"):
         setup_cell("git@example.org:x.git")
-    cell = setup_cell("https://github.com/effarch/effarch/")
-    assert "git+https://github.com/effarch/effarch'" in cell
+    cell = setup_cell("https://example.org/someone/effarch/")
+    assert "git+https://example.org/someone/effarch'" in cell
     compile(cell.replace("get_ipython()", "None"), "<setup>", "exec")
 
 
@@ -138,7 +138,7 @@ def test_sync_check_reports_and_fixes_a_stale_notebook(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(f"import os\n{SIZES_MARKER}\nSIZES = ctx.pick(a=1)")]
     nbformat.write(nb, stale)
-    url = "https://github.com/effarch/effarch"
+    url = "https://example.org/someone/effarch"
     assert sync([stale], url, check=True) == [stale]
     assert sync([stale], url, check=False) == [stale]
     assert sync([stale], url, check=True) == []
