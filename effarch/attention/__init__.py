@@ -1,6 +1,15 @@
 """Softmax attention and its efficient exact forms (survey section 4)."""
 
+from .flash import flash_attention
 from .kv_cache import kv_cache_bytes
 from .naive import attention_mask, naive_attention, sdpa_attention
+from .tiled import tiled_attention
 
-__all__ = ["attention_mask", "kv_cache_bytes", "naive_attention", "sdpa_attention"]
+__all__ = [
+    "attention_mask",
+    "flash_attention",
+    "kv_cache_bytes",
+    "naive_attention",
+    "sdpa_attention",
+    "tiled_attention",
+]

@@ -1,0 +1,297 @@
+"""FlashAttention (forward and backward) in Triton, with its launchers.
+
+Layout ``[batch, seq, heads, head_dim]``; grouped-query attention by index (query head
+``h`` reads key/value head ``h // (Hq // Hkv)``); causal masks aligned bottom-right as in
+flash-attn. The forward pass keeps, per query row, a running max ``m``, a running sum
+``l`` and an unnormalised output ``acc`` (the online softmax), and writes the output and
+the log-sum-exp ``lse``. The backward pass recomputes the probabilities from ``lse``
+tile by tile instead of storing them (FlashAttention-2's scheme):
+
+    P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),
+    dQ = scale * dS K,  dK = scale * dS^T Q,      with delta = rowsum(dO * O).
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on
+the CPU through Triton's interpreter, which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+    n_heads, group, seq_q, seq_k, head_dim, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program computes BLOCK_M query rows of one (batch, head).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    offset = seq_k - seq_q  # bottom-right alignment: row i sees keys j <= i + offset
+
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+        mask=(offs_m[:, None] < seq_q) & d_ok[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634  # work in base 2: exp2 is the fast instruction
+
+    hi = seq_k
+    if CAUSAL:  # key blocks past the last visible key of this query block are skipped
+        hi = tl.maximum(tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + offset), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = tl.load(
+            K + b * skb + hk * skh + cols[None, :] * skt + offs_d[:, None],
+            mask=(cols[None, :] < seq_k) & d_ok[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]: K^T
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        valid = (cols[None, :] < seq_k) & (offs_m[:, None] >= 0)
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + offset)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + b * svb + hk * svh + cols[:, None] * svt + offs_d[None, :],
+            mask=(cols[:, None] < seq_k) & d_ok[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+        o.to(Out.dtype.element_ty),
+        mask=(offs_m[:, None] < seq_q) & d_ok[None, :],
+    )
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))  # fmt: skip
+    tl.store(LSE + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+    sdkb, sdkt, sdkh,
+    n_heads, group, seq_q, seq_k, head_dim, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program owns BLOCK_N keys of one (batch, query head) and loops over queries.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    offset = seq_k - seq_q
+    kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = 0
+    if CAUSAL:  # queries before the first one that sees this key block contribute nothing
+        lo = tl.maximum(pid_n * BLOCK_N - offset, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, seq_q, BLOCK_M):
+        rows = start_m + offs_m
+        r_ok = rows < seq_q
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdot + offs_d[None, :],
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        lse = tl.load(LSE + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
+        delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+        valid = r_ok[:, None] & (offs_n[None, :] < seq_k) & (lse[:, None] > float("-inf"))
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= rows[:, None] + offset)
+        p = tl.where(valid, tl.exp(s - tl.where(valid, lse[:, None], 0.0)), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+
+    out = b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
+    tl.store(DK + out, dk * scale, mask=kv_mask)
+    tl.store(DV + out, dv, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+    n_heads, group, seq_q, seq_k, head_dim, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program owns BLOCK_M queries of one (batch, head) and loops over keys.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    r_ok = offs_m < seq_q
+    offset = seq_k - seq_q
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :],
+                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=r_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=r_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + offset), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        c_ok = cols < seq_k
+        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skt + offs_d[None, :],
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + offs_d[None, :],
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        valid = r_ok[:, None] & c_ok[None, :] & (lse[:, None] > float("-inf"))
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + offset)
+        p = tl.where(valid, tl.exp(s - tl.where(valid, lse[:, None], 0.0)), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
+    """Tile sizes, head-dim padding and dot precision for one call."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    if interpreting():
+        return 64, 64, block_d, precision  # large tiles keep the interpreter fast
+    if block_d <= 64:
+        return 128, 64, block_d, precision
+    return 64, 64, block_d, precision
+
+
+def check_head_dim(head_dim: int) -> None:
+    """The kernels pad the head dimension to a power of two, up to ``MAX_HEAD_DIM``."""
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim must be at most {MAX_HEAD_DIM} for the Triton kernel, got {head_dim}"
+        )
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def flash_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: ``o`` like ``q`` and ``lse`` float32 ``[B, Hq, Tq]``.
+
+    Expects contiguous ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]`` on one device.
+    """
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    check_head_dim(d)
+    o = torch.empty_like(q)
+    lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
+    block_m, block_n, block_d, precision = _config(d, q.dtype)
+    grid = (triton.cdiv(tq, block_m), b * hq)
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        hq, hq // hkv, tq, tk, d, scale,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        PRECISION=precision,
+    )  # fmt: skip
+    return o, lse
+
+
+def flash_attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels; returns ``dq, dk, dv`` shaped like ``q, k, v``.
+
+    ``dk`` and ``dv`` are accumulated per query head in float32 and then summed over the
+    query heads that share a key/value head (grouped-query attention).
+    """
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, Hq, Tq]
+    dq = torch.empty_like(q)
+    dk_h = torch.empty((b, tk, hq, d), device=q.device, dtype=torch.float32)
+    dv_h = torch.empty_like(dk_h)
+    block_m, block_n, block_d, precision = _config(d, q.dtype)
+    common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  PRECISION=precision)  # fmt: skip
+    _bwd_dkdv_kernel[(triton.cdiv(tk, block_n), b * hq)](
+        q, k, v, do, lse, delta, dk_h, dv_h,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_h),
+        hq, hq // hkv, tq, tk, d, scale, **common,
+    )  # fmt: skip
+    _bwd_dq_kernel[(triton.cdiv(tq, block_m), b * hq)](
+        q, k, v, do, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        hq, hq // hkv, tq, tk, d, scale, **common,
+    )  # fmt: skip
+    g = hq // hkv
+    dk = dk_h.view(b, tk, hkv, g, d).sum(3).to(k.dtype)
+    dv = dv_h.view(b, tk, hkv, g, d).sum(3).to(v.dtype)
+    return dq, dk, dv

@@ -1,0 +1,230 @@
+"""tiled_attention and the Triton flash_attention against float64 references.
+
+On a machine without a GPU the kernel runs under the Triton interpreter (see conftest).
+"""
+
+import math
+
+import pytest
+import torch
+
+from effarch.attention import (
+    attention_mask,
+    flash_attention,
+    naive_attention,
+    sdpa_attention,
+    tiled_attention,
+)
+from effarch.attention.flash import triton_available
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def reference(q, k, v, causal):
+    """naive_attention in float64 and the log-sum-exp of its masked, scaled scores."""
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    o = naive_attention(q64, k64, v64, causal=causal)
+    g = q.shape[2] // k.shape[2]
+    kk = k64.repeat_interleave(g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q64, kk) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(~attention_mask(q.shape[1], k.shape[1], causal=True), -math.inf)
+    return o, torch.logsumexp(s, dim=-1)
+
+
+# (Tq, Tk, Hq, Hkv, D, causal): T in {1, 17, 64, 100, 257}, GQA ratios 1, 2, 4 and all
+# (MQA), Tq != Tk both ways, head dims that are not powers of two.
+CASES = [
+    (1, 1, 2, 2, 16, False),
+    (1, 64, 4, 1, 32, True),  # one decoding step against a cache
+    (17, 17, 4, 2, 16, True),
+    (17, 100, 4, 4, 24, True),
+    (64, 64, 8, 2, 64, False),
+    (64, 64, 8, 8, 64, True),
+    (100, 100, 4, 1, 40, True),
+    (100, 17, 2, 2, 16, True),  # more queries than keys: the first rows see nothing
+    (257, 257, 2, 1, 32, True),
+    (257, 100, 4, 2, 128, False),
+]
+
+
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES)
+@pytest.mark.parametrize(("block_q", "block_k"), [(64, 64), (16, 48)])
+def test_tiled_matches_reference(tq, tk, hq, hkv, d, causal, block_q, block_k):
+    q, k, v = (rand(2, t, h, d, dtype=torch.float64) for t, h in ((tq, hq), (tk, hkv), (tk, hkv)))
+    o, lse = tiled_attention(
+        q, k, v, causal=causal, block_q=block_q, block_k=block_k, return_lse=True
+    )
+    ref_o, ref_lse = reference(q, k, v, causal)
+    torch.testing.assert_close(o, ref_o, rtol=1e-10, atol=1e-12)
+    assert lse.dtype == torch.float32 and lse.shape == (2, hq, tq)
+    torch.testing.assert_close(lse.double(), ref_lse.float().double(), rtol=1e-6, atol=1e-6)
+
+
+def test_tiled_empty_rows_are_zero_with_minus_infinite_lse():
+    q, k, v = rand(1, 9, 2, 8), rand(1, 4, 2, 8), rand(1, 4, 2, 8)
+    o, lse = tiled_attention(q, k, v, causal=True, return_lse=True, block_q=4, block_k=4)
+    assert torch.equal(o[:, :5], torch.zeros_like(o[:, :5]))  # rows 0..4 see no key
+    assert torch.isinf(lse[..., :5]).all() and torch.isfinite(lse[..., 5:]).all()
+
+
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES[2:8])
+def test_tiled_gradients_match_autograd_through_the_reference(tq, tk, hq, hkv, d, causal):
+    q, k, v = (
+        rand(1, t, h, d, dtype=torch.float64).requires_grad_()
+        for t, h in ((tq, hq), (tk, hkv), (tk, hkv))
+    )
+    do = rand(1, tq, hq, d, dtype=torch.float64)
+    got = torch.autograd.grad(tiled_attention(q, k, v, causal=causal, block_q=32), (q, k, v), do)
+    want = torch.autograd.grad(naive_attention(q, k, v, causal=causal), (q, k, v), do)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_tiled_half_precision_accumulates_in_float32():
+    q, k, v = (rand(1, 100, 2, 32) for _ in range(3))
+    o = tiled_attention(q.half(), k.half(), v.half(), causal=True)
+    assert o.dtype == torch.float16
+    ref, _ = reference(q.half(), k.half(), v.half(), True)
+    assert (o.double() - ref).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize(("block_q", "block_k"), [(0, 64), (64, -1), (8.0, 64)])
+def test_tiled_rejects_bad_blocks(block_q, block_k):
+    q = rand(1, 8, 1, 8)
+    with pytest.raises((ValueError, TypeError), match="block_"):
+        tiled_attention(q, q, q, block_q=block_q, block_k=block_k)
+
+
+# --- the Triton kernel (GPU, or the CPU interpreter) ------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES)
+def test_kernel_forward_matches_reference(tq, tk, hq, hkv, d, causal):
+    q, k, v = (rand(2, t, h, d, device=DEV) for t, h in ((tq, hq), (tk, hkv), (tk, hkv)))
+    o, lse = flash_attention(q, k, v, causal=causal, backend="triton", return_lse=True)
+    ref_o, ref_lse = reference(q.cpu(), k.cpu(), v.cpu(), causal)
+    torch.testing.assert_close(o.cpu().double(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES[1:9])
+def test_kernel_gradients_match_autograd_through_the_reference(tq, tk, hq, hkv, d, causal):
+    q, k, v = (
+        rand(1, t, h, d, device=DEV).requires_grad_() for t, h in ((tq, hq), (tk, hkv), (tk, hkv))
+    )
+    do = rand(1, tq, hq, d, device=DEV)
+    got = torch.autograd.grad(flash_attention(q, k, v, causal=causal, backend="triton"),
+                              (q, k, v), do)  # fmt: skip
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(
+        naive_attention(q64, k64, v64, causal=causal), (q64, k64, v64), do.cpu().double()
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5)
+
+
+def low_precision_attention(q, k, v, causal):
+    """Attention computed with every operation in float16: the error a plain fp16 PyTorch
+    run makes, against which the kernel's error is calibrated (as flash-attn does)."""
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(~attention_mask(q.shape[1], k.shape[1], causal=True), -math.inf)
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv)
+
+
+@needs_triton
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), [CASES[2], CASES[5], CASES[8]])
+def test_kernel_fp16_error_is_within_twice_a_pytorch_fp16_run(tq, tk, hq, hkv, d, causal):
+    q, k, v = (rand(2, t, h, d).half() for t, h in ((tq, hq), (tk, hkv), (tk, hkv)))
+    ref, _ = reference(q, k, v, causal)
+    ours = flash_attention(q.to(DEV), k.to(DEV), v.to(DEV), causal=causal, backend="triton")
+    assert ours.dtype == torch.float16
+    ours_err = (ours.cpu().double() - ref).abs().max().item()
+    torch_err = (low_precision_attention(q, k, v, causal).double() - ref).abs().max().item()
+    assert ours_err <= 2 * torch_err + 1e-5, (ours_err, torch_err)
+
+
+@needs_triton
+def test_kernel_writes_every_output_element(monkeypatch):
+    """Outputs come from torch.empty*: fill those with NaN and check none survives."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
+    monkeypatch.setattr(
+        torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(math.nan)
+    )
+    q = rand(1, 100, 4, 24, device=DEV).requires_grad_()
+    k = rand(1, 70, 2, 24, device=DEV).requires_grad_()
+    v = rand(1, 70, 2, 24, device=DEV).requires_grad_()
+    o, lse = flash_attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    grads = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert not o.isnan().any() and not lse.isnan().any()
+    assert not any(g.isnan().any() for g in grads)
+
+
+@needs_triton
+def test_kernel_bfloat16_under_the_interpreter_runs_in_float32():
+    if DEV == "cuda":
+        pytest.skip("the CPU interpreter path")
+    q = rand(1, 33, 2, 16).bfloat16()
+    o = flash_attention(q, q, q, causal=True, backend="triton")
+    ref, _ = reference(q, q, q, True)
+    assert o.dtype == torch.bfloat16 and (o.double() - ref).abs().max() < 1e-2
+
+
+def test_torch_backend_and_auto_fall_back_to_sdpa(monkeypatch):
+    q, k, v = rand(1, 40, 4, 16), rand(1, 40, 2, 16), rand(1, 40, 2, 16)
+    want = sdpa_attention(q, k, v, causal=True)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True, backend="torch"), want)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if DEV == "cpu":  # no GPU, no interpreter: auto must pick torch
+        torch.testing.assert_close(flash_attention(q, k, v, causal=True), want)
+        with pytest.raises(ValueError, match="backend='triton' cannot run: .*CUDA GPU"):
+            flash_attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shapes", "err", "words"),
+    [
+        (dict(backend="cuda"), None, ValueError, "backend must be one of"),
+        (
+            dict(backend="triton"),
+            ((1, 8, 2, 300), (1, 8, 2, 300), (1, 8, 2, 300)),
+            ValueError,
+            "head_dim up to 256",
+        ),
+        (
+            dict(backend="triton"),
+            ((1, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 32)),
+            ValueError,
+            "v's head_dim",
+        ),
+        (dict(backend="torch", return_lse=True), None, ValueError, "return_lse"),
+        ({}, ((1, 8, 3, 16), (1, 8, 2, 16), (1, 8, 2, 16)), ValueError, "multiple"),
+        ({}, ((2, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 16)), ValueError, "batch size"),
+        ({}, ((8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 16)), ValueError, "q must have 4 dim"),
+    ],
+)
+def test_flash_attention_rejects_bad_input(kwargs, shapes, err, words):
+    if kwargs.get("backend") == "triton" and not triton_available():
+        pytest.skip("needs triton")
+    shapes = shapes or ((1, 8, 2, 16),) * 3
+    q, k, v = (rand(*s) for s in shapes)
+    with pytest.raises(err, match=words):
+        flash_attention(q, k, v, **kwargs)
+
+
+def test_flash_attention_rejects_mixed_dtypes():
+    q = rand(1, 8, 2, 16)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        flash_attention(q, q.double(), q)
