@@ -32,6 +32,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_interpreter_state() -> None:
+    """Triton decides interpreter or compiler when ``triton`` is first imported; an
+    environment variable set later is half-seen and fails deep inside the kernel."""
+    if interpreting() != (type(tl.max).__name__ == "InterpretedFunction"):
+        raise RuntimeError(
+            "TRITON_INTERPRET changed after triton was imported; set it before importing "
+            "torch.utils or effarch (effarch.notebook.setup does this on a CPU)"
+        )
+
+
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE,
@@ -239,6 +249,7 @@ def flash_attention_forward(
 
     Expects contiguous ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]`` on one device.
     """
+    check_interpreter_state()
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     check_head_dim(d)

@@ -228,3 +228,49 @@ def test_flash_attention_rejects_mixed_dtypes():
     q = rand(1, 8, 2, 16)
     with pytest.raises(TypeError, match="k must have the dtype of q"):
         flash_attention(q, q.double(), q)
+
+
+# --- the teaching helpers of chapter 4.1 ------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [1, 3, 8, 50])
+def test_online_softmax_steps_end_at_the_softmax(block):
+    from effarch.attention import online_softmax_steps
+
+    s = torch.randn(37, dtype=torch.float64) * 4
+    v = torch.randn(37, 5, dtype=torch.float64)
+    steps = online_softmax_steps(s, v, block)
+    assert len(steps) == math.ceil(37 / block)
+    torch.testing.assert_close(steps[-1]["o"], torch.softmax(s, 0) @ v)
+    torch.testing.assert_close(steps[-1]["l"], torch.exp(s - s.max()).sum())
+    ms = [float(st["m"]) for st in steps]
+    assert ms == sorted(ms) and ms[-1] == float(s.max())
+    for st in steps:  # each intermediate output is the softmax over the keys seen so far
+        n = int(st["seen"])
+        torch.testing.assert_close(st["o"], torch.softmax(s[:n], 0) @ v[:n])
+
+
+def test_online_softmax_steps_rejects_bad_input():
+    from effarch.attention import online_softmax_steps
+
+    with pytest.raises(ValueError, match="scores must be a 1-D"):
+        online_softmax_steps(torch.ones(2, 2), torch.ones(2, 2), 1)
+    with pytest.raises(ValueError, match="values must be"):
+        online_softmax_steps(torch.ones(3), torch.ones(2, 2), 1)
+    with pytest.raises(ValueError, match="block"):
+        online_softmax_steps(torch.ones(3), torch.ones(3, 2), 0)
+
+
+def test_hbm_traffic_model():
+    from effarch.attention import attention_hbm_bytes
+
+    n, d = 4096, 64
+    std = attention_hbm_bytes(n, d, bytes_per_element=1)
+    assert std == 4 * n * d + 4 * n * n  # S written, read; P written, read; Q K V O once
+    assert attention_hbm_bytes(n, d, masked=True, bytes_per_element=1) == std + 2 * n * n
+    tiled = attention_hbm_bytes(n, d, method="tiled", block_q=128, bytes_per_element=1)
+    assert tiled == 2 * n * d + 2 * n * n * d / 128
+    assert std / tiled == pytest.approx((4 * n * d + 4 * n * n) / (2 * n * d + n * n))
+    assert attention_hbm_bytes(n, d, heads=8, batch=2) == 16 * std * 2
+    with pytest.raises(ValueError, match="method"):
+        attention_hbm_bytes(n, d, method="flash3")

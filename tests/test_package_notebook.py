@@ -156,3 +156,22 @@ def test_repository_url_has_one_home():
             if url in path.read_text(errors="ignore"):
                 homes.append(name)
     assert homes == ["_config.yml"], homes
+
+
+def test_importing_effarch_leaves_triton_unimported():
+    """Triton fixes interpreter-or-GPU on its first import, so effarch must not import it:
+    the notebook setup sets TRITON_INTERPRET on a CPU before any kernel is touched."""
+    code = "import sys, effarch, effarch.notebook; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_setup_turns_on_the_triton_interpreter_on_a_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ctx = setup(quiet=True)
+    import os
+
+    if ctx.device.type == "cpu":
+        assert os.environ["TRITON_INTERPRET"] == "1"
+    else:
+        assert "TRITON_INTERPRET" not in os.environ

@@ -105,3 +105,43 @@ def tiled_attention(
         return o
     lse = rearrange(torch.cat(lse_blocks, dim=3), "b h g t -> b (h g) t").to(torch.float32)
     return o, lse
+
+
+def online_softmax_steps(
+    scores: torch.Tensor, values: torch.Tensor, block: int
+) -> list[dict[str, torch.Tensor]]:
+    """The online softmax of one query row, one key block at a time, for teaching.
+
+    Args:
+        scores: ``[T]`` scaled scores ``s_j`` of one query against ``T`` keys.
+        values: ``[T, Dv]`` the values ``v_j``.
+        block: keys per step.
+
+    Returns:
+        One dict per step with the running max ``m``, the running sum
+        ``l = sum_j exp(s_j - m)``, the unnormalised output ``acc = sum_j exp(s_j - m) v_j``
+        over the keys seen so far, the output so far ``o = acc / l`` and ``seen`` (keys
+        processed). After the last step ``o`` equals ``softmax(scores) @ values``.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 1:
+        raise ValueError(f"scores must be a 1-D tensor [T], got {getattr(scores, 'shape', scores)}")
+    if not isinstance(values, torch.Tensor) or values.ndim != 2 or values.shape[0] != len(scores):
+        raise ValueError(
+            f"values must be [T, Dv] with T={len(scores)}, got {getattr(values, 'shape', values)}"
+        )
+    check_positive_int("block", block)
+    m = torch.tensor(float("-inf"), dtype=scores.dtype)
+    l_sum = torch.zeros((), dtype=scores.dtype)
+    acc = torch.zeros(values.shape[1], dtype=values.dtype)
+    steps = []
+    for start in range(0, len(scores), block):
+        s, v = scores[start : start + block], values[start : start + block]
+        m_new = torch.maximum(m, s.max())
+        alpha = torch.exp(m - m_new)  # how much the old sums shrink under the new max
+        p = torch.exp(s - m_new)
+        l_sum = alpha * l_sum + p.sum()
+        acc = alpha * acc + p @ v
+        m = m_new
+        steps.append(dict(m=m.clone(), l=l_sum.clone(), acc=acc.clone(), o=acc / l_sum,
+                          seen=torch.tensor(start + len(s))))  # fmt: skip
+    return steps

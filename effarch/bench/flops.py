@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch.utils.flop_counter import FlopCounterMode
-
 from .._checks import check_callable, check_positive_int
 
 
@@ -46,6 +44,10 @@ def measure_flops(fn: Callable[[], Any]) -> FlopCount:
     counted (see the module docstring).
     """
     check_callable("fn", fn)
+    # imported here: torch.utils.flop_counter imports triton, and Triton must see
+    # TRITON_INTERPRET before its first import (effarch.notebook.setup sets it on a CPU)
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter:
         fn()

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.utils.benchmark as torch_benchmark
 
 from .._checks import check_callable, check_positive_int, check_positive_number
 
@@ -144,6 +143,8 @@ def benchmark(
             fn, warmup=25, rep=max(1, int(min_run_time * 1000)), return_mode="all"
         )
         return _summarise([t * 1e-3 for t in ms], "triton.testing.do_bench")
+
+    import torch.utils.benchmark as torch_benchmark  # imports triton: keep it lazy
 
     timer = torch_benchmark.Timer(
         stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()

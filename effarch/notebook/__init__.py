@@ -90,10 +90,14 @@ def setup(seed: int = 0, *, profile: str | None = None, quiet: bool = False) -> 
     """Prepare a notebook: seeds, device, size profile and figure defaults.
 
     The profile is ``"large"`` on a GPU and ``"small"`` on a CPU, unless ``profile`` or
-    the environment variable ``EFFARCH_SIZE`` says otherwise.
+    the environment variable ``EFFARCH_SIZE`` says otherwise. On a CPU it also sets
+    ``TRITON_INTERPRET=1`` (unless already set), so the book's Triton kernels run in
+    Triton's interpreter; Triton reads it once, when first imported.
     """
     seed_everything(seed)
     device = pick_device()
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     chosen = (
         profile or os.environ.get("EFFARCH_SIZE") or ("large" if device.type == "cuda" else "small")
     )
