@@ -1,16 +1,24 @@
 """Softmax attention and its efficient exact forms (survey section 4)."""
 
 from .flash import flash_attention
+from .grouped import KVCache, MultiHeadAttention, mha_to_gqa
 from .io import attention_hbm_bytes
 from .kv_cache import kv_cache_bytes
+from .mla import MultiHeadLatentAttention
 from .naive import attention_mask, naive_attention, sdpa_attention
+from .rope import apply_rope
 from .tiled import online_softmax_steps, tiled_attention
 
 __all__ = [
+    "KVCache",
+    "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "apply_rope",
     "attention_hbm_bytes",
     "attention_mask",
     "flash_attention",
     "kv_cache_bytes",
+    "mha_to_gqa",
     "naive_attention",
     "online_softmax_steps",
     "sdpa_attention",

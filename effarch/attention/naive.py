@@ -13,6 +13,9 @@ from einops import repeat
 
 from .._checks import check_same, check_tensor
 
+# scaled_dot_product_attention shares key/value heads natively from torch 2.5 on
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_tensor("q", q, ndim=4, floating=True)
@@ -148,13 +151,18 @@ def sdpa_attention(
     tq, tk = q.shape[1], k.shape[1]
     groups = q.shape[2] // k.shape[2]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    extra = {}
     if groups > 1:
-        kt = kt.repeat_interleave(groups, dim=1)
-        vt = vt.repeat_interleave(groups, dim=1)
-    if causal and tq != tk:
+        if _SDPA_HAS_GQA:  # reads each shared key/value head in place, no copies
+            extra["enable_gqa"] = True
+        else:
+            kt = kt.repeat_interleave(groups, dim=1)
+            vt = vt.repeat_interleave(groups, dim=1)
+    if causal and tq != tk and not (tq == 1 and tk >= 1):
         mask = attention_mask(tq, tk, causal=True, device=q.device)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **extra)
         out = out.masked_fill(~mask.any(dim=-1)[:, None], 0.0)
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+    else:  # one query after a cache sees every key: no mask needed
+        is_causal = causal and tq == tk
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, **extra)
     return out.transpose(1, 2)

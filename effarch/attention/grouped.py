@@ -1,0 +1,194 @@
+"""Multi-head, grouped-query and multi-query attention in one module, with a KV cache.
+
+With ``H`` query heads and ``G`` key/value heads (``G`` divides ``H``):
+
+* MHA (Vaswani et al., 2017): ``G = H``, every query head has its own keys and values;
+* GQA (Ainslie et al., 2023): ``1 < G < H``, query head ``h`` shares key/value head
+  ``h // (H / G)``;
+* MQA (Shazeer, 2019): ``G = 1``, all heads share one key and one value.
+
+The KV cache shrinks by ``H / G``; the query side and the FLOPs of the scores do not.
+The layout and weights follow ``transformers``' LLaMA attention (separate ``q_proj``,
+``k_proj``, ``v_proj``, ``o_proj``, rotate-half RoPE), so its weights can be copied in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .._checks import check_positive_int, check_tensor
+from .naive import sdpa_attention
+from .rope import apply_rope
+
+
+class KVCache:
+    """A preallocated key/value cache ``[B, max_len, G, D]``, filled left to right.
+
+    ``update(k, v)`` writes the new tokens after the ``length`` already held and returns
+    views of everything cached so far; ``truncate(n)`` forgets all but the first ``n``.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        head_dim_v: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, v in (("batch", batch), ("max_len", max_len), ("n_kv_heads", n_kv_heads),
+                        ("head_dim", head_dim)):  # fmt: skip
+            check_positive_int(name, v)
+        dv = head_dim if head_dim_v is None else check_positive_int("head_dim_v", head_dim_v)
+        self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, max_len, n_kv_heads, dv, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[1]
+        if self.length + t > self.max_len:
+            raise ValueError(
+                f"the cache holds at most max_len={self.max_len} tokens; it has "
+                f"{self.length} and {t} more were given"
+            )
+        if k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
+            raise ValueError(
+                f"k must be [{self.k.shape[0]}, T, {self.k.shape[2]}, {self.k.shape[3]}] "
+                f"for this cache, got {tuple(k.shape)}"
+            )
+        self.k[:, self.length : self.length + t] = k
+        self.v[:, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, : self.length], self.v[:, : self.length]
+
+    def truncate(self, length: int) -> None:
+        check_positive_int("length", length, allow_zero=True)
+        if length > self.length:
+            raise ValueError(f"length must be at most the {self.length} tokens held, got {length}")
+        self.length = length
+
+    def nbytes(self) -> int:
+        """Bytes held by the filled part of the cache (keys and values)."""
+        per_token = (self.k[0, 0].numel() + self.v[0, 0].numel()) * self.k.element_size()
+        return per_token * self.k.shape[0] * self.length
+
+
+class MultiHeadAttention(nn.Module):
+    """MHA, GQA or MQA self-attention with RoPE and an optional KV cache.
+
+    Args:
+        d_model: model width ``d``.
+        n_heads: query heads ``H``; ``head_dim = d_model // n_heads`` unless given.
+        n_kv_heads: key/value heads ``G`` (default ``H``: MHA; ``1``: MQA).
+        rope: apply rotary position embeddings to queries and keys.
+        causal: mask future tokens (bottom-right aligned, so cached decoding works).
+        attention: the attention function ``(q, k, v, *, causal, scale) -> o`` in the
+            ``[B, T, H, D]`` layout: :func:`sdpa_attention` by default; ``naive_attention``,
+            ``tiled_attention`` or ``flash_attention`` fit too.
+
+    ``forward(x [B, T, d], cache=None) -> [B, T, d]``. With a :class:`KVCache`, the new
+    tokens take positions ``cache.length ..`` and attend to everything cached; decoding
+    token by token then equals one pass over the whole sequence.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        head_dim: int | None = None,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        causal: bool = True,
+        bias: bool = False,
+        attention: Callable[..., torch.Tensor] = sdpa_attention,
+    ) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_heads", n_heads)
+        g = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
+        if n_heads % g:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({g})")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+            head_dim = d_model // n_heads
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, g
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        self.rope, self.rope_base, self.causal, self.attention = rope, rope_base, causal, attention
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, g * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, g * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty :class:`KVCache` shaped for this layer (dtype/device of its weights)."""
+        w = self.k_proj.weight
+        return KVCache(
+            batch, max_len, self.n_kv_heads, self.head_dim, dtype=w.dtype, device=w.device
+        )
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        check_tensor("x", x, ndim=3, floating=True)
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have d_model={self.d_model} features in dim 2, got {tuple(x.shape)}"
+            )
+        start = 0 if cache is None else cache.length
+        dh = self.head_dim
+        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=dh)
+        k = rearrange(self.k_proj(x), "b t (g d) -> b t g d", d=dh)
+        v = rearrange(self.v_proj(x), "b t (g d) -> b t g d", d=dh)
+        if self.rope:
+            pos = torch.arange(start, start + x.shape[1], device=x.device)
+            q = apply_rope(q, pos, base=self.rope_base)
+            k = apply_rope(k, pos, base=self.rope_base)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        o = self.attention(q, k, v, causal=self.causal, scale=dh**-0.5)
+        return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+
+
+def mha_to_gqa(layer: MultiHeadAttention, n_kv_heads: int) -> MultiHeadAttention:
+    """Convert an attention layer to ``n_kv_heads`` key/value heads by mean-pooling.
+
+    The key (and value) projection of each new head is the mean of the projections of the
+    ``H / G`` old heads it replaces: the initialisation the GQA paper (Ainslie et al.,
+    2023) uses before uptraining. Query and output projections are copied. Returns a new
+    layer; the old one is unchanged.
+    """
+    if not isinstance(layer, MultiHeadAttention):
+        raise TypeError(f"layer must be a MultiHeadAttention, got {type(layer).__name__}")
+    check_positive_int("n_kv_heads", n_kv_heads)
+    if layer.n_kv_heads % n_kv_heads:
+        raise ValueError(
+            f"n_kv_heads ({n_kv_heads}) must divide the layer's {layer.n_kv_heads} kv heads"
+        )
+    new = MultiHeadAttention(
+        layer.d_model, layer.n_heads, n_kv_heads, head_dim=layer.head_dim, rope=layer.rope,
+        rope_base=layer.rope_base, causal=layer.causal, bias=layer.q_proj.bias is not None,
+        attention=layer.attention,
+    ).to(device=layer.q_proj.weight.device, dtype=layer.q_proj.weight.dtype)  # fmt: skip
+    r = layer.n_kv_heads // n_kv_heads
+    with torch.no_grad():
+        new.q_proj.load_state_dict(layer.q_proj.state_dict())
+        new.o_proj.load_state_dict(layer.o_proj.state_dict())
+        for old, pooled in ((layer.k_proj, new.k_proj), (layer.v_proj, new.v_proj)):
+            w = rearrange(old.weight, "(g r d) c -> g r d c", r=r, d=layer.head_dim)
+            pooled.weight.copy_(rearrange(w.mean(1), "g d c -> (g d) c"))
+            if old.bias is not None:
+                b = rearrange(old.bias, "(g r d) -> g r d", r=r, d=layer.head_dim)
+                pooled.bias.copy_(rearrange(b.mean(1), "g d -> (g d)"))
+    return new

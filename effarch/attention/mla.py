@@ -1,0 +1,135 @@
+"""Multi-head latent attention (MLA), as in DeepSeek-V2 and DeepSeek-V3.
+
+Keys and values are compressed jointly into a small latent ``c_kv`` per token, and only
+the latent (plus one small shared RoPE key) is cached. With ``d_c`` the latent width,
+``d_n`` the per-head "no-position" query/key width, ``d_r`` the RoPE width and ``d_v``
+the value width:
+
+    c_kv = RMSNorm(W_DKV x)                      [B, T, d_c]     (cached)
+    k_r  = RoPE(W_KR x)                          [B, T, 1, d_r]  (cached, shared by heads)
+    k_h  = [W_UK^h c_kv ; k_r],  v_h = W_UV^h c_kv
+    q_h  = [q_n^h ; RoPE(q_r^h)]                 from x (or a low-rank c_q)
+    o_h  = softmax(q_h . k_h / sqrt(d_n + d_r)) v_h
+
+The cache holds ``d_c + d_r`` numbers per token per layer instead of ``2 H d_h``.
+
+**Weight absorption.** ``q_n^h . (W_UK^h c) = ((W_UK^h)^T q_n^h) . c``, so the query can
+be mapped into the latent space once and attend to the cached ``c_kv`` directly; and
+``sum_j p_j W_UV^h c_j = W_UV^h sum_j p_j c_j``, so the values need not be expanded
+either. Decoding then is multi-query attention over the latent cache with head
+dimension ``d_c + d_r``. Both paths are implemented and equal.
+
+Parameter names follow DeepSeek-V2 in ``transformers`` (``kv_lora_rank``,
+``q_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .._checks import check_positive_int, check_tensor
+from .grouped import KVCache
+from .naive import sdpa_attention
+from .rope import apply_rope
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA self-attention with a latent KV cache and an optional absorbed decode path.
+
+    ``forward(x [B, T, d], cache=None, absorb=False) -> [B, T, d]``. ``cache`` is a
+    :class:`KVCache` from :meth:`new_cache` holding ``c_kv`` as its keys and the shared
+    RoPE key as its values. ``absorb=True`` computes the same output through the latent
+    space (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        kv_lora_rank: int = 512,
+        q_lora_rank: int | None = None,
+        qk_nope_head_dim: int = 128,
+        qk_rope_head_dim: int = 64,
+        v_head_dim: int = 128,
+        rope_base: float = 10000.0,
+        causal: bool = True,
+        attention: Callable[..., torch.Tensor] = sdpa_attention,
+    ) -> None:
+        super().__init__()
+        sizes = dict(d_model=d_model, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
+                     qk_nope_head_dim=qk_nope_head_dim, v_head_dim=v_head_dim)  # fmt: skip
+        for name, v in sizes.items():
+            check_positive_int(name, v)
+        check_positive_int("qk_rope_head_dim", qk_rope_head_dim)
+        if qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even for RoPE, got {qk_rope_head_dim}")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.d_c, self.d_n, self.d_r, self.d_v = (
+            kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        )  # fmt: skip
+        self.rope_base, self.causal, self.attention = rope_base, causal, attention
+        dq = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(d_model, n_heads * dq, bias=False)
+        else:
+            check_positive_int("q_lora_rank", q_lora_rank)
+            self.q_proj = nn.Sequential(
+                nn.Linear(d_model, q_lora_rank, bias=False),
+                nn.RMSNorm(q_lora_rank),
+                nn.Linear(q_lora_rank, n_heads * dq, bias=False),
+            )
+        self.kv_down = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(kv_lora_rank)
+        self.kv_up = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty latent cache: ``d_c + d_r`` numbers per token."""
+        w = self.kv_down.weight
+        return KVCache(batch, max_len, 1, self.d_c, head_dim_v=self.d_r, dtype=w.dtype,
+                       device=w.device)  # fmt: skip
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [H, d_n, d_c]`` and ``W_UV [H, d_v, d_c]``, views of ``kv_up``."""
+        w = rearrange(self.kv_up.weight, "(h e) c -> h e c", h=self.n_heads)
+        return w[:, : self.d_n], w[:, self.d_n :]
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, *, absorb: bool = False
+    ) -> torch.Tensor:
+        check_tensor("x", x, ndim=3, floating=True)
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have d_model={self.d_model} features in dim 2, got {tuple(x.shape)}"
+            )
+        start = 0 if cache is None else cache.length
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
+        h = self.n_heads
+        q = rearrange(self.q_proj(x), "b t (h e) -> b t h e", h=h)
+        q_n, q_r = q.split([self.d_n, self.d_r], dim=-1)
+        q_r = apply_rope(q_r, pos, base=self.rope_base)
+        c_kv, k_r = self.kv_down(x).split([self.d_c, self.d_r], dim=-1)
+        c_kv = self.kv_norm(c_kv)[:, :, None, :]  # [B, T, 1, d_c]
+        k_r = apply_rope(k_r[:, :, None, :], pos, base=self.rope_base)  # [B, T, 1, d_r]
+        if cache is not None:
+            c_kv, k_r = cache.update(c_kv, k_r)
+        scale = (self.d_n + self.d_r) ** -0.5
+        w_uk, w_uv = self._up_weights()
+        if absorb:
+            q_lat = torch.einsum("bthn,hnc->bthc", q_n, w_uk)  # the query, in latent space
+            q_cat = torch.cat([q_lat, q_r], dim=-1)  # [B, T, H, d_c + d_r]
+            k_cat = torch.cat([c_kv, k_r], dim=-1)  # [B, L, 1, d_c + d_r]: one shared head
+            o_lat = self.attention(q_cat, k_cat, c_kv, causal=self.causal, scale=scale)
+            o = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+        else:
+            k_n = torch.einsum("blc,hnc->blhn", c_kv[:, :, 0], w_uk)  # expand every head
+            v = torch.einsum("blc,hvc->blhv", c_kv[:, :, 0], w_uv)
+            k = torch.cat([k_n, k_r.expand(-1, -1, h, -1)], dim=-1)
+            o = self.attention(torch.cat([q_n, q_r], dim=-1), k, v, causal=self.causal,
+                               scale=scale)  # fmt: skip
+        return self.o_proj(rearrange(o, "b t h v -> b t (h v)"))
