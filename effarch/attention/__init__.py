@@ -6,6 +6,13 @@ from .io import attention_hbm_bytes
 from .kv_cache import kv_cache_bytes
 from .mla import MultiHeadLatentAttention
 from .naive import attention_mask, naive_attention, sdpa_attention
+from .quantized import (
+    attention_error,
+    dequantize_per_block,
+    quantize_per_block,
+    quantized_attention,
+    smooth_k,
+)
 from .rope import apply_rope
 from .tiled import online_softmax_steps, tiled_attention
 
@@ -14,13 +21,18 @@ __all__ = [
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
     "apply_rope",
+    "attention_error",
     "attention_hbm_bytes",
     "attention_mask",
+    "dequantize_per_block",
     "flash_attention",
     "kv_cache_bytes",
     "mha_to_gqa",
     "naive_attention",
     "online_softmax_steps",
+    "quantize_per_block",
+    "quantized_attention",
     "sdpa_attention",
+    "smooth_k",
     "tiled_attention",
 ]

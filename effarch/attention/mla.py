@@ -33,12 +33,15 @@ from torch import nn
 
 from .._checks import check_positive_int, check_tensor
 from .grouped import KVCache
-from .naive import sdpa_attention
+from .naive import attention_mask, sdpa_attention
 from .rope import apply_rope
 
 
 class MultiHeadLatentAttention(nn.Module):
     """MLA self-attention with a latent KV cache and an optional absorbed decode path.
+
+    ``attention`` (default :func:`sdpa_attention`) computes the naive path; the absorbed
+    path writes its multi-query attention over the latents out directly.
 
     ``forward(x [B, T, d], cache=None, absorb=False) -> [B, T, d]``. ``cache`` is a
     :class:`KVCache` from :meth:`new_cache` holding ``c_kv`` as its keys and the shared
@@ -121,10 +124,18 @@ class MultiHeadLatentAttention(nn.Module):
         scale = (self.d_n + self.d_r) ** -0.5
         w_uk, w_uv = self._up_weights()
         if absorb:
+            # Multi-query attention over the latent cache: every head reads the same c_kv and
+            # k_r once, so the scores are written out here rather than through
+            # self.attention, which would copy the shared key for every head.
             q_lat = torch.einsum("bthn,hnc->bthc", q_n, w_uk)  # the query, in latent space
-            q_cat = torch.cat([q_lat, q_r], dim=-1)  # [B, T, H, d_c + d_r]
-            k_cat = torch.cat([c_kv, k_r], dim=-1)  # [B, L, 1, d_c + d_r]: one shared head
-            o_lat = self.attention(q_cat, k_cat, c_kv, causal=self.causal, scale=scale)
+            s = torch.einsum("bthc,blc->bhtl", q_lat, c_kv[:, :, 0])
+            s = (s + torch.einsum("bthr,blr->bhtl", q_r, k_r[:, :, 0])) * scale
+            if self.causal:
+                mask = attention_mask(s.shape[2], s.shape[3], causal=True, device=x.device)
+                s = s.masked_fill(~mask, float("-inf"))
+            wide = torch.promote_types(s.dtype, torch.float32)
+            p = torch.softmax(s.to(wide), dim=-1).nan_to_num(0.0).to(s.dtype)  # empty rows: 0
+            o_lat = torch.einsum("bhtl,blc->bthc", p, c_kv[:, :, 0])
             o = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
         else:
             k_n = torch.einsum("blc,hnc->blhn", c_kv[:, :, 0], w_uk)  # expand every head
