@@ -4,6 +4,14 @@ from .flash import flash_attention
 from .grouped import KVCache, MultiHeadAttention, mha_to_gqa
 from .io import attention_hbm_bytes
 from .kv_cache import kv_cache_bytes
+from .mixture import (
+    MixtureOfHeadsAttention,
+    MoHRouting,
+    moba_attention,
+    moba_mask,
+    moba_select_blocks,
+    moh_active_fraction,
+)
 from .mla import MultiHeadLatentAttention
 from .naive import attention_mask, naive_attention, sdpa_attention
 from .quantized import (
@@ -18,6 +26,8 @@ from .tiled import online_softmax_steps, tiled_attention
 
 __all__ = [
     "KVCache",
+    "MixtureOfHeadsAttention",
+    "MoHRouting",
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
     "apply_rope",
@@ -28,6 +38,10 @@ __all__ = [
     "flash_attention",
     "kv_cache_bytes",
     "mha_to_gqa",
+    "moba_attention",
+    "moba_mask",
+    "moba_select_blocks",
+    "moh_active_fraction",
     "naive_attention",
     "online_softmax_steps",
     "quantize_per_block",
