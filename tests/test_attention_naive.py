@@ -163,3 +163,12 @@ def test_kv_cache_bytes_rejects_bad_input():
         kv_cache_bytes(n_layers=0, seq_len=1, n_kv_heads=1, head_dim=4)
     with pytest.raises(ValueError, match="bytes_per_element"):
         kv_cache_bytes(n_layers=1, seq_len=1, n_kv_heads=1, head_dim=4, bytes_per_element=0)
+
+
+def test_mixed_devices_are_named():
+    q = rand(1, 4, 2, 8)
+    k = torch.empty(1, 4, 2, 8, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="k must be on the device of q"):
+        naive_attention(q, k, q)
+    with pytest.raises(ValueError, match="v must be on the device of q"):
+        sdpa_attention(q, q, k)
