@@ -3,6 +3,7 @@
 Subpackages follow the survey's families (Sun et al., 2025, arXiv:2508.09834):
 
 * :mod:`effarch.attention` -- softmax attention and its efficient exact forms;
+* :mod:`effarch.linear` -- linear attention, gates, delta rules and linear RNNs;
 * :mod:`effarch.models` -- the transformer baseline and its analytic cost;
 * :mod:`effarch.bench` -- the measuring toolkit (time, memory, FLOPs, sweeps, plots);
 * :mod:`effarch.notebook` -- the setup shared by every notebook of the book.
@@ -11,7 +12,7 @@ Everything here runs on a CPU without Triton; GPU kernels live in the optional
 ``effarch_kernels`` package and are imported only where a function dispatches to them.
 """
 
-from . import attention, bench, models, survey
+from . import attention, bench, linear, models, survey
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "attention", "bench", "models", "survey"]
+__all__ = ["__version__", "attention", "bench", "linear", "models", "survey"]

@@ -1,0 +1,40 @@
+"""Linear sequence models (survey section 2): linear attention, its decays, gates and
+delta rules, and linear RNNs, each with its recurrent, parallel and chunkwise forms.
+
+Every op takes ``[batch, seq, heads, dim]`` tensors and returns ``(o, final_state)``
+with a state ``[batch, heads, K, V]``, following flash-linear-attention's conventions.
+"""
+
+from .feature_maps import (
+    HedgehogFeatureMap,
+    PerformerFeatureMap,
+    elu_plus_one,
+    relu,
+    taylor_feature_map,
+)
+from .ops import (
+    delta_rule,
+    dplr_delta_rule,
+    gated_delta_rule,
+    gla,
+    linear_attention,
+    retention,
+    retention_log_decays,
+    simple_gla,
+)
+
+__all__ = [
+    "HedgehogFeatureMap",
+    "PerformerFeatureMap",
+    "delta_rule",
+    "dplr_delta_rule",
+    "elu_plus_one",
+    "gated_delta_rule",
+    "gla",
+    "linear_attention",
+    "relu",
+    "retention",
+    "retention_log_decays",
+    "simple_gla",
+    "taylor_feature_map",
+]
