@@ -4,6 +4,8 @@ Subpackages follow the survey's families (Sun et al., 2025, arXiv:2508.09834):
 
 * :mod:`effarch.attention` -- softmax attention and its efficient exact forms;
 * :mod:`effarch.linear` -- linear attention, gates, delta rules and linear RNNs;
+* :mod:`effarch.scan` -- the parallel scan of linear recurrences;
+* :mod:`effarch.ssm` -- state space models: S4D, Mamba's selective scan, Mamba-2's SSD;
 * :mod:`effarch.models` -- the transformer baseline and its analytic cost;
 * :mod:`effarch.bench` -- the measuring toolkit (time, memory, FLOPs, sweeps, plots);
 * :mod:`effarch.notebook` -- the setup shared by every notebook of the book.
@@ -12,7 +14,7 @@ Everything here runs on a CPU without Triton; GPU kernels live in the optional
 ``effarch_kernels`` package and are imported only where a function dispatches to them.
 """
 
-from . import attention, bench, linear, models, survey
+from . import attention, bench, linear, models, scan, ssm, survey
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "attention", "bench", "linear", "models", "survey"]
+__all__ = ["__version__", "attention", "bench", "linear", "models", "scan", "ssm", "survey"]

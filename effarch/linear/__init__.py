@@ -12,6 +12,7 @@ from .feature_maps import (
     relu,
     taylor_feature_map,
 )
+from .hgrn import hgrn
 from .ops import (
     delta_rule,
     dplr_delta_rule,
@@ -31,6 +32,7 @@ __all__ = [
     "elu_plus_one",
     "gated_delta_rule",
     "gla",
+    "hgrn",
     "linear_attention",
     "relu",
     "retention",

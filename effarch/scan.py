@@ -1,0 +1,179 @@
+"""The first-order linear recurrence ``h_t = a_t * h_{t-1} + b_t`` as a parallel scan.
+
+Every linear RNN and selective state space model in this book reduces, once its inputs
+are known, to this recurrence with an elementwise (diagonal) transition ``a_t``. Read as
+a fold over pairs ``(a_t, b_t)``, one step is the affine map ``h -> a_t h + b_t``, and
+applying ``(a_1, b_1)`` and then ``(a_2, b_2)`` is again an affine map:
+
+    (a_1, b_1) then (a_2, b_2)  =  (a_1 a_2,  a_2 b_1 + b_2).
+
+This composition is associative, so every prefix ``h_t`` can be computed by a parallel
+prefix scan in ``O(log T)`` sequential steps, each of which acts on the whole
+``[B, T, ...]`` tensor at once (Blelloch, 1990; Martin & Cundy, 2018, "Parallelizing
+linear recurrent neural nets over sequence length"). This is the scan that Mamba's
+``selective_scan`` kernel and S5 run on the GPU; here it is written with plain torch ops
+so that it runs, and differentiates, anywhere.
+
+Two schedules are offered, plus the loop they are checked against:
+
+* ``"hillis_steele"``: at step ``k`` every position combines with the one ``2^k`` places
+  back. ``ceil(log2 T)`` steps, ``O(T log T)`` work.
+* ``"blelloch"``: combine neighbouring pairs, scan the half-length sequence recursively,
+  then fill in the even positions from their odd neighbours. About ``2 log2 T`` steps and
+  ``O(T)`` work: the work-efficient schedule.
+* ``"sequential"``: the loop, ``T`` steps.
+
+:func:`scan_depth` gives the number of sequential combine steps of each schedule.
+
+Only products of ``a`` are formed (no divisions, no logarithms), so for ``a`` in
+``[0, 1]`` long products may underflow to zero, which is their correct limit, but never
+produce ``inf`` or ``nan``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_choice, check_positive_int, check_same
+
+METHODS = ("blelloch", "hillis_steele", "sequential")
+
+
+def _check_scan_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{name} must be a floating-point or complex tensor, got dtype {x.dtype}")
+    return x
+
+
+def linear_recurrence(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    *,
+    method: str = "blelloch",
+) -> torch.Tensor:
+    """All states of ``h_t = a_t * h_{t-1} + b_t`` (elementwise) along dim 1.
+
+    Args:
+        a: ``[B, T, ...]`` the transitions (decays), any trailing shape.
+        b: ``[B, T, ...]`` the inputs, same shape, dtype and device as ``a``.
+        h0: optional ``[B, ...]`` state before the first step (zero when omitted).
+        method: ``"blelloch"`` (default, work-efficient), ``"hillis_steele"`` or
+            ``"sequential"`` (the reference loop).
+
+    Returns:
+        ``h`` of shape ``[B, T, ...]`` with ``h[:, t] = a[:, t] * h[:, t-1] + b[:, t]``,
+        where the state before ``t = 0`` is ``h0`` (or 0). Real and complex dtypes are
+        both supported; the computation runs in the input dtype and autograd works
+        through it.
+
+    The initial state is folded into the first input, ``b_0 <- a_0 h0 + b_0``, after
+    which the scan starts from zero. This is the recurrence inside mamba_ssm's
+    ``selective_scan_fn`` (there with ``a = exp(delta A)`` and ``b = delta B u``) and
+    flash-linear-attention's ``hgrn`` (with ``a = exp(g)``).
+    """
+    _check_scan_tensor("a", a)
+    _check_scan_tensor("b", b)
+    check_same(("a", "b"), (a, b))
+    check_choice("method", method, METHODS)
+    if a.ndim < 2:
+        raise ValueError(
+            f"a must have at least 2 dimensions [B, T, ...], got shape {tuple(a.shape)}"
+        )
+    if a.shape != b.shape:
+        raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    if h0 is not None:
+        _check_scan_tensor("h0", h0)
+        check_same(("a", "h0"), (a, h0))
+        expected = (a.shape[0], *a.shape[2:])
+        if tuple(h0.shape) != expected:
+            raise ValueError(f"h0 must have shape [B, ...] = {expected}, got {tuple(h0.shape)}")
+        b = torch.cat([(a[:, :1] * h0.unsqueeze(1) + b[:, :1]), b[:, 1:]], dim=1)
+    if a.shape[1] == 0:
+        return b.clone()
+    if method == "hillis_steele":
+        return _hillis_steele(a, b)[0]
+    if method == "blelloch":
+        return _blelloch(a, b)[0]
+    return _sequential(a, b)[0]
+
+
+def scan_depth(T: int, method: str = "blelloch") -> int:
+    """Sequential combine steps that :func:`linear_recurrence` takes for length ``T``.
+
+    ``"hillis_steele"``: ``ceil(log2 T)``. ``"blelloch"``: one pairing step and one
+    filling step per level of halving (the last level has no filling step), which is
+    ``2 ceil(log2 T) - 1`` for ``T`` a power of two and never more than that.
+    ``"sequential"``: ``T - 1`` (the first state needs no combine). Each step is one
+    elementwise pass over the whole tensor, so on parallel hardware the depth, not the
+    work, sets the latency.
+    """
+    check_positive_int("T", T)
+    check_choice("method", method, METHODS)
+    if method == "sequential":
+        return T - 1
+    if method == "hillis_steele":
+        return (T - 1).bit_length()  # ceil(log2 T), 0 for T = 1
+    depth = 0
+    while T > 1:
+        depth += 1 + (1 if (T + 1) // 2 > 1 else 0)  # pair step, then (maybe) fill step
+        T //= 2
+    return depth
+
+
+def _sequential(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    h = b[:, 0]
+    out = [h]
+    for t in range(1, a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1), a.shape[1] - 1
+
+
+def _hillis_steele(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Inclusive scan: after step k, position t holds the composition of the last 2^k
+    elements up to t (fewer near the start, where the identity (1, 0) is shifted in)."""
+    T = a.shape[1]
+    steps, shift = 0, 1
+    while shift < T:
+        # (a_prev, b_prev) is the block ending at t - shift; it comes first in time.
+        b_prev = torch.cat([torch.zeros_like(b[:, :shift]), b[:, :-shift]], dim=1)
+        b = a * b_prev + b
+        if 2 * shift < T:  # the products of a are not needed after the last step
+            a_prev = torch.cat([torch.ones_like(a[:, :shift]), a[:, :-shift]], dim=1)
+            a = a * a_prev
+        shift *= 2
+        steps += 1
+    return b, steps
+
+
+def _blelloch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Work-efficient scan: pair up, recurse on the half-length sequence, fill in.
+
+    With ``m = T // 2`` pairs ``(2i, 2i+1)``, the pair compositions form a sequence of
+    length ``m`` whose prefix states are exactly the states at the odd positions. An even
+    position ``2i`` (``i >= 1``) then needs one more step from the odd state before it.
+    """
+    T = a.shape[1]
+    if T == 1:
+        return b, 0
+    m = T // 2
+    a_even, a_odd = a[:, 0 : 2 * m : 2], a[:, 1 : 2 * m : 2]
+    b_even, b_odd = b[:, 0 : 2 * m : 2], b[:, 1 : 2 * m : 2]
+    h_odd, steps = _blelloch(a_even * a_odd, a_odd * b_even + b_odd)  # states at 1, 3, ...
+    steps += 1
+    n_fill = (T + 1) // 2 - 1  # even positions 2, 4, ... below T
+    if n_fill > 0:
+        fill = a[:, 2::2] * h_odd[:, :n_fill] + b[:, 2::2]
+        h_even = torch.cat([b[:, :1], fill], dim=1)
+        steps += 1
+    else:
+        h_even = b[:, :1]
+    # interleave: positions 0, 1, 2, ... = even_0, odd_0, even_1, odd_1, ...
+    pairs = torch.stack([h_even[:, :m], h_odd], dim=2)
+    h = pairs.reshape(a.shape[0], 2 * m, *a.shape[2:])
+    if T % 2:
+        h = torch.cat([h, h_even[:, m:]], dim=1)
+    return h, steps
