@@ -177,3 +177,21 @@ def _blelloch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
     if T % 2:
         h = torch.cat([h, h_even[:, m:]], dim=1)
     return h, steps
+
+
+def hillis_steele_schedule(T: int) -> list[list[tuple[int, int]]]:
+    """The combines of the Hillis-Steele scan of length ``T``, level by level.
+
+    Level ``k`` lists the pairs ``(src, dst)`` with ``dst - src = 2^k``: position ``dst``
+    absorbs the running result of ``src``, all pairs of a level at once. After
+    ``ceil(log2 T)`` levels every position holds its prefix. For pictures and teaching;
+    :func:`linear_recurrence` with ``method="hillis_steele"`` runs the same schedule on
+    tensors.
+    """
+    check_positive_int("T", T)
+    levels = []
+    step = 1
+    while step < T:
+        levels.append([(i - step, i) for i in range(step, T)])
+        step *= 2
+    return levels

@@ -547,3 +547,18 @@ def test_bad_input_raises_clear_errors(case):
     fn, exc, match = _bad_cases()[case]
     with pytest.raises(exc, match=match):
         fn()
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 37])
+def test_hillis_steele_schedule_computes_prefix_sums(T):
+    from effarch.scan import hillis_steele_schedule, scan_depth
+
+    levels = hillis_steele_schedule(T)
+    assert len(levels) == scan_depth(T, "hillis_steele")
+    vals = list(range(1, T + 1))
+    for level in levels:
+        new = vals[:]
+        for src, dst in level:
+            new[dst] = vals[src] + vals[dst]  # all combines of a level read the old values
+        vals = new
+    assert vals == [sum(range(1, t + 2)) for t in range(T)]
