@@ -13,6 +13,16 @@ from .feature_maps import (
     taylor_feature_map,
 )
 from .hgrn import hgrn
+from .layers import (
+    GLA,
+    HGRN,
+    RWKV7,
+    DeltaNet,
+    GatedDeltaNet,
+    LinearAttention,
+    RetNet,
+    ShortConvolution,
+)
 from .ops import (
     delta_rule,
     dplr_delta_rule,
@@ -25,6 +35,14 @@ from .ops import (
 )
 
 __all__ = [
+    "GLA",
+    "HGRN",
+    "RWKV7",
+    "DeltaNet",
+    "GatedDeltaNet",
+    "LinearAttention",
+    "RetNet",
+    "ShortConvolution",
     "HedgehogFeatureMap",
     "PerformerFeatureMap",
     "delta_rule",

@@ -1,0 +1,179 @@
+"""Token-mixing layers of effarch.linear.layers and effarch.ssm.layers.
+
+For every layer, in float64: one call on the whole sequence equals decoding token by token and
+equals a prefix followed by the rest (outputs and final states). In float32: a backward pass
+reaches every parameter. Bad inputs raise ValueError. Mamba is checked against a loop written
+here from its equations; S4D's convolution mode against its recurrent mode.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from effarch.linear.layers import (
+    GLA,
+    HGRN,
+    RWKV7,
+    DeltaNet,
+    GatedDeltaNet,
+    LinearAttention,
+    RetNet,
+    ShortConvolution,
+)
+from effarch.ssm.layers import S4D, Mamba, Mamba2
+
+D_MODEL, BATCH, T, SPLIT = 32, 2, 13, 5
+
+# Chunk sizes below T so that the chunk forms carry state across several chunks.
+LAYERS = {
+    "linear_attention": lambda: LinearAttention(D_MODEL, 4, chunk_size=4),
+    "linear_attention_relu": lambda: LinearAttention(
+        D_MODEL, 2, "relu", normalize=False, chunk_size=4
+    ),
+    "retnet": lambda: RetNet(D_MODEL, 4, chunk_size=4),
+    "gla": lambda: GLA(D_MODEL, 4, gate_low_rank=8, chunk_size=4),
+    "deltanet": lambda: DeltaNet(D_MODEL, 4, chunk_size=4),
+    "gated_deltanet": lambda: GatedDeltaNet(D_MODEL, 2, chunk_size=4),
+    "mamba": lambda: Mamba(D_MODEL, d_state=8),
+    "mamba2": lambda: Mamba2(D_MODEL, d_state=8, headdim=16, ngroups=2, chunk_size=4),
+    "hgrn": lambda: HGRN(D_MODEL),
+    "hgrn_lower_bound": lambda: HGRN(D_MODEL, lower_bound=0.5),
+    "s4d": lambda: S4D(D_MODEL, d_state=8),
+    "rwkv7": lambda: RWKV7(D_MODEL, 4, decay_low_rank=8, a_low_rank=8, gate_low_rank=8),
+}
+
+
+def _close(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _close(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert_close(a, b, rtol=1e-9, atol=1e-10)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_full_equals_decoding_and_prefix(name):
+    layer = LAYERS[name]().double()
+    x = torch.randn(BATCH, T, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert y.abs().mean() > 1e-3  # not trivially zero
+
+        steps, s = [], None
+        for t in range(T):
+            y_t, s = layer(x[:, t : t + 1], s)
+            steps.append(y_t)
+        _close(torch.cat(steps, dim=1), y)
+        _close(s, state)
+
+        y1, s1 = layer(x[:, :SPLIT])
+        y2, s2 = layer(x[:, SPLIT:], s1)
+        _close(torch.cat([y1, y2], dim=1), y)
+        _close(s2, state)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_reach_every_parameter(name):
+    layer = LAYERS[name]()
+    x = torch.randn(BATCH, T, D_MODEL, requires_grad=True)
+    y, _ = layer(x)
+    assert y.dtype == torch.float32
+    y.pow(2).mean().backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_bad_input_raises(name):
+    layer = LAYERS[name]()
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        layer(torch.randn(T, D_MODEL))
+    with pytest.raises(ValueError, match="d_model = 32"):
+        layer(torch.randn(BATCH, T, D_MODEL + 1))
+    with pytest.raises(ValueError, match="at least one time step"):
+        layer(torch.randn(BATCH, 0, D_MODEL))
+    _, state = layer(torch.randn(BATCH, 3, D_MODEL))
+    with pytest.raises(ValueError, match="state"):  # state of another batch size
+        layer(torch.randn(BATCH + 1, 3, D_MODEL), state)
+    with pytest.raises(ValueError, match="missing"):
+        layer(torch.randn(BATCH, 3, D_MODEL), {})
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        DeltaNet(30, 4)
+    with pytest.raises(ValueError, match="positive features"):
+        LinearAttention(D_MODEL, 4, "relu")
+    with pytest.raises(ValueError, match="even"):
+        S4D(D_MODEL, d_state=7)
+    with pytest.raises(ValueError, match="lower_bound"):
+        HGRN(D_MODEL, lower_bound=1.0)
+    with pytest.raises(ValueError, match="ngroups"):
+        Mamba2(D_MODEL, headdim=16, ngroups=3)
+
+
+def test_short_convolution_matches_padded_conv1d():
+    conv = ShortConvolution(6, 3, bias=True, activation=False).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    y, cache = conv(x)
+    ref = F.conv1d(
+        F.pad(x.transpose(1, 2), (2, 0)), conv.conv.weight, conv.conv.bias, groups=6
+    ).transpose(1, 2)
+    assert_close(y, ref)
+    assert_close(cache, x[:, -2:])
+
+
+def _mamba_loop(m, x):
+    """Mamba from its equations: one token at a time, explicit convolution window and state."""
+    e, n, w = m.d_inner, m.d_state, m.d_conv
+    xs, z = m.in_proj(x).chunk(2, dim=-1)
+    padded = F.pad(xs, (0, 0, w - 1, 0))
+    kernel, conv_bias = m.conv.conv.weight[:, 0], m.conv.conv.bias  # [E, W], [E]
+    A = -torch.exp(m.A_log)
+    h = x.new_zeros(x.shape[0], e, n)
+    outs = []
+    for t in range(x.shape[1]):
+        window = padded[:, t : t + w]  # inputs t-W+1 .. t
+        xc = F.silu((window.transpose(1, 2) * kernel).sum(-1) + conv_bias)  # [B, E]
+        dt_raw, B, C = m.x_proj(xc).split([m.dt_rank, n, n], dim=-1)
+        dt = F.softplus(m.dt_proj(dt_raw))  # [B, E]
+        h = torch.exp(dt[..., None] * A) * h + (dt * xc)[..., None] * B[:, None, :]
+        y = (h * C[:, None, :]).sum(-1) + m.D * xc
+        outs.append(m.out_proj(y * F.silu(z[:, t])))
+    return torch.stack(outs, dim=1), h
+
+
+def test_mamba_matches_loop():
+    m = Mamba(16, d_state=4, d_conv=3, expand=2, dt_rank=3).double()
+    with torch.no_grad():  # larger steps than at init, so the state decays visibly
+        m.dt_proj.bias.add_(2.0)
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = m(x)
+        ref, h = _mamba_loop(m, x)
+    assert_close(y, ref)
+    assert_close(state["ssm"], h)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_s4d_convolution_equals_recurrence(with_state):
+    layer = S4D(D_MODEL, d_state=8, dt_min=0.01, dt_max=0.5).double()
+    x = torch.randn(BATCH, T, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        state = (
+            layer(torch.randn(BATCH, 4, D_MODEL, dtype=torch.float64))[1] if with_state else None
+        )
+        y_conv, s_conv = layer(x, state, mode="conv")
+        y_rec, s_rec = layer(x, state, mode="recurrent")
+    assert s_conv["s"].is_complex()
+    assert_close(y_conv, y_rec, rtol=1e-9, atol=1e-10)
+    assert_close(s_conv["s"], s_rec["s"], rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="mode"):
+        layer(x, mode="fft")
