@@ -438,6 +438,36 @@ def _delta_chunk(
 # --------------------------------------------------------------------------------------------
 
 
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _use_kernel(backend: Any, mode: str, q: torch.Tensor, chunk_size: int, dk: int) -> bool:
+    """Whether to run the Triton chunk kernel (``effarch.linear.chunk_kernel``).
+
+    ``"torch"``: never. ``"triton"``: always, or a clear error saying why it cannot.
+    ``"auto"``: on CUDA tensors in chunk mode when the kernel supports the call.
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend == "torch":
+        return False
+    reason = None
+    if mode != "chunk":
+        reason = f"the kernel is the chunk form; mode is {mode!r}"
+    elif chunk_size < 16 or chunk_size & (chunk_size - 1):
+        reason = f"the kernel needs a power-of-two chunk_size >= 16, got {chunk_size}"
+    elif dk > 256:
+        reason = f"the kernel supports K up to 256, got {dk}"
+    else:
+        from ..attention.flash import _triton_unusable_reason
+
+        reason = _triton_unusable_reason(q)
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run: {reason}")
+        return True
+    return reason is None and q.device.type == "cuda"
+
+
 def _initial(
     initial_state: Any, b: int, h: int, dk: int, dv: int, ref: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -458,6 +488,7 @@ def linear_attention(
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, State | None]:
     r"""Causal linear attention (Katharopoulos et al., 2020) without a decay.
 
@@ -480,6 +511,8 @@ def linear_attention(
         output_final_state: also return the state after the last step (same form).
         mode: ``"recurrent"``, ``"parallel"`` or ``"chunk"`` (see the module docstring).
         chunk_size: steps per chunk in ``"chunk"`` mode (``T`` need not be a multiple).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"``, as in :func:`simple_gla`; the
+            kernel does not normalise, so ``normalize=True`` always runs in PyTorch.
 
     Returns:
         ``(o, final_state)``: ``o: [B, T, H, V]`` in the dtype of ``q``; ``final_state`` is
@@ -511,6 +544,15 @@ def linear_attention(
             s0 = torch.cat([s_in, z_in.to(dtype)[..., None]], dim=-1)
     else:
         s0 = _initial(initial_state, b, h, dk, dv, q, dtype)
+        if _use_kernel(backend, mode, q, chunk_size, dk):
+            from .chunk_kernel import chunk_scalar_decay
+
+            return chunk_scalar_decay(
+                q, k, v, None, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, chunk_size=chunk_size,
+            )  # fmt: skip
+    if normalize and backend == "triton":
+        raise ValueError("backend='triton' cannot run: the kernel does not normalise")
     o, s = _gated(mode, qh, kh, vh, None, s0, chunk_size)
     final: State | None = s if output_final_state else None
     if normalize:
@@ -530,6 +572,7 @@ def simple_gla(
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Linear attention with one data-dependent decay per head and step.
 
@@ -549,6 +592,9 @@ def simple_gla(
         output_final_state: also return the state after the last step.
         mode: ``"recurrent"``, ``"parallel"`` or ``"chunk"``.
         chunk_size: steps per chunk in ``"chunk"`` mode.
+        backend: ``"torch"``, ``"triton"`` (the chunkwise Triton kernel, forward and
+            backward: on a GPU, or on the CPU under ``TRITON_INTERPRET=1``) or ``"auto"``
+            (the kernel for CUDA tensors in chunk mode, PyTorch otherwise).
 
     Returns:
         ``(o: [B, T, H, V], final_state: [B, H, K, V] or None)``.
@@ -563,6 +609,13 @@ def simple_gla(
     scale = _scale(scale, dk)
     dtype = _compute_dtype(q.dtype)
     s0 = _initial(initial_state, b, h, dk, dv, q, dtype)
+    if _use_kernel(backend, mode, q, chunk_size, dk):
+        from .chunk_kernel import chunk_scalar_decay
+
+        return chunk_scalar_decay(
+            q, k, v, g, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )  # fmt: skip
     qh, kh, vh = _heads(q, dtype) * scale, _heads(k, dtype), _heads(v, dtype)
     o, s = _gated(mode, qh, kh, vh, _heads(g, dtype), s0, chunk_size)
     return _out(o, q), (s if output_final_state else None)
@@ -587,6 +640,7 @@ def retention(
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""RetNet's retention (Sun et al., 2023): a fixed, head-dependent exponential decay.
 
@@ -616,6 +670,7 @@ def retention(
         output_final_state=output_final_state,
         mode=mode,
         chunk_size=chunk_size,
+        backend=backend,
     )
 
 

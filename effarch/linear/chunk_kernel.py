@@ -1,0 +1,143 @@
+"""chunk_scalar_decay: the chunkwise Triton kernel for scalar-decay linear attention.
+
+The kernels live in ``effarch_kernels.chunk_scalar_decay`` and are imported lazily, the
+first time this function runs, so ``effarch`` imports without Triton or a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._checks import check_positive_int, check_positive_number, check_same, check_tensor
+from ..attention.flash import _triton_unusable_reason
+
+MAX_KEY_DIM = 256  # the kernel holds all of K in one block (effarch_kernels.MAX_KEY_DIM)
+
+
+class _ChunkScalarDecay(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q, k, v, g, initial_state, scale: float, output_final_state: bool, chunk: int
+    ):
+        from effarch_kernels.chunk_scalar_decay import chunk_scalar_decay_fwd
+
+        o, ht = chunk_scalar_decay_fwd(
+            q, k, v, g, scale, initial_state, output_final_state, chunk_size=chunk
+        )
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx: Any, do, dht):  # type: ignore[override]
+        from effarch_kernels.chunk_scalar_decay import chunk_scalar_decay_bwd
+
+        q, k, v, g, initial_state = ctx.saved_tensors
+        if do is None:  # only the final state was used
+            do = torch.zeros_like(v)
+        dq, dk, dv, dg, dh0 = chunk_scalar_decay_bwd(
+            do, q, k, v, g, ctx.scale, initial_state, dht, chunk_size=ctx.chunk
+        )
+        return dq, dk, dv, dg, dh0, None, None, None
+
+
+def _check_shape(name: str, x: Any, shape: tuple[int, ...], layout: str, q: torch.Tensor):
+    check_tensor(name, x, floating=True)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+
+
+def chunk_scalar_decay(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Linear attention with a scalar decay per head and step, by the chunkwise Triton kernel.
+
+    Computes, per batch element and head, with ``S_0 = initial_state`` (zeros by default)::
+
+        S_t = exp(g_t) S_{t-1} + k_t v_t^T        # [K, V]; no decay when g is None
+        o_t = S_t^T (scale q_t)
+
+    exactly as :func:`~effarch.linear.simple_gla` (``g`` given) and
+    :func:`~effarch.linear.linear_attention` (``g=None``) do, but in
+    ``effarch_kernels.chunk_scalar_decay``: one kernel carries the state from chunk to chunk,
+    another computes all chunks' outputs in parallel, and the backward pass (``dq, dk, dv``,
+    ``dg`` and the gradient of ``initial_state``) runs the same structure in reverse.
+    Differentiable with respect to every tensor argument.
+
+    Args:
+        q, k: ``[B, T, H, K]`` with ``K <= 256``; v: ``[B, T, H, V]`` (same dtype and device).
+        g: ``[B, T, H]`` log decays, all ``<= 0``, or None for plain linear attention.
+        scale: multiplies ``q``; None means ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]``.
+        output_final_state: also return the float32 state after the last step.
+        chunk_size: steps per chunk, a power of two ``>= 16`` (``T`` need not be a multiple).
+
+    Returns:
+        ``(o, final_state)``: ``o: [B, T, H, V]`` in the dtype of ``q``; ``final_state``
+        ``[B, H, K, V]`` in float32, or None unless ``output_final_state``.
+
+    Raises:
+        ValueError: when the kernel cannot run here: Triton missing, or tensors on the CPU
+            without ``TRITON_INTERPRET=1`` set before Triton was imported (the interpreter
+            runs float32 and float16; bfloat16 inputs are computed in float32 there).
+
+    fla: ``fla.ops.simple_gla.chunk_simple_gla(q, k, v, g, scale, initial_state,
+    output_final_state)``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, ndim=4, floating=True)
+    check_same(("q", "k", "v"), (q, k, v))
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            "q, k must be [B, T, H, K] and v [B, T, H, V] with the same B, T, H; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    if t == 0:
+        raise ValueError(f"q must hold at least one time step, got shape {tuple(q.shape)}")
+    if dk > MAX_KEY_DIM:
+        raise ValueError(f"the kernel supports K up to {MAX_KEY_DIM}, got {dk}")
+    if g is not None:
+        _check_shape("g", g, (b, t, h), "[B, T, H]", q)
+        if bool((g > 0).any()):
+            raise ValueError(
+                "g holds log decays, which must be <= 0; got a largest value of "
+                f"{g.max().item():.6g}"
+            )
+    if initial_state is not None:
+        _check_shape("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {output_final_state!r}")
+    check_positive_int("chunk_size", chunk_size)
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    check_positive_number("scale", scale, allow_none=True)
+    scale = dk**-0.5 if scale is None else float(scale)
+    reason = _triton_unusable_reason(q)
+    if reason is not None:
+        raise ValueError(f"chunk_scalar_decay cannot run: {reason}")
+
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's bf16 is broken
+        q, k, v = q.float(), k.float(), v.float()
+        g = g.float() if g is not None else None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = g.contiguous() if g is not None else None
+    o, final = _ChunkScalarDecay.apply(
+        q, k, v, g, initial_state, scale, output_final_state, chunk_size
+    )
+    return o.to(dtype), (final if output_final_state else None)

@@ -1,0 +1,411 @@
+"""Chunkwise linear attention with one scalar decay per head and step, forward and backward.
+
+Layout as in flash-linear-attention: ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, log decays
+``g [B, T, H]`` (``g <= 0``; None for plain linear attention), states ``[B, H, K, V]``::
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T,        o_t = S_t^T (scale q_t).
+
+The sequence is cut into chunks of ``BT`` steps. With ``G_i`` the cumulative log decay from
+the start of a chunk to its step ``i`` (so ``G_i <= 0`` and ``G_i - G_j <= 0`` for ``j <= i``),
+``h`` the state entering the chunk and ``L`` its last step, each chunk obeys
+
+    o_i   = scale (exp(G_i) q_i^T h + sum_{j <= i} exp(G_i - G_j) (q_i . k_j) v_j)
+    h_out = exp(G_L) h + sum_j exp(G_L - G_j) k_j v_j^T.
+
+The forward pass runs two kernels: ``_fwd_states_kernel`` walks the chunks in order and
+writes the state entering each (the only sequential part, ``T / BT`` steps of matrix
+products), then ``_fwd_output_kernel`` computes every chunk's outputs in parallel.
+
+The backward pass mirrors it. With ``dh`` the gradient of the state leaving a chunk, the
+gradient of the state entering it is ``exp(G_L) dh + scale sum_i exp(G_i) q_i do_i^T``
+(``_bwd_states_kernel`` walks the chunks in reverse). Per chunk, with the masked matrices
+``A_ij = scale exp(G_i - G_j) q_i . k_j`` and ``P_ij = exp(G_i - G_j) do_i . v_j`` (``j <= i``):
+
+    dq = scale (exp(G) * (dO h^T) + P K),          dv = A^T dO + exp(G_L - G) * (K dh),
+    dk = scale P^T Q + exp(G_L - G) * (V dh^T)                     (``_bwd_dqkv_kernel``).
+
+The decays: every term of ``o_t`` carries ``exp(C_t)`` and every term that uses ``k_s``
+carries ``exp(-C_s)``, with ``C`` the cumulative log decay over the whole sequence, so the
+gradient with respect to ``C_t`` is ``q_t . dq_t - k_t . dk_t`` (plus ``<dS_T, S_T>`` at the
+last step when the final state has a gradient), and since ``g_t`` enters every ``C_u`` with
+``u >= t``, ``dg`` is the reverse cumulative sum of that (``_bwd_dg_kernel``).
+
+Everything is computed in float32; on a GPU, half-precision inputs use TF32 matrix products.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_attention import check_interpreter_state, interpreting
+
+MAX_KEY_DIM = 256
+
+
+@triton.jit
+def _chunk_log_decay(G, b, h, t0, seq_len, n_heads, USE_G: tl.constexpr, BT: tl.constexpr):
+    """Cumulative log decay ``[BT]`` inside the chunk starting at ``t0`` and its last value.
+
+    Steps past the sequence end read ``g = 0``, so the last entry is the chunk's total."""
+    offs_t = t0 + tl.arange(0, BT)
+    if USE_G:
+        g = tl.load(G + (b * seq_len + offs_t) * n_heads + h, mask=offs_t < seq_len, other=0.0)
+        gc = tl.cumsum(g.to(tl.float32), axis=0)
+    else:
+        gc = tl.zeros([BT], tl.float32)
+    g_last = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, gc, 0.0), axis=0)
+    return gc, g_last
+
+
+@triton.jit
+def _fwd_states_kernel(
+    Kp, Vp, G, H0, HS, HT,
+    seq_len, n_heads, dim_k, dim_v, n_chunks,
+    USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program carries a [K, BV] slice of one (batch, head)'s state across the chunks.
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = offs_k < dim_k
+    v_ok = offs_v < dim_v
+    s_mask = k_ok[:, None] & v_ok[None, :]
+    s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
+    state = tl.zeros([BK, BV], tl.float32)
+    if USE_H0:
+        state += tl.load(H0 + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
+
+    for n in range(0, n_chunks):
+        tl.store(HS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, state, mask=s_mask)
+        offs_t = n * BT + tl.arange(0, BT)
+        t_ok = offs_t < seq_len
+        rows = (b * seq_len + offs_t) * n_heads + h
+        k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :],
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        v = tl.load(Vp + rows[:, None] * dim_v + offs_v[None, :],
+                    mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        gc, g_last = _chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
+        k = k * tl.exp(g_last - gc)[:, None]  # decay from each step to the chunk's end, <= 1
+        state = state * tl.exp(g_last) + tl.dot(tl.trans(k), v, input_precision=PRECISION)
+
+    if STORE_HT:
+        tl.store(HT + pid_bh * dim_k * dim_v + s_offs, state, mask=s_mask)
+
+
+@triton.jit
+def _fwd_output_kernel(
+    Q, Kp, Vp, G, HS, Out,
+    seq_len, n_heads, dim_k, dim_v, n_chunks, scale,
+    USE_G: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program computes the outputs of one chunk for BV value columns.
+    pid_v = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_i = tl.arange(0, BT)
+    offs_t = pid_n * BT + offs_i
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    t_ok = offs_t < seq_len
+    k_ok = offs_k < dim_k
+    v_ok = offs_v < dim_v
+    rows = (b * seq_len + offs_t) * n_heads + h
+    qk_mask = t_ok[:, None] & k_ok[None, :]
+    q = tl.load(Q + rows[:, None] * dim_k + offs_k[None, :], mask=qk_mask, other=0.0)
+    k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :], mask=qk_mask, other=0.0)
+    v = tl.load(Vp + rows[:, None] * dim_v + offs_v[None, :],
+                mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    q = q.to(tl.float32)
+    k = k.to(tl.float32)
+    hs = tl.load(HS + (pid_bh * n_chunks + pid_n) * dim_k * dim_v
+                 + offs_k[:, None] * dim_v + offs_v[None, :],
+                 mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # fmt: skip
+    gc, _ = _chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
+
+    # exp is taken only on the causal triangle, where G_i - G_j <= 0; the rest is exp(-inf) = 0.
+    causal = offs_i[:, None] >= offs_i[None, :]
+    decay = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
+    o = tl.dot(q * tl.exp(gc)[:, None], hs, input_precision=PRECISION)
+    o += tl.dot(scores, v, input_precision=PRECISION)
+    tl.store(Out + rows[:, None] * dim_v + offs_v[None, :], (o * scale).to(Out.dtype.element_ty),
+             mask=t_ok[:, None] & v_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _bwd_states_kernel(
+    Q, DO, G, DHT, DHS, DH0,
+    seq_len, n_heads, dim_k, dim_v, n_chunks, scale,
+    USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # The forward recurrence run backwards: DHS[n] is the gradient of the state leaving
+    # chunk n; after the loop the carried value is the gradient of the initial state.
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = offs_k < dim_k
+    v_ok = offs_v < dim_v
+    s_mask = k_ok[:, None] & v_ok[None, :]
+    s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
+    dstate = tl.zeros([BK, BV], tl.float32)
+    if USE_DHT:
+        dstate += tl.load(DHT + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
+
+    for i in range(0, n_chunks):
+        n = n_chunks - 1 - i
+        tl.store(DHS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, dstate, mask=s_mask)
+        offs_t = n * BT + tl.arange(0, BT)
+        t_ok = offs_t < seq_len
+        rows = (b * seq_len + offs_t) * n_heads + h
+        q = tl.load(Q + rows[:, None] * dim_k + offs_k[None, :],
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        do = tl.load(DO + rows[:, None] * dim_v + offs_v[None, :],
+                     mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        gc, g_last = _chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
+        q = q * (tl.exp(gc) * scale)[:, None]
+        dstate = dstate * tl.exp(g_last) + tl.dot(tl.trans(q), do, input_precision=PRECISION)
+
+    if STORE_DH0:
+        tl.store(DH0 + pid_bh * dim_k * dim_v + s_offs, dstate, mask=s_mask)
+
+
+@triton.jit
+def _bwd_dqkv_kernel(
+    Q, Kp, Vp, G, HS, DO, DHS, DQ, DK, DV, DGC,
+    seq_len, n_heads, dim_k, dim_v, n_chunks, scale,
+    USE_G: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program owns one chunk of one (batch, head): all of K, and loops over V blocks
+    # (dq and dk contract over V, dv over K).
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_i = tl.arange(0, BT)
+    offs_t = pid_n * BT + offs_i
+    offs_k = tl.arange(0, BK)
+    t_ok = offs_t < seq_len
+    k_ok = offs_k < dim_k
+    rows = (b * seq_len + offs_t) * n_heads + h
+    qk_offs = rows[:, None] * dim_k + offs_k[None, :]
+    qk_mask = t_ok[:, None] & k_ok[None, :]
+    q = tl.load(Q + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+    k = tl.load(Kp + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+    gc, g_last = _chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
+    causal = offs_i[:, None] >= offs_i[None, :]
+    decay = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
+    to_end = tl.exp(g_last - gc)  # decay from each step to the chunk's end
+    a = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay * scale  # A_ij, [BT, BT]
+
+    dp = tl.zeros([BT, BT], tl.float32)  # do_i . v_j
+    dq_state = tl.zeros([BT, BK], tl.float32)  # dO h^T
+    dk_state = tl.zeros([BT, BK], tl.float32)  # V dh^T
+    state_base = (pid_bh * n_chunks + pid_n) * dim_k * dim_v
+    for v0 in range(0, dim_v, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        v_ok = offs_v < dim_v
+        tv_offs = rows[:, None] * dim_v + offs_v[None, :]
+        tv_mask = t_ok[:, None] & v_ok[None, :]
+        v = tl.load(Vp + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
+        s_offs = state_base + offs_k[:, None] * dim_v + offs_v[None, :]
+        s_mask = k_ok[:, None] & v_ok[None, :]
+        hs = tl.load(HS + s_offs, mask=s_mask, other=0.0)  # state entering the chunk
+        dh = tl.load(DHS + s_offs, mask=s_mask, other=0.0)  # gradient of the state leaving it
+        dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dq_state += tl.dot(do, tl.trans(hs), input_precision=PRECISION)
+        dk_state += tl.dot(v, tl.trans(dh), input_precision=PRECISION)
+        dv = tl.dot(tl.trans(a), do, input_precision=PRECISION)
+        dv += tl.dot(k, dh, input_precision=PRECISION) * to_end[:, None]
+        tl.store(DV + tv_offs, dv.to(DV.dtype.element_ty), mask=tv_mask)
+
+    p = dp * decay
+    dq = (dq_state * tl.exp(gc)[:, None] + tl.dot(p, k, input_precision=PRECISION)) * scale
+    dk = tl.dot(tl.trans(p), q, input_precision=PRECISION) * scale + dk_state * to_end[:, None]
+    tl.store(DQ + qk_offs, dq.to(DQ.dtype.element_ty), mask=qk_mask)
+    tl.store(DK + qk_offs, dk.to(DK.dtype.element_ty), mask=qk_mask)
+    if USE_G:  # gradient of the cumulative log decay at each step: q . dq - k . dk
+        tl.store(DGC + rows, tl.sum(q * dq - k * dk, axis=1), mask=t_ok)
+
+
+@triton.jit
+def _bwd_dg_kernel(
+    DGC, HT, DHT, DG,
+    seq_len, n_heads, dim_k, dim_v, n_chunks,
+    USE_DHT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    # dg_t = sum_{u >= t} dC_u: a reverse cumulative sum over the sequence, chunk by chunk.
+    pid_bh = tl.program_id(0)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    carry = tl.sum(tl.zeros([BT], tl.float32), axis=0)
+    if USE_DHT:  # the final state S_T = exp(C_T) (...) adds <dS_T, S_T> to dC at the last step
+        offs_k = tl.arange(0, BK)
+        for v0 in range(0, dim_v, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            s_offs = pid_bh * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
+            s_mask = (offs_k[:, None] < dim_k) & (offs_v[None, :] < dim_v)
+            ht = tl.load(HT + s_offs, mask=s_mask, other=0.0)
+            dht = tl.load(DHT + s_offs, mask=s_mask, other=0.0)
+            carry += tl.sum(tl.sum(ht * dht, axis=1), axis=0)
+    for i in range(0, n_chunks):
+        n = n_chunks - 1 - i
+        offs_t = n * BT + tl.arange(0, BT)
+        t_ok = offs_t < seq_len
+        rows = (b * seq_len + offs_t) * n_heads + h
+        dgc = tl.load(DGC + rows, mask=t_ok, other=0.0)
+        suffix = tl.cumsum(dgc, axis=0, reverse=True) + carry
+        tl.store(DG + rows, suffix.to(DG.dtype.element_ty), mask=t_ok)
+        carry += tl.sum(dgc, axis=0)
+
+
+def check_key_dim(dim_k: int) -> None:
+    """Each program holds all of K (padded to a power of two), up to ``MAX_KEY_DIM``."""
+    if dim_k > MAX_KEY_DIM:
+        raise ValueError(f"K must be at most {MAX_KEY_DIM} for the Triton kernel, got {dim_k}")
+
+
+def _config(
+    dim_k: int, dim_v: int, chunk_size: int, dtype: torch.dtype
+) -> tuple[int, int, int, str]:
+    """Chunk length, key and value block sizes, and dot precision for one call."""
+    check_key_dim(dim_k)
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    block_k = max(16, triton.next_power_of_2(dim_k))
+    block_v = max(16, triton.next_power_of_2(dim_v))
+    if not interpreting():  # on a GPU, more programs over V; the interpreter prefers few
+        block_v = min(block_v, 64 if block_k <= 128 else 32)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return chunk_size, block_k, block_v, precision
+
+
+def _chunk_states(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cfg: tuple[int, int, int, str],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 state entering every chunk, ``[B, H, N, K, V]``, and the final state."""
+    b, t, h, dk = k.shape
+    dv = v.shape[-1]
+    bt, bk, bv, precision = cfg
+    n_chunks = triton.cdiv(t, bt)
+    hs = torch.empty(b, h, n_chunks, dk, dv, device=k.device, dtype=torch.float32)
+    ht = torch.empty(b, h, dk, dv, device=k.device, dtype=torch.float32)
+    h0 = initial_state.float().contiguous() if initial_state is not None else hs
+    _fwd_states_kernel[(triton.cdiv(dv, bv), b * h)](
+        k, v, g if g is not None else k, h0, hs, ht,
+        t, h, dk, dv, n_chunks,
+        USE_G=g is not None, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+        BT=bt, BK=bk, BV=bv, PRECISION=precision,
+    )  # fmt: skip
+    return hs, (ht if output_final_state else None)
+
+
+def _contiguous(*xs: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [x.contiguous() if x is not None else None for x in xs]
+
+
+def chunk_scalar_decay_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the forward kernels: ``o [B, T, H, V]`` (dtype of ``v``) and the float32 final
+    state ``[B, H, K, V]`` (or None). ``g [B, T, H]`` holds log decays (None: no decay);
+    ``chunk_size`` is a power of two >= 16. Shapes are checked by the caller."""
+    check_interpreter_state()
+    q, k, v, g = _contiguous(q, k, v, g)
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    cfg = _config(dk, dv, chunk_size, q.dtype)
+    bt, bk, bv, precision = cfg
+    hs, ht = _chunk_states(k, v, g, initial_state, output_final_state, cfg)
+    o = torch.empty_like(v)
+    grid = (triton.cdiv(dv, bv), triton.cdiv(t, bt), b * h)
+    _fwd_output_kernel[grid](
+        q, k, v, g if g is not None else q, hs, o,
+        t, h, dk, dv, hs.shape[2], scale,
+        USE_G=g is not None, BT=bt, BK=bk, BV=bv, PRECISION=precision,
+    )  # fmt: skip
+    return o, ht
+
+
+def chunk_scalar_decay_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    dht: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernels for the gradient ``do`` of ``o`` and ``dht`` of the final
+    state (None: no gradient). Returns ``dq, dk, dv`` shaped like ``q, k, v``, ``dg`` like
+    ``g`` (None when ``g`` is) and the gradient of ``initial_state`` (None when it is).
+
+    The states entering each chunk are recomputed rather than kept from the forward pass."""
+    check_interpreter_state()
+    do, q, k, v, g, dht = _contiguous(do, q, k, v, g, dht)
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    cfg = _config(dk, dv, chunk_size, q.dtype)
+    bt, bk, bv, precision = cfg
+    use_g = g is not None
+    need_ht = use_g and dht is not None
+    hs, ht = _chunk_states(k, v, g, initial_state, need_ht, cfg)
+    n_chunks = hs.shape[2]
+    dht32 = dht.float().contiguous() if dht is not None else hs
+    dhs = torch.empty_like(hs)
+    dh0 = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
+    _bwd_states_kernel[(triton.cdiv(dv, bv), b * h)](
+        q, do, g if use_g else q, dht32, dhs, dh0,
+        t, h, dk, dv, n_chunks, scale,
+        USE_G=use_g, USE_DHT=dht is not None, STORE_DH0=initial_state is not None,
+        BT=bt, BK=bk, BV=bv, PRECISION=precision,
+    )  # fmt: skip
+    dq = torch.empty_like(q)
+    dk_ = torch.empty_like(k)
+    dv_ = torch.empty_like(v)
+    dgc = torch.empty(b, t, h, device=q.device, dtype=torch.float32) if use_g else hs
+    _bwd_dqkv_kernel[(n_chunks, b * h)](
+        q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
+        t, h, dk, dv, n_chunks, scale,
+        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=precision,
+    )  # fmt: skip
+    dg = None
+    if use_g:
+        dg = torch.empty_like(g)
+        _bwd_dg_kernel[(b * h,)](
+            dgc, ht if need_ht else dgc, dht32, dg,
+            t, h, dk, dv, n_chunks,
+            USE_DHT=need_ht, BT=bt, BK=bk, BV=bv,
+        )  # fmt: skip
+    d_initial = None
+    if initial_state is not None:
+        d_initial = dh0.to(initial_state.dtype)
+    return dq, dk_, dv_, dg, d_initial

@@ -1,0 +1,76 @@
+"""The ops' backend switch: the Triton chunk kernel behind mode="chunk"."""
+
+import pytest
+import torch
+
+from effarch.linear import linear_attention, retention, simple_gla
+
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def qkv(t=70, h=2, dk=16, dv=24):
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, t, h, dk, generator=gen).to(DEV) for _ in range(2))
+    v = torch.randn(1, t, h, dv, generator=gen).to(DEV)
+    g = (-torch.rand(1, t, h, generator=gen)).to(DEV)
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "retention", "linear_attention"])
+def test_triton_backend_equals_torch_backend(op):
+    q, k, v, g = qkv()
+    s0 = torch.randn(1, 2, 16, 24, device=DEV)
+    if op == "simple_gla":
+        run = lambda backend: simple_gla(q, k, v, g, initial_state=s0, output_final_state=True,
+                                         chunk_size=16, backend=backend)  # fmt: skip
+    elif op == "retention":
+        run = lambda backend: retention(q, k, v, output_final_state=True, chunk_size=16,
+                                        backend=backend)  # fmt: skip
+    else:
+        run = lambda backend: linear_attention(q, k, v, output_final_state=True, chunk_size=16,
+                                               backend=backend)  # fmt: skip
+    (o_t, s_t), (o_k, s_k) = run("torch"), run("triton")
+    torch.testing.assert_close(o_k, o_t, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_k, s_t, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_is_differentiable():
+    q, k, v, g = (t.requires_grad_() for t in qkv(t=40))
+    o, _ = simple_gla(q, k, v, g, chunk_size=16, backend="triton")
+    grads = torch.autograd.grad(o.square().sum(), (q, k, v, g))
+    q2, k2, v2, g2 = (t.detach().requires_grad_() for t in (q, k, v, g))
+    o2, _ = simple_gla(q2, k2, v2, g2, chunk_size=16, backend="torch")
+    want = torch.autograd.grad(o2.square().sum(), (q2, k2, v2, g2))
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_uses_torch_on_a_cpu(monkeypatch):
+    if DEV == "cuda":
+        pytest.skip("on a GPU auto picks the kernel")
+    import effarch.linear.chunk_kernel as ck
+
+    def boom(*a, **kw):
+        raise AssertionError("auto must not run the kernel on a CPU")
+
+    monkeypatch.setattr(ck, "chunk_scalar_decay", boom)
+    q, k, v, g = qkv()
+    simple_gla(q, k, v, g)  # backend="auto"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        (dict(mode="recurrent"), "chunk form"),
+        (dict(chunk_size=24), "power-of-two chunk_size"),
+    ],
+)
+def test_triton_backend_explains_why_it_cannot_run(kwargs, words):
+    q, k, v, g = qkv()
+    with pytest.raises(ValueError, match=f"backend='triton' cannot run: .*{words}"):
+        simple_gla(q, k, v, g, backend="triton", **kwargs)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        simple_gla(q, k, v, g, backend="cuda")
+    with pytest.raises(ValueError, match="does not normalise"):
+        linear_attention(q, k, v, normalize=True, backend="triton")
