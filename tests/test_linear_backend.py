@@ -74,3 +74,46 @@ def test_triton_backend_explains_why_it_cannot_run(kwargs, words):
         simple_gla(q, k, v, g, backend="cuda")
     with pytest.raises(ValueError, match="does not normalise"):
         linear_attention(q, k, v, normalize=True, backend="triton")
+
+
+@pytest.mark.parametrize("variant", ["linear", "simple_gla", "gla", "delta", "gated_delta"])
+def test_fused_recurrent_equals_the_ops_recurrent_mode(variant):
+    import torch.nn.functional as F
+
+    from effarch.linear import (
+        delta_rule,
+        fused_recurrent,
+        gated_delta_rule,
+        gla,
+    )
+
+    q, k, v, g = qkv(t=20)
+    gk = -torch.rand(1, 20, 2, 16).to(DEV)
+    beta = torch.rand(1, 20, 2).to(DEV)
+    kn = F.normalize(k, dim=-1)
+    if variant == "linear":
+        want, _ = linear_attention(q, k, v, mode="recurrent")
+        got, _ = fused_recurrent(q, k, v)
+    elif variant == "simple_gla":
+        want, _ = simple_gla(q, k, v, g, mode="recurrent")
+        got, _ = fused_recurrent(q, k, v, g=g)
+    elif variant == "gla":
+        want, _ = gla(q, k, v, gk, mode="recurrent")
+        got, _ = fused_recurrent(q, k, v, gk=gk)
+    elif variant == "delta":
+        want, _ = delta_rule(q, kn, v, beta, mode="recurrent")
+        got, _ = fused_recurrent(q, kn, v, beta=beta)
+    else:
+        want, _ = gated_delta_rule(q, kn, v, g, beta, mode="recurrent")
+        got, _ = fused_recurrent(q, kn, v, g=g, beta=beta)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_recurrent_rejects_bad_shapes():
+    from effarch.linear import fused_recurrent
+
+    q, k, v, g = qkv(t=8)
+    with pytest.raises(ValueError, match="beta"):
+        fused_recurrent(q, k, v, beta=torch.rand(1, 8, 3))
+    with pytest.raises(ValueError, match="k must be shaped like q"):
+        fused_recurrent(q, k[..., :8], v)

@@ -5,6 +5,7 @@ Every op takes ``[batch, seq, heads, dim]`` tensors and returns ``(o, final_stat
 with a state ``[batch, heads, K, V]``, following flash-linear-attention's conventions.
 """
 
+from .chunk_kernel import chunk_scalar_decay, fused_recurrent
 from .feature_maps import (
     HedgehogFeatureMap,
     PerformerFeatureMap,
@@ -45,9 +46,11 @@ __all__ = [
     "ShortConvolution",
     "HedgehogFeatureMap",
     "PerformerFeatureMap",
+    "chunk_scalar_decay",
     "delta_rule",
     "dplr_delta_rule",
     "elu_plus_one",
+    "fused_recurrent",
     "gated_delta_rule",
     "gla",
     "hgrn",

@@ -141,3 +141,60 @@ def chunk_scalar_decay(
         q, k, v, g, initial_state, scale, output_final_state, chunk_size
     )
     return o.to(dtype), (final if output_final_state else None)
+
+
+def fused_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    gk: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused recurrent Triton kernel (forward only): the decoding form of the family.
+
+    One program per (value block, batch, head) keeps its slice of the state ``[K, V]`` in
+    registers and walks the tokens. For each step::
+
+        S <- exp(g_t) S  (scalar g [B, T, H]),  S <- diag(exp(gk_t)) S  (gk [B, T, H, K])
+        u_t = v_t, or with beta [B, T, H] the delta rule u_t = beta_t (v_t - S^T k_t)
+        S <- S + k_t u_t^T,      o_t = S^T (scale q_t)
+
+    covering ``linear_attention``, ``simple_gla``/``retention``, ``gla``, ``delta_rule`` and
+    ``gated_delta_rule`` in their ``mode="recurrent"`` semantics (fla's
+    ``fused_recurrent_*`` ops). Returns ``(o [B, T, H, V], final_state [B, H, K, V] float32
+    or None)``. Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``.
+    """
+    check_tensor("q", q, ndim=4, floating=True)
+    check_tensor("k", k, ndim=4, floating=True)
+    check_tensor("v", v, ndim=4, floating=True)
+    check_same(("q", "k", "v"), (q, k, v))
+    b, t, h, dk = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"k must be shaped like q {tuple(q.shape)} and v [B, T, H, V]; got k "
+            f"{tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    for name, x, shape, layout in (("g", g, (b, t, h), "[B, T, H]"),
+                                   ("gk", gk, (b, t, h, dk), "[B, T, H, K]"),
+                                   ("beta", beta, (b, t, h), "[B, T, H]")):  # fmt: skip
+        if x is not None:
+            _check_shape(name, x, shape, layout, q)
+    if initial_state is not None:
+        _check_shape("initial_state", initial_state, (b, h, dk, v.shape[-1]), "[B, H, K, V]", q)
+    reason = _triton_unusable_reason(q)
+    if reason is not None:
+        raise ValueError(f"fused_recurrent cannot run: {reason}")
+    from effarch_kernels.fused_recurrent import fused_recurrent as launch
+
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's bf16 is broken
+        q, k, v = q.float(), k.float(), v.float()
+    scale = dk**-0.5 if scale is None else check_positive_number("scale", scale)
+    o, ht = launch(q, k, v, g=g, gk=gk, beta=beta, scale=float(scale),
+                   initial_state=initial_state, output_final_state=output_final_state)  # fmt: skip
+    return o.to(dtype), ht

@@ -119,6 +119,25 @@ def setup_cell(repo_url: str) -> str:
     return SETUP_TEMPLATE.format(repo_url=repo_url.removesuffix("/"))
 
 
+def kernel_source(module: str, kernel: str, *, start: str | None = None) -> str:
+    """The source of a Triton kernel of ``effarch_kernels.<module>``, for reading on a page.
+
+    Imported on demand (Triton must be installed); ``start`` skips to the first line that
+    contains it (e.g. ``"pid_m"`` to skip the signature).
+    """
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"effarch_kernels.{module}")
+    fn = getattr(mod, kernel)
+    text = inspect.getsource(getattr(fn, "fn", fn))
+    if start is not None:
+        if start not in text:
+            raise ValueError(f"{start!r} does not occur in {module}.{kernel}")
+        text = text[text.rfind("\n", 0, text.index(start)) + 1 :]
+    return text
+
+
 def _to_image(obj: Any) -> Any:
     """A matplotlib Figure becomes a PNG image (and is closed); anything else is returned."""
     from matplotlib.figure import Figure
@@ -174,6 +193,7 @@ __all__ = [
     "SIZES_MARKER",
     "Context",
     "explore",
+    "kernel_source",
     "pick_device",
     "seed_everything",
     "setup",
