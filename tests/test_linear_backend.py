@@ -117,3 +117,22 @@ def test_fused_recurrent_rejects_bad_shapes():
         fused_recurrent(q, k, v, beta=torch.rand(1, 8, 3))
     with pytest.raises(ValueError, match="k must be shaped like q"):
         fused_recurrent(q, k[..., :8], v)
+
+
+def test_linear_attention_costs():
+    from effarch.linear import linear_attention_costs
+
+    t, k, v = 4096, 64, 32
+    rec = linear_attention_costs(t, k, v, form="recurrent")
+    par = linear_attention_costs(t, k, v, form="parallel")
+    assert rec == {"flops": 4 * t * k * v, "sequential_steps": t, "intermediate": k * v}
+    assert par["flops"] == 2 * t * t * (k + v) and par["sequential_steps"] == 1
+    # the chunk form interpolates between the two
+    whole = linear_attention_costs(t, k, v, form="chunk", chunk_size=t)
+    assert whole["flops"] == par["flops"] + rec["flops"] and whole["sequential_steps"] == 1
+    one = linear_attention_costs(t, k, v, form="chunk", chunk_size=1)
+    assert one["sequential_steps"] == t and one["flops"] == rec["flops"] + 2 * t * (k + v)
+    c64 = linear_attention_costs(t, k, v, form="chunk", chunk_size=64)
+    assert c64["sequential_steps"] == 64 and c64["flops"] < par["flops"]
+    with pytest.raises(ValueError, match="form"):
+        linear_attention_costs(t, k, v, form="fused")

@@ -6,6 +6,7 @@ with a state ``[batch, heads, K, V]``, following flash-linear-attention's conven
 """
 
 from .chunk_kernel import chunk_scalar_decay, fused_recurrent
+from .costs import linear_attention_costs
 from .feature_maps import (
     HedgehogFeatureMap,
     PerformerFeatureMap,
@@ -54,6 +55,7 @@ __all__ = [
     "gated_delta_rule",
     "gla",
     "hgrn",
+    "linear_attention_costs",
     "linear_attention",
     "relu",
     "retention",

@@ -1,0 +1,48 @@
+"""What each form of (scalar-decay) linear attention costs: FLOPs, sequential steps and
+the largest intermediate, per batch element and head.
+
+With ``T`` tokens, key and value widths ``K`` and ``V``, chunk size ``C`` and 2 FLOPs per
+multiply-add:
+
+=========  ======================================  ================  ==================
+form       FLOPs                                   sequential steps  largest intermediate
+=========  ======================================  ================  ==================
+recurrent  ``4 T K V`` (write and read the state)  ``T``             ``K V`` (the state)
+parallel   ``2 T^2 (K + V)`` (masked QK^T, then PV)  ``1``             ``T^2`` (the scores)
+chunk      ``2 T C (K + V) + 4 T K V``               ``T / C``         ``C^2 + K V``
+=========  ======================================  ================  ==================
+
+The chunkwise form interpolates: ``C = 1`` is the recurrence (plus a negligible intra term),
+``C = T`` the parallel form (plus one state product). Its FLOPs are all matrix products
+of sizes ``C x K x V``, which is what makes it fast in practice.
+"""
+
+from __future__ import annotations
+
+from .._checks import check_choice, check_positive_int
+
+FORMS = ("recurrent", "parallel", "chunk")
+
+
+def linear_attention_costs(
+    seq_len: int, dim_k: int, dim_v: int, *, form: str = "chunk", chunk_size: int = 64
+) -> dict[str, int]:
+    """``{"flops", "sequential_steps", "intermediate"}`` of one form (see the module
+    docstring); ``intermediate`` counts elements."""
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("dim_k", dim_k)
+    check_positive_int("dim_v", dim_v)
+    check_positive_int("chunk_size", chunk_size)
+    check_choice("form", form, FORMS)
+    t, k, v = seq_len, dim_k, dim_v
+    if form == "recurrent":
+        return {"flops": 4 * t * k * v, "sequential_steps": t, "intermediate": k * v}
+    if form == "parallel":
+        return {"flops": 2 * t * t * (k + v), "sequential_steps": 1, "intermediate": t * t}
+    c = min(chunk_size, t)
+    n_chunks = -(-t // c)
+    return {
+        "flops": 2 * t * c * (k + v) + 4 * t * k * v,
+        "sequential_steps": n_chunks,
+        "intermediate": c * c + k * v,
+    }
