@@ -317,7 +317,7 @@ def test_triton_backend_explains_why_it_cannot_run(monkeypatch):
     if DEV == "cpu":
         with pytest.raises(ValueError, match="backend='triton' cannot run: .*CUDA GPU"):
             quantized_attention(q, q, q, backend="triton")
-    monkeypatch.setattr("effarch.attention.quantized.triton_available", lambda: False)
+    monkeypatch.setattr("effarch._kernels.triton_available", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' cannot run: triton is not installed"):
         quantized_attention(q, q, q, backend="triton")
 

@@ -166,13 +166,12 @@ def test_clear_errors():
 
 
 def test_cpu_without_the_interpreter_or_triton_is_refused(monkeypatch):
-    import effarch.attention.flash as flash
     from effarch.linear.chunk_kernel import chunk_scalar_decay
 
     q, k, v, g, _ = inputs(1, 8, 1, 16, 16)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1 is not set"):
         chunk_scalar_decay(q, k, v, g, scale=0.25)
-    monkeypatch.setattr(flash, "triton_available", lambda: False)
+    monkeypatch.setattr("effarch._kernels.triton_available", lambda: False)
     with pytest.raises(ValueError, match="triton is not installed"):
         chunk_scalar_decay(q.to(DEV), k.to(DEV), v.to(DEV), g.to(DEV), scale=0.25)

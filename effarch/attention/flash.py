@@ -6,46 +6,16 @@ first time the Triton backend is used, so ``effarch`` imports without Triton or 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from .._checks import check_choice
+from .._kernels import triton_available, triton_unusable_reason
 from .naive import _check_qkv, sdpa_attention
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    """True when ``triton`` imports (it may still need a GPU or the interpreter)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _triton_unusable_reason(q: torch.Tensor) -> str | None:
-    """Why the Triton backend cannot run on ``q`` here, or None when it can."""
-    if not triton_available():
-        return "triton is not installed (pip install 'effarch[kernels]')"
-    if q.device.type == "cuda":
-        if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
-            name = torch.cuda.get_device_name(q.device)
-            return f"bfloat16 needs compute capability >= 8.0 and {name} has less: use float16"
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"the kernel supports float16, bfloat16 and float32, got {q.dtype}"
-        return None
-    if q.device.type == "cpu" and _interpreting():
-        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"the interpreter runs float32 and float16, got {q.dtype}"
-        return None
-    return f"tensors are on {q.device} and TRITON_INTERPRET=1 is not set (needs a CUDA GPU)"
+__all__ = ["BACKENDS", "flash_attention", "triton_available"]
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -99,7 +69,7 @@ def flash_attention(
     check_choice("backend", backend, BACKENDS)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
-    reason = _triton_unusable_reason(q)
+    reason = triton_unusable_reason(q)
     if v.shape[-1] != d:
         reason = reason or f"the kernel needs v's head_dim ({v.shape[-1]}) to equal q's ({d})"
     if d > 256:

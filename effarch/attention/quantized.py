@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import repeat
 
 from .._checks import check_choice, check_positive_int, check_tensor
-from .flash import _interpreting, triton_available
+from .._kernels import triton_unusable_reason
 from .naive import _check_qkv, attention_mask
 
 BACKENDS = ("torch", "triton")
@@ -194,16 +194,6 @@ def int8_qk_reference(
     return prod * qs.permute(0, 2, 1)[..., :, None] * ks.permute(0, 2, 1)[..., None, :]
 
 
-def _triton_unusable_reason(q: torch.Tensor) -> str | None:
-    if not triton_available():
-        return "triton is not installed (pip install 'effarch[kernels]')"
-    if q.device.type == "cuda":
-        return None
-    if q.device.type == "cpu" and _interpreting():
-        return None
-    return f"tensors are on {q.device} and TRITON_INTERPRET=1 is not set (needs a CUDA GPU)"
-
-
 def quantized_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -264,7 +254,7 @@ def quantized_attention(
         raise TypeError(f"smooth must be a bool, got {type(smooth).__name__} ({smooth!r})")
     d = q.shape[-1]
     if backend == "triton":
-        reason = _triton_unusable_reason(q)
+        reason = triton_unusable_reason(q, dtypes=None)  # the kernel reads INT8 copies
         if reason is None and d > 256:
             reason = f"the kernel supports head_dim up to 256, got {d}"
         if reason is not None:

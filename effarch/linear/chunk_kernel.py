@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from .._checks import check_positive_int, check_positive_number, check_same, check_tensor
-from ..attention.flash import _triton_unusable_reason
+from .._kernels import triton_unusable_reason
+from .ops import _check_like
 
 MAX_KEY_DIM = 256  # the kernel holds all of K in one block (effarch_kernels.MAX_KEY_DIM)
 
@@ -42,14 +43,6 @@ class _ChunkScalarDecay(torch.autograd.Function):
             do, q, k, v, g, ctx.scale, initial_state, dht, chunk_size=ctx.chunk
         )
         return dq, dk, dv, dg, dh0, None, None, None
-
-
-def _check_shape(name: str, x: Any, shape: tuple[int, ...], layout: str, q: torch.Tensor):
-    check_tensor(name, x, floating=True)
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(x.shape)}")
-    if x.device != q.device:
-        raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
 
 
 def chunk_scalar_decay(
@@ -112,14 +105,14 @@ def chunk_scalar_decay(
     if dk > MAX_KEY_DIM:
         raise ValueError(f"the kernel supports K up to {MAX_KEY_DIM}, got {dk}")
     if g is not None:
-        _check_shape("g", g, (b, t, h), "[B, T, H]", q)
+        _check_like("g", g, (b, t, h), "[B, T, H]", q)
         if bool((g > 0).any()):
             raise ValueError(
                 "g holds log decays, which must be <= 0; got a largest value of "
                 f"{g.max().item():.6g}"
             )
     if initial_state is not None:
-        _check_shape("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
+        _check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {output_final_state!r}")
     check_positive_int("chunk_size", chunk_size)
@@ -127,7 +120,7 @@ def chunk_scalar_decay(
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     check_positive_number("scale", scale, allow_none=True)
     scale = dk**-0.5 if scale is None else float(scale)
-    reason = _triton_unusable_reason(q)
+    reason = triton_unusable_reason(q)
     if reason is not None:
         raise ValueError(f"chunk_scalar_decay cannot run: {reason}")
 
@@ -183,10 +176,10 @@ def fused_recurrent(
                                    ("gk", gk, (b, t, h, dk), "[B, T, H, K]"),
                                    ("beta", beta, (b, t, h), "[B, T, H]")):  # fmt: skip
         if x is not None:
-            _check_shape(name, x, shape, layout, q)
+            _check_like(name, x, shape, layout, q)
     if initial_state is not None:
-        _check_shape("initial_state", initial_state, (b, h, dk, v.shape[-1]), "[B, H, K, V]", q)
-    reason = _triton_unusable_reason(q)
+        _check_like("initial_state", initial_state, (b, h, dk, v.shape[-1]), "[B, H, K, V]", q)
+    reason = triton_unusable_reason(q)
     if reason is not None:
         raise ValueError(f"fused_recurrent cannot run: {reason}")
     from effarch_kernels.fused_recurrent import fused_recurrent as launch

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from .._checks import check_choice, check_positive_int, check_positive_number, check_tensor
+from .._kernels import triton_unusable_reason
 
 __all__ = [
     "delta_rule",
@@ -458,9 +459,7 @@ def _use_kernel(backend: Any, mode: str, q: torch.Tensor, chunk_size: int, dk: i
     elif dk > 256:
         reason = f"the kernel supports K up to 256, got {dk}"
     else:
-        from ..attention.flash import _triton_unusable_reason
-
-        reason = _triton_unusable_reason(q)
+        reason = triton_unusable_reason(q)
     if backend == "triton":
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run: {reason}")
