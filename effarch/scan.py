@@ -195,3 +195,26 @@ def hillis_steele_schedule(T: int) -> list[list[tuple[int, int]]]:
         levels.append([(i - step, i) for i in range(step, T)])
         step *= 2
     return levels
+
+
+def plot_scan_schedule(T: int, *, ax=None):
+    """Draw :func:`hillis_steele_schedule`: one row of positions per round, an arrow for
+    every combine. Returns the matplotlib axis."""
+    import matplotlib.pyplot as plt
+
+    levels = hillis_steele_schedule(T)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    arrow = dict(arrowstyle="->", lw=0.6, color="tab:blue", alpha=0.7)
+    for depth, level in enumerate(levels):
+        for src, dst in level:
+            ax.annotate("", xy=(dst, depth + 1), xytext=(src, depth), arrowprops=arrow)
+        for pos in range(T):
+            ax.plot([pos, pos], [depth, depth + 1], color="lightgray", lw=0.6, zorder=0)
+    for depth in range(len(levels) + 1):
+        ax.plot(range(T), [depth] * T, "o", ms=3, color="k")
+    ax.invert_yaxis()
+    ax.set_xlabel("position t")
+    ax.set_ylabel("round")
+    ax.set_title(f"Hillis-Steele scan of T = {T}: {len(levels)} rounds")
+    return ax

@@ -134,5 +134,7 @@ def test_linear_attention_costs():
     assert one["sequential_steps"] == t and one["flops"] == rec["flops"] + 2 * t * (k + v)
     c64 = linear_attention_costs(t, k, v, form="chunk", chunk_size=64)
     assert c64["sequential_steps"] == 64 and c64["flops"] < par["flops"]
+    assert c64["intra_flops"] + c64["state_flops"] == c64["flops"]
+    assert c64["state_flops"] == rec["flops"]
     with pytest.raises(ValueError, match="form"):
         linear_attention_costs(t, k, v, form="fused")

@@ -9,6 +9,8 @@ from effarch.models import (
     MISTRAL_7B,
     TransformerBlock,
     TransformerConfig,
+    attention_crossover,
+    attention_share,
     block_flops,
     block_memory,
 )
@@ -103,3 +105,11 @@ def test_mixer_states():
         mixer_state_elements("rnn", 1)
     with pytest.raises(ValueError, match="context"):
         mixer_state_elements("mha", -1)
+
+
+def test_attention_crossover():
+    t = attention_crossover(LLAMA2_7B)
+    assert attention_share(LLAMA2_7B, t) > 0.5 >= attention_share(LLAMA2_7B, t - 1)
+    # causal attention costs about 2 d T per token against 2 x (block weights) for the rest
+    assert t == pytest.approx(LLAMA2_7B.block_params() / LLAMA2_7B.d_model, rel=0.01)
+    assert attention_crossover(MISTRAL_7B) > t  # a wider FFN pushes the crossover out

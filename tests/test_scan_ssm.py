@@ -562,3 +562,15 @@ def test_hillis_steele_schedule_computes_prefix_sums(T):
             new[dst] = vals[src] + vals[dst]  # all combines of a level read the old values
         vals = new
     assert vals == [sum(range(1, t + 2)) for t in range(T)]
+
+
+def test_plot_scan_schedule_draws_one_arrow_per_combine():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from effarch.scan import hillis_steele_schedule, plot_scan_schedule
+
+    ax = plot_scan_schedule(10)
+    combines = sum(len(level) for level in hillis_steele_schedule(10))
+    assert len(ax.texts) == combines  # annotate() adds one arrow artist per combine
+    assert "4 rounds" in ax.get_title()

@@ -28,7 +28,8 @@ def linear_attention_costs(
     seq_len: int, dim_k: int, dim_v: int, *, form: str = "chunk", chunk_size: int = 64
 ) -> dict[str, int]:
     """``{"flops", "sequential_steps", "intermediate"}`` of one form (see the module
-    docstring); ``intermediate`` counts elements."""
+    docstring); ``intermediate`` counts elements. The chunk form also reports its two
+    parts, ``intra_flops = 2 T C (K + V)`` and ``state_flops = 4 T K V``."""
     check_positive_int("seq_len", seq_len)
     check_positive_int("dim_k", dim_k)
     check_positive_int("dim_v", dim_v)
@@ -41,8 +42,11 @@ def linear_attention_costs(
         return {"flops": 2 * t * t * (k + v), "sequential_steps": 1, "intermediate": t * t}
     c = min(chunk_size, t)
     n_chunks = -(-t // c)
+    intra, state = 2 * t * c * (k + v), 4 * t * k * v
     return {
-        "flops": 2 * t * c * (k + v) + 4 * t * k * v,
+        "flops": intra + state,
         "sequential_steps": n_chunks,
         "intermediate": c * c + k * v,
+        "intra_flops": intra,
+        "state_flops": state,
     }

@@ -302,6 +302,22 @@ def _gla_intra(q: torch.Tensor, k: torch.Tensor, gcum: torch.Tensor, sub: int) -
     return torch.cat(rows, dim=-2)
 
 
+def _scalar_chunk_decays(
+    g: torch.Tensor, n: int, c: int, causal: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Within-chunk decays of scalar log gates ``g [B, H, T]``, chunked as ``[B, H, N, C]``.
+
+    With ``G_i`` the cumulative log gate from the chunk start, returns ``exp(G_i - G_j)``
+    for ``j <= i`` (zero above the diagonal, every exponent ``<= 0``), ``exp(G_i)`` (decay
+    of the incoming state at step ``i``), ``exp(G_C - G_i)`` (decay of write ``i`` to the
+    chunk end) and ``exp(G_C)`` shaped ``[B, H, N, 1, 1]`` (the state carried across).
+    """
+    gcum = _chunks(_pad_time(g, n * c), c).cumsum(-1)
+    pair = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~causal, float("-inf"))
+    carry = torch.exp(gcum[..., -1])[..., None, None]
+    return torch.exp(pair), torch.exp(gcum), torch.exp(gcum[..., -1:] - gcum), carry
+
+
 def _gated_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -320,21 +336,16 @@ def _gated_chunk(
     if g is None:
         scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
         q_in, k_out, carry = q, k, None
-    else:
-        g = _chunks(_pad_time(g, n * c), c)
-        if g.ndim == 4:  # scalar gates [B, H, N, C]
-            gcum = g.cumsum(-1)
-            pair = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~causal, float("-inf"))
-            scores = (q @ k.transpose(-1, -2)) * torch.exp(pair)
-            q_in = q * torch.exp(gcum)[..., None]
-            k_out = k * torch.exp(gcum[..., -1:] - gcum)[..., None]
-            carry = torch.exp(gcum[..., -1])[..., None, None]  # [B, H, N, 1, 1]
-        else:  # per-key gates [B, H, N, C, K]
-            gcum = g.cumsum(-2)
-            scores = _gla_intra(q, k, gcum, sub=min(16, c))
-            q_in = q * torch.exp(gcum)
-            k_out = k * torch.exp(gcum[..., -1:, :] - gcum)
-            carry = torch.exp(gcum[..., -1, :])[..., None]  # [B, H, N, K, 1]
+    elif g.ndim == 3:  # scalar gates [B, H, T]
+        decay, q_decay, k_decay, carry = _scalar_chunk_decays(g, n, c, causal)
+        scores = (q @ k.transpose(-1, -2)) * decay
+        q_in, k_out = q * q_decay[..., None], k * k_decay[..., None]
+    else:  # per-key gates [B, H, T, K]
+        gcum = _chunks(_pad_time(g, n * c), c).cumsum(-2)
+        scores = _gla_intra(q, k, gcum, sub=min(16, c))
+        q_in = q * torch.exp(gcum)
+        k_out = k * torch.exp(gcum[..., -1:, :] - gcum)
+        carry = torch.exp(gcum[..., -1, :])[..., None]  # [B, H, N, K, 1]
     # What each chunk adds to the state, then the one sequential pass over chunks.
     delta = k_out.transpose(-1, -2) @ v  # [B, H, N, K, V]
     s = q.new_zeros(b, h, dk, dv) if s0 is None else s0
@@ -409,13 +420,9 @@ def _delta_chunk(
         decay = causal.to(q.dtype)  # exp(G_i - G_j) for j <= i, zero above the diagonal
         q_in, k_out, w_in, carry = q, k, beta[..., None] * k, None
     else:
-        gcum = _chunks(_pad_time(g, n * c), c).cumsum(-1)  # G_i, from the chunk start
-        pair = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~causal, float("-inf"))
-        decay = torch.exp(pair)
-        q_in = q * torch.exp(gcum)[..., None]
-        k_out = k * torch.exp(gcum[..., -1:] - gcum)[..., None]
-        w_in = (beta * torch.exp(gcum))[..., None] * k
-        carry = torch.exp(gcum[..., -1])[..., None, None]
+        decay, q_decay, k_decay, carry = _scalar_chunk_decays(g, n, c, causal)
+        q_in, k_out = q * q_decay[..., None], k * k_decay[..., None]
+        w_in = (beta * q_decay)[..., None] * k
     # (I + A) with A = strictly-lower(diag(beta) (K K^T * decay)); solve instead of inverting.
     a = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
     eye = torch.eye(c, dtype=q.dtype, device=q.device)

@@ -5,6 +5,8 @@ from .transformer import (
     MISTRAL_7B,
     TransformerBlock,
     TransformerConfig,
+    attention_crossover,
+    attention_share,
     block_flops,
     block_memory,
 )
@@ -14,6 +16,8 @@ __all__ = [
     "MISTRAL_7B",
     "TransformerBlock",
     "TransformerConfig",
+    "attention_crossover",
+    "attention_share",
     "block_flops",
     "block_memory",
 ]

@@ -103,6 +103,28 @@ def block_flops(
     }
 
 
+def attention_share(cfg: TransformerConfig, tokens: int, *, causal: bool = True) -> float:
+    """Fraction of a block's prefill FLOPs spent in attention's scores and values
+    (:func:`block_flops` with ``context = 0``)."""
+    parts = block_flops(cfg, tokens, causal=causal)
+    return parts["attention"] / sum(parts.values())
+
+
+def attention_crossover(cfg: TransformerConfig, *, causal: bool = True) -> int:
+    """The shortest prompt whose attention FLOPs exceed those of the rest of the block.
+
+    The share of attention grows with ``T`` (its cost is quadratic, the rest linear), so
+    the crossover is found by bisection over ``1 .. 2^30``.
+    """
+    lo, hi = 1, 2**30
+    if attention_share(cfg, hi, causal=causal) <= 0.5:
+        raise ValueError(f"attention never exceeds half of the block's FLOPs below T = {hi}")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if attention_share(cfg, mid, causal=causal) > 0.5 else (mid + 1, hi)
+    return lo
+
+
 def block_memory(
     cfg: TransformerConfig,
     tokens: int,
