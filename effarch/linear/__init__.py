@@ -35,6 +35,10 @@ from .ops import (
     retention_log_decays,
     simple_gla,
 )
+from .ttt import titans, ttt_linear, ttt_mlp
+
+# last: the unified view reaches into effarch.ssm and effarch.attention, whose layers use ours
+from .unified import RULES, UpdateRule, memory_scan, registry_table  # noqa: E402
 
 __all__ = [
     "GLA",
@@ -62,4 +66,11 @@ __all__ = [
     "retention_log_decays",
     "simple_gla",
     "taylor_feature_map",
+    "titans",
+    "ttt_linear",
+    "ttt_mlp",
+    "RULES",
+    "UpdateRule",
+    "memory_scan",
+    "registry_table",
 ]
