@@ -278,3 +278,24 @@ def test_bad_input_gets_clear_errors():
         memory_scan(3, q, k, v)
     with pytest.raises(ValueError, match="needs initial weights"):
         memory_scan("ttt_mlp", q, k, v, eta=eta)
+
+
+def test_retention_curves_follow_the_decay_when_later_keys_are_orthogonal():
+    from effarch.linear.unified import retention_curve
+
+    steps = torch.arange(51, dtype=F64)
+    for rule in ("linear_attention", "deltanet"):
+        torch.testing.assert_close(retention_curve(rule, steps=50), torch.ones(51, dtype=F64))
+    gamma = 1 - 2**-5
+    torch.testing.assert_close(retention_curve("retnet", steps=50), gamma**steps)
+    for rule in ("gla", "gated_deltanet", "titans"):
+        got = retention_curve(rule, steps=50, log_decay=-0.1)
+        torch.testing.assert_close(got, torch.exp(-0.1 * steps))
+    # overlapping later keys overwrite k_0 under the delta rule, not under linear attention
+    assert retention_curve("deltanet", overlap=0.5)[-1] < 0.2
+    with pytest.raises(ValueError, match="overlap must be a cosine"):
+        retention_curve("deltanet", overlap=2.0)
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        retention_curve("gla", log_decay=0.1)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        retention_curve("mamba2")

@@ -38,7 +38,7 @@ from .ops import (
 from .ttt import titans, ttt_linear, ttt_mlp
 
 # last: the unified view reaches into effarch.ssm and effarch.attention, whose layers use ours
-from .unified import RULES, UpdateRule, memory_scan, registry_table  # noqa: E402
+from .unified import RULES, UpdateRule, memory_scan, registry_table, retention_curve  # noqa: E402
 
 __all__ = [
     "GLA",
@@ -73,4 +73,5 @@ __all__ = [
     "UpdateRule",
     "memory_scan",
     "registry_table",
+    "retention_curve",
 ]
