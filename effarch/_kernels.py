@@ -50,3 +50,9 @@ def triton_unusable_reason(
             name = torch.cuda.get_device_name(x.device)
             return f"bfloat16 needs compute capability >= 8.0 and {name} has less: use float16"
     return None
+
+
+def grad_required(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd would record through any of ``tensors`` (None entries skipped):
+    a forward-only kernel must not run then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -7,6 +7,7 @@ with a state ``[batch, heads, K, V]``, following flash-linear-attention's conven
 
 from .chunk_kernel import chunk_scalar_decay, fused_recurrent
 from .costs import linear_attention_costs
+from .delta_kernel import chunk_delta_rule
 from .feature_maps import (
     HedgehogFeatureMap,
     PerformerFeatureMap,
@@ -51,6 +52,7 @@ __all__ = [
     "ShortConvolution",
     "HedgehogFeatureMap",
     "PerformerFeatureMap",
+    "chunk_delta_rule",
     "chunk_scalar_decay",
     "delta_rule",
     "dplr_delta_rule",

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from .._checks import check_choice, check_positive_int, check_positive_number, check_tensor
-from .._kernels import triton_unusable_reason
+from .._kernels import grad_required, triton_unusable_reason
 
 __all__ = [
     "delta_rule",
@@ -449,11 +449,22 @@ def _delta_chunk(
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _use_kernel(backend: Any, mode: str, q: torch.Tensor, chunk_size: int, dk: int) -> bool:
-    """Whether to run the Triton chunk kernel (``effarch.linear.chunk_kernel``).
+def _use_kernel(
+    backend: Any,
+    mode: str,
+    q: torch.Tensor,
+    chunk_size: int,
+    dk: int,
+    *,
+    forward_only: tuple[torch.Tensor | None, ...] | None = None,
+) -> bool:
+    """Whether to run a Triton chunk kernel (``effarch.linear.chunk_kernel`` or, for the delta
+    rules, the forward-only ``effarch.linear.delta_kernel``).
 
     ``"torch"``: never. ``"triton"``: always, or a clear error saying why it cannot.
     ``"auto"``: on CUDA tensors in chunk mode when the kernel supports the call.
+    ``forward_only``: the inputs of a kernel without a backward pass; it is then refused
+    whenever autograd would record through one of them.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "torch":
@@ -465,6 +476,11 @@ def _use_kernel(backend: Any, mode: str, q: torch.Tensor, chunk_size: int, dk: i
         reason = f"the kernel needs a power-of-two chunk_size >= 16, got {chunk_size}"
     elif dk > 256:
         reason = f"the kernel supports K up to 256, got {dk}"
+    elif forward_only is not None and grad_required(*forward_only):
+        reason = (
+            "the kernel is forward only and an input requires grad (use backend='torch' to "
+            "train, or torch.no_grad() for inference)"
+        )
     else:
         reason = triton_unusable_reason(q)
     if backend == "triton":
@@ -742,6 +758,7 @@ def _delta(
     output_final_state: bool,
     mode: str,
     chunk_size: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, t, h, dk, dv = _check_qkv(q, k, v)
     if g is not None:
@@ -757,6 +774,14 @@ def _delta(
     scale = _scale(scale, dk)
     dtype = _compute_dtype(q.dtype)
     s0 = _initial(initial_state, b, h, dk, dv, q, dtype)
+    inputs = (q, k, v, beta, g, initial_state)
+    if _use_kernel(backend, mode, q, chunk_size, dk, forward_only=inputs):
+        from .delta_kernel import chunk_delta_rule
+
+        return chunk_delta_rule(
+            q, k, v, beta, g, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )  # fmt: skip
     qh, kh, vh = _heads(q, dtype) * scale, _heads(k, dtype), _heads(v, dtype)
     bh = _heads(beta, dtype)
     gh = None if g is None else _heads(g, dtype)
@@ -778,6 +803,7 @@ def delta_rule(
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""DeltaNet's delta rule (Schlag et al., 2021; Yang et al., 2024): write only the error.
 
@@ -812,6 +838,12 @@ def delta_rule(
             negative eigenvalues). Not range-checked.
         scale, initial_state, output_final_state, chunk_size: as :func:`simple_gla`.
         mode: ``"recurrent"`` or ``"chunk"`` (there is no parallel form).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"``. ``"triton"`` runs the same chunk
+            form in the Triton kernel :func:`~effarch.linear.delta_kernel.chunk_delta_rule`
+            (on a GPU, or on the CPU under ``TRITON_INTERPRET=1``); it is forward only, so
+            it refuses inputs that require grad while grad mode is on. ``"auto"`` picks the
+            kernel for CUDA tensors in chunk mode when nothing requires grad, PyTorch
+            otherwise.
 
     Returns:
         ``(o: [B, T, H, V], final_state: [B, H, K, V] or None)``.
@@ -820,7 +852,9 @@ def delta_rule(
     output_final_state)`` with ``use_qk_l2norm_in_kernel=False``, and
     ``fused_recurrent_delta_rule``.
     """
-    return _delta(q, k, v, None, beta, scale, initial_state, output_final_state, mode, chunk_size)
+    return _delta(
+        q, k, v, None, beta, scale, initial_state, output_final_state, mode, chunk_size, backend
+    )
 
 
 def gated_delta_rule(
@@ -835,6 +869,7 @@ def gated_delta_rule(
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Gated DeltaNet's rule (Yang et al., 2025): decay the memory, then apply the delta rule.
 
@@ -859,6 +894,8 @@ def gated_delta_rule(
         beta: ``[B, T, H]`` write strengths.
         scale, initial_state, output_final_state, chunk_size: as :func:`simple_gla`.
         mode: ``"recurrent"`` or ``"chunk"``.
+        backend: ``"torch"``, ``"triton"`` (the forward-only kernel) or ``"auto"``, as in
+            :func:`delta_rule`.
 
     Returns:
         ``(o: [B, T, H, V], final_state: [B, H, K, V] or None)``.
@@ -867,7 +904,9 @@ def gated_delta_rule(
     initial_state, output_final_state)`` with ``use_qk_l2norm_in_kernel=False``, and
     ``fused_recurrent_gated_delta_rule``.
     """
-    return _delta(q, k, v, g, beta, scale, initial_state, output_final_state, mode, chunk_size)
+    return _delta(
+        q, k, v, g, beta, scale, initial_state, output_final_state, mode, chunk_size, backend
+    )
 
 
 def dplr_delta_rule(

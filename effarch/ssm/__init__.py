@@ -3,6 +3,7 @@ Mamba's selective scan, and Mamba-2's state space duality (SSD)."""
 
 from .layers import S4D, Mamba, Mamba2
 from .s4 import discretize, fft_conv, s4d_init, ssm_kernel, ssm_recurrence
+from .scan_kernel import selective_scan_kernel
 from .selective import selective_scan
 from .ssd import segsum, ssd, ssd_matrix, ssd_recurrent
 
@@ -15,6 +16,7 @@ __all__ = [
     "s4d_init",
     "segsum",
     "selective_scan",
+    "selective_scan_kernel",
     "ssd",
     "ssd_matrix",
     "ssd_recurrent",

@@ -1,0 +1,224 @@
+"""Chunkwise (gated) delta rule, forward pass, in the WY / UT representation.
+
+Layout as in flash-linear-attention: ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, write
+strengths ``beta [B, T, H]``, log decays ``g [B, T, H]`` (``g <= 0``; None for the plain
+delta rule), states ``[B, H, K, V]``::
+
+    S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - (exp(g_t) S_{t-1})^T k_t)^T,
+    o_t = S_t^T (scale q_t).
+
+Cut the sequence into chunks of ``BT`` steps. Inside one chunk, let ``S`` be the state
+entering it, ``G_i`` the cumulative log decay from the chunk start to its step ``i`` and
+``x_i = beta_i (v_i - (exp(g_i) S_{i-1})^T k_i)`` the row actually written at step ``i``, so
+that ``S_i = exp(G_i) S + sum_{j <= i} exp(G_i - G_j) k_j x_j^T``. Substituting this into the
+definition of ``x_i`` gives one triangular system per chunk::
+
+    x_i + sum_{j < i} beta_i exp(G_i - G_j) (k_i . k_j) x_j = beta_i v_i - beta_i exp(G_i) S^T k_i
+    (I + A) X = diag(beta) V - diag(beta exp(G)) K S,
+    A_ij = beta_i exp(G_i - G_j) (k_i . k_j)  for j < i, 0 otherwise.
+
+With ``T = (I + A)^-1`` (unit lower triangular) this is ``X = U - W S`` where
+
+    W = T diag(beta exp(G)) K    [BT, K],        U = T diag(beta) V    [BT, V],
+
+neither of which depends on ``S``. Three kernels follow from it:
+
+1. ``_wy_kernel`` (all chunks in parallel): builds ``A``, inverts ``I + A`` (block forward
+   substitution, doubling the block size ``log2(BT)`` times) and writes ``W`` and ``U``.
+2. ``_delta_states_kernel`` (the only sequential part, ``T / BT`` steps): walks the chunks
+   in order; per chunk it writes the state entering it, forms ``X = U - W S`` ("v_new") and
+   moves on with ``S <- exp(G_L) S + (K * exp(G_L - G))^T X`` (``L`` the chunk's last step).
+3. The outputs (all chunks in parallel) are those of scalar-decay linear attention with ``v``
+   replaced by ``X``: ``O = scale ((Q * exp(G)) S + (Q K^T * D) X)`` with
+   ``D_ij = exp(G_i - G_j)`` for ``j <= i``. That is ``_fwd_output_kernel`` of
+   ``chunk_scalar_decay``, reused as it is.
+
+All arithmetic is float32 with full-precision matrix products: the intermediates ``T``,
+``W``, ``U`` and the states feed each other chunk after chunk, and rounding them to TF32
+would compound. Forward only (no backward kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_scalar_decay import MAX_KEY_DIM, _chunk_log_decay, _fwd_output_kernel
+from .flash_attention import check_interpreter_state, interpreting
+
+PRECISION = "ieee"  # full float32 products, see the module docstring
+
+
+@triton.jit
+def _wy_kernel(
+    Kp, Vp, BETA, G, W, U,
+    seq_len, n_heads, dim_k, dim_v,
+    USE_G: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # One program per chunk of one (batch, head): all of K, looping over V blocks for U.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_i = tl.arange(0, BT)
+    offs_t = pid_n * BT + offs_i
+    offs_k = tl.arange(0, BK)
+    t_ok = offs_t < seq_len
+    k_ok = offs_k < dim_k
+    rows = (b * seq_len + offs_t) * n_heads + h
+    # Steps past the sequence end read k = 0 and beta = 0: their rows of A are zero, their
+    # rows of T are those of the identity and they write nothing.
+    k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :],
+                mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    beta = tl.load(BETA + rows, mask=t_ok, other=0.0).to(tl.float32)
+    gc, _ = _chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
+
+    # A_ij = beta_i exp(G_i - G_j) (k_i . k_j) for j < i. The exponent is masked to -inf
+    # above and on the diagonal before exp, so every exp taken has an argument <= 0.
+    strict = offs_i[:, None] > offs_i[None, :]
+    decay = tl.exp(tl.where(strict, gc[:, None] - gc[None, :], float("-inf")))
+    a = tl.dot(k, tl.trans(k), input_precision=PREC) * decay * beta[:, None]
+
+    # T = (I + A)^-1 by recursive doubling (block forward substitution). While T holds the
+    # inverses of the diagonal blocks of size s = 2^lvl, merge each pair of neighbouring
+    # blocks into one of size 2s: a unit lower triangular M = [[M11, 0], [M21, M22]] has
+    #     M^-1 = [[T11, 0], [-T22 M21 T11, T22]],   i.e.   T <- T - T E T,
+    # with E = A restricted to the blocks M21 (rows in the second half of a 2s-block, columns
+    # in its first half: exactly the pairs i > j whose highest differing bit is bit lvl).
+    # log2(BT) levels of two matrix products, each an exact block inverse (no power series).
+    diff = offs_i[:, None] ^ offs_i[None, :]
+    t_inv = tl.where(diff == 0, 1.0, 0.0)  # the inverses of the 1 x 1 blocks
+    for lvl in range(0, LOG2_BT):
+        e = tl.where((diff >> lvl) == 1, a, 0.0)  # A is strictly lower: only i > j remain
+        t_inv -= tl.dot(tl.dot(t_inv, e, input_precision=PREC), t_inv, input_precision=PREC)
+
+    # W = T diag(beta exp(G)) K: what a unit of the entering state takes off each write.
+    w = tl.dot(t_inv, k * (beta * tl.exp(gc))[:, None], input_precision=PREC)
+    tl.store(W + rows[:, None] * dim_k + offs_k[None, :], w, mask=t_ok[:, None] & k_ok[None, :])
+
+    # U = T diag(beta) V: the writes the chunk would make from a zero entering state.
+    for v0 in range(0, dim_v, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        tv_offs = rows[:, None] * dim_v + offs_v[None, :]
+        tv_mask = t_ok[:, None] & (offs_v < dim_v)[None, :]
+        v = tl.load(Vp + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
+        u = tl.dot(t_inv, v * beta[:, None], input_precision=PREC)
+        tl.store(U + tv_offs, u, mask=tv_mask)
+
+
+@triton.jit
+def _delta_states_kernel(
+    Kp, W, U, G, H0, HS, VN, HT,
+    seq_len, n_heads, dim_k, dim_v, n_chunks,
+    USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # One program carries a [K, BV] slice of one (batch, head)'s state across the chunks.
+    # Columns of S never mix (X = U - W S and the update act column by column), so the
+    # value dimension splits across programs exactly.
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = offs_k < dim_k
+    v_ok = offs_v < dim_v
+    s_mask = k_ok[:, None] & v_ok[None, :]
+    s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
+    state = tl.zeros([BK, BV], tl.float32)
+    if USE_H0:
+        state += tl.load(H0 + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
+
+    for n in range(0, n_chunks):
+        tl.store(HS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, state, mask=s_mask)
+        offs_t = n * BT + tl.arange(0, BT)
+        t_ok = offs_t < seq_len
+        rows = (b * seq_len + offs_t) * n_heads + h
+        tk_offs = rows[:, None] * dim_k + offs_k[None, :]
+        tk_mask = t_ok[:, None] & k_ok[None, :]
+        tv_offs = rows[:, None] * dim_v + offs_v[None, :]
+        tv_mask = t_ok[:, None] & v_ok[None, :]
+        w = tl.load(W + tk_offs, mask=tk_mask, other=0.0)
+        u = tl.load(U + tv_offs, mask=tv_mask, other=0.0)
+        k = tl.load(Kp + tk_offs, mask=tk_mask, other=0.0).to(tl.float32)
+        gc, g_last = _chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
+        # X = U - W S: the rows this chunk really writes, given the state entering it.
+        x = u - tl.dot(w, state, input_precision=PREC)
+        tl.store(VN + tv_offs, x, mask=tv_mask)
+        # S <- exp(G_L) S + sum_j exp(G_L - G_j) k_j x_j^T (every exponent <= 0).
+        k = k * tl.exp(g_last - gc)[:, None]
+        state = state * tl.exp(g_last) + tl.dot(tl.trans(k), x, input_precision=PREC)
+
+    if STORE_HT:
+        tl.store(HT + pid_bh * dim_k * dim_v + s_offs, state, mask=s_mask)
+
+
+def _config(dim_k: int, dim_v: int, chunk_size: int) -> tuple[int, int, int]:
+    """Chunk length and the key and value block sizes (powers of two, masked past K, V)."""
+    if dim_k > MAX_KEY_DIM:
+        raise ValueError(f"K must be at most {MAX_KEY_DIM} for the Triton kernel, got {dim_k}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    block_k = max(16, triton.next_power_of_2(dim_k))
+    block_v = max(16, triton.next_power_of_2(dim_v))
+    if not interpreting():  # on a GPU, more programs over V; the interpreter prefers few
+        block_v = min(block_v, 64 if block_k <= 128 else 32)
+    return chunk_size, block_k, block_v
+
+
+def chunk_delta_rule_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the three forward kernels: ``o [B, T, H, V]`` (dtype of ``v``) and the float32
+    final state ``[B, H, K, V]`` (or None). ``beta``, ``g`` are ``[B, T, H]`` (``g`` None: no
+    decay); ``chunk_size`` is a power of two >= 16. Shapes are checked by the caller."""
+    check_interpreter_state()
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    g = g.contiguous() if g is not None else None
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    bt, bk, bv = _config(dk, dv, chunk_size)
+    n_chunks = triton.cdiv(t, bt)
+    use_g = g is not None
+    g_arg = g if use_g else beta  # a valid pointer that USE_G=False never reads
+
+    # 1. W [B, T, H, K] and U [B, T, H, V] for every chunk at once.
+    w = torch.empty(b, t, h, dk, device=q.device, dtype=torch.float32)
+    u = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
+    _wy_kernel[(n_chunks, b * h)](
+        k, v, beta, g_arg, w, u,
+        t, h, dk, dv,
+        USE_G=use_g, BT=bt, LOG2_BT=bt.bit_length() - 1, BK=bk, BV=bv, PREC=PRECISION,
+    )  # fmt: skip
+
+    # 2. The state entering every chunk, the rows X each chunk writes, the final state.
+    hs = torch.empty(b, h, n_chunks, dk, dv, device=q.device, dtype=torch.float32)
+    x = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
+    ht = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
+    h0 = initial_state.float().contiguous() if initial_state is not None else hs
+    _delta_states_kernel[(triton.cdiv(dv, bv), b * h)](
+        k, w, u, g_arg, h0, hs, x, ht,
+        t, h, dk, dv, n_chunks,
+        USE_G=use_g, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+        BT=bt, BK=bk, BV=bv, PREC=PRECISION,
+    )  # fmt: skip
+
+    # 3. Outputs: scalar-decay linear attention on (q, k, X) from the stored chunk states.
+    o = torch.empty_like(v)
+    _fwd_output_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
+        q, k, x, g_arg, hs, o,
+        t, h, dk, dv, n_chunks, scale,
+        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=PRECISION,
+    )  # fmt: skip
+    return o, (ht if output_final_state else None)
