@@ -14,7 +14,17 @@ Everything here runs on a CPU without Triton; GPU kernels live in the optional
 ``effarch_kernels`` package and are imported only where a function dispatches to them.
 """
 
-from . import attention, bench, linear, models, scan, ssm, survey
+from . import attention, bench, linear, models, scan, ssm, survey, tasks
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "attention", "bench", "linear", "models", "scan", "ssm", "survey"]
+__all__ = [
+    "__version__",
+    "attention",
+    "bench",
+    "linear",
+    "models",
+    "scan",
+    "ssm",
+    "survey",
+    "tasks",
+]

@@ -175,3 +175,17 @@ def test_setup_turns_on_the_triton_interpreter_on_a_cpu(monkeypatch):
         assert os.environ["TRITON_INTERPRET"] == "1"
     else:
         assert "TRITON_INTERPRET" not in os.environ
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    """A subpackage missing from pyproject's list would be absent from a non-editable install."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "effarch").rglob("__init__.py")
+    }
+    assert found <= listed, f"add to pyproject's packages: {sorted(found - listed)}"

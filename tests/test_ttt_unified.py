@@ -299,3 +299,30 @@ def test_retention_curves_follow_the_decay_when_later_keys_are_orthogonal():
         retention_curve("gla", log_decay=0.1)
     with pytest.raises(ValueError, match="rule must be one of"):
         retention_curve("mamba2")
+
+
+def test_memory_stream_is_what_it_says():
+    from effarch.tasks import memory_stream
+
+    st = memory_stream(300, n_keys=8, d_key=16, d_value=12, rebind_every=100, seed=3,
+                       dtype=F64)  # fmt: skip
+    torch.testing.assert_close(st.keys @ st.keys.T, torch.eye(8, dtype=F64))
+    for t in range(300):  # each step carries the current binding of the key that arrives
+        torch.testing.assert_close(st.v[0, t, 0], st.bindings[t, st.index[t]])
+        torch.testing.assert_close(st.k[3, t, 0], st.keys[st.index[t]])
+    changed = (st.bindings[1:] != st.bindings[:-1]).any(-1).any(-1).nonzero().flatten() + 1
+    assert changed.tolist() == [100, 200]
+    assert (st.bindings[100] != st.bindings[99]).any(-1).sum() == 4  # half of the keys
+    assert torch.equal(st.q[5, 0, 0], st.keys[5])
+    perfect = st.bindings.permute(1, 0, 2)[:, :, None]
+    assert st.recall_error(perfect).abs().max() == 0
+    torch.testing.assert_close(st.recall_error(torch.zeros_like(st.v)), torch.ones(300, dtype=F64))
+    again = memory_stream(300, n_keys=8, d_key=16, d_value=12, rebind_every=100, seed=3,
+                          dtype=F64)  # fmt: skip
+    assert torch.equal(again.v, st.v)
+    with pytest.raises(ValueError, match="orthogonal=True needs n_keys <= d_key"):
+        memory_stream(10, n_keys=20, d_key=8)
+    with pytest.raises(ValueError, match="rebind_fraction must lie in"):
+        memory_stream(10, rebind_fraction=1.5)
+    with pytest.raises(ValueError, match="o must have the shape of v"):
+        st.recall_error(torch.zeros(3))

@@ -1,0 +1,15 @@
+"""Synthetic tasks that probe what a token mixer can do.
+
+* :func:`mqar`: multi-query associative recall (Arora et al., 2023), the task behind the
+  recall-memory trade-off: keys bound to values early in a sequence, asked for later.
+* :func:`memory_stream`: a stream of key-value bindings for memories trained at test time.
+* :func:`recall_accuracy`: the fraction of queries answered right.
+
+The experiment that trains small models on it is :func:`effarch.models.recall_experiment`;
+``python -m effarch.tasks.recall`` runs it from the command line.
+"""
+
+from .mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
+from .stream import MemoryStream, memory_stream
+
+__all__ = ["MemoryStream", "memory_stream", "IGNORE_INDEX", "MQARBatch", "mqar", "recall_accuracy"]
