@@ -399,6 +399,17 @@ def _delta_recurrent(
     return torch.stack(outs, dim=2), s
 
 
+def _time_major(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
+    """``[B, H, T, ...] -> [N, B, H, C, ...]``, contiguous and zero-padded to ``N * C`` steps.
+
+    Chunk-major order makes every per-chunk slice ``x[i]`` one contiguous block, so the
+    sequential pass over chunks reads no strided memory, and all batched products over
+    ``(chunk, batch, head)`` flatten to plain ``bmm`` calls without copies.
+    """
+    x = _pad_time(x, n * c)
+    return x.reshape(*x.shape[:2], n, c, *x.shape[3:]).movedim(2, 0).contiguous()
+
+
 def _delta_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -408,37 +419,59 @@ def _delta_chunk(
     s0: torch.Tensor | None,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise (gated) delta rule in the WY / UT form; see ``delta_rule`` for the maths.
+
+    Within a chunk, with ``A = strictly-lower(diag(beta) (K K^T * D))`` and ``D_ij =
+    exp(G_i - G_j)``, the corrected writes are ``U - W S_0`` where ``(I + A) U = diag(beta) V``
+    and ``(I + A) W = diag(beta exp(G)) K``: two triangular solves for all chunks at once.
+    Only the state hand-off between chunks is sequential: ``S <- exp(G_C) S + K_out^T new``.
+    """
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     c = min(chunk, t)
     n = math.ceil(t / c)
+    bh = b * h
     # Padding steps have k = 0 and beta = 0 (no write) and g = 0 (no decay).
-    q, k, v = (_chunks(_pad_time(x, n * c), c) for x in (q, k, v))
-    beta = _chunks(_pad_time(beta, n * c), c)  # [B, H, N, C]
-    causal = _tril(c, q.device)
+    q, k, v = (_time_major(x, n, c) for x in (q, k, v))  # [N, B, H, C, K | V]
+    beta = _time_major(beta, n, c)  # [N, B, H, C]
+    kt = k.transpose(-1, -2)
+    a = k @ kt  # becomes I + A, in place
+    scores = q @ kt  # becomes (Q K^T * D), causal with the diagonal
     if g is None:
-        decay = causal.to(q.dtype)  # exp(G_i - G_j) for j <= i, zero above the diagonal
         q_in, k_out, w_in, carry = q, k, beta[..., None] * k, None
+        scores.tril_()
     else:
-        decay, q_decay, k_decay, carry = _scalar_chunk_decays(g, n, c, causal)
-        q_in, k_out = q * q_decay[..., None], k * k_decay[..., None]
+        gcum = _time_major(g, n, c).cumsum(-1)  # G_i, [N, B, H, C]
+        # D_ij = exp(G_i - G_j) for j <= i. Above the diagonal the exponent is >= 0 and could
+        # overflow, so it is zeroed first (exp -> 1); tril_ below discards those entries, and
+        # no inf ever reaches a product or its gradient.
+        decay = (gcum[..., :, None] - gcum[..., None, :]).tril_().exp_()
+        a.mul_(decay)
+        scores.mul_(decay).tril_()
+        q_decay = gcum.exp()
+        q_in = q * q_decay[..., None]  # reads the incoming state decayed to step i
+        k_out = k * torch.exp(gcum[..., -1:] - gcum)[..., None]  # writes decayed to chunk end
         w_in = (beta * q_decay)[..., None] * k
-    # (I + A) with A = strictly-lower(diag(beta) (K K^T * decay)); solve instead of inverting.
-    a = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
-    eye = torch.eye(c, dtype=q.dtype, device=q.device)
-    lhs = a + eye
-    u = torch.linalg.solve_triangular(lhs, beta[..., None] * v, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(lhs, w_in, upper=False, unitriangular=True)
-    scores = (q @ k.transpose(-1, -2)) * decay  # causal, diagonal included
-    s = q.new_zeros(b, h, dk, dv) if s0 is None else s0
+        carry = torch.exp(gcum[..., -1]).reshape(n, bh, 1, 1)  # exp(G_C)
+    a.mul_(beta[..., None]).tril_(-1).diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    u = torch.linalg.solve_triangular(a, beta[..., None] * v, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(a, w_in, upper=False, unitriangular=True)
+    # The one sequential pass: chunk i's corrected writes U - W S, then the hand-off.
+    u, w = u.view(n, bh, c, dv), w.view(n, bh, c, dk)
+    k_out_t = k_out.view(n, bh, c, dk).transpose(-1, -2)
+    s = q.new_zeros(bh, dk, dv) if s0 is None else s0.reshape(bh, dk, dv)
     before, writes = [], []
     for i in range(n):
-        new = u[:, :, i] - w[:, :, i] @ s  # U = diag(beta) (V - decayed K S_0 - ...), [C, V]
+        new = torch.baddbmm(u[i], w[i], s, alpha=-1.0)  # U - W S_0, [B*H, C, V]
         before.append(s)
         writes.append(new)
-        s = k_out[:, :, i].transpose(-1, -2) @ new + (s if carry is None else carry[:, :, i] * s)
-    o = q_in @ torch.stack(before, dim=2) + scores @ torch.stack(writes, dim=2)
-    return o.reshape(b, h, n * c, dv)[:, :, :t], s
+        s = torch.baddbmm(s if carry is None else carry[i] * s, k_out_t[i], new)
+    # Outputs of all chunks at once: the decayed read of the incoming state plus the
+    # intra-chunk attention over the corrected writes.
+    o = torch.bmm(q_in.reshape(n * bh, c, dk), torch.stack(before).view(n * bh, dk, dv))
+    o = o.baddbmm(scores.view(n * bh, c, c), torch.stack(writes).view(n * bh, c, dv))
+    o = o.view(n, b, h, c, dv).permute(1, 2, 0, 3, 4).reshape(b, h, n * c, dv)
+    return o[:, :, :t], s.view(b, h, dk, dv)
 
 
 # --------------------------------------------------------------------------------------------
