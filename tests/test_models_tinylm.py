@@ -58,7 +58,7 @@ def _recurrent_state_numel(layer: nn.Module, seq_len: int) -> int:
         keep = min(seq_len, getattr(layer, "window", seq_len))
         return cache.k[:, :keep].numel() + cache.v[:, :keep].numel()
     _, state = layer(x)
-    memory = {"S", "z", "h", "ssm", "s"}  # not conv caches, token shifts or offsets
+    memory = {"S", "z", "h", "ssm", "s", "anchor"}  # not conv caches, token shifts or offsets
     total = 0
     for key, value in state.items():
         if key in memory:

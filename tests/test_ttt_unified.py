@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from effarch.linear import delta_rule
-from effarch.linear.ttt import titans, ttt_linear, ttt_mlp
+from effarch.linear.layers import TTTLinear
+from effarch.linear.ttt import titans, ttt_linear, ttt_linear_resume, ttt_mlp
 from effarch.linear.unified import CLASSES, RULES, UpdateRule, memory_scan, registry_table
 
 F64 = torch.float64
@@ -89,6 +90,43 @@ def test_ttt_linear_states_compose_across_mini_batch_boundaries():
     )  # fmt: skip
     torch.testing.assert_close(torch.cat([o1, o2], dim=1), o)
     torch.testing.assert_close(s2, s)
+
+
+@pytest.mark.parametrize("cuts", [(3, 5), (1, 1, 1, 1, 1, 1, 1, 1), (7, 1)])
+def test_resuming_a_mini_batch_in_pieces_equals_the_whole_step(cuts):
+    """A mini-batch of 8 read in pieces (decoding) equals the autograd definition."""
+    q, k, v, eta, s0 = make(b=1, t=8, h=2)
+    want_o, want_s = autograd_ttt_linear(q, k, v, eta, s0, 8, 8**-0.5)
+    s, outs, lo = s0, [], 0
+    for n in cuts:
+        o, s = ttt_linear_resume(*(x[:, lo : lo + n] for x in (q, k, v, eta)), s, s0)
+        outs.append(o)
+        lo += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), want_o, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(s, want_s, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_ttt_layer_is_its_equations(m):
+    """TTTLinear against its docstring, rebuilt here on the primal (token-loop) op."""
+    torch.manual_seed(0)
+    layer = TTTLinear(16, 2, mini_batch_size=m).double()
+    with torch.no_grad():  # a non-zero learned W_0 and norm, so that every term matters
+        layer.S_init.normal_()
+        layer.ln_weight.uniform_(0.5, 1.5)
+        layer.ln_bias.normal_()
+    x = torch.randn(2, 11, 16, dtype=F64)
+    y, _ = layer(x)
+    q, k, v, _ = layer.qkv(x, {})
+    h, d = 2, 8
+    q, k = (F.normalize(z.reshape(2, 11, h, d), dim=-1) for z in (q, k))
+    eta = layer.eta_base * torch.sigmoid(layer.eta_proj(x))
+    s0 = layer.S_init.expand(2, h, d, d)
+    o, _ = ttt_linear(q, k, v.reshape(2, 11, h, d), eta, mini_batch_size=m, initial_state=s0,
+                      mode="primal")  # fmt: skip
+    o = F.layer_norm(o, (d,)) * layer.ln_weight + layer.ln_bias
+    o = o * F.gelu(layer.g_proj(x).reshape(2, 11, h, d), approximate="tanh")
+    torch.testing.assert_close(y, layer.o_proj(o.reshape(2, 11, 16)), atol=1e-12, rtol=1e-10)
 
 
 def test_larger_mini_batches_reconstruct_worse_on_a_stream():
@@ -259,6 +297,10 @@ def test_bad_input_gets_clear_errors():
         ttt_linear(q, k, v, eta, mode="chunk")
     with pytest.raises(ValueError, match=r"initial_state must have shape \[B, H, K, V\]"):
         ttt_linear(q, k, v, eta, initial_state=s0[:, :1])
+    with pytest.raises(ValueError, match=r"anchor must have shape \[B, H, K, V\]"):
+        ttt_linear_resume(q, k, v, eta, s0, s0[..., :2])
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        TTTLinear(16, 2, mini_batch_size=0)
     with pytest.raises(TypeError, match="initial_state must be the pair"):
         ttt_mlp(q, k, v, eta, s0)
     w1 = torch.zeros(2, 3, 8, 4, dtype=F64)

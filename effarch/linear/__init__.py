@@ -25,6 +25,7 @@ from .layers import (
     LinearAttention,
     RetNet,
     ShortConvolution,
+    TTTLinear,
 )
 from .linearize import (
     LinearizationTask,
@@ -49,7 +50,7 @@ from .ops import (
     retention_log_decays,
     simple_gla,
 )
-from .ttt import titans, ttt_linear, ttt_mlp
+from .ttt import titans, ttt_linear, ttt_linear_resume, ttt_mlp
 
 # last: the unified view reaches into effarch.ssm and effarch.attention, whose layers use ours
 from .unified import RULES, UpdateRule, memory_scan, registry_table, retention_curve  # noqa: E402
@@ -63,6 +64,7 @@ __all__ = [
     "LinearAttention",
     "RetNet",
     "ShortConvolution",
+    "TTTLinear",
     "HedgehogFeatureMap",
     "PerformerFeatureMap",
     "chunk_delta_rule",
@@ -94,6 +96,7 @@ __all__ = [
     "low_rank_finetune",
     "softmax_attention_weights",
     "ttt_linear",
+    "ttt_linear_resume",
     "ttt_mlp",
     "RULES",
     "UpdateRule",

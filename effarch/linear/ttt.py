@@ -46,7 +46,7 @@ from .ops import (
     _scale,
 )
 
-__all__ = ["titans", "ttt_linear", "ttt_mlp"]
+__all__ = ["titans", "ttt_linear", "ttt_linear_resume", "ttt_mlp"]
 
 TTT_MODES = ("dual", "primal")
 
@@ -77,6 +77,26 @@ def _ttt_linear_primal(
     return torch.stack(outs, dim=2), s
 
 
+def _dual_minibatch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    start: torch.Tensor,
+    anchor: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mini-batch (or the rest of one) in the dual form, ``[B, H, m, .]`` tensors.
+
+    ``anchor`` is the state the mini-batch began from (where its gradients are taken) and
+    ``start`` the state after the tokens of it already read (``start = anchor`` for a whole
+    mini-batch). Returns the outputs and the state after the last token.
+    """
+    eta_err = eta[..., None] * (k @ anchor - v)  # eta_s (S_0^T k_s - v_s), [B, H, m, V]
+    causal = torch.tril(q @ k.transpose(-1, -2))  # (q_t . k_s) for s <= t, [m, m]
+    o = q @ start - causal @ eta_err  # o_t = S^T q_t - sum_{s<=t} eta_s (q_t . k_s) e_s
+    return o, start - k.transpose(-1, -2) @ eta_err  # S - K^T diag(eta) E
+
+
 def _ttt_linear_dual(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, s: torch.Tensor, m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,14 +104,52 @@ def _ttt_linear_dual(
     t = q.shape[2]
     outs = []
     for start in range(0, t, m):
-        qb, kb, vb = (x[:, :, start : start + m] for x in (q, k, v))  # [B, H, m, .]
-        eb = eta[:, :, start : start + m, None]  # [B, H, m, 1]
-        err = kb @ s - vb  # E = K S_0 - V: every token's prediction error at S_0, [B, H, m, V]
-        eta_err = eb * err
-        causal = torch.tril(qb @ kb.transpose(-1, -2))  # (q_t . k_s) for s <= t, [m, m]
-        outs.append(qb @ s - causal @ eta_err)  # o_t = S_0^T q_t - sum_s eta_s (q_t.k_s) e_s
-        s = s - kb.transpose(-1, -2) @ eta_err  # S_m = S_0 - K^T diag(eta) E
+        qb, kb, vb, eb = (x[:, :, start : start + m] for x in (q, k, v, eta))
+        o, s = _dual_minibatch(qb, kb, vb, eb, s, s)
+        outs.append(o)
     return torch.cat(outs, dim=2), s
+
+
+def ttt_linear_resume(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    state: torch.Tensor,
+    anchor: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Finish a mini-batch of :func:`ttt_linear` that earlier calls began: decoding with TTT.
+
+    When a mini-batch is read in pieces (token by token while decoding, or a prompt whose
+    length is not a multiple of ``m``), its later tokens still take their gradients at the
+    state ``anchor = S_0`` the mini-batch began from, and continue from the current
+    ``state``::
+
+        S_t = state - sum_{new s <= t} eta_s k_s (anchor^T k_s - v_s)^T,  o_t = S_t^T (scale q_t)
+
+    All ``T`` tokens given must belong to that one mini-batch; the caller splits the stream at
+    mini-batch boundaries (``T`` tokens resumed from a boundary, ``state = anchor``, are one
+    dual-form step of :func:`ttt_linear`).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; eta: ``[B, T, H]``.
+        state, anchor: ``[B, H, K, V]``.
+        scale: multiplies ``q``; default ``K ** -0.5``.
+
+    Returns:
+        ``(o: [B, T, H, V], state after the last token: [B, H, K, V])``.
+    """
+    b, t, h, dk, dv = _check_qkv(q, k, v)
+    _check_rate("eta", eta, (b, t, h), q)
+    scale = _scale(scale, dk)
+    dtype = _compute_dtype(q.dtype)
+    for name, x in (("state", state), ("anchor", anchor)):
+        _check_like(name, x, (b, h, dk, dv), "[B, H, K, V]", q)
+    qh, kh, vh = _heads(q, dtype) * scale, _heads(k, dtype), _heads(v, dtype)
+    o, s = _dual_minibatch(qh, kh, vh, _heads(eta, dtype), state.to(dtype), anchor.to(dtype))
+    return _out(o, q), s
 
 
 def ttt_linear(

@@ -11,8 +11,9 @@ the same embedding, MLPs, norms and head around whichever mixer is plugged in::
 (``Conv_l`` a short causal convolution, only before mixers that lack one; see :class:`TinyLM`.)
 
 The mixer is a name of :data:`MIXERS` (softmax attention, sliding-window attention, the linear
-models of chapter 2, the state space models) or any callable ``(d_model, **kwargs) -> nn.Module``
-whose module maps ``[B, T, d]`` to ``[B, T, d]`` (or to a tuple whose first item is that).
+models of chapter 2 with TTT-Linear, the state space models) or any callable
+``(d_model, **kwargs) -> nn.Module`` whose module maps ``[B, T, d]`` to ``[B, T, d]`` (or to a
+tuple whose first item is that).
 
 :func:`mixer_state_size` gives the memory each mixer carries from token to token, the x-axis
 of the recall-memory trade-off (Arora et al., 2023, *Zoology*): the KV cache for attention
@@ -57,6 +58,7 @@ from ..linear.layers import (
     LinearAttention,
     RetNet,
     ShortConvolution,
+    TTTLinear,
     _init_dt_bias,
 )
 from ..ssm.layers import S4D, Mamba, Mamba2
@@ -186,6 +188,7 @@ MIXERS: dict[str, MixerFactory] = {
     "gated_deltanet": _gated_deltanet,
     "hgrn": HGRN,
     "rwkv7": _headed(RWKV7),
+    "ttt_linear": _headed(TTTLinear),
     "mamba": Mamba,
     "mamba2": _mamba2,
     "s4d": S4D,
@@ -238,6 +241,7 @@ def mixer_state_size(mixer: nn.Module, seq_len: int) -> int:
     RetNet, GLA, Gated DeltaNet     ``H K V``                                   ``n_heads``,
                                                                                 ``expand_k/v``
     DeltaNet, RWKV-7                ``H K K``                                   ``n_heads``
+    TTT-Linear                      ``2 H K K`` (weights and mini-batch anchor) ``n_heads``
     HGRN                            ``expand_ratio d``                          ``expand_ratio``
     Mamba, Mamba-2                  ``expand d N``                              ``d_state``
     S4D                             ``d N`` (``N / 2`` complex per channel)     ``d_state``
