@@ -159,6 +159,17 @@ def test_int8_kernel_equals_the_exact_integer_product(b, tq, tk, hq, hkv, d, bq,
 
 
 @needs_triton
+def test_int8_kernel_writes_every_score(poison_empty):
+    """The score matrix comes from torch.empty (NaN here): ragged blocks leave no hole."""
+    from effarch_kernels.int8_attention import int8_qk
+
+    qi, ki, qs, ks = random_int8_inputs(1, 130, 70, 4, 1, 64, 64, 32)
+    got = int8_qk(qi.to(DEV), ki.to(DEV), qs.to(DEV), ks.to(DEV), 64, 32).cpu()
+    assert not got.isnan().any()
+    assert torch.equal(got, int8_qk_reference(qi, ki, qs, ks, 64, 32))
+
+
+@needs_triton
 def test_int8_kernel_accumulates_the_largest_products_exactly():
     from effarch_kernels.int8_attention import int8_qk
 

@@ -115,7 +115,7 @@ def test_fused_recurrent_rejects_bad_shapes():
     q, k, v, g = qkv(t=8)
     with pytest.raises(ValueError, match="beta"):
         fused_recurrent(q, k, v, beta=torch.rand(1, 8, 3))
-    with pytest.raises(ValueError, match="k must be shaped like q"):
+    with pytest.raises(ValueError, match="k must have the shape of q"):
         fused_recurrent(q, k[..., :8], v)
 
 

@@ -10,11 +10,42 @@ from typing import Any
 
 import torch
 
-from .._checks import check_positive_int, check_positive_number, check_same, check_tensor
+from .._checks import check_positive_int
 from .._kernels import triton_unusable_reason
-from .ops import _check_like
+from .ops import _check_flags, _check_like, _check_log_gate, _check_qkv, _scale
 
-MAX_KEY_DIM = 256  # the kernel holds all of K in one block (effarch_kernels.MAX_KEY_DIM)
+MAX_KEY_DIM = 256  # the chunk kernels hold all of K in one block (effarch_kernels.MAX_KEY_DIM)
+
+
+def check_chunk_kernel_args(
+    q: Any,
+    k: Any,
+    v: Any,
+    g: Any,
+    initial_state: Any,
+    output_final_state: Any,
+    chunk_size: Any,
+    scale: Any,
+) -> tuple[int, int, int, int, int, float]:
+    """The checks every chunkwise kernel launcher shares; returns ``B, T, H, K, V, scale``.
+
+    ``q, k: [B, T, H, K]`` with ``K <= MAX_KEY_DIM`` and ``v: [B, T, H, V]`` (one dtype and
+    device); ``g``: None or ``[B, T, H]`` log decays ``<= 0``; ``initial_state``: None or
+    ``[B, H, K, V]``; ``chunk_size`` a power of two ``>= 16``; ``scale`` None (``K ** -0.5``)
+    or positive.
+    """
+    b, t, h, dk, dv = _check_qkv(q, k, v)
+    if dk > MAX_KEY_DIM:
+        raise ValueError(f"the kernel supports K up to {MAX_KEY_DIM}, got K = {dk}")
+    if g is not None:
+        _check_log_gate("g", g, (b, t, h), "[B, T, H]", q)
+    if initial_state is not None:
+        _check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
+    _check_flags(output_final_state)
+    check_positive_int("chunk_size", chunk_size)
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    return b, t, h, dk, dv, _scale(scale, dk)
 
 
 class _ChunkScalarDecay(torch.autograd.Function):
@@ -90,36 +121,9 @@ def chunk_scalar_decay(
     fla: ``fla.ops.simple_gla.chunk_simple_gla(q, k, v, g, scale, initial_state,
     output_final_state)``.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, ndim=4, floating=True)
-    check_same(("q", "k", "v"), (q, k, v))
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            "q, k must be [B, T, H, K] and v [B, T, H, V] with the same B, T, H; got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    if t == 0:
-        raise ValueError(f"q must hold at least one time step, got shape {tuple(q.shape)}")
-    if dk > MAX_KEY_DIM:
-        raise ValueError(f"the kernel supports K up to {MAX_KEY_DIM}, got {dk}")
-    if g is not None:
-        _check_like("g", g, (b, t, h), "[B, T, H]", q)
-        if bool((g > 0).any()):
-            raise ValueError(
-                "g holds log decays, which must be <= 0; got a largest value of "
-                f"{g.max().item():.6g}"
-            )
-    if initial_state is not None:
-        _check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
-    if not isinstance(output_final_state, bool):
-        raise TypeError(f"output_final_state must be a bool, got {output_final_state!r}")
-    check_positive_int("chunk_size", chunk_size)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    check_positive_number("scale", scale, allow_none=True)
-    scale = dk**-0.5 if scale is None else float(scale)
+    *_, scale = check_chunk_kernel_args(
+        q, k, v, g, initial_state, output_final_state, chunk_size, scale
+    )
     reason = triton_unusable_reason(q)
     if reason is not None:
         raise ValueError(f"chunk_scalar_decay cannot run: {reason}")
@@ -162,23 +166,16 @@ def fused_recurrent(
     ``fused_recurrent_*`` ops). Returns ``(o [B, T, H, V], final_state [B, H, K, V] float32
     or None)``. Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``.
     """
-    check_tensor("q", q, ndim=4, floating=True)
-    check_tensor("k", k, ndim=4, floating=True)
-    check_tensor("v", v, ndim=4, floating=True)
-    check_same(("q", "k", "v"), (q, k, v))
-    b, t, h, dk = q.shape
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"k must be shaped like q {tuple(q.shape)} and v [B, T, H, V]; got k "
-            f"{tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    for name, x, shape, layout in (("g", g, (b, t, h), "[B, T, H]"),
-                                   ("gk", gk, (b, t, h, dk), "[B, T, H, K]"),
-                                   ("beta", beta, (b, t, h), "[B, T, H]")):  # fmt: skip
-        if x is not None:
-            _check_like(name, x, shape, layout, q)
+    b, t, h, dk, dv = _check_qkv(q, k, v)
+    if g is not None:
+        _check_log_gate("g", g, (b, t, h), "[B, T, H]", q)
+    if gk is not None:
+        _check_log_gate("gk", gk, (b, t, h, dk), "[B, T, H, K]", q)
+    if beta is not None:
+        _check_like("beta", beta, (b, t, h), "[B, T, H]", q)
+    _check_flags(output_final_state)
     if initial_state is not None:
-        _check_like("initial_state", initial_state, (b, h, dk, v.shape[-1]), "[B, H, K, V]", q)
+        _check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
     reason = triton_unusable_reason(q)
     if reason is not None:
         raise ValueError(f"fused_recurrent cannot run: {reason}")
@@ -187,7 +184,7 @@ def fused_recurrent(
     dtype = q.dtype
     if q.device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's bf16 is broken
         q, k, v = q.float(), k.float(), v.float()
-    scale = dk**-0.5 if scale is None else check_positive_number("scale", scale)
-    o, ht = launch(q, k, v, g=g, gk=gk, beta=beta, scale=float(scale),
+    scale = _scale(scale, dk)
+    o, ht = launch(q, k, v, g=g, gk=gk, beta=beta, scale=scale,
                    initial_state=initial_state, output_final_state=output_final_state)  # fmt: skip
     return o.to(dtype), ht

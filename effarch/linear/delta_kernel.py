@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_positive_int
 from .._kernels import grad_required, triton_unusable_reason
-from .ops import _check_flags, _check_like, _check_log_gate, _check_qkv, _scale
+from .chunk_kernel import MAX_KEY_DIM, check_chunk_kernel_args
+from .ops import _check_like
 
-MAX_KEY_DIM = 256  # the kernel holds all of K in one block (effarch_kernels' MAX_KEY_DIM)
+__all__ = ["MAX_KEY_DIM", "chunk_delta_rule"]
 
 
 def chunk_delta_rule(
@@ -75,19 +75,10 @@ def chunk_delta_rule(
     output_final_state)`` (``g=None``), both with ``head_first=False`` and
     ``use_qk_l2norm_in_kernel=False``: normalise ``q`` and ``k`` before calling.
     """
-    b, t, h, dk, dv = _check_qkv(q, k, v)
+    b, t, h, _, _, scale = check_chunk_kernel_args(
+        q, k, v, g, initial_state, output_final_state, chunk_size, scale
+    )
     _check_like("beta", beta, (b, t, h), "[B, T, H]", q)
-    if g is not None:
-        _check_log_gate("g", g, (b, t, h), "[B, T, H]", q)
-    if initial_state is not None:
-        _check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
-    _check_flags(output_final_state)
-    check_positive_int("chunk_size", chunk_size)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    if dk > MAX_KEY_DIM:
-        raise ValueError(f"the kernel supports K up to {MAX_KEY_DIM}, got K = {dk}")
-    scale = _scale(scale, dk)
     if grad_required(q, k, v, beta, g, initial_state):
         raise ValueError(
             "chunk_delta_rule is forward only and an input requires grad; run it under "
