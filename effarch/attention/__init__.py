@@ -1,7 +1,7 @@
 """Softmax attention and its efficient exact forms (survey section 4)."""
 
 from .flash import flash_attention
-from .grouped import KVCache, MultiHeadAttention, mha_to_gqa
+from .grouped import KVCache, MultiHeadAttention, mha_to_gqa, project_qkv
 from .io import attention_hbm_bytes
 from .kv_cache import kv_cache_bytes
 from .mixture import (
@@ -44,6 +44,7 @@ __all__ = [
     "moh_active_fraction",
     "naive_attention",
     "online_softmax_steps",
+    "project_qkv",
     "quantize_per_block",
     "quantized_attention",
     "sdpa_attention",

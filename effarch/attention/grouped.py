@@ -84,6 +84,27 @@ class KVCache:
         return per_token * self.k.shape[0] * self.length
 
 
+def project_qkv(
+    layer: nn.Module, x: torch.Tensor, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The heads of an attention layer: ``q [B, T, H, D]``, ``k, v [B, T, G, D]``, RoPE applied.
+
+    ``layer`` is a :class:`MultiHeadAttention`, or any module with its attribute names
+    (``q_proj``, ``k_proj``, ``v_proj``, ``head_dim``, ``rope``, ``rope_base``), such as the
+    linearized layer of :mod:`effarch.linear.linearize`; the tokens of ``x [B, T, d]`` sit at
+    positions ``start .. start + T - 1`` (``start`` is the cache length when decoding).
+    """
+    dh = layer.head_dim
+    q = rearrange(layer.q_proj(x), "b t (h d) -> b t h d", d=dh)
+    k = rearrange(layer.k_proj(x), "b t (g d) -> b t g d", d=dh)
+    v = rearrange(layer.v_proj(x), "b t (g d) -> b t g d", d=dh)
+    if layer.rope:
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
+        q = apply_rope(q, pos, base=layer.rope_base)
+        k = apply_rope(k, pos, base=layer.rope_base)
+    return q, k, v
+
+
 class MultiHeadAttention(nn.Module):
     """MHA, GQA or MQA self-attention with RoPE and an optional KV cache.
 
@@ -146,18 +167,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"x must have d_model={self.d_model} features in dim 2, got {tuple(x.shape)}"
             )
-        start = 0 if cache is None else cache.length
-        dh = self.head_dim
-        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=dh)
-        k = rearrange(self.k_proj(x), "b t (g d) -> b t g d", d=dh)
-        v = rearrange(self.v_proj(x), "b t (g d) -> b t g d", d=dh)
-        if self.rope:
-            pos = torch.arange(start, start + x.shape[1], device=x.device)
-            q = apply_rope(q, pos, base=self.rope_base)
-            k = apply_rope(k, pos, base=self.rope_base)
+        q, k, v = project_qkv(self, x, 0 if cache is None else cache.length)
         if cache is not None:
             k, v = cache.update(k, v)
-        o = self.attention(q, k, v, causal=self.causal, scale=dh**-0.5)
+        o = self.attention(q, k, v, causal=self.causal, scale=self.head_dim**-0.5)
         return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
 
 

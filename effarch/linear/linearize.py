@@ -92,9 +92,8 @@ from .._checks import (
     check_positive_number,
     check_tensor,
 )
-from ..attention.grouped import MultiHeadAttention
+from ..attention.grouped import MultiHeadAttention, project_qkv
 from ..attention.quantized import attention_error
-from ..attention.rope import apply_rope
 from .feature_maps import HedgehogFeatureMap, PerformerFeatureMap, elu_plus_one
 from .ops import linear_attention
 
@@ -169,23 +168,6 @@ def _make_feature_maps(
 # --------------------------------------------------------------------------------------------
 
 
-def _project(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q [B, T, H, D]``, ``k, v [B, T, G, D]`` of an attention layer, RoPE applied.
-
-    Works for :class:`MultiHeadAttention` and :class:`LinearizedAttention` alike (same
-    attribute names), positions ``0 .. T-1``.
-    """
-    dh = layer.head_dim
-    q = rearrange(layer.q_proj(x), "b t (h d) -> b t h d", d=dh)
-    k = rearrange(layer.k_proj(x), "b t (g d) -> b t g d", d=dh)
-    v = rearrange(layer.v_proj(x), "b t (g d) -> b t g d", d=dh)
-    if layer.rope:
-        pos = torch.arange(x.shape[1], device=x.device)
-        q = apply_rope(q, pos, base=layer.rope_base)
-        k = apply_rope(k, pos, base=layer.rope_base)
-    return q, k, v
-
-
 def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """``[B, T, G, *] -> [B, T, H, *]``: query head ``h`` gets key/value head ``h // (H / G)``."""
     return repeat(x, "b t g d -> b t (g r) d", r=n_heads // x.shape[2])
@@ -219,7 +201,7 @@ def softmax_attention_weights(layer: MultiHeadAttention, x: torch.Tensor) -> tor
     """
     _check_attention_layer(layer)
     _check_input("x", x, layer.d_model)
-    q, k, _ = _project(layer, x)
+    q, k, _ = project_qkv(layer, x)
     k = _repeat_kv(k, layer.n_heads)
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * layer.head_dim**-0.5
     t = x.shape[1]
@@ -363,7 +345,7 @@ class LinearizedAttention(nn.Module):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(q, k, v, phi_q(q), phi_k(k))`` for ``x [B, T, d]``, with ``k``, ``v`` and
         ``phi_k(k)`` repeated to the ``H`` query heads: ``[B, T, H, D]`` and ``[B, T, H, F']``."""
-        q, k, v = _project(self, x)
+        q, k, v = project_qkv(self, x)
         fq, fk = self.phi_q(q), self.phi_k(k)
         h = self.n_heads
         return q, _repeat_kv(k, h), _repeat_kv(v, h), fq, _repeat_kv(fk, h)
