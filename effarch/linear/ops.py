@@ -172,11 +172,6 @@ def _pad_time(x: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(pad_shape)], dim=2)
 
 
-def _chunks(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``[B, H, N*C, ...] -> [B, H, N, C, ...]``."""
-    return x.reshape(x.shape[0], x.shape[1], -1, c, *x.shape[3:])
-
-
 def _tril(c: int, device: torch.device, diagonal: int = 0) -> torch.Tensor:
     return torch.ones(c, c, dtype=torch.bool, device=device).tril(diagonal)
 
@@ -302,20 +297,33 @@ def _gla_intra(q: torch.Tensor, k: torch.Tensor, gcum: torch.Tensor, sub: int) -
     return torch.cat(rows, dim=-2)
 
 
-def _scalar_chunk_decays(
-    g: torch.Tensor, n: int, c: int, causal: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Within-chunk decays of scalar log gates ``g [B, H, T]``, chunked as ``[B, H, N, C]``.
+def _time_major(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
+    """``[B, H, T, ...] -> [N, B, H, C, ...]``, contiguous and zero-padded to ``N * C`` steps.
 
-    With ``G_i`` the cumulative log gate from the chunk start, returns ``exp(G_i - G_j)``
-    for ``j <= i`` (zero above the diagonal, every exponent ``<= 0``), ``exp(G_i)`` (decay
-    of the incoming state at step ``i``), ``exp(G_C - G_i)`` (decay of write ``i`` to the
-    chunk end) and ``exp(G_C)`` shaped ``[B, H, N, 1, 1]`` (the state carried across).
+    Chunk-major order makes every per-chunk slice ``x[i]`` one contiguous block, so the
+    sequential pass over chunks reads no strided memory, and all batched products over
+    ``(chunk, batch, head)`` flatten to plain ``bmm`` calls without copies.
     """
-    gcum = _chunks(_pad_time(g, n * c), c).cumsum(-1)
-    pair = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~causal, float("-inf"))
-    carry = torch.exp(gcum[..., -1])[..., None, None]
-    return torch.exp(pair), torch.exp(gcum), torch.exp(gcum[..., -1:] - gcum), carry
+    x = _pad_time(x, n * c)
+    return x.reshape(*x.shape[:2], n, c, *x.shape[3:]).movedim(2, 0).contiguous()
+
+
+def _scalar_decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
+    """``D_ij = exp(G_i - G_j)`` for ``j <= i`` from cumulative log gates ``G [..., C]``.
+
+    Above the diagonal the exponent is ``>= 0`` and could overflow, so it is zeroed first
+    (``exp -> 1``); callers discard those entries with ``tril_``, so no ``inf`` ever reaches a
+    product or its gradient.
+    """
+    return (gcum[..., :, None] - gcum[..., None, :]).tril_().exp_()
+
+
+def _from_time_major(o: torch.Tensor, b: int, h: int, t: int) -> torch.Tensor:
+    """``[N * B * H, C, V]`` chunk outputs back to ``[B, H, T, V]``."""
+    c, dv = o.shape[-2:]
+    n = o.shape[0] // (b * h)
+    o = o.view(n, b, h, c, dv).permute(1, 2, 0, 3, 4).reshape(b, h, n * c, dv)
+    return o[:, :, :t]
 
 
 def _gated_chunk(
@@ -326,35 +334,45 @@ def _gated_chunk(
     s0: torch.Tensor | None,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise gated linear attention: intra-chunk attention plus one pass over chunks.
+
+    Per chunk, with ``G`` the cumulative log gate from its start and ``S`` the entering state,
+    ``O = (Q * exp(G)) S + (Q K^T * D) V`` and ``S <- exp(G_C) S + (K * exp(G_C - G))^T V``,
+    where ``D_ij = exp(G_i - G_j)`` (``j <= i``) for scalar gates and the per-key version
+    (``_gla_intra``) for GLA's ``[B, H, T, K]`` gates.
+    """
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     c = min(chunk, t)
     n = math.ceil(t / c)
+    bh = b * h
     # Padding steps have k = 0 (they write nothing) and g = 0 (they do not decay the state).
-    q, k, v = (_chunks(_pad_time(x, n * c), c) for x in (q, k, v))
-    causal = _tril(c, q.device)
+    q, k, v = (_time_major(x, n, c) for x in (q, k, v))  # [N, B, H, C, K | V]
     if g is None:
-        scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+        scores = (q @ k.transpose(-1, -2)).tril_()
         q_in, k_out, carry = q, k, None
     elif g.ndim == 3:  # scalar gates [B, H, T]
-        decay, q_decay, k_decay, carry = _scalar_chunk_decays(g, n, c, causal)
-        scores = (q @ k.transpose(-1, -2)) * decay
-        q_in, k_out = q * q_decay[..., None], k * k_decay[..., None]
+        gcum = _time_major(g, n, c).cumsum(-1)  # [N, B, H, C]
+        scores = (q @ k.transpose(-1, -2)).mul_(_scalar_decay_matrix(gcum)).tril_()
+        q_in = q * torch.exp(gcum)[..., None]
+        k_out = k * torch.exp(gcum[..., -1:] - gcum)[..., None]
+        carry = torch.exp(gcum[..., -1]).reshape(n, bh, 1, 1)
     else:  # per-key gates [B, H, T, K]
-        gcum = _chunks(_pad_time(g, n * c), c).cumsum(-2)
+        gcum = _time_major(g, n, c).cumsum(-2)  # [N, B, H, C, K]
         scores = _gla_intra(q, k, gcum, sub=min(16, c))
         q_in = q * torch.exp(gcum)
         k_out = k * torch.exp(gcum[..., -1:, :] - gcum)
-        carry = torch.exp(gcum[..., -1, :])[..., None]  # [B, H, N, K, 1]
+        carry = torch.exp(gcum[..., -1, :]).reshape(n, bh, dk, 1)
     # What each chunk adds to the state, then the one sequential pass over chunks.
-    delta = k_out.transpose(-1, -2) @ v  # [B, H, N, K, V]
-    s = q.new_zeros(b, h, dk, dv) if s0 is None else s0
+    delta = (k_out.transpose(-1, -2) @ v).view(n, bh, dk, dv)
+    s = q.new_zeros(bh, dk, dv) if s0 is None else s0.reshape(bh, dk, dv)
     before = []
     for i in range(n):
         before.append(s)
-        s = delta[:, :, i] + (s if carry is None else carry[:, :, i] * s)
-    o = q_in @ torch.stack(before, dim=2) + scores @ v
-    return o.reshape(b, h, n * c, dv)[:, :, :t], s
+        s = delta[i] + s if carry is None else torch.addcmul(delta[i], carry[i], s)
+    o = torch.bmm(q_in.reshape(n * bh, c, dk), torch.stack(before).view(n * bh, dk, dv))
+    o = o.baddbmm(scores.view(n * bh, c, c), v.view(n * bh, c, dv))
+    return _from_time_major(o, b, h, t), s.view(b, h, dk, dv)
 
 
 def _gated(
@@ -399,17 +417,6 @@ def _delta_recurrent(
     return torch.stack(outs, dim=2), s
 
 
-def _time_major(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
-    """``[B, H, T, ...] -> [N, B, H, C, ...]``, contiguous and zero-padded to ``N * C`` steps.
-
-    Chunk-major order makes every per-chunk slice ``x[i]`` one contiguous block, so the
-    sequential pass over chunks reads no strided memory, and all batched products over
-    ``(chunk, batch, head)`` flatten to plain ``bmm`` calls without copies.
-    """
-    x = _pad_time(x, n * c)
-    return x.reshape(*x.shape[:2], n, c, *x.shape[3:]).movedim(2, 0).contiguous()
-
-
 def _delta_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -442,10 +449,7 @@ def _delta_chunk(
         scores.tril_()
     else:
         gcum = _time_major(g, n, c).cumsum(-1)  # G_i, [N, B, H, C]
-        # D_ij = exp(G_i - G_j) for j <= i. Above the diagonal the exponent is >= 0 and could
-        # overflow, so it is zeroed first (exp -> 1); tril_ below discards those entries, and
-        # no inf ever reaches a product or its gradient.
-        decay = (gcum[..., :, None] - gcum[..., None, :]).tril_().exp_()
+        decay = _scalar_decay_matrix(gcum)  # D_ij = exp(G_i - G_j), j <= i
         a.mul_(decay)
         scores.mul_(decay).tril_()
         q_decay = gcum.exp()
@@ -470,8 +474,7 @@ def _delta_chunk(
     # intra-chunk attention over the corrected writes.
     o = torch.bmm(q_in.reshape(n * bh, c, dk), torch.stack(before).view(n * bh, dk, dv))
     o = o.baddbmm(scores.view(n * bh, c, c), torch.stack(writes).view(n * bh, c, dv))
-    o = o.view(n, b, h, c, dv).permute(1, 2, 0, 3, 4).reshape(b, h, n * c, dv)
-    return o[:, :, :t], s.view(b, h, dk, dv)
+    return _from_time_major(o, b, h, t), s.view(b, h, dk, dv)
 
 
 # --------------------------------------------------------------------------------------------
