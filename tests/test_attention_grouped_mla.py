@@ -13,6 +13,7 @@ from effarch.attention import (
     kv_cache_bytes,
     mha_to_gqa,
     naive_attention,
+    project_qkv,
     tiled_attention,
 )
 
@@ -201,3 +202,30 @@ def test_mla_rejects_bad_input():
     m = MultiHeadLatentAttention(32, 2, **MLA_CONFIGS[0])
     with pytest.raises(ValueError, match="d_model=32"):
         m(torch.randn(1, 2, 16))
+
+
+def test_project_qkv_places_tokens_at_their_positions():
+    """A suffix projected from ``start`` equals the same rows of the whole sequence, and
+    RoPE only rotates: per-head norms are those of the plain projections."""
+    layer = MultiHeadAttention(32, 4, 2).double()
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    q, k, v = project_qkv(layer, x)
+    assert q.shape == (2, 11, 4, 8) and k.shape == v.shape == (2, 11, 2, 8)
+    for whole, part in zip((q, k, v), project_qkv(layer, x[:, 5:], start=5), strict=True):
+        torch.testing.assert_close(part, whole[:, 5:])
+    plain = layer.q_proj(x).reshape(2, 11, 4, 8)
+    torch.testing.assert_close(q.norm(dim=-1), plain.norm(dim=-1))
+    torch.testing.assert_close(v, layer.v_proj(x).reshape(2, 11, 2, 8))
+    assert not torch.allclose(q[:, 1:], plain[:, 1:])  # rotated from position 1 on
+
+
+def test_project_qkv_rejects_bad_input():
+    layer = MultiHeadAttention(32, 4)
+    with pytest.raises(TypeError, match="lacks"):
+        project_qkv(torch.nn.Linear(32, 32), torch.randn(1, 3, 32))
+    with pytest.raises(ValueError, match="d_model=32"):
+        project_qkv(layer, torch.randn(1, 3, 31))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        project_qkv(layer, torch.randn(3, 32))
+    with pytest.raises(ValueError, match="start"):
+        project_qkv(layer, torch.randn(1, 3, 32), start=-1)

@@ -84,6 +84,9 @@ class KVCache:
         return per_token * self.k.shape[0] * self.length
 
 
+_PROJECTION_ATTRS = ("q_proj", "k_proj", "v_proj", "head_dim", "rope", "rope_base")
+
+
 def project_qkv(
     layer: nn.Module, x: torch.Tensor, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,6 +97,17 @@ def project_qkv(
     linearized layer of :mod:`effarch.linear.linearize`; the tokens of ``x [B, T, d]`` sit at
     positions ``start .. start + T - 1`` (``start`` is the cache length when decoding).
     """
+    missing = [a for a in _PROJECTION_ATTRS if not hasattr(layer, a)]
+    if missing:
+        raise TypeError(
+            f"layer must be an attention layer with {list(_PROJECTION_ATTRS)}; "
+            f"{type(layer).__name__} lacks {missing}"
+        )
+    check_tensor("x", x, ndim=3, floating=True)
+    d_model = layer.q_proj.in_features
+    if x.shape[-1] != d_model:
+        raise ValueError(f"x must have d_model={d_model} features in dim 2, got {tuple(x.shape)}")
+    check_positive_int("start", start, allow_zero=True)
     dh = layer.head_dim
     q = rearrange(layer.q_proj(x), "b t (h d) -> b t h d", d=dh)
     k = rearrange(layer.k_proj(x), "b t (g d) -> b t g d", d=dh)
@@ -162,11 +176,6 @@ class MultiHeadAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        check_tensor("x", x, ndim=3, floating=True)
-        if x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must have d_model={self.d_model} features in dim 2, got {tuple(x.shape)}"
-            )
         q, k, v = project_qkv(self, x, 0 if cache is None else cache.length)
         if cache is not None:
             k, v = cache.update(k, v)
