@@ -41,7 +41,9 @@ LAYERS = {
     "hgrn": lambda: HGRN(D_MODEL),
     "hgrn_lower_bound": lambda: HGRN(D_MODEL, lower_bound=0.5),
     "s4d": lambda: S4D(D_MODEL, d_state=8),
-    "rwkv7": lambda: RWKV7(D_MODEL, 4, decay_low_rank=8, a_low_rank=8, gate_low_rank=8),
+    "rwkv7": lambda: RWKV7(
+        D_MODEL, 4, decay_low_rank=8, a_low_rank=8, gate_low_rank=8, chunk_size=4
+    ),
     # mini-batches of 4: the splits at 5 and at every token land inside a mini-batch
     "ttt_linear": lambda: TTTLinear(D_MODEL, 4, mini_batch_size=4),
     "ttt_linear_m1": lambda: TTTLinear(D_MODEL, 2, mini_batch_size=1),

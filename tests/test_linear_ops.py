@@ -39,7 +39,7 @@ OPS = {
     "gla": (gla, {}, ("parallel", "chunk")),
     "delta_rule": (delta_rule, {}, ("chunk",)),
     "gated_delta_rule": (gated_delta_rule, {}, ("chunk",)),
-    "dplr_delta_rule": (dplr_delta_rule, {}, ()),
+    "dplr_delta_rule": (dplr_delta_rule, {}, ("chunk",)),
 }
 CHUNKED = [name for name, (_, _, modes) in OPS.items() if "chunk" in modes]
 
@@ -84,9 +84,7 @@ def make_state(name, b, h, dk, dv, dtype=F64):
 
 def call(name, args, *, mode, chunk_size=64, **kw):
     fn, fixed, _ = OPS[name]
-    if name != "dplr_delta_rule":
-        kw["chunk_size"] = chunk_size
-    return fn(*args, mode=mode, **fixed, **kw)
+    return fn(*args, mode=mode, chunk_size=chunk_size, **fixed, **kw)
 
 
 def flat(state):
@@ -386,6 +384,43 @@ def test_long_sequence_with_strong_decay_stays_finite(name):
     assert s.abs().max() < 10 * args[2].abs().max() * args[1].abs().max()
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("decay", ["mild", "strong", "mixed"])
+def test_decayed_intra_chunk_scores_equal_the_pairwise_formula(decay, strict):
+    """``_gla_intra`` takes a one-product path for blocks with a small decay range and an
+    exact pairwise path otherwise ("mixed" has both in one call); both equal the formula."""
+    from effarch.linear.ops import _gla_intra
+
+    c, dk = 64, 8
+    q, k = torch.randn(2, c, dk, dtype=F64), torch.randn(2, c, dk, dtype=F64)
+    g = -torch.rand(2, c, dk, dtype=F64) * {"mild": 0.1, "strong": 20.0, "mixed": 0.1}[decay]
+    if decay == "mixed":
+        g[:, 40:50] = -20.0  # one strong stretch: its block alone needs the pairwise path
+    gk = g.cumsum(-2)
+    gq = gk - g if strict else gk
+    got = _gla_intra(q, k, gq, gk, sub=16, strict=strict)
+    keep = torch.ones(c, c, dtype=torch.bool).tril(-1 if strict else 0)
+    exponent = (gq[:, :, None, :] - gk[:, None, :, :]).masked_fill(~keep[..., None], -math.inf)
+    want = torch.einsum("bik,bjk,bijk->bij", q, k, torch.exp(exponent))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_dplr_chunk_with_strong_and_vanishing_decays_stays_finite():
+    """Per-key decays from e^0 to e^-30 per step over 16k steps: every exponent of the chunk
+    form is a difference <= 0, so nothing overflows, and it still equals the step loop."""
+    b, t, h, dk, dv = 1, 16384, 2, 16, 16
+    q, k, v = torch.randn(b, t, h, dk), torch.randn(b, t, h, dk), torch.randn(b, t, h, dv)
+    a, bb, _ = rwkv7_like(b, t, h, dk)
+    gk = torch.empty(b, t, h, dk).uniform_(-30.0, 0.0)
+    gk[..., :4] = 0.0
+    o, s = dplr_delta_rule(q, k, v, a, bb, gk, mode="chunk", output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    tail = [x[:, -300:] for x in (q, k, v, a, bb, gk)]  # the step loop in float64 on a tail
+    ref_o, _ = dplr_delta_rule(*(x.double() for x in tail), mode="recurrent")
+    chunk_o, _ = dplr_delta_rule(*tail, mode="chunk")
+    torch.testing.assert_close(chunk_o.double(), ref_o, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
@@ -412,8 +447,8 @@ BAD = [
     (lambda: gated_delta_rule(_q, _k, _v, _gk, _beta), ValueError, r"g must have shape"),
     (lambda: linear_attention(_q, _k, _v, mode="fast"), ValueError, r"mode must be one of"),
     (lambda: delta_rule(_q, _k, _v, _beta, mode="parallel"), ValueError, r"mode must be one of"),
-    (lambda: dplr_delta_rule(_q, _k, _v, _k, _k, _gk, mode="chunk"), ValueError,
-     r"mode must be one of \['recurrent'\]"),
+    (lambda: dplr_delta_rule(_q, _k, _v, _k, _k, _gk, mode="parallel"), ValueError,
+     r"mode must be one of \['recurrent', 'chunk'\]"),
     (lambda: retention(_q, _k, _v, chunk_size=0), ValueError, r"chunk_size must be a positive"),
     (lambda: gla(_q, _k, _v, _gk, chunk_size=8.0), TypeError, r"chunk_size must be an int"),
     (lambda: linear_attention(_q, _k, _v, scale=-1.0), ValueError, r"scale must be a finite"),

@@ -741,6 +741,7 @@ class RWKV7(nn.Module):
     Args:
         d_model, n_heads: width and heads.
         decay_low_rank, a_low_rank, gate_low_rank: ranks of the LoRA maps.
+        chunk_size: chunk length of the op's chunk mode.
 
     State: ``{"S": [B, H, K, V], "shift": [B, d_model]}`` (the last input token).
     """
@@ -753,13 +754,15 @@ class RWKV7(nn.Module):
         decay_low_rank: int = 16,
         a_low_rank: int = 16,
         gate_low_rank: int = 16,
+        chunk_size: int = 64,
     ) -> None:
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("n_heads", n_heads)
         for name, r in (("decay_low_rank", decay_low_rank), ("a_low_rank", a_low_rank),
-                        ("gate_low_rank", gate_low_rank)):  # fmt: skip
+                        ("gate_low_rank", gate_low_rank), ("chunk_size", chunk_size)):  # fmt: skip
             check_positive_int(name, r)
+        self.chunk_size = chunk_size
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = _check_divides("d_model", d_model, "n_heads", n_heads)
         self.mu = nn.Parameter(torch.rand(6, d_model))  # r, w, k, v, a, g
@@ -791,7 +794,7 @@ class RWKV7(nn.Module):
         k = k * (1 + (a - 1) * _split_heads(self.k_a.view(1, 1, -1), h))
         o, s = dplr_delta_rule(
             r, k, v, -kappa, kappa * a, w, scale=1.0, initial_state=st.get("S"),
-            output_final_state=True,
+            output_final_state=True, mode=_op_mode(t), chunk_size=self.chunk_size,
         )  # fmt: skip
         o = self.g_norm(_merge_heads(o).reshape(b * t, self.d_model)).reshape(b, t, h, d)
         o = o + (r * k * self.r_k).sum(-1, keepdim=True) * v

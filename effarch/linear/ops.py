@@ -266,34 +266,63 @@ def _gated_parallel(
     return o, s
 
 
-def _gla_intra(q: torch.Tensor, k: torch.Tensor, gcum: torch.Tensor, sub: int) -> torch.Tensor:
-    """Within-chunk scores ``A_ij = sum_k q_ik k_jk exp(G_ik - G_jk)`` for ``j <= i``.
+#: Largest log-decay range over which a block of decayed scores may be computed as one
+#: product of ``q exp(gq - ref)`` and ``k exp(ref - gk)``: ``exp(30)`` is far from overflow
+#: in float32 and costs no relative precision.
+_SAFE_LOG_RANGE = 30.0
 
-    ``q, k, gcum: [B, H, N, C, K]`` with ``gcum`` the cumulative log gate from the chunk start.
-    The chunk is cut into sub-chunks of ``sub`` rows (fla's secondary level). For a query
-    sub-chunk starting at row ``r`` and a key ``j < r``, ``G_i - G_j`` splits at the reference
-    ``G_{r-1}`` into ``(G_i - G_{r-1}) + (G_{r-1} - G_j)``, both ``<= 0``, so the block is one
-    matrix product of ``q_i exp(G_i - G_{r-1})`` and ``k_j exp(G_{r-1} - G_j)``. Only the
-    diagonal ``sub x sub`` blocks need the pairwise ``[sub, sub, K]`` factor, which is masked to
-    ``j <= i`` before ``exp``.
+
+def _gla_intra(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    gq: torch.Tensor,
+    gk: torch.Tensor,
+    sub: int,
+    strict: bool = False,
+) -> torch.Tensor:
+    """Within-chunk scores ``A_ij = sum_d q_id k_jd exp(gq_id - gk_jd)`` for ``j <= i``.
+
+    ``q, k, gq, gk: [..., C, K]``: the query side decayed by ``gq``, the key side by ``gk``,
+    cumulative log gates from the chunk start with ``gq_i <= gk_j`` wherever ``j <= i``
+    (GLA: ``gq = gk = G``; the reads of the generalised delta rule use ``gq_i = G_{i-1}``
+    with ``strict``, which keeps only ``j < i``). The chunk is cut into row blocks of ``sub``
+    rows (fla's secondary level). For the block starting at row ``r`` and a key ``j < r``,
+    the exponent splits at the reference ``G_{r-1} = gk_{r-1}`` into ``(gq_i - G_{r-1}) +
+    (G_{r-1} - gk_j)``, both ``<= 0``, so those scores are one matrix product of
+    ``q_i exp(gq_i - G_{r-1})`` and ``k_j exp(G_{r-1} - gk_j)``. Keys inside the block have
+    ``G_{r-1} - gk_j >= 0``: when the block's decay range is small (at most
+    ``_SAFE_LOG_RANGE``, always true for RWKV-7's decays) the same product covers them and the
+    triangle is masked afterwards; otherwise they get the exact pairwise ``[sub, sub, K]``
+    factor, masked to the triangle before ``exp``.
     """
     c = q.shape[-2]
+    starts = list(range(0, c, sub))
+    # Each block's decay range G_{r-1} - G_{e-1} (G_{-1} = 0), all in one reduction.
+    last = gk[..., [min(r + sub, c) - 1 for r in starts], :]
+    first = torch.cat(
+        [torch.zeros_like(gk[..., :1, :]), gk[..., [r - 1 for r in starts[1:]], :]], -2
+    )
+    ranges = (first - last).flatten(0, -3).amax(dim=(0, 2)).tolist()
     rows = []
-    for r in range(0, c, sub):
+    for blk, r in enumerate(starts):
         e = min(r + sub, c)
-        qi, ki, gi = q[..., r:e, :], k[..., r:e, :], gcum[..., r:e, :]
-        pair = gi[..., :, None, :] - gi[..., None, :, :]
-        pair = pair.masked_fill(~_tril(e - r, q.device)[..., None], float("-inf"))
-        parts = []
-        if r > 0:
-            ref = gcum[..., r - 1 : r, :]
-            q_ref = qi * torch.exp(gi - ref)
-            k_ref = k[..., :r, :] * torch.exp(ref - gcum[..., :r, :])
-            parts.append(q_ref @ k_ref.transpose(-1, -2))
-        parts.append(torch.einsum("...ik,...jk,...ijk->...ij", qi, ki, torch.exp(pair)))
+        qi, gqi = q[..., r:e, :], gq[..., r:e, :]
+        ref = first[..., blk : blk + 1, :]  # G_{r-1}
+        q_ref = qi * torch.exp(gqi - ref)  # exponents <= 0
+        if ranges[blk] <= _SAFE_LOG_RANGE:  # one product over keys 0 .. e-1, then the mask
+            k_ref = k[..., :e, :] * torch.exp(ref - gk[..., :e, :])  # exponents <= the range
+            block = (q_ref @ k_ref.transpose(-1, -2)).tril(r - 1 if strict else r)
+        else:  # keys before the block by the product, keys inside it pairwise
+            pair = gqi[..., :, None, :] - gk[..., None, r:e, :]
+            keep = _tril(e - r, q.device, -1 if strict else 0)
+            pair = pair.masked_fill(~keep[..., None], float("-inf"))
+            block = torch.einsum("...ik,...jk,...ijk->...ij", qi, k[..., r:e, :], torch.exp(pair))
+            if r > 0:
+                k_ref = k[..., :r, :] * torch.exp(ref - gk[..., :r, :])  # exponents <= 0
+                block = torch.cat([q_ref @ k_ref.transpose(-1, -2), block], dim=-1)
         if e < c:
-            parts.append(q.new_zeros(*q.shape[:-2], e - r, c - e))
-        rows.append(torch.cat(parts, dim=-1))
+            block = torch.cat([block, q.new_zeros(*q.shape[:-2], e - r, c - e)], dim=-1)
+        rows.append(block)
     return torch.cat(rows, dim=-2)
 
 
@@ -359,7 +388,7 @@ def _gated_chunk(
         carry = torch.exp(gcum[..., -1]).reshape(n, bh, 1, 1)
     else:  # per-key gates [B, H, T, K]
         gcum = _time_major(g, n, c).cumsum(-2)  # [N, B, H, C, K]
-        scores = _gla_intra(q, k, gcum, sub=min(16, c))
+        scores = _gla_intra(q, k, gcum, gcum, sub=min(16, c))
         q_in = q * torch.exp(gcum)
         k_out = k * torch.exp(gcum[..., -1:, :] - gcum)
         carry = torch.exp(gcum[..., -1, :]).reshape(n, bh, dk, 1)
@@ -475,6 +504,80 @@ def _delta_chunk(
     o = torch.bmm(q_in.reshape(n * bh, c, dk), torch.stack(before).view(n * bh, dk, dv))
     o = o.baddbmm(scores.view(n * bh, c, c), torch.stack(writes).view(n * bh, c, dv))
     return _from_time_major(o, b, h, t), s.view(b, h, dk, dv)
+
+
+# --------------------------------------------------------------------------------------------
+# The generalised (diagonal-plus-low-rank) delta rule: recurrent and chunkwise kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _dplr_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g: torch.Tensor,
+    s: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    outs = []
+    for i in range(q.shape[2]):
+        read = torch.einsum("bhk,bhkv->bhv", a[:, :, i], s)  # a_t^T S_{t-1}: [V]
+        s = (
+            torch.exp(g[:, :, i])[..., None] * s
+            + b[:, :, i, :, None] * read[..., None, :]
+            + k[:, :, i, :, None] * v[:, :, i, None, :]
+        )
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, i], s))
+    return torch.stack(outs, dim=2), s
+
+
+def _dplr_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g: torch.Tensor,
+    s: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise generalised delta rule; see :func:`dplr_delta_rule` for the derivation."""
+    bsz, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c = min(chunk, t)
+    n = math.ceil(t / c)
+    bh = bsz * h
+    # Padding steps have k = a = b = 0 (no read, no write) and g = 0 (no decay).
+    q, k, v, a, b, g = (_time_major(x, n, c) for x in (q, k, v, a, b, g))  # [N, B, H, C, .]
+    gcum = g.cumsum(-2)  # G_i, per key row
+    g_prev = gcum - g  # G_{i-1}: the reads a_i^T S_{i-1} see the state before step i decays
+    sub = min(16, c)
+    a_b = _gla_intra(a, b, g_prev, gcum, sub, strict=True)  # how read j feeds read i
+    a_k = _gla_intra(a, k, g_prev, gcum, sub, strict=True)  # how write j feeds read i
+    q_b = _gla_intra(q, b, gcum, gcum, sub)  # what output i sees of read j
+    q_k = _gla_intra(q, k, gcum, gcum, sub)  # ... and of write j
+    # The reads solve (I - A_ab) U = (a * exp(G_{i-1})) S_0 + A_ak V: U = W S_0 + U0.
+    lhs = -a_b
+    lhs.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    w = torch.linalg.solve_triangular(lhs, a * torch.exp(g_prev), upper=False, unitriangular=True)
+    u0 = torch.linalg.solve_triangular(lhs, a_k @ v, upper=False, unitriangular=True)
+    to_end = torch.exp(gcum[..., -1:, :] - gcum)  # decay from step i to the chunk end
+    b_out_t = (b * to_end).view(n, bh, c, dk).transpose(-1, -2)
+    kv = ((k * to_end).transpose(-1, -2) @ v).view(n, bh, dk, dv)
+    carry = torch.exp(gcum[..., -1, :]).reshape(n, bh, dk, 1)
+    w, u0 = w.view(n, bh, c, dk), u0.view(n, bh, c, dv)
+    s = s.reshape(bh, dk, dv)
+    before, reads = [], []
+    for i in range(n):
+        u = torch.baddbmm(u0[i], w[i], s)  # the reads a_i^T S_{i-1} of chunk i, [B*H, C, V]
+        before.append(s)
+        reads.append(u)
+        s = torch.baddbmm(torch.addcmul(kv[i], carry[i], s), b_out_t[i], u)
+    o = torch.bmm((q * torch.exp(gcum)).view(n * bh, c, dk), torch.stack(before).view(-1, dk, dv))
+    o = o.baddbmm(q_b.view(n * bh, c, c), torch.stack(reads).view(n * bh, c, dv))
+    o = o.baddbmm(q_k.view(n * bh, c, c), v.view(n * bh, c, dv))
+    return _from_time_major(o, bsz, h, t), s.view(bsz, h, dk, dv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,6 +1060,7 @@ def dplr_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     mode: str = "recurrent",
+    chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""The generalised delta rule with a diagonal-plus-low-rank transition (RWKV-7).
 
@@ -983,20 +1087,37 @@ def dplr_delta_rule(
         scale: multiplies ``q``; default ``K ** -0.5``.
         initial_state: ``[B, H, K, V]``.
         output_final_state: also return the state after the last step.
-        mode: only ``"recurrent"``; a chunked WY form exists (fla's ``chunk_dplr_delta_rule``)
-            but is not implemented here.
+        mode: ``"recurrent"`` (the step loop) or ``"chunk"`` (below).
+        chunk_size: steps per chunk in ``"chunk"`` mode (``T`` need not be a multiple).
 
     Returns:
         ``(o: [B, T, H, V], final_state: [B, H, K, V] or None)``.
 
+    Chunkwise form. In a chunk entered with state ``S_0``, let ``G_i`` be the cumulative log
+    decay (per key row) up to step ``i`` and ``u_i = S_{i-1}^T a_i`` the value-sized *read*
+    of step ``i``. Unrolling the recurrence::
+
+        S_i = exp(G_i) S_0 + sum_{j <= i} exp(G_i - G_j) * (b_j u_j^T + k_j v_j^T)
+        u_i = S_0^T (a_i exp(G_{i-1})) + sum_{j < i} [A_ab]_ij u_j + sum_{j < i} [A_ak]_ij v_j
+
+    with ``[A_ab]_ij = sum_d a_id b_jd exp(G_{i-1,d} - G_{j,d})`` (and ``A_ak`` with ``k``).
+    So the reads of a chunk solve one unit lower-triangular system, ``(I - A_ab) U =
+    (A * exp(G_{-1})) S_0 + A_ak V``, i.e. ``U = W S_0 + U_0`` with ``W`` and ``U_0`` from
+    two triangular solves for all chunks at once (the WY idea of the delta rule, generalised).
+    Then ``O = (Q * exp(G)) S_0 + Q_b U + Q_k V`` with the causal decayed scores ``Q_b, Q_k``
+    (``j <= i``, exponent ``G_i - G_j``), and the state moves on as ``S <- exp(G_C) S +
+    (B * exp(G_C - G))^T U + (K * exp(G_C - G))^T V``: only this hand-off is sequential.
+    Every exponent is taken as a difference ``<= 0``, sub-chunked like GLA's.
+
     fla: ``fla.ops.generalized_delta_rule.fused_recurrent_dplr_delta_rule(q, k, v, a, b, gk,
-    scale, initial_state, output_final_state)``.
+    scale, initial_state, output_final_state)`` (``mode="recurrent"``) and
+    ``chunk_dplr_delta_rule`` (``mode="chunk"``).
     """
     bsz, t, h, dk, dv = _check_qkv(q, k, v)
     for name, x in (("a", a), ("b", b)):
         _check_like(name, x, (bsz, t, h, dk), "[B, T, H, K]", q)
     _check_log_gate("gk", gk, (bsz, t, h, dk), "[B, T, H, K]", q)
-    check_choice("mode", mode, ("recurrent",))
+    _check_mode(mode, ("recurrent", "chunk"), chunk_size)
     _check_flags(output_final_state)
     scale = _scale(scale, dk)
     dtype = _compute_dtype(q.dtype)
@@ -1005,14 +1126,8 @@ def dplr_delta_rule(
     ah, bh, gh = _heads(a, dtype), _heads(b, dtype), _heads(gk, dtype)
     if s is None:
         s = qh.new_zeros(bsz, h, dk, dv)
-    outs = []
-    for i in range(t):
-        read = torch.einsum("bhk,bhkv->bhv", ah[:, :, i], s)  # a_t^T S_{t-1}: [V]
-        s = (
-            torch.exp(gh[:, :, i])[..., None] * s
-            + bh[:, :, i, :, None] * read[..., None, :]
-            + kh[:, :, i, :, None] * vh[:, :, i, None, :]
-        )
-        outs.append(torch.einsum("bhk,bhkv->bhv", qh[:, :, i], s))
-    o = torch.stack(outs, dim=2)
+    if mode == "recurrent":
+        o, s = _dplr_recurrent(qh, kh, vh, ah, bh, gh, s)
+    else:
+        o, s = _dplr_chunk(qh, kh, vh, ah, bh, gh, s, chunk_size)
     return _out(o, q), (s if output_final_state else None)
