@@ -7,7 +7,7 @@ what was expected and what was received, so that a reader sees at once what to f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -97,3 +97,57 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-mixing layers: ``y, state = layer(x [B, T, d_model], state)``
+# ---------------------------------------------------------------------------------------------
+
+State = dict[str, Any]
+"""A layer's decode state: the ``dict`` of tensors its ``forward`` returns and takes back."""
+
+
+def check_layer_input(x: Any, d_model: int) -> tuple[int, int]:
+    """Check a layer's input ``x: [B, T, d_model]`` (floating, ``T >= 1``); return ``B, T``."""
+    check_tensor("x", x, ndim=3, floating=True)
+    if x.shape[-1] != d_model:
+        raise ValueError(
+            f"x must be [B, T, d_model] with d_model = {d_model}, got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] == 0:
+        raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
+    return x.shape[0], x.shape[1]
+
+
+def check_layer_state(state: Any, expected: Mapping[str, tuple[int, ...]], layer: str) -> State:
+    """Check a layer's decode state: ``None`` (a new sequence, returns ``{}``) or a dict with
+    every key of ``expected`` holding a tensor of that shape; return a copy."""
+    if state is None:
+        return {}
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"state must be None or the dict returned by {layer}.forward, "
+            f"got {type(state).__name__}"
+        )
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise ValueError(
+            f"state of {layer} must hold the keys {sorted(expected)}, missing {missing}"
+        )
+    for key, shape in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"state[{key!r}] of {layer} must have shape {shape}, got {tuple(value.shape)}"
+            )
+    return dict(state)
+
+
+def check_divides(name: str, total: int, parts_name: str, parts: int) -> int:
+    """Check that ``parts`` divides ``total`` (e.g. heads divide ``d_model``); return the
+    quotient."""
+    if total % parts:
+        raise ValueError(f"{name} ({total}) must be divisible by {parts_name} ({parts})")
+    return total // parts

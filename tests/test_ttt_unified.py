@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from effarch.linear import delta_rule
 from effarch.linear.layers import TTTLinear
 from effarch.linear.ttt import titans, ttt_linear, ttt_linear_resume, ttt_mlp
-from effarch.linear.unified import CLASSES, RULES, UpdateRule, memory_scan, registry_table
+from effarch.unified import CLASSES, RULES, UpdateRule, memory_scan, registry_table
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,7 +323,7 @@ def test_bad_input_gets_clear_errors():
 
 
 def test_retention_curves_follow_the_decay_when_later_keys_are_orthogonal():
-    from effarch.linear.unified import retention_curve
+    from effarch.unified import retention_curve
 
     steps = torch.arange(51, dtype=F64)
     for rule in ("linear_attention", "deltanet"):

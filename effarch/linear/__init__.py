@@ -52,9 +52,6 @@ from .ops import (
 )
 from .ttt import titans, ttt_linear, ttt_linear_resume, ttt_mlp
 
-# last: the unified view reaches into effarch.ssm and effarch.attention, whose layers use ours
-from .unified import RULES, UpdateRule, memory_scan, registry_table, retention_curve  # noqa: E402
-
 __all__ = [
     "GLA",
     "HGRN",
@@ -98,9 +95,4 @@ __all__ = [
     "ttt_linear",
     "ttt_linear_resume",
     "ttt_mlp",
-    "RULES",
-    "UpdateRule",
-    "memory_scan",
-    "registry_table",
-    "retention_curve",
 ]

@@ -27,23 +27,31 @@ Layers, following the flash-linear-attention (fla) layers of the same names:
 * :class:`TTTLinear`: TTT-Linear (Sun et al., 2024), after the layer of its reference code.
 
 The parameters follow the dtype of the module (``layer.double()`` for float64); ``x`` must have
-that dtype. The building blocks :class:`ShortConvolution` and the gated RMSNorm are shared with
-:mod:`effarch.ssm.layers`.
+that dtype. The building blocks (:class:`~effarch.nn.ShortConvolution`, the gated RMSNorm, the
+step-size initialisation) live in :mod:`effarch.nn`, shared with :mod:`effarch.ssm.layers`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_positive_number, check_tensor
+from .._checks import (
+    State,
+    check_choice,
+    check_divides,
+    check_layer_input,
+    check_layer_state,
+    check_positive_int,
+    check_positive_number,
+)
 from ..attention.rope import apply_rope
+from ..nn import GatedRMSNorm, ShortConvolution, init_dt_bias, l2norm, merge_heads, split_heads
 from .feature_maps import elu_plus_one, relu
 from .hgrn import hgrn
 from .ops import delta_rule, dplr_delta_rule, gated_delta_rule, gla, linear_attention, retention
@@ -61,144 +69,14 @@ __all__ = [
     "TTTLinear",
 ]
 
-State = dict[str, Any]
-
 
 # --------------------------------------------------------------------------------------------
-# Shared checks and building blocks
+# Shared by the layers below
 # --------------------------------------------------------------------------------------------
-
-
-def _check_input(x: Any, d_model: int) -> tuple[int, int]:
-    """Check ``x: [B, T, d_model]`` with ``T >= 1``; return ``B, T``."""
-    check_tensor("x", x, ndim=3, floating=True)
-    if x.shape[-1] != d_model:
-        raise ValueError(
-            f"x must be [B, T, d_model] with d_model = {d_model}, got shape {tuple(x.shape)}"
-        )
-    if x.shape[1] == 0:
-        raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
-    return x.shape[0], x.shape[1]
-
-
-def _check_state(state: Any, expected: Mapping[str, tuple[int, ...]], layer: str) -> State:
-    """Check a state dict: every key of ``expected`` present, a tensor of that shape."""
-    if state is None:
-        return {}
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            f"state must be None or the dict returned by {layer}.forward, "
-            f"got {type(state).__name__}"
-        )
-    missing = [key for key in expected if key not in state]
-    if missing:
-        raise ValueError(
-            f"state of {layer} must hold the keys {sorted(expected)}, missing {missing}"
-        )
-    for key, shape in expected.items():
-        value = state[key]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
-        if tuple(value.shape) != shape:
-            raise ValueError(
-                f"state[{key!r}] of {layer} must have shape {shape}, got {tuple(value.shape)}"
-            )
-    return dict(state)
-
-
-def _check_divides(name: str, total: int, parts_name: str, parts: int) -> int:
-    if total % parts:
-        raise ValueError(f"{name} ({total}) must be divisible by {parts_name} ({parts})")
-    return total // parts
 
 
 def _op_mode(t: int) -> str:
     return "recurrent" if t == 1 else "chunk"
-
-
-def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return rearrange(x, "b t (h d) -> b t h d", h=n_heads)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    return rearrange(x, "b t h d -> b t (h d)")
-
-
-class ShortConvolution(nn.Module):
-    r"""Causal depthwise 1-D convolution over time, channels last, with a decode cache.
-
-    For each channel ``c`` with taps ``w_c: [W]`` (``W = kernel_size``)::
-
-        y_t[c] = act( sum_{i=0}^{W-1} w_c[i] x_{t-W+1+i}[c] + bias[c] ),   act = SiLU or identity
-
-    with ``x_s = 0`` for ``s < 0`` at the start of a sequence. ``forward(x [B, T, C], cache)``
-    returns ``(y [B, T, C], new_cache [B, W-1, C])``; the cache holds the last ``W - 1``
-    inputs, so consecutive calls equal one call on the concatenation. The weight is stored as
-    an ``nn.Conv1d(C, C, W, groups=C)`` (``self.conv``), the layout of fla's
-    ``ShortConvolution`` and of the ``conv1d`` of mamba_ssm's ``Mamba``.
-    """
-
-    def __init__(
-        self, channels: int, kernel_size: int, *, bias: bool = False, activation: bool = True
-    ) -> None:
-        super().__init__()
-        check_positive_int("channels", channels)
-        check_positive_int("kernel_size", kernel_size)
-        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=bias)
-
-    def forward(
-        self, x: torch.Tensor, cache: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_tensor("x", x, ndim=3, floating=True)
-        b, _, c = x.shape
-        if c != self.channels:
-            raise ValueError(
-                f"x must be [B, T, C] with C = {self.channels}, got shape {tuple(x.shape)}"
-            )
-        keep = self.kernel_size - 1
-        if cache is None:
-            cache = x.new_zeros(b, keep, c)
-        elif tuple(cache.shape) != (b, keep, c):
-            raise ValueError(
-                f"cache must have shape [B, W-1, C] = {(b, keep, c)}, got {tuple(cache.shape)}"
-            )
-        full = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
-        y = self.conv(full.transpose(1, 2)).transpose(1, 2)  # no padding: exactly T outputs
-        if self.activation:
-            y = F.silu(y)
-        return y, full[:, full.shape[1] - keep :]
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, kernel_size={self.kernel_size}"
-
-
-class _GatedRMSNorm(nn.Module):
-    """RMSNorm over the last dim, optionally followed by a SiLU gate: ``rms(x) * w * silu(g)``.
-
-    The norm-then-gate order of fla's ``FusedRMSNormGated`` (``norm_before_gate=True``).
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        return y if gate is None else y * F.silu(gate)
-
-
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return F.normalize(x, dim=-1, eps=eps)
-
-
-def _init_dt_bias(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
-    """Mamba's step-size bias: ``dt ~ log-uniform(dt_min, dt_max)``, returned as
-    ``softplus^-1(dt) = dt + log(1 - exp(-dt))`` so that ``softplus(bias) = dt`` at init."""
-    log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-    dt = torch.exp(log_dt).clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,25 +138,25 @@ class LinearAttention(nn.Module):
                 f"{feature_map!r}; pass normalize=False"
             )
         self.d_model, self.n_heads = d_model, n_heads
-        self.head_dim = _check_divides("d_model", d_model, "n_heads", n_heads)
+        self.head_dim = check_divides("d_model", d_model, "n_heads", n_heads)
         self.feature_map, self.normalize, self.chunk_size = feature_map, normalize, chunk_size
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.o_norm = _GatedRMSNorm(self.head_dim)
+        self.o_norm = GatedRMSNorm(self.head_dim)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h, d = self.n_heads, self.head_dim
         shapes = {"S": (b, h, d, d)}
         if self.normalize:
             shapes["z"] = (b, h, d)
-        st = _check_state(state, shapes, type(self).__name__)
+        st = check_layer_state(state, shapes, type(self).__name__)
         phi = _FEATURE_MAPS[self.feature_map]
-        q = phi(_split_heads(self.q_proj(x), h))
-        k = phi(_split_heads(self.k_proj(x), h))
-        v = _split_heads(self.v_proj(x), h)
+        q = phi(split_heads(self.q_proj(x), h))
+        k = phi(split_heads(self.k_proj(x), h))
+        v = split_heads(self.v_proj(x), h)
         s0: Any = None
         if st:
             s0 = (st["S"], st["z"]) if self.normalize else st["S"]
@@ -287,7 +165,7 @@ class LinearAttention(nn.Module):
             mode=_op_mode(t), chunk_size=self.chunk_size,
         )  # fmt: skip
         new = {"S": final[0], "z": final[1]} if self.normalize else {"S": final}
-        return self.o_proj(_merge_heads(self.o_norm(o))), new
+        return self.o_proj(merge_heads(self.o_norm(o))), new
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +218,7 @@ class RetNet(nn.Module):
         check_positive_number("rope_base", rope_base)
         check_positive_int("chunk_size", chunk_size)
         self.d_model, self.n_heads = d_model, n_heads
-        self.head_k = _check_divides("d_model", d_model, "n_heads", n_heads)
+        self.head_k = check_divides("d_model", d_model, "n_heads", n_heads)
         if rope and self.head_k % 2:
             raise ValueError(f"RoPE needs an even head dim, got d_model / n_heads = {self.head_k}")
         self.value_dim = expand_v * d_model
@@ -354,15 +232,15 @@ class RetNet(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h = self.n_heads
-        st = _check_state(state, {"S": (b, h, self.head_k, self.head_v)}, "RetNet")
+        st = check_layer_state(state, {"S": (b, h, self.head_k, self.head_v)}, "RetNet")
         offset = st.get("offset", 0)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"state['offset'] must be a non-negative int, got {offset!r}")
-        q = _split_heads(self.q_proj(x), h)
-        k = _split_heads(self.k_proj(x), h)
-        v = _split_heads(self.v_proj(x), h)
+        q = split_heads(self.q_proj(x), h)
+        k = split_heads(self.k_proj(x), h)
+        v = split_heads(self.v_proj(x), h)
         if self.rope:
             pos = torch.arange(offset, offset + t, device=x.device)
             q = apply_rope(q, pos, base=self.rope_base)
@@ -371,7 +249,7 @@ class RetNet(nn.Module):
             q, k, v, initial_state=st.get("S"), output_final_state=True, mode=_op_mode(t),
             chunk_size=self.chunk_size,
         )  # fmt: skip
-        o = self.g_norm(_merge_heads(o).reshape(b * t, self.value_dim)).reshape(b, t, -1)
+        o = self.g_norm(merge_heads(o).reshape(b * t, self.value_dim)).reshape(b, t, -1)
         y = self.o_proj(o * F.silu(self.g_proj(x)))
         return y, {"S": s, "offset": offset + t}
 
@@ -429,10 +307,10 @@ class GLA(nn.Module):
         self.key_dim, self.value_dim = int(d_model * expand_k), int(d_model * expand_v)
         check_positive_int("key dim (d_model * expand_k)", self.key_dim)
         check_positive_int("value dim (d_model * expand_v)", self.value_dim)
-        self.head_k = _check_divides(
+        self.head_k = check_divides(
             "key dim (d_model * expand_k)", self.key_dim, "n_heads", n_heads
         )
-        self.head_v = _check_divides(
+        self.head_v = check_divides(
             "value dim (d_model * expand_v)", self.value_dim, "n_heads", n_heads
         )
         self.gate_logit_normalizer, self.chunk_size = float(gate_logit_normalizer), chunk_size
@@ -444,23 +322,23 @@ class GLA(nn.Module):
             nn.Linear(d_model, gate_low_rank, bias=False),
             nn.Linear(gate_low_rank, self.key_dim, bias=True),
         )
-        self.g_norm = _GatedRMSNorm(self.head_v)
+        self.g_norm = GatedRMSNorm(self.head_v)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h = self.n_heads
-        st = _check_state(state, {"S": (b, h, self.head_k, self.head_v)}, "GLA")
-        q = _split_heads(self.q_proj(x), h)
-        k = _split_heads(self.k_proj(x), h)
-        v = _split_heads(self.v_proj(x), h)
-        gk = _split_heads(F.logsigmoid(self.gk_proj(x)) / self.gate_logit_normalizer, h)
+        st = check_layer_state(state, {"S": (b, h, self.head_k, self.head_v)}, "GLA")
+        q = split_heads(self.q_proj(x), h)
+        k = split_heads(self.k_proj(x), h)
+        v = split_heads(self.v_proj(x), h)
+        gk = split_heads(F.logsigmoid(self.gk_proj(x)) / self.gate_logit_normalizer, h)
         o, s = gla(
             q, k, v, gk, initial_state=st.get("S"), output_final_state=True, mode=_op_mode(t),
             chunk_size=self.chunk_size,
         )  # fmt: skip
-        g = _split_heads(self.g_proj(x), h)
-        return self.o_proj(_merge_heads(self.g_norm(o, g))), {"S": s}
+        g = split_heads(self.g_proj(x), h)
+        return self.o_proj(merge_heads(self.g_norm(o, g))), {"S": s}
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,27 +416,27 @@ class DeltaNet(nn.Module):
         check_positive_int("n_heads", n_heads)
         check_positive_int("chunk_size", chunk_size)
         self.d_model, self.n_heads = d_model, n_heads
-        self.head_dim = _check_divides("d_model", d_model, "n_heads", n_heads)
+        self.head_dim = check_divides("d_model", d_model, "n_heads", n_heads)
         self.allow_neg_eigval, self.chunk_size = allow_neg_eigval, chunk_size
         self.qkv = _ConvQKV(d_model, d_model, d_model, conv_size)
         self.b_proj = nn.Linear(d_model, n_heads, bias=False)
-        self.o_norm = _GatedRMSNorm(self.head_dim)
+        self.o_norm = GatedRMSNorm(self.head_dim)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h, d = self.n_heads, self.head_dim
-        st = _check_state(state, {"S": (b, h, d, d), **self.qkv.state_shapes(b)}, "DeltaNet")
+        st = check_layer_state(state, {"S": (b, h, d, d), **self.qkv.state_shapes(b)}, "DeltaNet")
         q, k, v, conv = self.qkv(x, st)
-        q, k = _l2norm(_split_heads(q, h)), _l2norm(_split_heads(k, h))
+        q, k = l2norm(split_heads(q, h)), l2norm(split_heads(k, h))
         beta = torch.sigmoid(self.b_proj(x))
         if self.allow_neg_eigval:
             beta = 2 * beta
         o, s = delta_rule(
-            q, k, _split_heads(v, h), beta, initial_state=st.get("S"), output_final_state=True,
+            q, k, split_heads(v, h), beta, initial_state=st.get("S"), output_final_state=True,
             mode=_op_mode(t), chunk_size=self.chunk_size,
         )  # fmt: skip
-        return self.o_proj(_merge_heads(self.o_norm(o))), {"S": s, **conv}
+        return self.o_proj(merge_heads(self.o_norm(o))), {"S": s, **conv}
 
 
 class GatedDeltaNet(nn.Module):
@@ -601,7 +479,7 @@ class GatedDeltaNet(nn.Module):
         check_positive_int("expand_v", expand_v)
         check_positive_int("chunk_size", chunk_size)
         self.d_model, self.n_heads = d_model, n_heads
-        self.head_k = _check_divides("d_model", d_model, "n_heads", n_heads)
+        self.head_k = check_divides("d_model", d_model, "n_heads", n_heads)
         self.head_v = expand_v * self.head_k
         self.value_dim = n_heads * self.head_v
         self.allow_neg_eigval, self.chunk_size = allow_neg_eigval, chunk_size
@@ -609,28 +487,28 @@ class GatedDeltaNet(nn.Module):
         self.a_proj = nn.Linear(d_model, n_heads, bias=False)
         self.b_proj = nn.Linear(d_model, n_heads, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.empty(n_heads).uniform_(1.0, 16.0)))
-        self.dt_bias = nn.Parameter(_init_dt_bias(n_heads, 0.001, 0.1, 1e-4))
+        self.dt_bias = nn.Parameter(init_dt_bias(n_heads, 0.001, 0.1, 1e-4))
         self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.o_norm = _GatedRMSNorm(self.head_v)
+        self.o_norm = GatedRMSNorm(self.head_v)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h = self.n_heads
         shapes = {"S": (b, h, self.head_k, self.head_v), **self.qkv.state_shapes(b)}
-        st = _check_state(state, shapes, "GatedDeltaNet")
+        st = check_layer_state(state, shapes, "GatedDeltaNet")
         q, k, v, conv = self.qkv(x, st)
-        q, k = _l2norm(_split_heads(q, h)), _l2norm(_split_heads(k, h))
+        q, k = l2norm(split_heads(q, h)), l2norm(split_heads(k, h))
         g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
         beta = torch.sigmoid(self.b_proj(x))
         if self.allow_neg_eigval:
             beta = 2 * beta
         o, s = gated_delta_rule(
-            q, k, _split_heads(v, h), g, beta, initial_state=st.get("S"),
+            q, k, split_heads(v, h), g, beta, initial_state=st.get("S"),
             output_final_state=True, mode=_op_mode(t), chunk_size=self.chunk_size,
         )  # fmt: skip
-        o = self.o_norm(o, _split_heads(self.g_proj(x), h))
-        return self.o_proj(_merge_heads(o)), {"S": s, **conv}
+        o = self.o_norm(o, split_heads(self.g_proj(x), h))
+        return self.o_proj(merge_heads(o)), {"S": s, **conv}
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,12 +553,12 @@ class HGRN(nn.Module):
         self.i_proj = nn.Linear(d_model, self.hidden, bias=False)
         self.f_proj = nn.Linear(d_model, self.hidden, bias=False)
         self.g_proj = nn.Linear(d_model, self.hidden, bias=False)
-        self.g_norm = _GatedRMSNorm(self.hidden)
+        self.g_norm = GatedRMSNorm(self.hidden)
         self.o_proj = nn.Linear(self.hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
-        st = _check_state(state, {"h": (b, self.hidden)}, "HGRN")
+        b, t = check_layer_input(x, self.d_model)
+        st = check_layer_state(state, {"h": (b, self.hidden)}, "HGRN")
         f_logit = self.f_proj(x)
         if self.lower_bound is None:
             log_f, one_minus_f = F.logsigmoid(f_logit), torch.sigmoid(-f_logit)
@@ -764,7 +642,7 @@ class RWKV7(nn.Module):
             check_positive_int(name, r)
         self.chunk_size = chunk_size
         self.d_model, self.n_heads = d_model, n_heads
-        self.head_dim = _check_divides("d_model", d_model, "n_heads", n_heads)
+        self.head_dim = check_divides("d_model", d_model, "n_heads", n_heads)
         self.mu = nn.Parameter(torch.rand(6, d_model))  # r, w, k, v, a, g
         self.r_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
@@ -779,26 +657,26 @@ class RWKV7(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h, d = self.n_heads, self.head_dim
-        st = _check_state(state, {"S": (b, h, d, d), "shift": (b, self.d_model)}, "RWKV7")
+        st = check_layer_state(state, {"S": (b, h, d, d), "shift": (b, self.d_model)}, "RWKV7")
         prev = x.new_zeros(b, 1, self.d_model) if not st else st["shift"][:, None].to(x.dtype)
         delta = torch.cat([prev, x[:, :-1]], dim=1) - x
         xr, xw, xk, xv, xa, xg = (x + delta * m for m in self.mu)
-        r = _split_heads(self.r_proj(xr), h)
-        k = _split_heads(self.k_proj(xk), h)
-        v = _split_heads(self.v_proj(xv), h)
-        w = _split_heads(-math.exp(-0.5) * torch.sigmoid(self.w_lora(xw)), h)
-        a = _split_heads(torch.sigmoid(self.a_lora(xa)), h)
-        kappa = _l2norm(k * _split_heads(self.k_k.view(1, 1, -1), h))
-        k = k * (1 + (a - 1) * _split_heads(self.k_a.view(1, 1, -1), h))
+        r = split_heads(self.r_proj(xr), h)
+        k = split_heads(self.k_proj(xk), h)
+        v = split_heads(self.v_proj(xv), h)
+        w = split_heads(-math.exp(-0.5) * torch.sigmoid(self.w_lora(xw)), h)
+        a = split_heads(torch.sigmoid(self.a_lora(xa)), h)
+        kappa = l2norm(k * split_heads(self.k_k.view(1, 1, -1), h))
+        k = k * (1 + (a - 1) * split_heads(self.k_a.view(1, 1, -1), h))
         o, s = dplr_delta_rule(
             r, k, v, -kappa, kappa * a, w, scale=1.0, initial_state=st.get("S"),
             output_final_state=True, mode=_op_mode(t), chunk_size=self.chunk_size,
         )  # fmt: skip
-        o = self.g_norm(_merge_heads(o).reshape(b * t, self.d_model)).reshape(b, t, h, d)
+        o = self.g_norm(merge_heads(o).reshape(b * t, self.d_model)).reshape(b, t, h, d)
         o = o + (r * k * self.r_k).sum(-1, keepdim=True) * v
-        y = self.o_proj(_merge_heads(o) * self.g_lora(xg))
+        y = self.o_proj(merge_heads(o) * self.g_lora(xg))
         return y, {"S": s, "shift": x[:, -1]}
 
 
@@ -858,7 +736,7 @@ class TTTLinear(nn.Module):
         self.mini_batch_size = check_positive_int("mini_batch_size", mini_batch_size)
         self.eta_base = check_positive_number("eta_base", eta_base)
         self.d_model, self.n_heads = d_model, n_heads
-        self.head_dim = _check_divides("d_model", d_model, "n_heads", n_heads)
+        self.head_dim = check_divides("d_model", d_model, "n_heads", n_heads)
         d = self.head_dim
         self.qkv = _ConvQKV(d_model, d_model, d_model, conv_size)
         self.eta_proj = nn.Linear(d_model, n_heads, bias=True)
@@ -869,12 +747,12 @@ class TTTLinear(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h, d, m = self.n_heads, self.head_dim, self.mini_batch_size
         shapes = {"S": (b, h, d, d), "anchor": (b, h, d, d), "pos": (), **self.qkv.state_shapes(b)}
-        st = _check_state(state, shapes, "TTTLinear")
+        st = check_layer_state(state, shapes, "TTTLinear")
         q, k, v, conv = self.qkv(x, st)
-        q, k, v = _l2norm(_split_heads(q, h)), _l2norm(_split_heads(k, h)), _split_heads(v, h)
+        q, k, v = l2norm(split_heads(q, h)), l2norm(split_heads(k, h)), split_heads(v, h)
         eta = self.eta_base * torch.sigmoid(self.eta_proj(x))
         if st:
             s, anchor, pos = st["S"], st["anchor"], int(st["pos"])
@@ -907,9 +785,9 @@ class TTTLinear(nn.Module):
             outs.append(o)
         o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         o = F.layer_norm(o, (d,)) * self.ln_weight + self.ln_bias
-        o = o * F.gelu(_split_heads(self.g_proj(x), h), approximate="tanh")
+        o = o * F.gelu(split_heads(self.g_proj(x), h), approximate="tanh")
         new = {"S": s, "anchor": anchor, "pos": torch.tensor(pos + t), **conv}
-        return self.o_proj(_merge_heads(o)), new
+        return self.o_proj(merge_heads(o)), new
 
     def state_size(self, seq_len: int) -> int:
         """Elements kept between tokens: ``S`` and, for ``m > 1``, the mini-batch's anchor."""

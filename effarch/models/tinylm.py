@@ -57,10 +57,9 @@ from ..linear.layers import (
     GatedDeltaNet,
     LinearAttention,
     RetNet,
-    ShortConvolution,
     TTTLinear,
-    _init_dt_bias,
 )
+from ..nn import ShortConvolution, init_dt_bias
 from ..ssm.layers import S4D, Mamba, Mamba2
 from ..tasks.mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
 
@@ -170,7 +169,7 @@ def _gated_deltanet(
         h = layer.n_heads
         with torch.no_grad():
             layer.A_log.copy_(torch.log(torch.empty(h).uniform_(lo, hi)))
-            layer.dt_bias.copy_(_init_dt_bias(h, dt_lo, dt_hi, 1e-4))
+            layer.dt_bias.copy_(init_dt_bias(h, dt_lo, dt_hi, 1e-4))
     return layer
 
 

@@ -28,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_positive_number
-from ..linear.layers import (
-    ShortConvolution,
+from .._checks import (
     State,
-    _check_divides,
-    _check_input,
-    _check_state,
-    _init_dt_bias,
+    check_choice,
+    check_divides,
+    check_layer_input,
+    check_layer_state,
+    check_positive_int,
+    check_positive_number,
 )
+from ..nn import GatedRMSNorm, ShortConvolution, init_dt_bias
 from ..scan import linear_recurrence
 from .s4 import INITS, discretize, fft_conv, s4d_init, ssm_kernel
 from .selective import selective_scan
@@ -110,16 +111,16 @@ class Mamba(nn.Module):
         std = dt_scale * dt_rank**-0.5
         with torch.no_grad():
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-            self.dt_proj.bias.copy_(_init_dt_bias(e, dt_min, dt_max, dt_init_floor))
+            self.dt_proj.bias.copy_(init_dt_bias(e, dt_min, dt_max, dt_init_floor))
         a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(e, 1)
         self.A_log = nn.Parameter(torch.log(a))
         self.D = nn.Parameter(torch.ones(e))
         self.out_proj = nn.Linear(e, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         e, n = self.d_inner, self.d_state
-        st = _check_state(state, {"conv": (b, self.d_conv - 1, e), "ssm": (b, e, n)}, "Mamba")
+        st = check_layer_state(state, {"conv": (b, self.d_conv - 1, e), "ssm": (b, e, n)}, "Mamba")
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         xs, conv = self.conv(xs, st.get("conv"))
         dt, B, C = self.x_proj(xs).split([self.dt_rank, n, n], dim=-1)
@@ -199,23 +200,25 @@ class Mamba2(nn.Module):
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
-        self.nheads = _check_divides("expand * d_model", self.d_inner, "headdim", headdim)
-        _check_divides("the number of heads", self.nheads, "ngroups", ngroups)
+        self.nheads = check_divides("expand * d_model", self.d_inner, "headdim", headdim)
+        check_divides("the number of heads", self.nheads, "ngroups", ngroups)
         self.norm_eps = check_positive_number("norm_eps", norm_eps)
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias)
         self.conv = ShortConvolution(self.conv_dim, d_conv, bias=conv_bias)
-        self.dt_bias = nn.Parameter(_init_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor))
+        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor))
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(lo, hi)))
         self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.norm = GatedRMSNorm(
+            self.d_inner, self.norm_eps, group_size=self.d_inner // ngroups, norm_before_gate=False
+        )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         shapes = {"conv": (b, self.d_conv - 1, self.conv_dim), "ssm": (b, h, p, n)}
-        st = _check_state(state, shapes, "Mamba2")
+        st = check_layer_state(state, shapes, "Mamba2")
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
         xbc, conv = self.conv(xbc, st.get("conv"))
         xs, B, C = xbc.split([self.d_inner, g * n, g * n], dim=-1)
@@ -229,10 +232,7 @@ class Mamba2(nn.Module):
             y, last = ssd_recurrent(xs, dt, A, B, C, **args)
         else:
             y, last = ssd(xs, dt, A, B, C, chunk_size=self.chunk_size, **args)
-        y = y.reshape(b, t, self.d_inner) * F.silu(z)
-        yg = y.reshape(b, t, g, self.d_inner // g)
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        y = yg.reshape(b, t, self.d_inner) * self.norm_weight
+        y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y), {"conv": conv, "ssm": last}
 
 
@@ -308,10 +308,10 @@ class S4D(nn.Module):
     def forward(
         self, x: torch.Tensor, state: State | None = None, *, mode: str | None = None
     ) -> tuple[torch.Tensor, State]:
-        b, t = _check_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model)
         mode = ("conv" if t > 1 else "recurrent") if mode is None else mode
         check_choice("mode", mode, self.MODES)
-        st = _check_state(state, {"s": (b, self.d_model, self.d_state // 2)}, "S4D")
+        st = check_layer_state(state, {"s": (b, self.d_model, self.d_state // 2)}, "S4D")
         real = torch.promote_types(x.dtype, torch.float32)
         dtA, B_bar, C = self._discrete(real)
         u = x.to(real)

@@ -35,10 +35,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice
-from ..attention import naive_attention
-from ..ssm import ssd
-from .ops import (
+from ._checks import check_choice
+from .attention import naive_attention
+from .linear.ops import (
     _check_flags,
     _check_like,
     _check_qkv,
@@ -54,7 +53,8 @@ from .ops import (
     retention,
     retention_log_decays,
 )
-from .ttt import titans, ttt_linear, ttt_mlp
+from .linear.ttt import titans, ttt_linear, ttt_mlp
+from .ssm import ssd
 
 __all__ = ["CLASSES", "RULES", "UpdateRule", "memory_scan", "registry_table", "retention_curve"]
 
