@@ -189,3 +189,40 @@ def test_every_subpackage_is_listed_in_pyproject():
         ".".join(p.parent.relative_to(root).parts) for p in (root / "effarch").rglob("__init__.py")
     }
     assert found <= listed, f"add to pyproject's packages: {sorted(found - listed)}"
+
+
+def test_kernel_source_reads_the_file_without_triton():
+    """The source a page shows comes from the file's text, so a reader without Triton sees
+    it too; where Triton is present it equals what inspect finds."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton is not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from effarch.notebook import kernel_source\n"
+        "text = kernel_source('flash_attention', '_fwd_kernel', start='pid_m = ')\n"
+        "assert 'triton' not in sys.modules and 'effarch_kernels' not in sys.modules\n"
+        "print(text.splitlines()[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "pid_m = tl.program_id(0)"
+
+
+def test_kernel_source_matches_inspect_and_checks_its_arguments():
+    import inspect
+
+    pytest.importorskip("triton")
+    from effarch_kernels import flash_attention
+
+    from effarch.notebook import kernel_source
+
+    fn = flash_attention._fwd_kernel
+    assert kernel_source("flash_attention", "_fwd_kernel") == inspect.getsource(fn.fn)
+    with pytest.raises(ValueError, match="kernel must be a function of flash_attention"):
+        kernel_source("flash_attention", "no_such_kernel")
+    with pytest.raises(ValueError, match="module must name a file"):
+        kernel_source("no_such_module", "_fwd_kernel")
+    with pytest.raises(ValueError, match="does not occur"):
+        kernel_source("flash_attention", "_fwd_kernel", start="not in the kernel")

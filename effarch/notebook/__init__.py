@@ -9,11 +9,14 @@ in the same cell, as ``SIZES = ctx.pick(small=..., large=...)``.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import io
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -122,15 +125,28 @@ def setup_cell(repo_url: str) -> str:
 def kernel_source(module: str, kernel: str, *, start: str | None = None) -> str:
     """The source of a Triton kernel of ``effarch_kernels.<module>``, for reading on a page.
 
-    Imported on demand (Triton must be installed); ``start`` skips to the first line that
-    contains it (e.g. ``"pid_m"`` to skip the signature).
+    Read from the file's text, without importing it: a reader without Triton (a laptop,
+    macOS, Windows) sees the same source. ``kernel`` is the name of a function defined at
+    the top level of the module (its decorators included); ``start`` skips to the first
+    line that contains it (e.g. ``"pid_m"`` to skip the signature).
     """
-    import importlib
-    import inspect
-
-    mod = importlib.import_module(f"effarch_kernels.{module}")
-    fn = getattr(mod, kernel)
-    text = inspect.getsource(getattr(fn, "fn", fn))
+    spec = importlib.util.find_spec("effarch_kernels")  # locates the package, runs nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("effarch_kernels is not installed (pip install -e .)")
+    path = Path(next(iter(spec.submodule_search_locations))) / f"{module}.py"
+    if not path.is_file():
+        raise ValueError(f"module must name a file of effarch_kernels, got {module!r}")
+    text = path.read_text()
+    defs = {
+        node.name: node
+        for node in ast.parse(text).body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
+    if kernel not in defs:
+        raise ValueError(f"kernel must be a function of {module}, one of {sorted(defs)}")
+    node = defs[kernel]
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    text = "\n".join(text.splitlines()[first - 1 : node.end_lineno]) + "\n"
     if start is not None:
         if start not in text:
             raise ValueError(f"{start!r} does not occur in {module}.{kernel}")
