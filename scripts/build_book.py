@@ -27,6 +27,10 @@ def build(execute: bool) -> int:
     if not execute:
         cfg = yaml.safe_load(config.read_text())
         cfg["execute"]["execute_notebooks"] = "off"
+        # local extensions are found relative to the config file, which moves into _build
+        local = cfg.get("sphinx", {}).get("local_extensions", {})
+        for name, path in local.items():
+            local[name] = str((ROOT / path).resolve())
         config = ROOT / "_build" / "_config.no-execute.yml"
         config.parent.mkdir(exist_ok=True)
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -2,9 +2,12 @@
 
 The book is rendered from the outputs committed with the notebooks (nbval re-executes
 and checks those in the same test run), served on 127.0.0.1, and loaded page by page.
-For each page we assert its title, that every image decoded, that no cell shows a
-traceback or an error, that each notebook page offers a Colab launch link, and that every
-internal link points at a page (and an anchor) that exists.
+For each page we assert its title, that every image decoded, that every formula was typeset
+by MathJax (served by the book itself: the browser reaches nothing else) without a TeX
+error, that no markdown table is left as raw ``| --- |`` text, that no cell shows a
+traceback or an error, that each notebook page offers a Colab launch link and the static
+state of its widgets, and that every internal link points at a page (and an anchor) that
+exists.
 
 Chromium is the system's (Debian's ``chromium``), driven through Playwright's
 ``executable_path``; no browser is ever downloaded. ``EFFARCH_CHROMIUM`` overrides the path.
@@ -114,6 +117,13 @@ def notebook_pages() -> dict[str, str]:
     }
 
 
+def notebook_uses_widgets(notebook: str) -> bool:
+    """Whether a notebook builds ipywidgets controls (directly or through ``explore``)."""
+    cells = json.loads((ROOT / notebook).read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return "ipywidgets" in code or "explore(" in code
+
+
 class _Ids(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -132,7 +142,21 @@ def anchors(page: Path) -> frozenset[str]:
     return frozenset(parser.ids)
 
 
-PAGE_REPORT = """() => {
+PAGE_REPORT = r"""async () => {
+  // MathJax (served by the book itself) typesets after load: wait for it
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    await MathJax.startup.promise;
+  }
+  const maths = [...document.querySelectorAll('.math')];
+  const article = (document.querySelector('main article, article, main') || document.body)
+      .cloneNode(true);
+  article.querySelectorAll('pre, code, .highlight').forEach(e => e.remove());
+  const state = document.querySelector('script[type="application/vnd.jupyter.widget-state+json"]');
+  let stateIds = [];
+  try { stateIds = Object.keys(JSON.parse(state.textContent).state || {}); } catch (e) {}
+  const views = [...document.querySelectorAll(
+      'script[type="application/vnd.jupyter.widget-view+json"]')].map(v => {
+    try { return JSON.parse(v.textContent).model_id; } catch (e) { return null; } });
   const imgs = [...document.images].map(i => ({src: i.currentSrc || i.src,
       ok: i.complete && i.naturalWidth > 0}));
   const outputs = [...document.querySelectorAll('.cell_output, .output')];
@@ -145,6 +169,15 @@ PAGE_REPORT = """() => {
     tracebacks: outputs.filter(o => /Traceback|Error:/.test(o.textContent)).length,
     errorOutputs: bad.map(o => o.textContent.slice(0, 200)),
     links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')),
+    mathjax: !!(window.MathJax && MathJax.version),
+    formulas: maths.length,
+    untypeset: maths.filter(m => !m.querySelector('mjx-container'))
+        .map(m => m.textContent.slice(0, 80)),
+    texErrors: [...document.querySelectorAll('mjx-merror, [data-mjx-error]')]
+        .map(e => e.getAttribute('data-mjx-error') || e.textContent.slice(0, 80)),
+    rawTables: (article.innerText.match(/^.*\|\s*:?-{3,}:?\s*\|.*$/gm) || []),
+    widgetViews: views,
+    widgetState: stateIds,
   };
 }"""
 
@@ -188,15 +221,29 @@ def test_every_page_in_chromium(book, server, browser):
                 problems.append(f"{rel}: image did not decode: {img['src']}")
         if r["tracebacks"] or r["errorOutputs"]:
             problems.append(f"{rel}: error output in a cell: {r['errorOutputs'] or 'Traceback'}")
+        if r["formulas"] and not r["mathjax"]:
+            problems.append(f"{rel}: {r['formulas']} formulas but MathJax did not load")
+        for tex in r["untypeset"]:
+            problems.append(f"{rel}: formula not typeset: {tex!r}")
+        for err in r["texErrors"]:
+            problems.append(f"{rel}: TeX error: {err!r}")
+        for line in r["rawTables"]:
+            problems.append(f"{rel}: a markdown table shown as raw text: {line[:80]!r}")
         if rel in notebooks:
             want = f"{colab}/blob/main/{notebooks[rel]}"
             if want not in r["links"]:
                 problems.append(f"{rel}: no Colab launch link {want}")
+            if notebook_uses_widgets(notebooks[rel]):
+                if not r["widgetViews"]:
+                    problems.append(f"{rel}: the notebook shows widgets, the page has none")
+                for model in r["widgetViews"]:
+                    if model not in r["widgetState"]:
+                        problems.append(f"{rel}: widget {model} has no static state")
         for href in r["links"]:
             url = urljoin(server + rel, href)
             if url.startswith(server):
                 internal_links.setdefault(url, set()).add(rel)
-        report_rows.append((rel, len(r["images"]), len(r["links"])))
+        report_rows.append((rel, len(r["images"]), len(r["links"]), r["formulas"]))
 
     for url, sources in sorted(internal_links.items()):
         parts = urlsplit(url)
@@ -216,6 +263,7 @@ def test_every_page_in_chromium(book, server, browser):
                 "pages": len(report_rows),
                 "notebook pages": len(notebooks),
                 "images": sum(r[1] for r in report_rows),
+                "formulas typeset": sum(r[3] for r in report_rows),
                 "internal links checked": len(internal_links),
             }
         )
