@@ -3,8 +3,8 @@
     python benchmarks/gpu_suite.py --out gpu_results      # on a CUDA machine
     python benchmarks/gpu_suite.py --smoke --out /tmp/x   # tiny shapes on any machine
 
-1. ``pytest`` over the kernel tests: with CUDA present they run the Triton kernels natively
-   (fp16/bf16 included) instead of under the interpreter.
+1. ``pytest -m kernel`` (every test marked ``kernel``): with CUDA present they run the Triton
+   kernels natively (fp16/bf16 included) instead of under the interpreter.
 2. FlashAttention (chapter 4.1): our Triton kernel against PyTorch SDPA's flash backend,
    bf16, head_dim 64 and 128, causal and not, T = 4k, 8k, 16k, forward and backward in
    TFLOP/s (batch x T = 16k tokens and 2048 / head_dim heads, as flash-attn's own
@@ -31,15 +31,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-KERNEL_TESTS = [
-    "tests/test_attention_tiled_flash.py",
-    "tests/test_attention_quantized.py",
-    "tests/test_kernel_chunk_scalar_decay.py",
-    "tests/test_kernel_chunk_delta_rule.py",
-    "tests/test_kernel_fused_recurrent.py",
-    "tests/test_kernel_selective_scan.py",
-    "tests/test_linear_backend.py",
-]
+ROOT = Path(__file__).resolve().parents[1]
+# the tests that launch a Triton kernel carry the ``kernel`` marker (pyproject.toml)
+KERNEL_TESTS = ["tests", "-m", "kernel"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from effarch.attention import flash_attention  # noqa: E402
+from effarch.bench import benchmark  # noqa: E402
 from effarch.linear import simple_gla  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not ARGS.smoke
@@ -65,14 +60,12 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 
 
 def timer(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
-    """Median seconds of ``fn``: ``triton.testing.do_bench`` on a GPU, effarch's otherwise."""
-    if CUDA:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") / 1e3
-    from effarch.bench import benchmark
-
-    return benchmark(fn, min_run_time=0.05).median
+    """Median seconds of ``fn`` by ``effarch.bench.benchmark``: ``triton.testing.do_bench``
+    on a GPU (100 ms of repeats), its ``perf_counter`` loop on the CPU; the ``.grad`` of
+    ``grad_to_none`` is reset before every call, outside the timed region."""
+    return benchmark(
+        fn, device=DEV, min_run_time=0.1 if CUDA else 0.05, grad_to_none=grad_to_none
+    ).median
 
 
 def fwd_bwd_times(
@@ -104,6 +97,7 @@ def run_tests() -> dict[str, object]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,

@@ -19,7 +19,7 @@ Everything here runs on a CPU without Triton; GPU kernels live in the optional
 
 from . import attention, bench, linear, models, nn, scan, ssm, survey, tasks, unified
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it, the notebooks' install pins it
 __all__ = [
     "__version__",
     "attention",

@@ -1,7 +1,14 @@
-"""Argument checks shared by every public function.
+"""Argument checks shared by every public function, named by the convention they check.
 
 Each check raises ``TypeError`` or ``ValueError`` whose message names the argument,
 what was expected and what was received, so that a reader sees at once what to fix.
+
+Checks run once, at the public boundary: a public function checks its arguments and then
+calls internal functions (or the ``launch_*`` function of a kernel) that take them as
+checked. The conventions are those of the libraries the book follows: attention as
+flash-attn (:func:`check_attention_qkv`), linear-attention ops as flash-linear-attention
+(:func:`check_linear_qkv`, :func:`check_like`, :func:`check_log_gate`), the selective scan
+as mamba_ssm (:func:`check_selective_scan_args`, :func:`check_grouped`).
 """
 
 from __future__ import annotations
@@ -36,11 +43,16 @@ def check_tensor(
     return x
 
 
-def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
-    """Check that tensors share dtype and device."""
+def check_same(
+    names: Sequence[str], tensors: Sequence[torch.Tensor | None], *, dtype: bool = True
+) -> None:
+    """Check that tensors share the device of the first (and its dtype, unless
+    ``dtype=False``); ``None`` entries (absent optional arguments) are skipped."""
     first_name, first = names[0], tensors[0]
     for name, t in zip(names[1:], tensors[1:], strict=True):
-        if t.dtype != first.dtype:
+        if t is None:
+            continue
+        if dtype and t.dtype != first.dtype:
             raise TypeError(
                 f"{name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}"
             )
@@ -58,6 +70,13 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> in
     if value < low:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} int, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Check that ``value`` is a bool (not merely truthy); return it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
     return value
 
 
@@ -119,6 +138,18 @@ def check_layer_input(x: Any, d_model: int) -> tuple[int, int]:
     return x.shape[0], x.shape[1]
 
 
+def check_sequences(name: str, x: Any, d_model: int) -> torch.Tensor:
+    """Check a batch of sequences ``[B, T, d_model]`` (floating, ``B, T >= 1``); return it."""
+    check_tensor(name, x, ndim=3, floating=True)
+    if x.shape[-1] != d_model:
+        raise ValueError(
+            f"{name} must be [B, T, d_model] with d_model={d_model}, got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one sequence and token, got {tuple(x.shape)}")
+    return x
+
+
 def check_layer_state(state: Any, expected: Mapping[str, tuple[int, ...]], layer: str) -> State:
     """Check a layer's decode state: ``None`` (a new sequence, returns ``{}``) or a dict with
     every key of ``expected`` holding a tensor of that shape; return a copy."""
@@ -151,3 +182,182 @@ def check_divides(name: str, total: int, parts_name: str, parts: int) -> int:
     if total % parts:
         raise ValueError(f"{name} ({total}) must be divisible by {parts_name} ({parts})")
     return total // parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax attention: ``q [B, Tq, Hq, D]``, ``k [B, Tk, Hkv, D]``, ``v [B, Tk, Hkv, Dv]``
+# ---------------------------------------------------------------------------------------------
+
+
+def check_attention_qkv(q: Any, k: Any, v: Any) -> None:
+    """Check attention inputs in flash-attn's convention: ``q [B, Tq, Hq, D]``,
+    ``k [B, Tk, Hkv, D]``, ``v [B, Tk, Hkv, Dv]`` of one dtype and device, with grouped-query
+    heads (``Hq % Hkv == 0``); ``Tq != Tk`` and ``Dv != D`` are allowed."""
+    check_tensor("q", q, ndim=4, floating=True)
+    check_tensor("k", k, ndim=4, floating=True)
+    check_tensor("v", v, ndim=4, floating=True)
+    check_same(("q", "k", "v"), (q, k, v))
+    b, _, hq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(
+            f"q, k and v must share the batch size: q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[3] != d:
+        raise ValueError(
+            f"k must have the head_dim of q ({d}) in dim 3, got shape {tuple(k.shape)}"
+        )
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v must match k in seq and heads: expected [{b}, {k.shape[1]}, {k.shape[2]}, *], "
+            f"got {tuple(v.shape)}"
+        )
+    hkv = k.shape[2]
+    if hq % hkv != 0:
+        raise ValueError(
+            f"the number of q heads ({hq}) must be a multiple of the number of k/v heads "
+            f"({hkv}) for grouped-query attention"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear attention ops: ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, states ``[B, H, K, V]``
+# ---------------------------------------------------------------------------------------------
+
+
+def check_linear_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
+    """Check linear-attention inputs in flash-linear-attention's convention: ``q, k`` of one
+    shape ``[B, T, H, K]`` and ``v [B, T, H, V]``, one dtype and device, ``T >= 1``; return
+    ``B, T, H, K, V``."""
+    check_tensor("q", q, ndim=4, floating=True)
+    check_tensor("k", k, ndim=4, floating=True)
+    check_tensor("v", v, ndim=4, floating=True)
+    check_same(("q", "k", "v"), (q, k, v))
+    if k.shape != q.shape:
+        raise ValueError(
+            f"k must have the shape of q, [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        b, t, h = q.shape[:3]
+        raise ValueError(
+            f"v must be [B, T, H, V] with B, T, H = {b}, {t}, {h} as in q, got {tuple(v.shape)}"
+        )
+    if q.shape[1] == 0:
+        raise ValueError(f"q must hold at least one time step, got shape {tuple(q.shape)}")
+    b, t, h, dk = q.shape
+    return b, t, h, dk, v.shape[3]
+
+
+def check_like(
+    name: str, x: Any, shape: tuple[int, ...], layout: str, ref: torch.Tensor
+) -> torch.Tensor:
+    """Check a floating tensor of an exact ``shape`` (described as ``layout``, e.g.
+    ``"[B, T, H]"``) on the device of ``ref`` (the query); its dtype may differ."""
+    check_tensor(name, x, floating=True)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the device of q ({ref.device}), got {x.device}")
+    return x
+
+
+def check_log_gate(
+    name: str, g: Any, shape: tuple[int, ...], layout: str, ref: torch.Tensor
+) -> torch.Tensor:
+    """Check a log-space decay as :func:`check_like`, and that every entry is ``<= 0`` (the
+    decay ``exp(g)`` lies in ``(0, 1]``)."""
+    check_like(name, g, shape, layout, ref)
+    if g.numel() and bool((g > 0).any()):
+        raise ValueError(
+            f"{name} holds log decays, which must be <= 0 (the decay exp({name}) lies in "
+            f"(0, 1]); got a largest value of {g.max().item():.6g}"
+        )
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# State space models: channels last, ``B, C`` as ``[B, T, N]`` or grouped ``[B, T, G, N]``
+# ---------------------------------------------------------------------------------------------
+
+
+def check_grouped(
+    name: str, x: Any, batch: int, length: int, channels: int, what: str
+) -> torch.Tensor:
+    """Check an SSM input matrix ``[B, T, N]`` or grouped ``[B, T, G, N]`` whose ``G``
+    divides the number of ``what`` (``channels`` of them); return it as ``[B, T, G, N]``."""
+    check_tensor(name, x, floating=True)
+    if x.ndim not in (3, 4):
+        raise ValueError(
+            f"{name} must have shape [B, T, N] or [B, T, G, N], got {x.ndim} dimensions "
+            f"(shape {tuple(x.shape)})"
+        )
+    if x.shape[0] != batch or x.shape[1] != length:
+        raise ValueError(
+            f"{name} must have batch and length [{batch}, {length}] in dims 0 and 1, "
+            f"got shape {tuple(x.shape)}"
+        )
+    x = x if x.ndim == 4 else x.unsqueeze(2)
+    groups = x.shape[2]
+    if groups == 0 or channels % groups != 0:
+        raise ValueError(
+            f"the number of groups of {name} ({groups}) must divide the number of {what} "
+            f"({channels}), got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def _check_vector(name: str, x: Any, size: int, what: str) -> None:
+    if x is None:
+        return
+    check_tensor(name, x, ndim=1, floating=True)
+    if x.shape[0] != size:
+        raise ValueError(f"{name} must have shape [{what}] = [{size}], got {tuple(x.shape)}")
+
+
+def check_selective_scan_args(
+    u: Any,
+    delta: Any,
+    A: Any,
+    B: Any,
+    C: Any,
+    D: Any = None,
+    z: Any = None,
+    delta_bias: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the arguments of Mamba's selective scan in mamba_ssm's names, channels last:
+    ``u, delta, z [B, T, D]``, ``A [D, N]``, ``B, C [B, T, N]`` or ``[B, T, G, N]``,
+    ``D, delta_bias [D]``, all on one device (dtypes may differ). Return ``B`` and ``C`` as
+    ``[B, T, G, N]`` (a group axis of size 1 added to ungrouped ones)."""
+    check_tensor("u", u, ndim=3, floating=True)
+    check_tensor("delta", delta, ndim=3, floating=True)
+    check_tensor("A", A, ndim=2, floating=True)
+    batch, length, dim = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(
+            f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}"
+        )
+    if A.shape[0] != dim:
+        raise ValueError(
+            f"A must have shape [D, N] with D = {dim} (channels of u), got {tuple(A.shape)}"
+        )
+    n_state = A.shape[1]
+    Bg = check_grouped("B", B, batch, length, dim, "channels")
+    Cg = check_grouped("C", C, batch, length, dim, "channels")
+    for name, x in (("B", Bg), ("C", Cg)):
+        if x.shape[3] != n_state:
+            raise ValueError(
+                f"{name} must have the state size N = {n_state} of A in its last dim, "
+                f"got shape {tuple(x.shape)}"
+            )
+    _check_vector("D", D, dim, "D")
+    _check_vector("delta_bias", delta_bias, dim, "D")
+    if z is not None:
+        check_tensor("z", z, ndim=3, floating=True)
+        if z.shape != u.shape:
+            raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
+    check_same(
+        ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+        (u, delta, A, B, C, D, z, delta_bias),
+        dtype=False,
+    )
+    return Bg, Cg

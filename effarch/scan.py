@@ -23,7 +23,13 @@ Two schedules are offered, plus the loop they are checked against:
   ``O(T)`` work: the work-efficient schedule.
 * ``"sequential"``: the loop, ``T`` steps.
 
-:func:`scan_depth` gives the number of sequential combine steps of each schedule.
+:func:`scan_depth` gives the number of sequential combine steps of each schedule, and
+:func:`hillis_steele_scan`, :func:`blelloch_scan` and :func:`sequential_scan` run one schedule
+from a zero state and count its steps.
+
+:func:`segsum` is the companion of the scan for log-space decays: the sums of a sequence
+over every segment ``(j, i]``, from which the decay matrices of RetNet, GLA and Mamba-2's SSD
+are built (``exp(segsum(g))``).
 
 Only products of ``a`` are formed (no divisions, no logarithms), so for ``a`` in
 ``[0, 1]`` long products may underflow to zero, which is their correct limit, but never
@@ -37,6 +43,18 @@ import torch
 from ._checks import check_choice, check_positive_int, check_same
 
 METHODS = ("blelloch", "hillis_steele", "sequential")
+
+__all__ = [
+    "METHODS",
+    "blelloch_scan",
+    "hillis_steele_scan",
+    "hillis_steele_schedule",
+    "linear_recurrence",
+    "plot_scan_schedule",
+    "scan_depth",
+    "segsum",
+    "sequential_scan",
+]
 
 
 def _check_scan_tensor(name: str, x: object) -> torch.Tensor:
@@ -94,10 +112,10 @@ def linear_recurrence(
     if a.shape[1] == 0:
         return b.clone()
     if method == "hillis_steele":
-        return _hillis_steele(a, b)[0]
+        return hillis_steele_scan(a, b)[0]
     if method == "blelloch":
-        return _blelloch(a, b)[0]
-    return _sequential(a, b)[0]
+        return blelloch_scan(a, b)[0]
+    return sequential_scan(a, b)[0]
 
 
 def scan_depth(T: int, method: str = "blelloch") -> int:
@@ -123,7 +141,9 @@ def scan_depth(T: int, method: str = "blelloch") -> int:
     return depth
 
 
-def _sequential(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+def sequential_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The loop: all states of ``h_t = a_t h_{t-1} + b_t`` from ``h_{-1} = 0`` along dim 1
+    of ``[B, T, ...]`` tensors (``T >= 1``, unchecked), and the ``T - 1`` steps taken."""
     h = b[:, 0]
     out = [h]
     for t in range(1, a.shape[1]):
@@ -132,9 +152,12 @@ def _sequential(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.stack(out, dim=1), a.shape[1] - 1
 
 
-def _hillis_steele(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Inclusive scan: after step k, position t holds the composition of the last 2^k
-    elements up to t (fewer near the start, where the identity (1, 0) is shifted in)."""
+def hillis_steele_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Hillis-Steele inclusive scan of ``[B, T, ...]`` tensors (``T >= 1``, unchecked):
+    the states and the number of steps taken.
+
+    After step k, position t holds the composition of the last 2^k elements up to t
+    (fewer near the start, where the identity (1, 0) is shifted in)."""
     T = a.shape[1]
     steps, shift = 0, 1
     while shift < T:
@@ -149,8 +172,10 @@ def _hillis_steele(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]
     return b, steps
 
 
-def _blelloch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Work-efficient scan: pair up, recurse on the half-length sequence, fill in.
+def blelloch_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Blelloch's work-efficient scan of ``[B, T, ...]`` tensors (``T >= 1``, unchecked):
+    the states and the number of steps taken. Pair up, recurse on the half-length
+    sequence, fill in.
 
     With ``m = T // 2`` pairs ``(2i, 2i+1)``, the pair compositions form a sequence of
     length ``m`` whose prefix states are exactly the states at the odd positions. An even
@@ -162,7 +187,7 @@ def _blelloch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
     m = T // 2
     a_even, a_odd = a[:, 0 : 2 * m : 2], a[:, 1 : 2 * m : 2]
     b_even, b_odd = b[:, 0 : 2 * m : 2], b[:, 1 : 2 * m : 2]
-    h_odd, steps = _blelloch(a_even * a_odd, a_odd * b_even + b_odd)  # states at 1, 3, ...
+    h_odd, steps = blelloch_scan(a_even * a_odd, a_odd * b_even + b_odd)  # states at 1, 3, ...
     steps += 1
     n_fill = (T + 1) // 2 - 1  # even positions 2, 4, ... below T
     if n_fill > 0:
@@ -177,6 +202,46 @@ def _blelloch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
     if T % 2:
         h = torch.cat([h, h_even[:, m:]], dim=1)
     return h, steps
+
+
+def segsum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Segment sums: ``out[..., i, j, ...] = x_{j+1} + ... + x_i`` along ``dim`` for
+    ``j <= i``, and ``-inf`` above the diagonal (``j > i``).
+
+    ``exp(segsum(g))`` is the causal decay matrix of log decays ``g``: ``L[i, j] =
+    exp(g_{j+1} + ... + g_i)`` for ``j <= i`` and ``exp(-inf) = 0`` above the diagonal. This
+    is ``L`` in Mamba-2's SSD (``g = dt A``) and the decay mask of RetNet and (simple) GLA.
+
+    Mathematically ``out[i, j] = G_i - G_j`` with ``G = cumsum(x)``; summing each segment
+    directly (a cumulative sum of a masked copy) avoids the cancellation of two large
+    running sums, and masking before the exponential keeps the entries above the diagonal
+    at ``exp(-inf) = 0`` instead of overflowing.
+
+    Args:
+        x: ``[..., T, ...]``, summed along ``dim``: ``[..., T]`` for one log decay per step
+            (``dim=-1``), ``[..., T, K]`` for one per key (``dim=-2``, as in GLA).
+        dim: the time axis.
+
+    Returns:
+        ``x``'s shape with a second time axis inserted after ``dim``: ``[..., T, T]`` for
+        ``dim=-1``, ``[..., T, T, K]`` for ``dim=-2``.
+
+    This is ``segsum`` of Mamba-2's minimal SSD (``ssd_minimal.py``), generalised to
+    trailing per-key dimensions.
+    """
+    _check_scan_tensor("x", x)
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"dim must be an int in [{-x.ndim}, {x.ndim}) for x, got {dim!r}")
+    dim = dim % x.ndim
+    t = x.shape[dim]
+    rest = x.ndim - dim - 1  # trailing dims after time, e.g. K
+    ones = torch.ones(t, t, dtype=torch.bool, device=x.device)
+    # [s, j] masks, broadcast over the trailing dims: keep x_s for s > j, then sum over s <= i
+    strict = ones.tril(-1).view(t, t, *([1] * rest))
+    causal = ones.tril().view(t, t, *([1] * rest))
+    terms = x.unsqueeze(dim + 1).expand(*x.shape[: dim + 1], t, *x.shape[dim + 1 :])
+    sums = terms.masked_fill(~strict, 0.0).cumsum(dim=dim)
+    return sums.masked_fill(~causal, float("-inf"))
 
 
 def hillis_steele_schedule(T: int) -> list[list[tuple[int, int]]]:

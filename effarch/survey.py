@@ -4,7 +4,11 @@ Sun et al. (2025), *Speed Always Wins* (arXiv:2508.09834), sort efficient archit
 into seven families. :data:`FAMILIES` lists them with the book chapter that covers each.
 :func:`mixer_state_elements` gives the size of the memory a token mixer carries from one
 generated token to the next: the KV cache for softmax attention (it grows with the
-context), a fixed matrix for linear models (it does not).
+context), a fixed matrix for linear models (it does not). It is the survey's analytic
+table, by name and at LLM sizes (``d_model = 4096`` by default), for the mixers of
+:data:`STATE_TABLE_MIXERS`; it builds no layer. The layers themselves answer the same
+question for their own configuration, ``layer.state_size(seq_len)`` (see
+:func:`effarch.models.mixer_state_size`), and the tests check that the two agree.
 """
 
 from __future__ import annotations
@@ -77,7 +81,16 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-MIXERS = ("mha", "gqa", "mla", "sliding_window", "linear_attention", "mamba", "hybrid")
+#: The mixers :func:`mixer_state_elements` has a formula for (its ``mixer`` argument).
+STATE_TABLE_MIXERS = (
+    "mha",
+    "gqa",
+    "mla",
+    "sliding_window",
+    "linear_attention",
+    "mamba",
+    "hybrid",
+)
 
 
 def mixer_state_elements(
@@ -94,9 +107,12 @@ def mixer_state_elements(
     expand: int = 2,
     attention_every: int = 8,
 ) -> int:
-    """Elements one layer keeps between decoding steps after ``context`` tokens.
+    """Elements one layer keeps between decoding steps after ``context`` tokens (analytic).
 
-    With ``dh = d_model / n_heads``:
+    The survey's table, computed from the formulas below without building a layer; the
+    layers' own ``state_size(seq_len)`` give the same numbers for the same configuration
+    (``linear_attention`` without its normaliser, ``sliding_window`` and ``mha`` with
+    ``G = H`` key/value heads). With ``dh = d_model / n_heads``:
 
     ========================  =========================================================
     ``mha``                   ``2 * context * d_model`` (keys and values of every head)
@@ -109,7 +125,7 @@ def mixer_state_elements(
                               rest: the per-layer average
     ========================  =========================================================
     """
-    check_choice("mixer", mixer, MIXERS)
+    check_choice("mixer", mixer, STATE_TABLE_MIXERS)
     check_positive_int("context", context, allow_zero=True)
     for name, v in (
         ("d_model", d_model),

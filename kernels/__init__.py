@@ -2,8 +2,11 @@
 
 This folder of the repository installs under the import name ``effarch_kernels`` (the
 PyPI name ``kernels`` belongs to another project). One file per method, each with its
-launcher. ``effarch`` never imports this package at import time, only inside the
-functions that dispatch to a kernel, so effarch works without Triton or a GPU.
+launcher, plus two shared modules: ``limits`` (what the kernels support and whether the
+interpreter is on; plain Python, importable without Triton) and ``common`` (the interpreter
+check and its bfloat16 cast, used by every launcher). ``effarch`` imports a kernel module
+only inside the function that dispatches to it, so effarch works without Triton or a GPU;
+this package never imports ``effarch``, and importing it imports nothing.
 """
 
 __all__: list[str] = []

@@ -30,7 +30,7 @@ neither of which depends on ``S``. Three kernels follow from it:
    moves on with ``S <- exp(G_L) S + (K * exp(G_L - G))^T X`` (``L`` the chunk's last step).
 3. The outputs (all chunks in parallel) are those of scalar-decay linear attention with ``v``
    replaced by ``X``: ``O = scale ((Q * exp(G)) S + (Q K^T * D) X)`` with
-   ``D_ij = exp(G_i - G_j)`` for ``j <= i``. That is ``_fwd_output_kernel`` of
+   ``D_ij = exp(G_i - G_j)`` for ``j <= i``. That is ``chunk_output_kernel`` of
    ``chunk_scalar_decay``, reused as it is.
 
 All arithmetic is float32 with full-precision matrix products: the intermediates ``T``,
@@ -44,8 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scalar_decay import MAX_KEY_DIM, _chunk_log_decay, _fwd_output_kernel
-from .flash_attention import check_interpreter_state, interpreting
+from .chunk_scalar_decay import check_key_dim, chunk_log_decay, chunk_output_kernel
+from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .limits import check, chunk_size_reason
 
 PRECISION = "ieee"  # full float32 products, see the module docstring
 
@@ -73,7 +74,7 @@ def _wy_kernel(
     k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :],
                 mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
     beta = tl.load(BETA + rows, mask=t_ok, other=0.0).to(tl.float32)
-    gc, _ = _chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
+    gc, _ = chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
 
     # A_ij = beta_i exp(G_i - G_j) (k_i . k_j) for j < i. The exponent is masked to -inf
     # above and on the diagonal before exp, so every exp taken has an argument <= 0.
@@ -144,7 +145,7 @@ def _delta_states_kernel(
         w = tl.load(W + tk_offs, mask=tk_mask, other=0.0)
         u = tl.load(U + tv_offs, mask=tv_mask, other=0.0)
         k = tl.load(Kp + tk_offs, mask=tk_mask, other=0.0).to(tl.float32)
-        gc, g_last = _chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
+        gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         # X = U - W S: the rows this chunk really writes, given the state entering it.
         x = u - tl.dot(w, state, input_precision=PREC)
         tl.store(VN + tv_offs, x, mask=tv_mask)
@@ -158,10 +159,8 @@ def _delta_states_kernel(
 
 def _config(dim_k: int, dim_v: int, chunk_size: int) -> tuple[int, int, int]:
     """Chunk length and the key and value block sizes (powers of two, masked past K, V)."""
-    if dim_k > MAX_KEY_DIM:
-        raise ValueError(f"K must be at most {MAX_KEY_DIM} for the Triton kernel, got {dim_k}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    check_key_dim(dim_k)
+    check(chunk_size_reason(chunk_size))
     block_k = max(16, triton.next_power_of_2(dim_k))
     block_v = max(16, triton.next_power_of_2(dim_v))
     if not interpreting():  # on a GPU, more programs over V; the interpreter prefers few
@@ -182,10 +181,13 @@ def chunk_delta_rule_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the three forward kernels: ``o [B, T, H, V]`` (dtype of ``v``) and the float32
     final state ``[B, H, K, V]`` (or None). ``beta``, ``g`` are ``[B, T, H]`` (``g`` None: no
-    decay); ``chunk_size`` is a power of two >= 16. Shapes are checked by the caller."""
+    decay); ``chunk_size`` is a power of two >= 16. Shapes are checked by the caller.
+    ``beta`` and ``g`` (small) are read from float32 copies, so any floating dtype will do."""
     check_interpreter_state()
-    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
-    g = g.contiguous() if g is not None else None
+    dtype = v.dtype
+    beta = beta.float()
+    g = g.float() if g is not None else None
+    q, k, v, beta, g = contiguous(*interpreter_cast(q, k, v, beta, g))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     bt, bk, bv = _config(dk, dv, chunk_size)
@@ -216,9 +218,9 @@ def chunk_delta_rule_fwd(
 
     # 3. Outputs: scalar-decay linear attention on (q, k, X) from the stored chunk states.
     o = torch.empty_like(v)
-    _fwd_output_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
+    chunk_output_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
         q, k, x, g_arg, hs, o,
         t, h, dk, dv, n_chunks, scale,
         USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=PRECISION,
     )  # fmt: skip
-    return o, (ht if output_final_state else None)
+    return o.to(dtype), (ht if output_final_state else None)

@@ -14,7 +14,7 @@ the start of a chunk to its step ``i`` (so ``G_i <= 0`` and ``G_i - G_j <= 0`` f
 
 The forward pass runs two kernels: ``_fwd_states_kernel`` walks the chunks in order and
 writes the state entering each (the only sequential part, ``T / BT`` steps of matrix
-products), then ``_fwd_output_kernel`` computes every chunk's outputs in parallel.
+products), then ``chunk_output_kernel`` computes every chunk's outputs in parallel.
 
 The backward pass mirrors it. With ``dh`` the gradient of the state leaving a chunk, the
 gradient of the state entering it is ``exp(G_L) dh + scale sum_i exp(G_i) q_i do_i^T``
@@ -39,13 +39,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import check_interpreter_state, interpreting
+from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .limits import MAX_KEY_DIM, check, chunk_size_reason, key_dim_reason
 
-MAX_KEY_DIM = 256
+__all__ = [
+    "MAX_KEY_DIM",
+    "check_key_dim",
+    "chunk_log_decay",
+    "chunk_output_kernel",
+    "chunk_scalar_decay_bwd",
+    "chunk_scalar_decay_fwd",
+]
 
 
 @triton.jit
-def _chunk_log_decay(G, b, h, t0, seq_len, n_heads, USE_G: tl.constexpr, BT: tl.constexpr):
+def chunk_log_decay(G, b, h, t0, seq_len, n_heads, USE_G: tl.constexpr, BT: tl.constexpr):
     """Cumulative log decay ``[BT]`` inside the chunk starting at ``t0`` and its last value.
 
     Steps past the sequence end read ``g = 0``, so the last entry is the chunk's total."""
@@ -90,7 +98,7 @@ def _fwd_states_kernel(
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         v = tl.load(Vp + rows[:, None] * dim_v + offs_v[None, :],
                     mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        gc, g_last = _chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
+        gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         k = k * tl.exp(g_last - gc)[:, None]  # decay from each step to the chunk's end, <= 1
         state = state * tl.exp(g_last) + tl.dot(tl.trans(k), v, input_precision=PRECISION)
 
@@ -99,7 +107,7 @@ def _fwd_states_kernel(
 
 
 @triton.jit
-def _fwd_output_kernel(
+def chunk_output_kernel(
     Q, Kp, Vp, G, HS, Out,
     seq_len, n_heads, dim_k, dim_v, n_chunks, scale,
     USE_G: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -129,7 +137,7 @@ def _fwd_output_kernel(
     hs = tl.load(HS + (pid_bh * n_chunks + pid_n) * dim_k * dim_v
                  + offs_k[:, None] * dim_v + offs_v[None, :],
                  mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # fmt: skip
-    gc, _ = _chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
+    gc, _ = chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
 
     # exp is taken only on the causal triangle, where G_i - G_j <= 0; the rest is exp(-inf) = 0.
     causal = offs_i[:, None] >= offs_i[None, :]
@@ -174,7 +182,7 @@ def _bwd_states_kernel(
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         do = tl.load(DO + rows[:, None] * dim_v + offs_v[None, :],
                      mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        gc, g_last = _chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
+        gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         q = q * (tl.exp(gc) * scale)[:, None]
         dstate = dstate * tl.exp(g_last) + tl.dot(tl.trans(q), do, input_precision=PRECISION)
 
@@ -205,7 +213,7 @@ def _bwd_dqkv_kernel(
     qk_mask = t_ok[:, None] & k_ok[None, :]
     q = tl.load(Q + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
     k = tl.load(Kp + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
-    gc, g_last = _chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
+    gc, g_last = chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
     causal = offs_i[:, None] >= offs_i[None, :]
     decay = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
     to_end = tl.exp(g_last - gc)  # decay from each step to the chunk's end
@@ -275,8 +283,7 @@ def _bwd_dg_kernel(
 
 def check_key_dim(dim_k: int) -> None:
     """Each program holds all of K (padded to a power of two), up to ``MAX_KEY_DIM``."""
-    if dim_k > MAX_KEY_DIM:
-        raise ValueError(f"K must be at most {MAX_KEY_DIM} for the Triton kernel, got {dim_k}")
+    check(key_dim_reason(dim_k))
 
 
 def _config(
@@ -284,8 +291,7 @@ def _config(
 ) -> tuple[int, int, int, str]:
     """Chunk length, key and value block sizes, and dot precision for one call."""
     check_key_dim(dim_k)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    check(chunk_size_reason(chunk_size))
     block_k = max(16, triton.next_power_of_2(dim_k))
     block_v = max(16, triton.next_power_of_2(dim_v))
     if not interpreting():  # on a GPU, more programs over V; the interpreter prefers few
@@ -319,10 +325,6 @@ def _chunk_states(
     return hs, (ht if output_final_state else None)
 
 
-def _contiguous(*xs: torch.Tensor | None) -> list[torch.Tensor | None]:
-    return [x.contiguous() if x is not None else None for x in xs]
-
-
 def chunk_scalar_decay_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -337,7 +339,8 @@ def chunk_scalar_decay_fwd(
     state ``[B, H, K, V]`` (or None). ``g [B, T, H]`` holds log decays (None: no decay);
     ``chunk_size`` is a power of two >= 16. Shapes are checked by the caller."""
     check_interpreter_state()
-    q, k, v, g = _contiguous(q, k, v, g)
+    dtype = v.dtype
+    q, k, v, g = contiguous(*interpreter_cast(q, k, v, g))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     cfg = _config(dk, dv, chunk_size, q.dtype)
@@ -345,12 +348,12 @@ def chunk_scalar_decay_fwd(
     hs, ht = _chunk_states(k, v, g, initial_state, output_final_state, cfg)
     o = torch.empty_like(v)
     grid = (triton.cdiv(dv, bv), triton.cdiv(t, bt), b * h)
-    _fwd_output_kernel[grid](
+    chunk_output_kernel[grid](
         q, k, v, g if g is not None else q, hs, o,
         t, h, dk, dv, hs.shape[2], scale,
         USE_G=g is not None, BT=bt, BK=bk, BV=bv, PRECISION=precision,
     )  # fmt: skip
-    return o, ht
+    return o.to(dtype), ht
 
 
 def chunk_scalar_decay_bwd(
@@ -370,7 +373,8 @@ def chunk_scalar_decay_bwd(
 
     The states entering each chunk are recomputed rather than kept from the forward pass."""
     check_interpreter_state()
-    do, q, k, v, g, dht = _contiguous(do, q, k, v, g, dht)
+    dtypes = [x.dtype if x is not None else None for x in (q, k, v, g)]
+    do, q, k, v, g, dht = contiguous(*interpreter_cast(do, q, k, v, g, dht))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     cfg = _config(dk, dv, chunk_size, q.dtype)
@@ -408,4 +412,8 @@ def chunk_scalar_decay_bwd(
     d_initial = None
     if initial_state is not None:
         d_initial = dh0.to(initial_state.dtype)
+    grads = (dq, dk_, dv_, dg)
+    dq, dk_, dv_, dg = (
+        x.to(d) if x is not None else None for x, d in zip(grads, dtypes, strict=True)
+    )
     return dq, dk_, dv_, dg, d_initial

@@ -11,33 +11,27 @@ tile by tile instead of storing them (FlashAttention-2's scheme):
     dQ = scale * dS K,  dK = scale * dS^T Q,      with delta = rowsum(dO * O).
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on
-the CPU through Triton's interpreter, which is how the tests check them without a GPU.
+the CPU through Triton's interpreter, which is how the tests check them without a GPU
+(bfloat16 inputs are computed in float32 there, see ``effarch_kernels.common``).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_HEAD_DIM = 256
+from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .limits import MAX_HEAD_DIM, check, head_dim_reason
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def check_interpreter_state() -> None:
-    """Triton decides interpreter or compiler when ``triton`` is first imported; an
-    environment variable set later is half-seen and fails deep inside the kernel."""
-    if interpreting() != (type(tl.max).__name__ == "InterpretedFunction"):
-        raise RuntimeError(
-            "TRITON_INTERPRET changed after triton was imported; set it before importing "
-            "torch.utils or effarch (effarch.notebook.setup does this on a CPU)"
-        )
+__all__ = [
+    "MAX_HEAD_DIM",
+    "check_head_dim",
+    "check_interpreter_state",
+    "flash_attention_backward",
+    "flash_attention_forward",
+    "interpreting",
+]
 
 
 @triton.jit
@@ -230,10 +224,7 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
 
 def check_head_dim(head_dim: int) -> None:
     """The kernels pad the head dimension to a power of two, up to ``MAX_HEAD_DIM``."""
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(
-            f"head_dim must be at most {MAX_HEAD_DIM} for the Triton kernel, got {head_dim}"
-        )
+    check(head_dim_reason(head_dim))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -245,9 +236,12 @@ def flash_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: ``o`` like ``q`` and ``lse`` float32 ``[B, Hq, Tq]``.
 
-    Expects contiguous ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]`` on one device.
+    Expects ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]`` of one dtype on one device
+    (shapes are checked by the caller).
     """
     check_interpreter_state()
+    dtype = q.dtype
+    q, k, v = contiguous(*interpreter_cast(q, k, v))
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     check_head_dim(d)
@@ -262,7 +256,7 @@ def flash_attention_forward(
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=precision,
     )  # fmt: skip
-    return o, lse
+    return o.to(dtype), lse
 
 
 def flash_attention_backward(
@@ -280,9 +274,11 @@ def flash_attention_backward(
     ``dk`` and ``dv`` are accumulated per query head in float32 and then summed over the
     query heads that share a key/value head (grouped-query attention).
     """
+    check_interpreter_state()
+    dtypes = q.dtype, k.dtype, v.dtype
+    do, q, k, v, o = contiguous(*interpreter_cast(do, q, k, v, o))
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, Hq, Tq]
     dq = torch.empty_like(q)
     dk_h = torch.empty((b, tk, hq, d), device=q.device, dtype=torch.float32)
@@ -301,6 +297,6 @@ def flash_attention_backward(
         hq, hq // hkv, tq, tk, d, scale, **common,
     )  # fmt: skip
     g = hq // hkv
-    dk = dk_h.view(b, tk, hkv, g, d).sum(3).to(k.dtype)
-    dv = dv_h.view(b, tk, hkv, g, d).sum(3).to(v.dtype)
-    return dq, dk, dv
+    dk = dk_h.view(b, tk, hkv, g, d).sum(3)
+    dv = dv_h.view(b, tk, hkv, g, d).sum(3)
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])

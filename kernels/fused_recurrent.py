@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import check_interpreter_state
+from .common import check_interpreter_state, contiguous, interpreter_cast
 
 
 @triton.jit
@@ -85,9 +85,10 @@ def fused_recurrent(
     ``[B, H, K, V]`` (or None). ``beta`` given selects the delta rule; ``g`` ``[B, T, H]``
     and ``gk`` ``[B, T, H, K]`` are log decays. Shapes are checked by the caller."""
     check_interpreter_state()
+    dtype = v.dtype
+    q, k, v, g, gk, beta = contiguous(*interpreter_cast(q, k, v, g, gk, beta))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(v)
     ht = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
     block_k = max(16, triton.next_power_of_2(dk))
@@ -97,13 +98,13 @@ def fused_recurrent(
     grid = (triton.cdiv(dv, block_v), b * h)
     _fused_recurrent_kernel[grid](
         q, k, v,
-        g.contiguous() if g is not None else dummy,
-        gk.contiguous() if gk is not None else dummy,
-        beta.contiguous() if beta is not None else dummy,
+        g if g is not None else dummy,
+        gk if gk is not None else dummy,
+        beta if beta is not None else dummy,
         h0, o, ht,
         t, h, dk, dv, scale,
         USE_G=g is not None, USE_GK=gk is not None, DELTA=beta is not None,
         USE_H0=initial_state is not None, STORE_HT=output_final_state,
         BLOCK_K=block_k, BLOCK_V=block_v,
     )  # fmt: skip
-    return o, (ht if output_final_state else None)
+    return o.to(dtype), (ht if output_final_state else None)

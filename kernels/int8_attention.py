@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import MAX_HEAD_DIM, check_interpreter_state, interpreting
+from .common import check_interpreter_state, interpreting
+from .limits import check, head_dim_reason
 
 # An INT8 dot on NVIDIA tensor cores needs an inner dimension of at least 32.
 MIN_INT8_DOT_K = 32
@@ -111,8 +112,7 @@ def int8_qk(
     check_interpreter_state()
     b, tq, hq, d = q_int8.shape
     tk, hkv = k_int8.shape[1], k_int8.shape[2]
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM} for the kernel, got {d}")
+    check(head_dim_reason(d))
     q_int8, k_int8 = q_int8.contiguous(), k_int8.contiguous()
     q_scale = q_scale.to(torch.float32).contiguous()
     k_scale = k_scale.to(torch.float32).contiguous()

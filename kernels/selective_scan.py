@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import check_interpreter_state, interpreting
+from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .limits import MAX_STATE_DIM, check, state_dim_reason
 
-MAX_STATE_DIM = 256
+__all__ = ["MAX_STATE_DIM", "selective_scan_fwd"]
 
 
 @triton.jit
@@ -112,14 +113,19 @@ def selective_scan_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel: ``y [B, T, D]`` (dtype of ``u``) and the float32 last state
     ``[B, D, N]`` (or None). ``B``, ``C`` are ``[B, T, G, N]`` with ``G`` dividing ``D``;
-    ``N <= MAX_STATE_DIM``. Shapes are checked by the caller."""
+    ``N <= MAX_STATE_DIM``. Shapes are checked by the caller.
+
+    The kernel loads any floating dtype and computes in float32; the small per-channel
+    tensors ``A``, ``D`` and ``delta_bias`` are read from float32 copies."""
     check_interpreter_state()
+    dtype = u.dtype
     batch, length, dim = u.shape
     n_state = A.shape[1]
-    if n_state > MAX_STATE_DIM:
-        raise ValueError(f"N must be at most {MAX_STATE_DIM} for the Triton kernel, got {n_state}")
-    u, delta, A, B, C = (x.contiguous() for x in (u, delta, A, B, C))
-    D, z, delta_bias = (x.contiguous() if x is not None else None for x in (D, z, delta_bias))
+    check(state_dim_reason(n_state))
+    A, D, delta_bias = (x.float() if x is not None else None for x in (A, D, delta_bias))
+    u, delta, A, B, C, D, z, delta_bias = contiguous(
+        *interpreter_cast(u, delta, A, B, C, D, z, delta_bias)
+    )
     y = torch.empty_like(u)
     ht = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
     block_n = triton.next_power_of_2(n_state)
@@ -135,4 +141,4 @@ def selective_scan_fwd(
         SOFTPLUS=delta_softplus, STORE_HT=return_last_state,
         BLOCK_D=block_d, BLOCK_N=block_n,
     )  # fmt: skip
-    return y, (ht if return_last_state else None)
+    return y.to(dtype), (ht if return_last_state else None)

@@ -143,6 +143,7 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize(("b", "tq", "tk", "hq", "hkv", "d", "bq", "bk"), KERNEL_CASES)
 def test_int8_kernel_equals_the_exact_integer_product(b, tq, tk, hq, hkv, d, bq, bk):
@@ -158,6 +159,7 @@ def test_int8_kernel_equals_the_exact_integer_product(b, tq, tk, hq, hkv, d, bq,
     torch.testing.assert_close(got.double(), exact, rtol=3e-7, atol=0)
 
 
+@pytest.mark.kernel
 @needs_triton
 def test_int8_kernel_writes_every_score(poison_empty):
     """The score matrix comes from torch.empty (NaN here): ragged blocks leave no hole."""
@@ -169,6 +171,7 @@ def test_int8_kernel_writes_every_score(poison_empty):
     assert torch.equal(got, int8_qk_reference(qi, ki, qs, ks, 64, 32))
 
 
+@pytest.mark.kernel
 @needs_triton
 def test_int8_kernel_accumulates_the_largest_products_exactly():
     from effarch_kernels.int8_attention import int8_qk
@@ -265,6 +268,7 @@ def test_smoothing_k_removes_the_error_of_a_channel_bias():
     assert smooth["cos_sim"] > 0.9999 > plain["cos_sim"], (plain, smooth)
 
 
+@pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), [
     (100, 100, 4, 2, 64, True), (17, 130, 2, 1, 40, True), (130, 17, 2, 2, 40, False),

@@ -104,6 +104,7 @@ def test_tiled_rejects_bad_blocks(block_q, block_k):
 # --- the Triton kernel (GPU, or the CPU interpreter) ------------------------------------
 
 
+@pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES)
 def test_kernel_forward_matches_reference(tq, tk, hq, hkv, d, causal):
@@ -114,6 +115,7 @@ def test_kernel_forward_matches_reference(tq, tk, hq, hkv, d, causal):
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES[1:9])
 def test_kernel_gradients_match_autograd_through_the_reference(tq, tk, hq, hkv, d, causal):
@@ -143,6 +145,7 @@ def low_precision_attention(q, k, v, causal):
     return torch.einsum("bhqk,bkhd->bqhd", p, vv)
 
 
+@pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), [CASES[2], CASES[5], CASES[8]])
 def test_kernel_fp16_error_is_within_twice_a_pytorch_fp16_run(tq, tk, hq, hkv, d, causal):
@@ -155,6 +158,7 @@ def test_kernel_fp16_error_is_within_twice_a_pytorch_fp16_run(tq, tk, hq, hkv, d
     assert ours_err <= 2 * torch_err + 1e-5, (ours_err, torch_err)
 
 
+@pytest.mark.kernel
 @needs_triton
 def test_kernel_writes_every_output_element(poison_empty):
     """Outputs come from torch.empty*: they start as NaN, and none may survive."""
@@ -167,6 +171,7 @@ def test_kernel_writes_every_output_element(poison_empty):
     assert not any(g.isnan().any() for g in grads)
 
 
+@pytest.mark.kernel
 @needs_triton
 def test_kernel_bfloat16_under_the_interpreter_runs_in_float32():
     if DEV == "cuda":
@@ -186,6 +191,23 @@ def test_torch_backend_and_auto_fall_back_to_sdpa(monkeypatch):
         torch.testing.assert_close(flash_attention(q, k, v, causal=True), want)
         with pytest.raises(ValueError, match="backend='triton' cannot run: .*CUDA GPU"):
             flash_attention(q, k, v, backend="triton")
+
+
+@needs_triton
+def test_auto_is_sdpa_on_cpu_tensors_even_under_the_interpreter(monkeypatch):
+    """The backend rule of effarch._kernels: "auto" runs the kernel on CUDA tensors only; the
+    interpreter is reached with backend="triton" alone."""
+    if DEV == "cuda":
+        pytest.skip("on a GPU auto picks the kernel")
+
+    def boom(*a, **kw):
+        raise AssertionError("auto must not run the kernel on CPU tensors")
+
+    monkeypatch.setattr("effarch_kernels.flash_attention.flash_attention_forward", boom)
+    q, k, v = rand(1, 40, 4, 16), rand(1, 40, 2, 16), rand(1, 40, 2, 16)
+    torch.testing.assert_close(flash_attention(q, k, v), sdpa_attention(q, k, v))
+    with pytest.raises(ValueError, match="return_lse=True needs the Triton kernel"):
+        flash_attention(q, k, v, return_lse=True)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,15 @@
 """FLOP counting (measured against analytic) and exponent fitting."""
 
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from effarch.attention import attention_mask, naive_attention
-from effarch.bench import attention_flops, benchmark, fit_exponent, matmul_flops, measure_flops
+from effarch.bench import attention_flops, fit_exponent, matmul_flops, measure_flops, sweep
+from effarch.bench.timing import MIN_BLOCK_S
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(3, 5, 7), (64, 128, 32), (1, 1, 1)])
@@ -76,16 +78,35 @@ def test_fit_rejects_bad_input():
         fit_exponent([1, 2], [1, math.nan])
 
 
-def _timed_exponent(fn, sizes):
-    times = [benchmark(lambda n=n: fn(n), min_run_time=0.03).median for n in sizes]
-    return fit_exponent(sizes, times).exponent
+def test_sweep_plus_fit_finds_linear_and_quadratic_work(monkeypatch):
+    """Measured, not synthetic: O(n) and O(n^2) matrix products run for real over a sweep;
+    their FLOPs are counted by the toolkit and their time is read on a fake clock that each
+    call charges for its FLOPs (a machine of 2^27 FLOP/s), so no assertion depends on the
+    load of this machine. Both columns must fit the exponents 1 and 2."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    rate, c = 2.0**27, 4
+    a, b = torch.ones(2048, 2048), torch.ones(2048, c)
+    work = {"linear": lambda n: 2 * n * c * c, "quadratic": lambda n: 2 * n * n * c}
 
+    def linear(n):
+        a[:n, :c] @ b[:c]  # [n, c] @ [c, c]
+        now[0] += work["linear"](n) / rate
 
-def test_timing_plus_fit_finds_linear_and_quadratic_work():
-    """Measured, not synthetic: O(n) and O(n^2) workloads timed on this machine."""
-    x = torch.ones(2**22)
-    a = torch.ones(4096, 4096)
-    linear = _timed_exponent(lambda n: x[:n].cumsum(0), [2**k for k in range(18, 23)])
-    quadratic = _timed_exponent(lambda n: a[:n, :n] @ x[:n], [2**k for k in range(9, 13)])
-    assert 0.7 < linear < 1.3
-    assert 1.7 < quadratic < 2.3
+    def quadratic(n):
+        a[:n, :n] @ b[:n]  # [n, n] @ [n, c]
+        now[0] += work["quadratic"](n) / rate
+
+    sizes = [2**k for k in range(6, 12)]
+    result = sweep({"linear": linear, "quadratic": quadratic}, sizes, lambda n: n,
+                   measure=("time", "flops"), analytic_flops=work, min_run_time=2**-7,
+                   progress=False)  # fmt: skip
+    assert len(result.rows) == 2 * len(sizes)
+    for row in result.rows:
+        assert row["status"] == "ok" and row["flops"] == row["analytic_flops"]
+        assert row["time_s"] == row["analytic_flops"] / rate  # seconds per call, exactly
+    # the cheapest calls are timed in blocks, the dearest one at a time
+    assert result.rows[0]["time_s"] < MIN_BLOCK_S <= result.rows[-1]["time_s"]
+    for column in ("flops", "time_s"):
+        assert result.fit("linear", column).exponent == pytest.approx(1.0, abs=1e-9)
+        assert result.fit("quadratic", column).exponent == pytest.approx(2.0, abs=1e-9)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.kernel
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -163,13 +164,12 @@ def test_backend_errors_and_auto(monkeypatch):
     with pytest.raises(ValueError, match="backend='triton' cannot run: .*K up to 256"):
         big = torch.zeros(1, 4, 1, 300)
         ops.delta_rule(big, big, big, torch.zeros(1, 4, 1), backend="triton")
-    # auto keeps PyTorch on a CPU, and wherever an input requires grad
-    import effarch.linear.delta_kernel as dk
 
+    # auto keeps PyTorch on a CPU, and wherever an input requires grad
     def boom(*a, **kw):
         raise AssertionError("auto must not run the forward-only kernel here")
 
-    monkeypatch.setattr(dk, "chunk_delta_rule", boom)
+    monkeypatch.setattr("effarch_kernels.chunk_delta_rule.chunk_delta_rule_fwd", boom)
     if DEV == "cpu":
         ops.delta_rule(q, k, v, beta)
     qd, kd, vd, bd, gd = (t.to(DEV) for t in (q, k, v, beta, g))

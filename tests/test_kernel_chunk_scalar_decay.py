@@ -7,7 +7,10 @@ import torch
 from effarch.attention.flash import triton_available
 from effarch.linear.ops import linear_attention, simple_gla
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
+]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.kernel
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

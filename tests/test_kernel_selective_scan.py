@@ -5,6 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.kernel
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -173,13 +174,12 @@ def test_backend_errors_and_auto(monkeypatch):
         sel.selective_scan(u, delta, torch.zeros(8, 300), big, big, backend="triton")
     with pytest.raises(ValueError, match="backend='triton' cannot run"):
         sel.selective_scan(u.double(), delta, A, B, C, backend="triton")
-    # auto keeps PyTorch on a CPU, and wherever an input requires grad (here: training)
-    import effarch.ssm.scan_kernel as sk
 
+    # auto keeps PyTorch on a CPU, and wherever an input requires grad (here: training)
     def boom(*a, **kw):
         raise AssertionError("auto must not run the forward-only kernel here")
 
-    monkeypatch.setattr(sk, "selective_scan_kernel", boom)
+    monkeypatch.setattr("effarch_kernels.selective_scan.selective_scan_fwd", boom)
     if DEV == "cpu":
         sel.selective_scan(u, delta, A, B, C)
     ud = u.to(DEV).requires_grad_()

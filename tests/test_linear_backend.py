@@ -17,6 +17,7 @@ def qkv(t=70, h=2, dk=16, dv=24):
     return q, k, v, g
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("op", ["simple_gla", "retention", "linear_attention"])
 def test_triton_backend_equals_torch_backend(op):
     q, k, v, g = qkv()
@@ -35,6 +36,7 @@ def test_triton_backend_equals_torch_backend(op):
     torch.testing.assert_close(s_k, s_t, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.kernel
 def test_triton_backend_is_differentiable():
     q, k, v, g = (t.requires_grad_() for t in qkv(t=40))
     o, _ = simple_gla(q, k, v, g, chunk_size=16, backend="triton")
@@ -47,23 +49,49 @@ def test_triton_backend_is_differentiable():
 
 
 def test_auto_uses_torch_on_a_cpu(monkeypatch):
+    """Even under the interpreter (set by conftest on a CPU), "auto" runs PyTorch on CPU
+    tensors: the kernel's launcher is never reached."""
     if DEV == "cuda":
         pytest.skip("on a GPU auto picks the kernel")
-    import effarch.linear.chunk_kernel as ck
 
     def boom(*a, **kw):
         raise AssertionError("auto must not run the kernel on a CPU")
 
-    monkeypatch.setattr(ck, "chunk_scalar_decay", boom)
+    monkeypatch.setattr("effarch_kernels.chunk_scalar_decay.chunk_scalar_decay_fwd", boom)
     q, k, v, g = qkv()
     simple_gla(q, k, v, g)  # backend="auto"
+    retention(q, k, v, chunk_size=16)
+    linear_attention(q, k, v, chunk_size=16)
+
+
+def test_the_backend_rule():
+    """effarch._kernels.use_triton, the one switch every fast path asks: "torch" never,
+    "triton" always or a ValueError with the reason, "auto" only on CUDA tensors."""
+    from effarch._kernels import use_triton
+
+    x = torch.zeros(2, 3, device=DEV)
+    assert use_triton("torch", x) is False
+    assert use_triton("triton", x) is True  # a GPU, or the interpreter on a CPU
+    assert use_triton("auto", x) is (DEV == "cuda")
+    assert use_triton("auto", x, limit="too big") is False
+    with pytest.raises(ValueError, match="backend='triton' cannot run: too big"):
+        use_triton("triton", x, limit="too big")
+    with pytest.raises(ValueError, match="backend='triton' cannot run: .*forward only"):
+        use_triton("triton", x, forward_only=(x.requires_grad_(),))
+    with torch.no_grad():  # nothing is recorded, so a forward-only kernel may run
+        assert use_triton("triton", x, forward_only=(x,)) is True
+    with pytest.raises(ValueError, match="backend='triton' cannot run: .*float64"):
+        use_triton("triton", x.double())
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'torch', 'triton'\]"):
+        use_triton("cuda", x)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
         (dict(mode="recurrent"), "chunk form"),
-        (dict(chunk_size=24), "power-of-two chunk_size"),
+        (dict(chunk_size=24), "chunk_size must be a power of two >= 16, got 24"),
+        (dict(chunk_size=8), "chunk_size must be a power of two >= 16, got 8"),
     ],
 )
 def test_triton_backend_explains_why_it_cannot_run(kwargs, words):
@@ -76,6 +104,7 @@ def test_triton_backend_explains_why_it_cannot_run(kwargs, words):
         linear_attention(q, k, v, normalize=True, backend="triton")
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("variant", ["linear", "simple_gla", "gla", "delta", "gated_delta"])
 def test_fused_recurrent_equals_the_ops_recurrent_mode(variant):
     import torch.nn.functional as F
@@ -138,3 +167,21 @@ def test_linear_attention_costs():
     assert c64["state_flops"] == rec["flops"]
     with pytest.raises(ValueError, match="form"):
         linear_attention_costs(t, k, v, form="fused")
+
+
+def test_kernel_limits_have_one_source():
+    """The limits live in effarch_kernels.limits (no Triton needed); the ops' reasons and the
+    kernel functions' errors are its sentences."""
+    from effarch_kernels import limits
+
+    from effarch.linear import chunk_kernel
+
+    assert [c for c in range(1, 300) if limits.chunk_size_supported(c)] == [16, 32, 64, 128, 256]
+    assert chunk_kernel.MAX_KEY_DIM == limits.MAX_KEY_DIM == 256
+    assert limits.key_dim_reason(256) is None and "K up to 256" in limits.key_dim_reason(257)
+    assert limits.state_dim_reason(0) and limits.state_dim_reason(1) is None
+    assert chunk_kernel.chunk_kernel_limit("chunk", 64, 256) is None
+    assert chunk_kernel.chunk_kernel_limit("chunk", 48, 16) == limits.chunk_size_reason(48)
+    q, k, v, g = qkv()
+    with pytest.raises(ValueError, match=limits.chunk_size_reason(48)):
+        chunk_kernel.chunk_scalar_decay(q, k, v, g, scale=None, chunk_size=48)

@@ -387,9 +387,10 @@ def test_long_sequence_with_strong_decay_stays_finite(name):
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("decay", ["mild", "strong", "mixed"])
 def test_decayed_intra_chunk_scores_equal_the_pairwise_formula(decay, strict):
-    """``_gla_intra`` takes a one-product path for blocks with a small decay range and an
-    exact pairwise path otherwise ("mixed" has both in one call); both equal the formula."""
-    from effarch.linear.ops import _gla_intra
+    """``intra_chunk_scores`` takes a one-product path for blocks with a small decay range
+    and an exact pairwise path otherwise ("mixed" has both in one call); both equal the
+    formula."""
+    from effarch.linear.common import intra_chunk_scores
 
     c, dk = 64, 8
     q, k = torch.randn(2, c, dk, dtype=F64), torch.randn(2, c, dk, dtype=F64)
@@ -398,7 +399,7 @@ def test_decayed_intra_chunk_scores_equal_the_pairwise_formula(decay, strict):
         g[:, 40:50] = -20.0  # one strong stretch: its block alone needs the pairwise path
     gk = g.cumsum(-2)
     gq = gk - g if strict else gk
-    got = _gla_intra(q, k, gq, gk, sub=16, strict=strict)
+    got = intra_chunk_scores(q, k, gq, gk, sub=16, strict=strict)
     keep = torch.ones(c, c, dtype=torch.bool).tril(-1 if strict else 0)
     exponent = (gq[:, :, None, :] - gk[:, None, :, :]).masked_fill(~keep[..., None], -math.inf)
     want = torch.einsum("bik,bjk,bijk->bij", q, k, torch.exp(exponent))

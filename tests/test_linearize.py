@@ -1,4 +1,5 @@
-"""effarch.linear.linearize: linearized attention, attention transfer, LoRA and the sweeps.
+"""Linearization: the layer (effarch.linear.linearize), LoRA (effarch.nn.lora), attention
+transfer and the sweeps (effarch.experiments.linearization).
 
 The exact checks run in float64 against formulas written out here, one query at a time: the
 linear path against normalised ``phi(q) . phi(k)`` attention, the sliding-window hybrid
@@ -14,19 +15,20 @@ import torch
 from einops import rearrange
 
 from effarch.attention import MultiHeadAttention, apply_rope, naive_attention
-from effarch.linear.linearize import (
+from effarch.experiments import (
     LinearizationTask,
-    LinearizedAttention,
-    LoRALinear,
     TransferResult,
-    add_lora,
     attention_transfer,
-    linearization_error,
     linearization_sweep,
     linearization_task,
     low_rank_finetune,
+)
+from effarch.linear.linearize import (
+    LinearizedAttention,
+    linearization_error,
     softmax_attention_weights,
 )
+from effarch.nn import LoRALinear, add_lora
 
 F64 = torch.float64
 

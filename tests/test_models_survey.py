@@ -1,12 +1,16 @@
-"""The transformer cost model against FlopCounterMode, and the survey's data."""
+"""The transformer cost model against FlopCounterMode, and the survey's data (its state
+table checked against the layers' own ``state_size``)."""
 
 import pytest
 import torch
 
+from effarch.attention import MultiHeadAttention, MultiHeadLatentAttention
 from effarch.bench import measure_flops, peak_memory
+from effarch.linear import LinearAttention
 from effarch.models import (
     LLAMA2_7B,
     MISTRAL_7B,
+    SlidingWindowAttention,
     TransformerBlock,
     TransformerConfig,
     attention_crossover,
@@ -14,7 +18,8 @@ from effarch.models import (
     block_flops,
     block_memory,
 )
-from effarch.survey import FAMILIES, MIXERS, mixer_state_elements
+from effarch.ssm import Mamba
+from effarch.survey import FAMILIES, STATE_TABLE_MIXERS, mixer_state_elements
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -92,7 +97,7 @@ def test_mixer_states():
         assert mixer_state_elements(growing, 2000) > mixer_state_elements(growing, 1000)
     # the MHA state is exactly the per-layer KV cache
     assert 2 * mixer_state_elements("mha", 4096) == 2 * 4096 * 32 * 128 * 2
-    assert set(MIXERS) == {
+    assert set(STATE_TABLE_MIXERS) == {
         "mha",
         "gqa",
         "mla",
@@ -105,6 +110,25 @@ def test_mixer_states():
         mixer_state_elements("rnn", 1)
     with pytest.raises(ValueError, match="context"):
         mixer_state_elements("mha", -1)
+
+
+def test_survey_table_agrees_with_the_layers():
+    """The survey's analytic formulas give what the layers themselves report, at a small
+    size (the table's default is an LLM's width)."""
+    d, h, g = 64, 4, 2
+    sizes = dict(d_model=d, n_heads=h, n_kv_heads=g, kv_lora_rank=16, rope_head_dim=8,
+                 window=8, d_state=4, expand=2)  # fmt: skip
+    layers = {
+        "mha": MultiHeadAttention(d, h),
+        "gqa": MultiHeadAttention(d, h, g),
+        "mla": MultiHeadLatentAttention(d, h, kv_lora_rank=16, qk_rope_head_dim=8),
+        "sliding_window": SlidingWindowAttention(d, h, window=8),
+        "linear_attention": LinearAttention(d, h, normalize=False),
+        "mamba": Mamba(d, d_state=4, expand=2),
+    }
+    for context in (1, 8, 100):
+        for name, layer in layers.items():
+            assert mixer_state_elements(name, context, **sizes) == layer.state_size(context), name
 
 
 def test_attention_crossover():

@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 
-from effarch.models.recall_plot import plot_recall_tradeoff, recall_table  # noqa: E402
+from effarch.experiments.recall import plot_recall_tradeoff, recall_table  # noqa: E402
 
 RECORDS = [
     {"mixer": "attention", "state_size": 8192, "accuracy": 1.0, "infer_tokens_per_s": 1e5,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from effarch.linear.hgrn import hgrn
-from effarch.scan import _blelloch, _hillis_steele, linear_recurrence, scan_depth
+from effarch.scan import blelloch_scan, hillis_steele_scan, linear_recurrence, scan_depth
 from effarch.ssm.s4 import discretize, fft_conv, s4d_init, ssm_kernel, ssm_recurrence
 from effarch.ssm.selective import selective_scan
 from effarch.ssm.ssd import segsum, ssd, ssd_matrix, ssd_recurrent
@@ -56,8 +56,10 @@ def test_linear_recurrence_plain_and_complex():
 def test_scan_depth_counts_the_steps_taken():
     for T in range(1, 300):
         a, b = torch.rand(1, T), torch.randn(1, T)
-        assert _hillis_steele(a, b)[1] == scan_depth(T, "hillis_steele") == math.ceil(math.log2(T))
-        depth = _blelloch(a, b)[1]
+        assert (
+            hillis_steele_scan(a, b)[1] == scan_depth(T, "hillis_steele") == math.ceil(math.log2(T))
+        )
+        depth = blelloch_scan(a, b)[1]
         assert depth == scan_depth(T, "blelloch")
         if T > 1:
             log = math.ceil(math.log2(T))
@@ -323,6 +325,28 @@ def test_segsum_is_difference_of_cumsums():
     lower = torch.ones(12, 12, dtype=torch.bool).tril()
     close(s[..., lower], (cs[..., :, None] - cs[..., None, :])[..., lower])
     assert torch.isneginf(s[..., ~lower]).all()
+
+
+def test_segsum_is_one_function_for_ssd_and_per_key_decays():
+    """effarch.ssm.segsum is effarch.scan.segsum; along dim=-2 ([T, K] decays, as GLA's) it
+    is the scalar segsum of every key column, by explicit loops."""
+    import effarch.scan
+    import effarch.ssm
+
+    assert effarch.ssm.segsum is effarch.scan.segsum is segsum
+    g = -torch.rand(2, 9, 5, dtype=F64)  # [B, T, K]
+    got = segsum(g, dim=-2)  # [B, T, T, K]
+    assert got.shape == (2, 9, 9, 5)
+    for i in range(9):
+        for j in range(9):
+            want = (
+                g[:, j + 1 : i + 1].sum(1) if j <= i else torch.full((2, 5), -math.inf, dtype=F64)
+            )
+            close(got[:, i, j], want)
+    with pytest.raises(ValueError, match="dim must be an int"):
+        segsum(g, dim=3)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        segsum([1.0, 2.0])
 
 
 def test_ssd_long_sequence_strong_decay_is_finite():

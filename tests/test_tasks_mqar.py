@@ -1,9 +1,11 @@
-"""The MQAR generator: its layout checked by a plain Python loop, seeding, speed and errors."""
+"""The MQAR generator: its layout checked by a plain Python loop, seeding, vectorisation and
+errors."""
 
-import time
+import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from effarch.tasks import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
 
@@ -95,10 +97,71 @@ def test_seeds_reproduce_and_differ():
     assert torch.equal(torch.rand(1), before)
 
 
-def test_fast_and_indexable():
-    t0 = time.perf_counter()
+class _CountTorchCalls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _work(fn, filename: str) -> tuple[int, int]:
+    """Run ``fn()``; return the torch calls it made and the lines of ``filename`` it ran."""
+    lines = 0
+
+    def count_lines(frame, event, arg):
+        nonlocal lines
+        lines += event == "line"
+        return count_lines
+
+    def tracer(frame, event, arg):
+        return count_lines if frame.f_code.co_filename == filename else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with _CountTorchCalls() as counter:
+            fn()
+    finally:
+        sys.settrace(previous)
+    return counter.calls, lines
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(seq_len=64, n_pairs=8, vocab_size=64),
+        dict(seq_len=300, n_pairs=40, vocab_size=8192, n_queries=16, filler="random"),
+    ],
+)
+def test_fast_because_vectorised_over_the_examples(kwargs):
+    """Fast means no per-example work in Python: 100x the examples, the same torch calls
+    (each a vectorised operation over all of them) and the same lines of the generator run."""
+    source = mqar.__code__.co_filename
+    few = _work(lambda: mqar(100, **kwargs), source)
+    many = _work(lambda: mqar(10_000, **kwargs), source)
+    assert few == many
+    assert min(many) > 0
+
+
+def test_the_work_counters_see_per_example_work():
+    """The counters of the test above do see a loop over the examples."""
+
+    def per_example(n):
+        return [torch.zeros(3) for _ in range(n)]
+
+    source = per_example.__code__.co_filename
+    few = _work(lambda: per_example(100), source)
+    many = _work(lambda: per_example(10_000), source)
+    assert many[0] - few[0] == 9_900 and many[1] > 100 * few[1] // 2
+
+
+def test_indexable():
     b = mqar(10_000, seq_len=64, n_pairs=8, vocab_size=64)
-    assert time.perf_counter() - t0 < 1.0
     assert len(b) == 10_000
     part = b[10:20]
     assert isinstance(part, MQARBatch) and len(part) == 10

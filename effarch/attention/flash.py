@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from effarch_kernels.limits import head_dim_reason
 
-from .._checks import check_choice
-from .._kernels import triton_available, triton_unusable_reason
-from .naive import _check_qkv, sdpa_attention
+from .._checks import check_attention_qkv
+from .._kernels import BACKENDS, triton_available, use_triton
+from .naive import launch_sdpa
 
-BACKENDS = ("auto", "triton", "torch")
 __all__ = ["BACKENDS", "flash_attention", "triton_available"]
 
 
@@ -55,36 +55,40 @@ def flash_attention(
     causal mask, zeros for a query that sees no key.
 
     Args:
+        q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]`` (``Dv == D`` for the kernel).
+        causal: bottom-right aligned causal mask, as flash-attn.
+        scale: score scale, default ``D ** -0.5``.
         backend: ``"triton"`` runs ``effarch_kernels.flash_attention`` (forward and
             backward, differentiable) on a CUDA GPU, or on the CPU under
-            ``TRITON_INTERPRET=1``; ``"torch"`` runs PyTorch's fused
-            ``scaled_dot_product_attention``; ``"auto"`` picks Triton when it can run.
-        return_lse: also return the float32 log-sum-exp ``[B, Hq, Tq]`` (Triton backend).
+            ``TRITON_INTERPRET=1``, or says why it cannot; ``"torch"`` runs PyTorch's fused
+            ``scaled_dot_product_attention``; ``"auto"`` runs the kernel on CUDA tensors when
+            it can and SDPA otherwise (the rule of :mod:`effarch._kernels`; on the CPU
+            ``"auto"`` is always SDPA).
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, Tq]`` (the kernel only:
+            use ``backend="triton"``, or :func:`~effarch.attention.tiled_attention`).
+
+    Returns:
+        ``o [B, Tq, Hq, D]`` in the dtype of ``q``, and with ``return_lse`` the ``lse``.
 
     The kernel pads head dimensions to a power of two (at most 256) and needs
     ``Dv == D``. bfloat16 needs an Ampere or newer GPU (a T4 must use float16); under the
     interpreter bfloat16 inputs are computed in float32.
+
+    flash-attn: ``flash_attn_func(q, k, v, softmax_scale=scale, causal=causal,
+    return_attn_probs=return_lse)``.
     """
-    _check_qkv(q, k, v)
-    check_choice("backend", backend, BACKENDS)
+    check_attention_qkv(q, k, v)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
-    reason = triton_unusable_reason(q)
+    limit = head_dim_reason(d)
     if v.shape[-1] != d:
-        reason = reason or f"the kernel needs v's head_dim ({v.shape[-1]}) to equal q's ({d})"
-    if d > 256:
-        reason = reason or f"the kernel supports head_dim up to 256, got {d}"
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend='triton' cannot run: {reason}")
-    if backend == "torch" or (backend == "auto" and reason is not None):
+        limit = f"the kernel needs v's head_dim ({v.shape[-1]}) to equal q's ({d})"
+    if not use_triton(backend, q, limit=limit):
         if return_lse:
-            raise ValueError("return_lse=True needs the Triton backend; use tiled_attention")
-        return sdpa_attention(q, k, v, causal=causal, scale=scale)
-
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's bf16 is broken
-        q, k, v = q.float(), k.float(), v.float()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            raise ValueError(
+                "return_lse=True needs the Triton kernel (backend='triton'); use "
+                "tiled_attention for the log-sum-exp in PyTorch"
+            )
+        return launch_sdpa(q, k, v, causal=causal, scale=scale)
     o, lse = _FlashAttention.apply(q, k, v, causal, scale)
-    o = o.to(dtype)
     return (o, lse) if return_lse else o

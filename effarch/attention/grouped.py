@@ -175,6 +175,15 @@ class MultiHeadAttention(nn.Module):
             batch, max_len, self.n_kv_heads, self.head_dim, dtype=w.dtype, device=w.device
         )
 
+    def state_size(self, seq_len: int) -> int:
+        """KV-cache elements one sequence holds after ``seq_len = T`` tokens: ``2 T G dh``.
+
+        Keys and values of every token, ``G = n_kv_heads`` heads of width ``dh = head_dim``
+        (what :meth:`new_cache` fills); it grows with the context.
+        """
+        check_positive_int("seq_len", seq_len)
+        return 2 * seq_len * self.n_kv_heads * self.head_dim
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = project_qkv(self, x, 0 if cache is None else cache.length)
         if cache is not None:

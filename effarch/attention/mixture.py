@@ -32,8 +32,14 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_positive_number, check_tensor
-from .naive import _check_qkv, attention_mask, naive_attention
+from .._checks import (
+    check_attention_qkv,
+    check_choice,
+    check_positive_int,
+    check_positive_number,
+    check_tensor,
+)
+from .naive import attention_mask, naive_attention
 
 # --- mixture of heads ----------------------------------------------------------------------
 
@@ -322,7 +328,7 @@ def moba_select_blocks(
         Each query head selects on its own (with GQA, against the mean keys of its
         key/value head).
     """
-    _check_qkv(q, k, k)
+    check_attention_qkv(q, k, k)
     _check_moba_args(block_size, top_k)
     return _moba_select(q, k, block_size, top_k, bool(causal))
 
@@ -469,7 +475,7 @@ def moba_attention(
     Cost per query: ``N`` gate dot products plus at most ``top_k * block_size`` keys,
     instead of ``Tk``. Half-precision inputs are computed in float32.
     """
-    _check_qkv(q, k, v)
+    check_attention_qkv(q, k, v)
     _check_moba_args(block_size, top_k)
     check_choice("impl", impl, ("gather", "dense"))
     d = q.shape[-1]

@@ -97,6 +97,15 @@ class MultiHeadLatentAttention(nn.Module):
         return KVCache(batch, max_len, 1, self.d_c, head_dim_v=self.d_r, dtype=w.dtype,
                        device=w.device)  # fmt: skip
 
+    def state_size(self, seq_len: int) -> int:
+        """Latent-cache elements one sequence holds after ``seq_len = T`` tokens: ``T (d_c + d_r)``.
+
+        The latent ``c_kv`` (``d_c = kv_lora_rank``) and the shared RoPE key
+        (``d_r = qk_rope_head_dim``) of every token, whatever the number of heads.
+        """
+        check_positive_int("seq_len", seq_len)
+        return seq_len * (self.d_c + self.d_r)
+
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK [H, d_n, d_c]`` and ``W_UV [H, d_v, d_c]``, views of ``kv_up``."""
         w = rearrange(self.kv_up.weight, "(h e) c -> h e c", h=self.n_heads)

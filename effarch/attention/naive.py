@@ -11,38 +11,10 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from .._checks import check_same, check_tensor
+from .._checks import check_attention_qkv
 
 # scaled_dot_product_attention shares key/value heads natively from torch 2.5 on
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    check_tensor("q", q, ndim=4, floating=True)
-    check_tensor("k", k, ndim=4, floating=True)
-    check_tensor("v", v, ndim=4, floating=True)
-    check_same(("q", "k", "v"), (q, k, v))
-    b, _, hq, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(
-            f"q, k and v must share the batch size: q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[3] != d:
-        raise ValueError(
-            f"k must have the head_dim of q ({d}) in dim 3, got shape {tuple(k.shape)}"
-        )
-    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise ValueError(
-            f"v must match k in seq and heads: expected [{b}, {k.shape[1]}, {k.shape[2]}, *], "
-            f"got {tuple(v.shape)}"
-        )
-    hkv = k.shape[2]
-    if hq % hkv != 0:
-        raise ValueError(
-            f"the number of q heads ({hq}) must be a multiple of the number of k/v heads "
-            f"({hkv}) for grouped-query attention"
-        )
 
 
 def attention_mask(
@@ -104,7 +76,7 @@ def naive_attention(
     Equivalent to ``flash_attn_func(q, k, v, softmax_scale=scale, causal=causal,
     window_size=window)``.
     """
-    _check_qkv(q, k, v)
+    check_attention_qkv(q, k, v)
     if window is not None:
         if (
             not isinstance(window, (tuple, list))
@@ -147,7 +119,20 @@ def sdpa_attention(
     are zeroed, as in flash-attn. An independent reference for tests and the baseline in
     benchmarks.
     """
-    _check_qkv(q, k, v)
+    check_attention_qkv(q, k, v)
+    return launch_sdpa(q, k, v, causal=causal, scale=scale)
+
+
+def launch_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`sdpa_attention` on arguments already checked (by it, or by
+    :func:`~effarch.attention.flash_attention` when it falls back to PyTorch)."""
     tq, tk = q.shape[1], k.shape[1]
     groups = q.shape[2] // k.shape[2]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]

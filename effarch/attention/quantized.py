@@ -24,11 +24,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from effarch_kernels.limits import head_dim_reason
 from einops import repeat
 
-from .._checks import check_choice, check_positive_int, check_tensor
-from .._kernels import triton_unusable_reason
-from .naive import _check_qkv, attention_mask
+from .._checks import check_attention_qkv, check_choice, check_positive_int, check_tensor
+from .._kernels import use_triton
+from .naive import attention_mask
 
 BACKENDS = ("torch", "triton")
 PV_DTYPES = (torch.float16, torch.float32)
@@ -229,7 +230,9 @@ def quantized_attention(
             (SageAttention), ``torch.float32`` keeps them in float32.
         backend: ``"torch"`` computes the integer product in PyTorch (exactly, in
             float64); ``"triton"`` runs the kernel ``effarch_kernels.int8_attention.int8_qk``
-            (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``). Both give the same
+            (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``) or raises a ValueError
+            saying why it cannot (the rule of :mod:`effarch._kernels`; there is no
+            ``"auto"`` here, since the PyTorch form is the reference). Both give the same
             scores bit for bit.
 
     Returns:
@@ -244,7 +247,7 @@ def quantized_attention(
     within a key block before adding to an FP32 buffer; here the sums are FP32 throughout.
     The causal mask is the bottom-right one of :func:`~effarch.attention.naive_attention`.
     """
-    _check_qkv(q, k, v)
+    check_attention_qkv(q, k, v)
     check_choice("backend", backend, BACKENDS)
     check_positive_int("block_q", block_q)
     check_positive_int("block_k", block_k)
@@ -253,12 +256,8 @@ def quantized_attention(
     if not isinstance(smooth, bool):
         raise TypeError(f"smooth must be a bool, got {type(smooth).__name__} ({smooth!r})")
     d = q.shape[-1]
-    if backend == "triton":
-        reason = triton_unusable_reason(q, dtypes=None)  # the kernel reads INT8 copies
-        if reason is None and d > 256:
-            reason = f"the kernel supports head_dim up to 256, got {d}"
-        if reason is not None:
-            raise ValueError(f"backend='triton' cannot run: {reason}")
+    # the kernel reads INT8 copies, so any floating dtype will do
+    run_kernel = use_triton(backend, q, limit=head_dim_reason(d), dtypes=None)
     scale = d**-0.5 if scale is None else float(scale)
     b, tq, hq, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -270,7 +269,7 @@ def quantized_attention(
     q_i8, q_s = quantize_per_block(q.float(), block_size=block_q)
     k_i8, k_s = quantize_per_block(kf, block_size=block_k)
     q_s = q_s * scale  # fold the softmax scale into the query scales, as SageAttention does
-    if backend == "triton":
+    if run_kernel:
         from effarch_kernels.int8_attention import int8_qk
 
         s = int8_qk(q_i8, k_i8, q_s, k_s, block_q, block_k)

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .._checks import check_positive_int
-from .naive import _check_qkv
+from .._checks import check_attention_qkv, check_positive_int
 
 
 def tiled_attention(
@@ -56,7 +55,7 @@ def tiled_attention(
     Autograd works through this function; unlike the fused kernel, its backward keeps
     every tile (FlashAttention instead recomputes them from ``lse``).
     """
-    _check_qkv(q, k, v)
+    check_attention_qkv(q, k, v)
     check_positive_int("block_q", block_q)
     check_positive_int("block_k", block_k)
     b, tq, hq, d = q.shape

@@ -1,24 +1,39 @@
 """Wall-clock timing that can be trusted.
 
-* CPU: :class:`torch.utils.benchmark.Timer` (a monotonic ``perf_counter`` clock, blocked
-  repeats until ``min_run_time`` has passed, thread count pinned).
+* CPU: our own loop on the monotonic ``time.perf_counter`` clock, with the garbage collector
+  off inside each timed block (as ``timeit`` does). A call that takes at least
+  :data:`MIN_BLOCK_S` is timed on its own; faster calls are timed in blocks of
+  ``number = ceil(MIN_BLOCK_S / probe)`` calls (``probe``: the first timed call, then
+  discarded) and every block gives one sample, ``block time / number``, so the cost of
+  reading the clock stays negligible. Samples are collected until ``min_run_time`` seconds
+  of calls have been timed (the probe counts when it is a sample).
 * GPU: ``triton.testing.do_bench`` when Triton is installed (CUDA events, L2 flush between
-  runs), otherwise the same Torch timer, which synchronises the device around every block.
+  runs), otherwise the same loop, which synchronises the device around every block.
 
 Either way the call is warmed up first and the result is a :class:`Timing` with the median
-and the spread of the repeats, never a single number.
+and the spread of the repeats, never a single number. ``grad_to_none`` resets gradients
+before every call, outside the timed region, as ``triton.testing.do_bench`` does.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import statistics
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._checks import check_callable, check_positive_int, check_positive_number
+from .._checks import check_callable, check_positive_int, check_positive_number, check_tensor
+
+#: Calls faster than this (seconds) are timed in blocks lasting at least this long.
+MIN_BLOCK_S = 1e-4
+#: The most calls in one timed block (reached only by calls faster than 0.1 ns).
+MAX_BLOCK_CALLS = 1_000_000
+METHODS = ("auto", "perf_counter", "do_bench")
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,55 @@ def _has_triton() -> bool:
     return True
 
 
+def _check_grad_to_none(grad_to_none: Any) -> list[torch.Tensor]:
+    if grad_to_none is None:
+        return []
+    if isinstance(grad_to_none, (torch.Tensor, str, bytes)) or not isinstance(
+        grad_to_none, Sequence
+    ):
+        raise TypeError(
+            "grad_to_none must be None or a sequence of tensors (a list or tuple; wrap a "
+            f"single tensor in a list), got {type(grad_to_none).__name__}"
+        )
+    return [check_tensor(f"grad_to_none[{i}]", x) for i, x in enumerate(grad_to_none)]
+
+
+def _clock_loop(
+    fn: Callable[[], Any], dev: torch.device, min_run_time: float, grads: list[torch.Tensor]
+) -> list[float]:
+    """Seconds per call of ``fn``, one sample per timed block, until ``min_run_time``
+    seconds of calls have been timed (see the module docstring)."""
+
+    def timed(number: int) -> float:
+        for x in grads:  # outside the timed region; number is 1 whenever grads are reset
+            x.grad = None
+        synchronize(dev)
+        gc_was_on = gc.isenabled()
+        gc.disable()  # as timeit does: no collection pause inside a timed block
+        try:
+            start = time.perf_counter()  # looked up per call: tests substitute a fake clock
+            for _ in range(number):
+                fn()
+            synchronize(dev)
+            return time.perf_counter() - start
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    probe = timed(1)
+    number = 1
+    if not grads and probe < MIN_BLOCK_S:
+        number = MAX_BLOCK_CALLS if probe <= 0 else math.ceil(MIN_BLOCK_S / probe)
+        number = min(number, MAX_BLOCK_CALLS)
+    times = [probe] if number == 1 else []
+    elapsed = probe if number == 1 else 0.0
+    while elapsed < min_run_time or not times:
+        block = timed(number)
+        times.append(block / number)
+        elapsed += block
+    return times
+
+
 def benchmark(
     fn: Callable[[], Any],
     *,
@@ -105,6 +169,7 @@ def benchmark(
     warmup: int = 1,
     min_run_time: float = 0.2,
     method: str = "auto",
+    grad_to_none: Sequence[torch.Tensor] | None = None,
 ) -> Timing:
     """Time ``fn()`` robustly and return a :class:`Timing` in seconds.
 
@@ -114,25 +179,42 @@ def benchmark(
             means the CPU.
         warmup: calls made before timing starts (lazy init, autotuning, caches).
         min_run_time: seconds of repeated calls to collect (at least one call is timed).
-        method: ``"auto"``, ``"torch"`` (``torch.utils.benchmark``) or ``"do_bench"``
-            (``triton.testing.do_bench``, GPU only).
+        method: ``"auto"``, ``"perf_counter"`` (the ``time.perf_counter`` loop of the module
+            docstring, any device) or ``"do_bench"`` (``triton.testing.do_bench``, GPU only).
+            ``"auto"`` picks ``"do_bench"`` on a CUDA device with Triton installed.
+        grad_to_none: tensors whose ``.grad`` is set to ``None`` before every call (our
+            warm-up calls and every timed call), outside the timed region, as
+            ``triton.testing.do_bench(grad_to_none=)`` does (it gets them under
+            ``"do_bench"``). Pass the leaves of a ``fn`` that runs a backward pass, so that
+            each call writes fresh gradients instead of adding to the previous ones (which
+            would time an extra addition and let the gradients grow). With
+            ``"perf_counter"``, calls are then timed one at a time, never in blocks.
+            Example: ``benchmark(lambda: loss(x).backward(), grad_to_none=[x])``.
 
     Returns:
         Timing with median, quartiles, min, max and the number of samples ``n``.
+
+    Raises:
+        TypeError: ``fn`` is not callable, ``grad_to_none`` is not a sequence of tensors.
+        ValueError: a non-positive ``min_run_time``, a negative ``warmup``, an unknown
+            ``method``, or ``"do_bench"`` without CUDA and Triton.
     """
     check_callable("fn", fn)
     check_positive_int("warmup", warmup, allow_zero=True)
     check_positive_number("min_run_time", min_run_time)
-    if method not in ("auto", "torch", "do_bench"):
-        raise ValueError(f"method must be one of ['auto', 'torch', 'do_bench'], got {method!r}")
+    grads = _check_grad_to_none(grad_to_none)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     on_gpu = dev.type == "cuda"
     if method == "do_bench" and not (on_gpu and _has_triton()):
         raise ValueError("method='do_bench' needs a CUDA device and triton installed")
     if method == "auto":
-        method = "do_bench" if on_gpu and _has_triton() else "torch"
+        method = "do_bench" if on_gpu and _has_triton() else "perf_counter"
 
     for _ in range(warmup):
+        for x in grads:
+            x.grad = None
         fn()
     synchronize(dev)
 
@@ -140,15 +222,12 @@ def benchmark(
         import triton.testing
 
         ms = triton.testing.do_bench(
-            fn, warmup=25, rep=max(1, int(min_run_time * 1000)), return_mode="all"
+            fn,
+            warmup=25,
+            rep=max(1, int(min_run_time * 1000)),
+            grad_to_none=grads or None,
+            return_mode="all",
         )
         return _summarise([t * 1e-3 for t in ms], "triton.testing.do_bench")
 
-    import torch.utils.benchmark as torch_benchmark  # imports triton: keep it lazy
-
-    timer = torch_benchmark.Timer(
-        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-    )
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    synchronize(dev)
-    return _summarise(list(measurement.times), "torch.utils.benchmark")
+    return _summarise(_clock_loop(fn, dev, min_run_time, grads), "time.perf_counter")

@@ -3,8 +3,34 @@ delta rules, and linear RNNs, each with its recurrent, parallel and chunkwise fo
 
 Every op takes ``[batch, seq, heads, dim]`` tensors and returns ``(o, final_state)``
 with a state ``[batch, heads, K, V]``, following flash-linear-attention's conventions.
+
+Where each method lives (reference forms, fast path, layer), one hop from here:
+
+===========================  ========================  =======================  =================
+method                       reference (PyTorch)       fast path (Triton)       layer
+===========================  ========================  =======================  =================
+linear attention, RetNet,    :mod:`.gated`             :mod:`.chunk_kernel`     :mod:`.layers`
+simple GLA, GLA
+delta rule, gated delta      :mod:`.delta`             :mod:`.delta_kernel`     :mod:`.layers`
+RWKV-7's generalised delta   :mod:`.dplr`              --                       :mod:`.layers`
+decoding, any of the above   ``mode="recurrent"``      :func:`fused_recurrent`  ``layer(x, s)``
+HGRN                         :mod:`.hgrn`              --                       :mod:`.layers`
+TTT-Linear, TTT-MLP, Titans  :mod:`.ttt`               --                       :mod:`.ttt_layer`
+feature maps (Performer,     :mod:`.feature_maps`      --                       --
+Hedgehog, Taylor)
+linearised softmax layer     :mod:`.linearize`         --                       same
+===========================  ========================  =======================  =================
+
+The wrappers in ``chunk_kernel`` and ``delta_kernel`` launch ``effarch_kernels``'s
+``chunk_scalar_decay``, ``chunk_delta_rule`` and ``fused_recurrent`` through the one backend
+rule of :mod:`effarch._kernels`. :mod:`.ops` gathers every op under one name, :mod:`.common`
+holds what the ops share (layout moves, dtypes, the chunk layout) and :mod:`.costs` the cost
+model of the three forms. Building blocks shared with other families (short convolution,
+gated RMSNorm, LoRA) live in :mod:`effarch.nn`; the view of every family's update rule as one
+memory, in :mod:`effarch.unified`.
 """
 
+from ..nn import LoRALinear, add_lora  # LoRA lives in effarch.nn; re-exported here
 from .chunk_kernel import chunk_scalar_decay, fused_recurrent
 from .costs import linear_attention_costs
 from .delta_kernel import chunk_delta_rule
@@ -27,19 +53,7 @@ from .layers import (
     ShortConvolution,
     TTTLinear,
 )
-from .linearize import (
-    LinearizationTask,
-    LinearizedAttention,
-    LoRALinear,
-    TransferResult,
-    add_lora,
-    attention_transfer,
-    linearization_error,
-    linearization_sweep,
-    linearization_task,
-    low_rank_finetune,
-    softmax_attention_weights,
-)
+from .linearize import LinearizedAttention, linearization_error, softmax_attention_weights
 from .ops import (
     delta_rule,
     dplr_delta_rule,
@@ -81,16 +95,10 @@ __all__ = [
     "simple_gla",
     "taylor_feature_map",
     "titans",
-    "LinearizationTask",
     "LinearizedAttention",
     "LoRALinear",
-    "TransferResult",
     "add_lora",
-    "attention_transfer",
     "linearization_error",
-    "linearization_sweep",
-    "linearization_task",
-    "low_rank_finetune",
     "softmax_attention_weights",
     "ttt_linear",
     "ttt_linear_resume",

@@ -1,7 +1,13 @@
-"""chunk_scalar_decay: the chunkwise Triton kernel for scalar-decay linear attention.
+"""chunk_scalar_decay and fused_recurrent: the Triton kernels of scalar-decay linear attention.
 
-The kernels live in ``effarch_kernels.chunk_scalar_decay`` and are imported lazily, the
-first time this function runs, so ``effarch`` imports without Triton or a GPU.
+The kernels live in ``effarch_kernels.chunk_scalar_decay`` and ``effarch_kernels.
+fused_recurrent`` and are imported lazily, the first time a kernel runs, so ``effarch``
+imports without Triton or a GPU. Their limits (``K <= MAX_KEY_DIM``, a power-of-two chunk
+of at least ``MIN_CHUNK_SIZE`` steps) come from ``effarch_kernels.limits``.
+
+Each public function here checks its arguments and then calls an unchecked ``launch_*``
+function; the ops (:func:`~effarch.linear.simple_gla`, ...) check the same arguments
+themselves and call ``launch_*`` directly, so every input is checked once.
 """
 
 from __future__ import annotations
@@ -9,12 +15,37 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from effarch_kernels.limits import MAX_KEY_DIM, chunk_size_reason, key_dim_reason
 
-from .._checks import check_positive_int
-from .._kernels import triton_unusable_reason
-from .ops import _check_flags, _check_like, _check_log_gate, _check_qkv, _scale
+from .._checks import (
+    check_bool,
+    check_like,
+    check_linear_qkv,
+    check_log_gate,
+    check_positive_int,
+)
+from .._kernels import require_triton
+from .common import resolve_scale
 
-MAX_KEY_DIM = 256  # the chunk kernels hold all of K in one block (effarch_kernels.MAX_KEY_DIM)
+__all__ = [
+    "MAX_KEY_DIM",
+    "check_chunk_kernel_args",
+    "chunk_kernel_limit",
+    "chunk_scalar_decay",
+    "fused_recurrent",
+    "launch_chunk_scalar_decay",
+]
+
+
+def chunk_kernel_limit(mode: str, chunk_size: int, dk: int) -> str | None:
+    """Why an op's call lies outside what the chunkwise kernels support, or None.
+
+    They compute the ``"chunk"`` mode, with a power-of-two ``chunk_size >= 16`` and keys of
+    at most 256 entries (``effarch_kernels.limits``).
+    """
+    if mode != "chunk":
+        return f"the kernel is the chunk form; mode is {mode!r}"
+    return chunk_size_reason(chunk_size) or key_dim_reason(dk)
 
 
 def check_chunk_kernel_args(
@@ -27,25 +58,25 @@ def check_chunk_kernel_args(
     chunk_size: Any,
     scale: Any,
 ) -> tuple[int, int, int, int, int, float]:
-    """The checks every chunkwise kernel launcher shares; returns ``B, T, H, K, V, scale``.
+    """The checks every chunkwise kernel function shares; returns ``B, T, H, K, V, scale``.
 
     ``q, k: [B, T, H, K]`` with ``K <= MAX_KEY_DIM`` and ``v: [B, T, H, V]`` (one dtype and
     device); ``g``: None or ``[B, T, H]`` log decays ``<= 0``; ``initial_state``: None or
     ``[B, H, K, V]``; ``chunk_size`` a power of two ``>= 16``; ``scale`` None (``K ** -0.5``)
     or positive.
     """
-    b, t, h, dk, dv = _check_qkv(q, k, v)
-    if dk > MAX_KEY_DIM:
-        raise ValueError(f"the kernel supports K up to {MAX_KEY_DIM}, got K = {dk}")
+    b, t, h, dk, dv = check_linear_qkv(q, k, v)
+    if (reason := key_dim_reason(dk)) is not None:
+        raise ValueError(reason)
     if g is not None:
-        _check_log_gate("g", g, (b, t, h), "[B, T, H]", q)
+        check_log_gate("g", g, (b, t, h), "[B, T, H]", q)
     if initial_state is not None:
-        _check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
-    _check_flags(output_final_state)
+        check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
+    check_bool("output_final_state", output_final_state)
     check_positive_int("chunk_size", chunk_size)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    return b, t, h, dk, dv, _scale(scale, dk)
+    if (reason := chunk_size_reason(chunk_size)) is not None:
+        raise ValueError(reason)
+    return b, t, h, dk, dv, resolve_scale(scale, dk)
 
 
 class _ChunkScalarDecay(torch.autograd.Function):
@@ -74,6 +105,24 @@ class _ChunkScalarDecay(torch.autograd.Function):
             do, q, k, v, g, ctx.scale, initial_state, dht, chunk_size=ctx.chunk
         )
         return dq, dk, dv, dg, dh0, None, None, None
+
+
+def launch_chunk_scalar_decay(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunk_scalar_decay` on arguments already checked (by it or by an op), on
+    tensors the kernel can run (``effarch._kernels``): the differentiable kernel call."""
+    o, final = _ChunkScalarDecay.apply(
+        q, k, v, g, initial_state, scale, output_final_state, chunk_size
+    )
+    return o, (final if output_final_state else None)
 
 
 def chunk_scalar_decay(
@@ -114,9 +163,10 @@ def chunk_scalar_decay(
         ``[B, H, K, V]`` in float32, or None unless ``output_final_state``.
 
     Raises:
-        ValueError: when the kernel cannot run here: Triton missing, or tensors on the CPU
-            without ``TRITON_INTERPRET=1`` set before Triton was imported (the interpreter
-            runs float32 and float16; bfloat16 inputs are computed in float32 there).
+        ValueError: on bad shapes or limits, and when the kernel cannot run here: Triton
+            missing, or tensors on the CPU without ``TRITON_INTERPRET=1`` set before Triton
+            was imported (the interpreter runs float32 and float16; bfloat16 inputs are
+            computed in float32 there).
 
     fla: ``fla.ops.simple_gla.chunk_simple_gla(q, k, v, g, scale, initial_state,
     output_final_state)``.
@@ -124,20 +174,10 @@ def chunk_scalar_decay(
     *_, scale = check_chunk_kernel_args(
         q, k, v, g, initial_state, output_final_state, chunk_size, scale
     )
-    reason = triton_unusable_reason(q)
-    if reason is not None:
-        raise ValueError(f"chunk_scalar_decay cannot run: {reason}")
-
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's bf16 is broken
-        q, k, v = q.float(), k.float(), v.float()
-        g = g.float() if g is not None else None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    g = g.contiguous() if g is not None else None
-    o, final = _ChunkScalarDecay.apply(
-        q, k, v, g, initial_state, scale, output_final_state, chunk_size
+    require_triton("chunk_scalar_decay", q, k, v)
+    return launch_chunk_scalar_decay(
+        q, k, v, g, scale, initial_state, output_final_state, chunk_size
     )
-    return o.to(dtype), (final if output_final_state else None)
 
 
 def fused_recurrent(
@@ -166,25 +206,19 @@ def fused_recurrent(
     ``fused_recurrent_*`` ops). Returns ``(o [B, T, H, V], final_state [B, H, K, V] float32
     or None)``. Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``.
     """
-    b, t, h, dk, dv = _check_qkv(q, k, v)
+    b, t, h, dk, dv = check_linear_qkv(q, k, v)
     if g is not None:
-        _check_log_gate("g", g, (b, t, h), "[B, T, H]", q)
+        check_log_gate("g", g, (b, t, h), "[B, T, H]", q)
     if gk is not None:
-        _check_log_gate("gk", gk, (b, t, h, dk), "[B, T, H, K]", q)
+        check_log_gate("gk", gk, (b, t, h, dk), "[B, T, H, K]", q)
     if beta is not None:
-        _check_like("beta", beta, (b, t, h), "[B, T, H]", q)
-    _check_flags(output_final_state)
+        check_like("beta", beta, (b, t, h), "[B, T, H]", q)
+    check_bool("output_final_state", output_final_state)
     if initial_state is not None:
-        _check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
-    reason = triton_unusable_reason(q)
-    if reason is not None:
-        raise ValueError(f"fused_recurrent cannot run: {reason}")
+        check_like("initial_state", initial_state, (b, h, dk, dv), "[B, H, K, V]", q)
+    scale = resolve_scale(scale, dk)
+    require_triton("fused_recurrent", q, k, v)
     from effarch_kernels.fused_recurrent import fused_recurrent as launch
 
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's bf16 is broken
-        q, k, v = q.float(), k.float(), v.float()
-    scale = _scale(scale, dk)
-    o, ht = launch(q, k, v, g=g, gk=gk, beta=beta, scale=scale,
-                   initial_state=initial_state, output_final_state=output_final_state)  # fmt: skip
-    return o.to(dtype), ht
+    return launch(q, k, v, g=g, gk=gk, beta=beta, scale=scale,
+                  initial_state=initial_state, output_final_state=output_final_state)  # fmt: skip

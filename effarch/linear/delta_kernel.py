@@ -1,18 +1,42 @@
 """chunk_delta_rule: the chunkwise Triton kernel for the (gated) delta rule, forward only.
 
 The kernels live in ``effarch_kernels.chunk_delta_rule`` and are imported lazily, the first
-time this function runs, so ``effarch`` imports without Triton or a GPU.
+time the kernel runs, so ``effarch`` imports without Triton or a GPU. The public
+:func:`chunk_delta_rule` checks its arguments and calls :func:`launch_chunk_delta_rule`,
+which the ops :func:`~effarch.linear.delta_rule` and :func:`~effarch.linear.gated_delta_rule`
+call directly on the arguments they checked.
 """
 
 from __future__ import annotations
 
 import torch
+from effarch_kernels.limits import MAX_KEY_DIM
 
-from .._kernels import grad_required, triton_unusable_reason
-from .chunk_kernel import MAX_KEY_DIM, check_chunk_kernel_args
-from .ops import _check_like
+from .._checks import check_like
+from .._kernels import grad_required, require_triton
+from .chunk_kernel import check_chunk_kernel_args
 
-__all__ = ["MAX_KEY_DIM", "chunk_delta_rule"]
+__all__ = ["MAX_KEY_DIM", "chunk_delta_rule", "launch_chunk_delta_rule"]
+
+
+def launch_chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunk_delta_rule` on arguments already checked (by it or by an op), on tensors
+    the kernel can run, outside autograd (``effarch._kernels``): the kernel call."""
+    from effarch_kernels.chunk_delta_rule import chunk_delta_rule_fwd
+
+    return chunk_delta_rule_fwd(
+        q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size=chunk_size
+    )
 
 
 def chunk_delta_rule(
@@ -78,24 +102,13 @@ def chunk_delta_rule(
     b, t, h, _, _, scale = check_chunk_kernel_args(
         q, k, v, g, initial_state, output_final_state, chunk_size, scale
     )
-    _check_like("beta", beta, (b, t, h), "[B, T, H]", q)
+    check_like("beta", beta, (b, t, h), "[B, T, H]", q)
     if grad_required(q, k, v, beta, g, initial_state):
         raise ValueError(
             "chunk_delta_rule is forward only and an input requires grad; run it under "
             "torch.no_grad(), or use delta_rule / gated_delta_rule with backend='torch'"
         )
-    reason = triton_unusable_reason(q)
-    if reason is not None:
-        raise ValueError(f"chunk_delta_rule cannot run: {reason}")
-    from effarch_kernels.chunk_delta_rule import chunk_delta_rule_fwd
-
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's bf16 is broken
-        q, k, v = q.float(), k.float(), v.float()
-    # beta and g are small ([B, T, H]): a float32 copy accepts any floating dtype.
-    beta = beta.float()
-    g = g.float() if g is not None else None
-    o, final = chunk_delta_rule_fwd(
-        q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size=chunk_size
+    require_triton("chunk_delta_rule", q, k, v)
+    return launch_chunk_delta_rule(
+        q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size
     )
-    return o.to(dtype), final

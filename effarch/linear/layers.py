@@ -24,7 +24,8 @@ Layers, following the flash-linear-attention (fla) layers of the same names:
 * :class:`GatedDeltaNet`: ``fla.layers.GatedDeltaNet`` (Yang et al., 2025).
 * :class:`HGRN`: ``fla.layers.HGRNAttention`` (Qin et al., 2023).
 * :class:`RWKV7`: a simplified ``fla.layers.RWKV7Attention`` (Peng et al., 2025).
-* :class:`TTTLinear`: TTT-Linear (Sun et al., 2024), after the layer of its reference code.
+* :class:`TTTLinear`: TTT-Linear (Sun et al., 2024), after the layer of its reference code
+  (in :mod:`effarch.linear.ttt_layer`, re-exported here).
 
 The parameters follow the dtype of the module (``layer.double()`` for float64); ``x`` must have
 that dtype. The building blocks (:class:`~effarch.nn.ShortConvolution`, the gated RMSNorm, the
@@ -52,10 +53,11 @@ from .._checks import (
 )
 from ..attention.rope import apply_rope
 from ..nn import GatedRMSNorm, ShortConvolution, init_dt_bias, l2norm, merge_heads, split_heads
+from .conv_qkv import ConvQKV
 from .feature_maps import elu_plus_one, relu
 from .hgrn import hgrn
 from .ops import delta_rule, dplr_delta_rule, gated_delta_rule, gla, linear_attention, retention
-from .ttt import ttt_linear, ttt_linear_resume
+from .ttt_layer import TTTLinear
 
 __all__ = [
     "GLA",
@@ -146,6 +148,13 @@ class LinearAttention(nn.Module):
         self.o_norm = GatedRMSNorm(self.head_dim)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
+    def state_size(self, seq_len: int) -> int:
+        """Elements one sequence carries: ``H K K`` (``S``), plus ``H K`` (``z``) with
+        ``normalize``; ``K = d_model / H``, whatever ``seq_len``."""
+        check_positive_int("seq_len", seq_len)
+        h, k = self.n_heads, self.head_dim
+        return h * k * k + (h * k if self.normalize else 0)
+
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
         h, d = self.n_heads, self.head_dim
@@ -230,6 +239,12 @@ class RetNet(nn.Module):
         self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.g_norm = nn.GroupNorm(n_heads, self.value_dim, eps=1e-5)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
+
+    def state_size(self, seq_len: int) -> int:
+        """Elements one sequence carries: ``H K V`` (``S``), whatever ``seq_len``; the position
+        ``offset`` is not counted."""
+        check_positive_int("seq_len", seq_len)
+        return self.n_heads * self.head_k * self.head_v
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
@@ -325,6 +340,11 @@ class GLA(nn.Module):
         self.g_norm = GatedRMSNorm(self.head_v)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
+    def state_size(self, seq_len: int) -> int:
+        """Elements one sequence carries: ``H K V`` (``S``), whatever ``seq_len``."""
+        check_positive_int("seq_len", seq_len)
+        return self.n_heads * self.head_k * self.head_v
+
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
         h = self.n_heads
@@ -344,37 +364,6 @@ class GLA(nn.Module):
 # --------------------------------------------------------------------------------------------
 # DeltaNet and Gated DeltaNet
 # --------------------------------------------------------------------------------------------
-
-
-class _ConvQKV(nn.Module):
-    """Projections to ``q, k, v`` followed by a short causal conv + SiLU on each."""
-
-    def __init__(self, d_model: int, key_dim: int, value_dim: int, conv_size: int) -> None:
-        super().__init__()
-        check_positive_int("conv_size", conv_size)
-        self.conv_size = conv_size
-        self.q_proj = nn.Linear(d_model, key_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, key_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, value_dim, bias=False)
-        self.q_conv = ShortConvolution(key_dim, conv_size)
-        self.k_conv = ShortConvolution(key_dim, conv_size)
-        self.v_conv = ShortConvolution(value_dim, conv_size)
-
-    def state_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
-        w = self.conv_size - 1
-        return {
-            "conv_q": (b, w, self.q_conv.channels),
-            "conv_k": (b, w, self.k_conv.channels),
-            "conv_v": (b, w, self.v_conv.channels),
-        }
-
-    def forward(
-        self, x: torch.Tensor, st: State
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
-        q, cq = self.q_conv(self.q_proj(x), st.get("conv_q"))
-        k, ck = self.k_conv(self.k_proj(x), st.get("conv_k"))
-        v, cv = self.v_conv(self.v_proj(x), st.get("conv_v"))
-        return q, k, v, {"conv_q": cq, "conv_k": ck, "conv_v": cv}
 
 
 class DeltaNet(nn.Module):
@@ -418,10 +407,16 @@ class DeltaNet(nn.Module):
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = check_divides("d_model", d_model, "n_heads", n_heads)
         self.allow_neg_eigval, self.chunk_size = allow_neg_eigval, chunk_size
-        self.qkv = _ConvQKV(d_model, d_model, d_model, conv_size)
+        self.qkv = ConvQKV(d_model, d_model, d_model, conv_size)
         self.b_proj = nn.Linear(d_model, n_heads, bias=False)
         self.o_norm = GatedRMSNorm(self.head_dim)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def state_size(self, seq_len: int) -> int:
+        """Elements one sequence carries: ``H K K`` (``S``), whatever ``seq_len``; the
+        convolution caches are not counted."""
+        check_positive_int("seq_len", seq_len)
+        return self.n_heads * self.head_dim**2
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
@@ -483,7 +478,7 @@ class GatedDeltaNet(nn.Module):
         self.head_v = expand_v * self.head_k
         self.value_dim = n_heads * self.head_v
         self.allow_neg_eigval, self.chunk_size = allow_neg_eigval, chunk_size
-        self.qkv = _ConvQKV(d_model, d_model, self.value_dim, conv_size)
+        self.qkv = ConvQKV(d_model, d_model, self.value_dim, conv_size)
         self.a_proj = nn.Linear(d_model, n_heads, bias=False)
         self.b_proj = nn.Linear(d_model, n_heads, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.empty(n_heads).uniform_(1.0, 16.0)))
@@ -491,6 +486,12 @@ class GatedDeltaNet(nn.Module):
         self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
+
+    def state_size(self, seq_len: int) -> int:
+        """Elements one sequence carries: ``H K V`` (``S``), whatever ``seq_len``; the
+        convolution caches are not counted."""
+        check_positive_int("seq_len", seq_len)
+        return self.n_heads * self.head_k * self.head_v
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
@@ -555,6 +556,12 @@ class HGRN(nn.Module):
         self.g_proj = nn.Linear(d_model, self.hidden, bias=False)
         self.g_norm = GatedRMSNorm(self.hidden)
         self.o_proj = nn.Linear(self.hidden, d_model, bias=False)
+
+    def state_size(self, seq_len: int) -> int:
+        """Elements one sequence carries: ``D = expand_ratio d_model`` (``h``), whatever
+        ``seq_len``."""
+        check_positive_int("seq_len", seq_len)
+        return self.hidden
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
@@ -656,6 +663,12 @@ class RWKV7(nn.Module):
         self.g_norm = nn.GroupNorm(n_heads, d_model, eps=self.head_dim * 1e-5)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
+    def state_size(self, seq_len: int) -> int:
+        """Elements one sequence carries: ``H K K`` (``S``), whatever ``seq_len``; the token
+        shift (the last input) is not counted."""
+        check_positive_int("seq_len", seq_len)
+        return self.n_heads * self.head_dim**2
+
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
         h, d = self.n_heads, self.head_dim
@@ -678,117 +691,3 @@ class RWKV7(nn.Module):
         o = o + (r * k * self.r_k).sum(-1, keepdim=True) * v
         y = self.o_proj(merge_heads(o) * self.g_lora(xg))
         return y, {"S": s, "shift": x[:, -1]}
-
-
-# --------------------------------------------------------------------------------------------
-# TTT-Linear
-# --------------------------------------------------------------------------------------------
-
-
-class TTTLinear(nn.Module):
-    r"""A TTT-Linear token mixer (Sun et al., 2024): a linear model trained as it reads.
-
-    Per head (``K = V = d_model / H``), the op :func:`~effarch.linear.ttt_linear` with
-    mini-batches of ``m`` tokens, wrapped the way TTT's layer wraps its inner model::
-
-        q_t, k_t = L2norm(silu(conv(W_q x))_t), L2norm(silu(conv(W_k x))_t)     # [H, K]
-        v_t      = silu(conv(W_v x))_t                                          # [H, V]
-        eta_t    = eta_base sigmoid(W_eta x_t + b_eta)                          # [H]
-        S        = ttt_linear(q, k, v, eta, mini_batch_size=m, initial_state=S_init)
-        y_t      = W_o ( LN_h(o_t) * gelu(W_g x_t) )
-
-    ``S_init: [H, K, V]`` (TTT's learned ``W_0``) is a parameter, zero at first; the per-head
-    layer norm ``LN_h`` and the GELU output gate are TTT's post-norm and gate. Departures
-    from the paper, all deliberate: the inner model is ``S^T x`` without TTT's internal
-    ``x + LN(.)`` (so that the op stays the delta-rule family of this chapter); keys are
-    L2-normalised instead, which keeps every step ``I - eta k k^T`` contracting for
-    ``eta <= 2``; and short convolutions on ``q, k, v`` as in :class:`DeltaNet` stand in for
-    the convolutions of TTT's Mamba backbone.
-
-    Decoding: a mini-batch read in pieces still takes every gradient at the state it began
-    from, so the state carries that ``anchor`` and the token count ``pos`` besides ``S``;
-    calls may split the stream anywhere (``layer(x) == layer(x[:, :n])`` then the rest with
-    the state, token by token included), and ``m = 1`` makes it a DeltaNet with learned
-    ``S_init`` and TTT's wrapping.
-
-    Args:
-        d_model, n_heads: width and heads.
-        mini_batch_size: ``m``, tokens per inner gradient step (TTT's default 16).
-        eta_base: the largest inner learning rate (with L2-normalised keys, stable up to 2).
-        conv_size: width of the short convolutions.
-
-    State: ``{"S": [B, H, K, V], "anchor": [B, H, K, V], "pos": [] (int64), "conv_q",
-    "conv_k", "conv_v"}``.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        *,
-        mini_batch_size: int = 16,
-        eta_base: float = 1.0,
-        conv_size: int = 4,
-    ) -> None:
-        super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("n_heads", n_heads)
-        self.mini_batch_size = check_positive_int("mini_batch_size", mini_batch_size)
-        self.eta_base = check_positive_number("eta_base", eta_base)
-        self.d_model, self.n_heads = d_model, n_heads
-        self.head_dim = check_divides("d_model", d_model, "n_heads", n_heads)
-        d = self.head_dim
-        self.qkv = _ConvQKV(d_model, d_model, d_model, conv_size)
-        self.eta_proj = nn.Linear(d_model, n_heads, bias=True)
-        self.S_init = nn.Parameter(torch.zeros(n_heads, d, d))
-        self.ln_weight = nn.Parameter(torch.ones(n_heads, d))
-        self.ln_bias = nn.Parameter(torch.zeros(n_heads, d))
-        self.g_proj = nn.Linear(d_model, d_model, bias=False)
-        self.o_proj = nn.Linear(d_model, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
-        h, d, m = self.n_heads, self.head_dim, self.mini_batch_size
-        shapes = {"S": (b, h, d, d), "anchor": (b, h, d, d), "pos": (), **self.qkv.state_shapes(b)}
-        st = check_layer_state(state, shapes, "TTTLinear")
-        q, k, v, conv = self.qkv(x, st)
-        q, k, v = l2norm(split_heads(q, h)), l2norm(split_heads(k, h)), split_heads(v, h)
-        eta = self.eta_base * torch.sigmoid(self.eta_proj(x))
-        if st:
-            s, anchor, pos = st["S"], st["anchor"], int(st["pos"])
-        else:
-            s = anchor = self.S_init.expand(b, h, d, d)
-            pos = 0
-        # Split the tokens at mini-batch boundaries: the rest of the mini-batch in progress,
-        # whole mini-batches, then the start of the next one.
-        head = min(t, (-pos) % m)
-        body = (t - head) // m * m
-
-        def part(lo: int, hi: int) -> tuple[torch.Tensor, ...]:
-            return tuple(z[:, lo:hi] for z in (q, k, v, eta))
-
-        outs = []
-        if head:
-            o, s = ttt_linear_resume(*part(0, head), s, anchor)
-            outs.append(o)
-            if (pos + head) % m == 0:
-                anchor = s
-        if body:
-            o, s = ttt_linear(
-                *part(head, head + body), mini_batch_size=m, initial_state=s,
-                output_final_state=True,
-            )  # fmt: skip
-            outs.append(o)
-            anchor = s
-        if head + body < t:
-            o, s = ttt_linear_resume(*part(head + body, t), s, s)
-            outs.append(o)
-        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        o = F.layer_norm(o, (d,)) * self.ln_weight + self.ln_bias
-        o = o * F.gelu(split_heads(self.g_proj(x), h), approximate="tanh")
-        new = {"S": s, "anchor": anchor, "pos": torch.tensor(pos + t), **conv}
-        return self.o_proj(merge_heads(o)), new
-
-    def state_size(self, seq_len: int) -> int:
-        """Elements kept between tokens: ``S`` and, for ``m > 1``, the mini-batch's anchor."""
-        return (2 if self.mini_batch_size > 1 else 1) * self.n_heads * self.head_dim**2

@@ -34,17 +34,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, check_positive_int, check_tensor
-from .ops import (
-    _check_flags,
-    _check_like,
-    _check_qkv,
-    _compute_dtype,
-    _heads,
-    _initial,
-    _out,
-    _scale,
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_like,
+    check_linear_qkv,
+    check_positive_int,
+    check_tensor,
 )
+from .common import compute_dtype, from_heads, heads, load_state, resolve_scale
 
 __all__ = ["titans", "ttt_linear", "ttt_linear_resume", "ttt_mlp"]
 
@@ -52,7 +50,7 @@ TTT_MODES = ("dual", "primal")
 
 
 def _check_rate(name: str, x: Any, shape: tuple[int, ...], ref: torch.Tensor) -> torch.Tensor:
-    _check_like(name, x, shape, "[B, T, H]", ref)
+    check_like(name, x, shape, "[B, T, H]", ref)
     return x
 
 
@@ -141,15 +139,15 @@ def ttt_linear_resume(
     Returns:
         ``(o: [B, T, H, V], state after the last token: [B, H, K, V])``.
     """
-    b, t, h, dk, dv = _check_qkv(q, k, v)
+    b, t, h, dk, dv = check_linear_qkv(q, k, v)
     _check_rate("eta", eta, (b, t, h), q)
-    scale = _scale(scale, dk)
-    dtype = _compute_dtype(q.dtype)
+    scale = resolve_scale(scale, dk)
+    dtype = compute_dtype(q.dtype)
     for name, x in (("state", state), ("anchor", anchor)):
-        _check_like(name, x, (b, h, dk, dv), "[B, H, K, V]", q)
-    qh, kh, vh = _heads(q, dtype) * scale, _heads(k, dtype), _heads(v, dtype)
-    o, s = _dual_minibatch(qh, kh, vh, _heads(eta, dtype), state.to(dtype), anchor.to(dtype))
-    return _out(o, q), s
+        check_like(name, x, (b, h, dk, dv), "[B, H, K, V]", q)
+    qh, kh, vh = heads(q, dtype) * scale, heads(k, dtype), heads(v, dtype)
+    o, s = _dual_minibatch(qh, kh, vh, heads(eta, dtype), state.to(dtype), anchor.to(dtype))
+    return from_heads(o, q), s
 
 
 def ttt_linear(
@@ -204,20 +202,20 @@ def ttt_linear(
     normalises the inner model's output with a layer norm; this op leaves the norm to the
     layer, so it is the paper's TTT-Linear without ``LN`` and residual.
     """
-    b, t, h, dk, dv = _check_qkv(q, k, v)
+    b, t, h, dk, dv = check_linear_qkv(q, k, v)
     _check_rate("eta", eta, (b, t, h), q)
     m = check_positive_int("mini_batch_size", mini_batch_size)
     check_choice("mode", mode, TTT_MODES)
-    _check_flags(output_final_state)
-    scale = _scale(scale, dk)
-    dtype = _compute_dtype(q.dtype)
-    s0 = _initial(initial_state, b, h, dk, dv, q, dtype)
-    qh, kh, vh = _heads(q, dtype) * scale, _heads(k, dtype), _heads(v, dtype)
-    eh = _heads(eta, dtype)
+    check_bool("output_final_state", output_final_state)
+    scale = resolve_scale(scale, dk)
+    dtype = compute_dtype(q.dtype)
+    s0 = load_state(initial_state, b, h, dk, dv, q, dtype)
+    qh, kh, vh = heads(q, dtype) * scale, heads(k, dtype), heads(v, dtype)
+    eh = heads(eta, dtype)
     s = qh.new_zeros(b, h, dk, dv) if s0 is None else s0
     run = _ttt_linear_dual if mode == "dual" else _ttt_linear_primal
     o, s = run(qh, kh, vh, eh, s, m)
-    return _out(o, q), (s if output_final_state else None)
+    return from_heads(o, q), (s if output_final_state else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,10 +269,10 @@ def ttt_mlp(
         ``(o: [B, T, H, V], (W1, W2) or None)``. This is the recurrent (primal) form: one
         step per token, the reference a fused dual-form kernel would be checked against.
     """
-    b, t, h, dk, dv = _check_qkv(q, k, v)
+    b, t, h, dk, dv = check_linear_qkv(q, k, v)
     _check_rate("eta", eta, (b, t, h), q)
     m = check_positive_int("mini_batch_size", mini_batch_size)
-    _check_flags(output_final_state)
+    check_bool("output_final_state", output_final_state)
     if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
         raise TypeError(
             "initial_state must be the pair (W1: [B, H, K, F], W2: [B, H, F, V]), got "
@@ -283,12 +281,12 @@ def ttt_mlp(
     w1, w2 = initial_state
     check_tensor("initial_state[0] (W1)", w1, ndim=4, floating=True)
     f = w1.shape[-1]
-    _check_like("initial_state[0] (W1)", w1, (b, h, dk, f), "[B, H, K, F]", q)
-    _check_like("initial_state[1] (W2)", w2, (b, h, f, dv), "[B, H, F, V]", q)
-    scale = _scale(scale, dk)
-    dtype = _compute_dtype(q.dtype)
-    qh, kh, vh = _heads(q, dtype) * scale, _heads(k, dtype), _heads(v, dtype)
-    eh = _heads(eta, dtype)
+    check_like("initial_state[0] (W1)", w1, (b, h, dk, f), "[B, H, K, F]", q)
+    check_like("initial_state[1] (W2)", w2, (b, h, f, dv), "[B, H, F, V]", q)
+    scale = resolve_scale(scale, dk)
+    dtype = compute_dtype(q.dtype)
+    qh, kh, vh = heads(q, dtype) * scale, heads(k, dtype), heads(v, dtype)
+    eh = heads(eta, dtype)
     w1, w2 = w1.to(dtype), w2.to(dtype)
     outs = []
     for i in range(t):
@@ -305,7 +303,7 @@ def ttt_mlp(
         hidden = F.gelu(torch.einsum("bhk,bhkf->bhf", qh[:, :, i], w1), approximate="tanh")
         outs.append(torch.einsum("bhf,bhfv->bhv", hidden, w2))
     o = torch.stack(outs, dim=2)
-    return _out(o, q), ((w1, w2) if output_final_state else None)
+    return from_heads(o, q), ((w1, w2) if output_final_state else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +354,7 @@ def titans(
     belongs to a layer. Its training uses a chunked form in which gradients inside a chunk are
     taken at the chunk's first ``M``, as :func:`ttt_linear` does for its mini-batches.
     """
-    b, t, h, dk, dv = _check_qkv(q, k, v)
+    b, t, h, dk, dv = check_linear_qkv(q, k, v)
     for name, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
         _check_rate(name, x, (b, t, h), q)
     for name, x in (("eta", eta), ("alpha", alpha)):
@@ -365,9 +363,9 @@ def titans(
                 f"{name} must lie in [0, 1], got values in [{x.min().item():.4g}, "
                 f"{x.max().item():.4g}]"
             )
-    _check_flags(output_final_state)
-    scale = _scale(scale, dk)
-    dtype = _compute_dtype(q.dtype)
+    check_bool("output_final_state", output_final_state)
+    scale = resolve_scale(scale, dk)
+    dtype = compute_dtype(q.dtype)
     if initial_state is None:
         mem = mom = None
     elif not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
@@ -376,10 +374,10 @@ def titans(
             f"{type(initial_state).__name__}"
         )
     else:
-        mem = _initial(initial_state[0], b, h, dk, dv, q, dtype)
-        mom = _initial(initial_state[1], b, h, dk, dv, q, dtype)
-    qh, kh, vh = _heads(q, dtype) * scale, _heads(k, dtype), _heads(v, dtype)
-    th, et, al = (_heads(x, dtype)[..., None, None] for x in (theta, eta, alpha))
+        mem = load_state(initial_state[0], b, h, dk, dv, q, dtype)
+        mom = load_state(initial_state[1], b, h, dk, dv, q, dtype)
+    qh, kh, vh = heads(q, dtype) * scale, heads(k, dtype), heads(v, dtype)
+    th, et, al = (heads(x, dtype)[..., None, None] for x in (theta, eta, alpha))
     mem = qh.new_zeros(b, h, dk, dv) if mem is None else mem
     mom = qh.new_zeros(b, h, dk, dv) if mom is None else mom
     outs = []
@@ -391,4 +389,4 @@ def titans(
         mem = (1 - al[:, :, i]) * mem + mom
         outs.append(torch.einsum("bhkv,bhk->bhv", mem, qh[:, :, i]))
     o = torch.stack(outs, dim=2)
-    return _out(o, q), ((mem, mom) if output_final_state else None)
+    return from_heads(o, q), ((mem, mom) if output_final_state else None)

@@ -1,20 +1,15 @@
 """Reference models: the transformer baseline and its analytic cost model, and the tiny
-language model with a pluggable token mixer that the recall experiment trains."""
+language model with a pluggable token mixer (:mod:`effarch.models.tinylm`) and its mixer
+registry (:mod:`effarch.models.mixers`).
 
-from .tinylm import (
-    MIXERS,
-    RECALL_CPU,
-    RECALL_GPU,
-    RecallConfig,
-    SlidingWindowAttention,
-    TinyLM,
-    TokenMixer,
-    TrainResult,
-    evaluate,
-    mixer_state_size,
-    recall_experiment,
-    train,
-)
+``train``, ``evaluate`` and ``TrainResult`` are re-exported from :mod:`effarch.train`, their
+home, for the code that imported them from here; the recall experiment lives in
+:mod:`effarch.experiments.recall`.
+"""
+
+from ..train import TrainResult, evaluate, train
+from .mixers import MIXERS, SlidingWindowAttention, mixer_state_size
+from .tinylm import TinyLM, TokenMixer
 from .transformer import (
     LLAMA2_7B,
     MISTRAL_7B,
@@ -30,9 +25,6 @@ __all__ = [
     "LLAMA2_7B",
     "MISTRAL_7B",
     "MIXERS",
-    "RECALL_CPU",
-    "RECALL_GPU",
-    "RecallConfig",
     "SlidingWindowAttention",
     "TinyLM",
     "TokenMixer",
@@ -45,6 +37,5 @@ __all__ = [
     "block_memory",
     "evaluate",
     "mixer_state_size",
-    "recall_experiment",
     "train",
 ]

@@ -18,11 +18,14 @@ these; a reader who meets one of them in a layer finds its definition here.
 from .conv import ShortConvolution
 from .heads import l2norm, merge_heads, split_heads
 from .init import init_dt_bias
+from .lora import LoRALinear, add_lora
 from .norm import GatedRMSNorm
 
 __all__ = [
     "GatedRMSNorm",
+    "LoRALinear",
     "ShortConvolution",
+    "add_lora",
     "init_dt_bias",
     "l2norm",
     "merge_heads",

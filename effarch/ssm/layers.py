@@ -117,6 +117,12 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(e))
         self.out_proj = nn.Linear(e, d_model, bias=bias)
 
+    def state_size(self, seq_len: int) -> int:
+        """SSM-state elements one sequence carries: ``E N`` (``E = expand d_model`` channels,
+        ``N = d_state`` each), whatever ``seq_len``; the convolution cache is not counted."""
+        check_positive_int("seq_len", seq_len)
+        return self.d_inner * self.d_state
+
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
         e, n = self.d_inner, self.d_state
@@ -214,6 +220,13 @@ class Mamba2(nn.Module):
         )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def state_size(self, seq_len: int) -> int:
+        """SSM-state elements one sequence carries: ``H P N`` (``H = nheads`` heads of
+        ``P = headdim`` by ``N = d_state``), whatever ``seq_len``; the convolution cache is not
+        counted."""
+        check_positive_int("seq_len", seq_len)
+        return self.nheads * self.headdim * self.d_state
+
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         b, t = check_layer_input(x, self.d_model)
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
@@ -296,6 +309,12 @@ class S4D(nn.Module):
         self.C = nn.Parameter(torch.randn(h, half, 2) * 0.5**0.5)  # real view of complex C
         self.D = nn.Parameter(torch.randn(h))
         self.out_proj = nn.Linear(d_model, d_model)
+
+    def state_size(self, seq_len: int) -> int:
+        """State elements one sequence carries, in real numbers: ``d_model N`` (``N / 2``
+        complex states per channel, ``N = d_state``), whatever ``seq_len``."""
+        check_positive_int("seq_len", seq_len)
+        return self.d_model * self.d_state
 
     def _discrete(self, real: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dt A, B_bar, C)`` as complex ``[H, N/2]`` tensors."""

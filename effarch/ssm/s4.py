@@ -29,6 +29,7 @@ import math
 from numbers import Real
 
 import torch
+from einops import rearrange
 
 from .._checks import check_choice, check_positive_int, check_tensor
 from ..scan import linear_recurrence
@@ -281,10 +282,10 @@ def fft_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     t, length = u.shape[1], K.shape[1]
     n = t + length
     compute = torch.promote_types(torch.promote_types(u.dtype, K.dtype), torch.float32)
-    u_f = torch.fft.rfft(u.to(compute).transpose(1, 2), n=n)  # [B, H, n/2+1]
+    u_f = torch.fft.rfft(rearrange(u.to(compute), "b t h -> b h t"), n=n)  # [B, H, n/2+1]
     k_f = torch.fft.rfft(K.to(compute), n=n)  # [H, n/2+1]
     y = torch.fft.irfft(u_f * k_f, n=n)[..., :t]
-    return y.transpose(1, 2).to(u.dtype)
+    return rearrange(y, "b h t -> b t h").to(u.dtype)
 
 
 def s4d_init(

@@ -1,15 +1,43 @@
 """selective_scan_kernel: Mamba's selective scan as a fused Triton kernel, forward only.
 
 The kernel lives in ``effarch_kernels.selective_scan`` and is imported lazily, the first
-time this function runs, so ``effarch`` imports without Triton or a GPU.
+time it runs, so ``effarch`` imports without Triton or a GPU; its limit on the state size
+``N`` comes from ``effarch_kernels.limits``. The public :func:`selective_scan_kernel` checks
+its arguments and calls :func:`launch_selective_scan`, which
+:func:`~effarch.ssm.selective_scan` calls directly on the arguments it checked.
 """
 
 from __future__ import annotations
 
 import torch
+from effarch_kernels.limits import state_dim_reason
 
-from .._kernels import KERNEL_DTYPES
-from .selective import _check_inputs, _kernel_unusable_reason
+from .._checks import check_bool, check_selective_scan_args
+from .._kernels import grad_required, require_triton
+
+__all__ = ["launch_selective_scan", "selective_scan_kernel"]
+
+
+def launch_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_scan_kernel` on arguments already checked (``B``, ``C`` grouped
+    ``[B, T, G, N]``), on tensors the kernel can run, outside autograd: the kernel call."""
+    from effarch_kernels.selective_scan import selective_scan_fwd
+
+    y, last = selective_scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+    return (y, last) if return_last_state else y
 
 
 def selective_scan_kernel(
@@ -65,34 +93,18 @@ def selective_scan_kernel(
     return_last_state)`` for real ``A``, with every ``[B, D, T]`` tensor there ``[B, T, D]``
     here.
     """
-    Bg, Cg = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    flags = (("delta_softplus", delta_softplus), ("return_last_state", return_last_state))
-    for name, flag in flags:
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} ({flag!r})")
-    reason = _kernel_unusable_reason(u, delta, A, B, C, D, z, delta_bias)
-    if reason is not None:
+    Bg, Cg = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    check_bool("delta_softplus", delta_softplus)
+    check_bool("return_last_state", return_last_state)
+    if grad_required(u, delta, A, B, C, D, z, delta_bias):
+        raise ValueError(
+            "selective_scan_kernel cannot run: the kernel is forward only and an input "
+            "requires grad (use selective_scan(..., backend='torch') to train, or "
+            "torch.no_grad() for inference)"
+        )
+    if (reason := state_dim_reason(A.shape[1])) is not None:
         raise ValueError(f"selective_scan_kernel cannot run: {reason}")
-    from effarch_kernels.selective_scan import selective_scan_fwd
-
-    dtype = u.dtype
-    on_cpu = u.device.type == "cpu"
-
-    def ready(x: torch.Tensor | None, small: bool = False) -> torch.Tensor | None:
-        """A copy the kernel reads: float32 for the small per-channel tensors and wherever
-        the dtype is unsupported (the interpreter's bfloat16 is broken)."""
-        if x is None:
-            return None
-        if small or x.dtype not in KERNEL_DTYPES or (on_cpu and x.dtype == torch.bfloat16):
-            return x.float()
-        return x
-
-    y, last = selective_scan_fwd(
-        ready(u), ready(delta), ready(A, small=True), ready(Bg), ready(Cg),
-        ready(D, small=True), ready(z), ready(delta_bias, small=True),
-        delta_softplus, return_last_state,
-    )  # fmt: skip
-    y = y.to(dtype)
-    if return_last_state:
-        return y, last
-    return y
+    require_triton("selective_scan_kernel", u, delta, A, B, C)
+    return launch_selective_scan(
+        u, delta, A, Bg, Cg, D, z, delta_bias, delta_softplus, return_last_state
+    )

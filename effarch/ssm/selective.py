@@ -25,118 +25,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from effarch_kernels.limits import state_dim_reason
+from einops import repeat
 
-from .._checks import check_choice, check_tensor
-from .._kernels import KERNEL_DTYPES, grad_required, triton_unusable_reason
+from .._checks import check_choice, check_selective_scan_args
+from .._kernels import BACKENDS, use_triton
 from ..scan import linear_recurrence
+from .scan_kernel import launch_selective_scan
+
+__all__ = ["BACKENDS", "MODES", "selective_scan"]
 
 MODES = ("scan", "recurrent")
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _check_device(names: tuple[str, ...], tensors: tuple[torch.Tensor | None, ...]) -> None:
-    first = tensors[0]
-    for name, t in zip(names[1:], tensors[1:], strict=True):
-        if t is not None and t.device != first.device:
-            raise ValueError(
-                f"{name} must be on the device of {names[0]} ({first.device}), got {t.device}"
-            )
-
-
-def _grouped(
-    name: str, x: torch.Tensor, batch: int, length: int, channels: int, what: str
-) -> torch.Tensor:
-    """Check ``[B, T, N]`` or ``[B, T, G, N]`` and return ``[B, T, G, N]``."""
-    check_tensor(name, x, floating=True)
-    if x.ndim not in (3, 4):
-        raise ValueError(
-            f"{name} must have shape [B, T, N] or [B, T, G, N], got {x.ndim} dimensions "
-            f"(shape {tuple(x.shape)})"
-        )
-    if x.shape[0] != batch or x.shape[1] != length:
-        raise ValueError(
-            f"{name} must have batch and length [{batch}, {length}] in dims 0 and 1, "
-            f"got shape {tuple(x.shape)}"
-        )
-    x = x if x.ndim == 4 else x.unsqueeze(2)
-    groups = x.shape[2]
-    if groups == 0 or channels % groups != 0:
-        raise ValueError(
-            f"the number of groups of {name} ({groups}) must divide the number of {what} "
-            f"({channels}), got shape {tuple(x.shape)}"
-        )
-    return x
-
-
-def _check_vector(name: str, x: torch.Tensor | None, size: int, what: str) -> None:
-    if x is None:
-        return
-    check_tensor(name, x, ndim=1, floating=True)
-    if x.shape[0] != size:
-        raise ValueError(f"{name} must have shape [{what}] = [{size}], got {tuple(x.shape)}")
-
-
-def _check_inputs(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the arguments of :func:`selective_scan`; return ``B`` and ``C`` as
-    ``[B, T, G, N]`` (a group axis of size 1 added to ungrouped ones)."""
-    check_tensor("u", u, ndim=3, floating=True)
-    check_tensor("delta", delta, ndim=3, floating=True)
-    check_tensor("A", A, ndim=2, floating=True)
-    batch, length, dim = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(
-            f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}"
-        )
-    if A.shape[0] != dim:
-        raise ValueError(
-            f"A must have shape [D, N] with D = {dim} (channels of u), got {tuple(A.shape)}"
-        )
-    n_state = A.shape[1]
-    Bg = _grouped("B", B, batch, length, dim, "channels")
-    Cg = _grouped("C", C, batch, length, dim, "channels")
-    for name, x in (("B", Bg), ("C", Cg)):
-        if x.shape[3] != n_state:
-            raise ValueError(
-                f"{name} must have the state size N = {n_state} of A in its last dim, "
-                f"got shape {tuple(x.shape)}"
-            )
-    _check_vector("D", D, dim, "D")
-    _check_vector("delta_bias", delta_bias, dim, "D")
-    if z is not None:
-        check_tensor("z", z, ndim=3, floating=True)
-        if z.shape != u.shape:
-            raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
-    _check_device(
-        ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
-        (u, delta, A, B, C, D, z, delta_bias),
-    )
-    return Bg, Cg
-
-
-def _kernel_unusable_reason(*tensors: torch.Tensor | None) -> str | None:
-    """Why the Triton scan kernel cannot take these inputs, or None when it can."""
-    if grad_required(*tensors):
-        return (
-            "the kernel is forward only and an input requires grad (use backend='torch' to "
-            "train, or torch.no_grad() for inference)"
-        )
-    u, delta, A, B, C = tensors[:5]
-    if A.shape[1] == 0 or A.shape[1] > 256:
-        return f"the kernel supports a state size N from 1 to 256, got {A.shape[1]}"
-    # The computed dtype must be float32 (as for half and float32 inputs), not float64.
-    for x in (u, delta, A, B, C):
-        if x.dtype not in KERNEL_DTYPES:
-            return triton_unusable_reason(x)
-    return triton_unusable_reason(u)
 
 
 def selective_scan(
@@ -173,9 +72,10 @@ def selective_scan(
             kernel :func:`~effarch.ssm.scan_kernel.selective_scan_kernel`, whatever
             ``mode``; on a GPU, or on the CPU under ``TRITON_INTERPRET=1``; a ValueError
             says why when it cannot run) or ``"auto"`` (the kernel for CUDA tensors when it
-            can run them, PyTorch otherwise). The kernel is forward only: it refuses inputs
-            that require grad while grad mode is on, and it computes in float32, so float64
-            inputs stay on PyTorch. ``N`` must be at most 256 for the kernel.
+            can run them, PyTorch otherwise): the rule of :mod:`effarch._kernels`. The
+            kernel is forward only: it refuses inputs that require grad while grad mode is
+            on, and it computes in float32, so float64 inputs stay on PyTorch. ``N`` must be
+            at most 256 for the kernel.
 
     Returns:
         ``y`` ``[B, T, D]`` in the dtype of ``u``, and with ``return_last_state`` the
@@ -187,19 +87,16 @@ def selective_scan(
     Memory is ``O(B T D N)``: the discretised ``dA`` and ``dBu`` are built in full.
     Inputs are computed in float32 at least, as the reference does.
     """
-    Bg, Cg = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    Bg, Cg = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_choice("mode", mode, MODES)
-    check_choice("backend", backend, BACKENDS)
-    if backend == "triton" or (backend == "auto" and u.device.type == "cuda"):
-        reason = _kernel_unusable_reason(u, delta, A, B, C, D, z, delta_bias)
-        if reason is None:
-            from .scan_kernel import selective_scan_kernel
-
-            return selective_scan_kernel(
-                u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state)
-            )
-        if backend == "triton":
-            raise ValueError(f"backend='triton' cannot run: {reason}")
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    # The kernel computes in float32: it reads u, delta, A, B, C in half or single precision.
+    if use_triton(
+        backend, u, delta, A, B, C, limit=state_dim_reason(A.shape[1]), forward_only=inputs
+    ):
+        return launch_selective_scan(
+            u, delta, A, Bg, Cg, D, z, delta_bias, bool(delta_softplus), bool(return_last_state)
+        )
     batch, length, dim = u.shape
     n_state = A.shape[1]
 
@@ -212,8 +109,8 @@ def selective_scan(
     if delta_softplus:
         dt = F.softplus(dt)
     # each channel reads its group's B_t and C_t: [B, T, G, N] -> [B, T, D, N]
-    Bd = Bg.to(compute).repeat_interleave(dim // Bg.shape[2], dim=2)
-    Cd = Cg.to(compute).repeat_interleave(dim // Cg.shape[2], dim=2)
+    Bd = repeat(Bg.to(compute), "b t g n -> b t (g r) n", r=dim // Bg.shape[2])
+    Cd = repeat(Cg.to(compute), "b t g n -> b t (g r) n", r=dim // Cg.shape[2])
     dA = torch.exp(dt.unsqueeze(-1) * Ac)  # [B, T, D, N]
     dBu = (dt * uc).unsqueeze(-1) * Bd  # [B, T, D, N]
 

@@ -30,30 +30,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
-from .._checks import check_positive_int, check_tensor
-from ..scan import linear_recurrence
-from .selective import _check_device, _grouped
+from .._checks import check_grouped, check_positive_int, check_same, check_tensor
+from ..scan import linear_recurrence, segsum
 
-
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """Segment sums ``S[..., i, j] = sum_{j < s <= i} a[..., s]`` (``-inf`` above the diagonal).
-
-    ``exp(segsum(dt A))`` is the decay matrix ``L`` of SSD. Mathematically
-    ``S[i, j] = cumsum(a)[i] - cumsum(a)[j]``; summing each segment directly instead avoids
-    the cancellation of two large cumulative sums, and masking before the exponential keeps
-    the entries above the diagonal at ``exp(-inf) = 0`` instead of overflowing.
-
-    Args:
-        a: ``[..., T]``. Returns ``[..., T, T]``.
-    """
-    t = a.shape[-1]
-    below = torch.ones(t, t, dtype=torch.bool, device=a.device).tril(-1)  # s > j
-    # rows are s, columns j: keep a[s] where s > j, then accumulate over s up to i
-    terms = a.unsqueeze(-1).expand(*a.shape, t).masked_fill(~below, 0.0)
-    sums = terms.cumsum(dim=-2)
-    causal = torch.ones(t, t, dtype=torch.bool, device=a.device).tril()
-    return sums.masked_fill(~causal, float("-inf"))
+__all__ = ["segsum", "ssd", "ssd_matrix", "ssd_recurrent"]
 
 
 def _prepare(
@@ -81,8 +63,8 @@ def _prepare(
         )
     if A.shape[0] != heads:
         raise ValueError(f"A must have shape [H] = [{heads}], got {tuple(A.shape)}")
-    Bg = _grouped("B", B, batch, length, heads, "heads")
-    Cg = _grouped("C", C, batch, length, heads, "heads")
+    Bg = check_grouped("B", B, batch, length, heads, "heads")
+    Cg = check_grouped("C", C, batch, length, heads, "heads")
     n = Bg.shape[3]
     if Cg.shape[3] != n:
         raise ValueError(
@@ -107,9 +89,10 @@ def _prepare(
                 f"initial_states must have shape [B, H, P, N] = {(batch, heads, p, n)}, "
                 f"got {tuple(initial_states.shape)}"
             )
-    _check_device(
+    check_same(
         ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"),
         (x, dt, A, B, C, D, z, dt_bias, initial_states),
+        dtype=False,
     )
     compute = torch.promote_types(x.dtype, torch.float32)
     for t in (dt, A, B, C):
@@ -119,8 +102,9 @@ def _prepare(
         dtc = dtc + dt_bias.to(compute)
     if dt_softplus:
         dtc = F.softplus(dtc)
-    Bh = Bg.to(compute).repeat_interleave(heads // Bg.shape[2], dim=2)  # [B, T, H, N]
-    Ch = Cg.to(compute).repeat_interleave(heads // Cg.shape[2], dim=2)
+    # each head reads its group's B_t and C_t: [B, T, G, N] -> [B, T, H, N]
+    Bh = repeat(Bg.to(compute), "b t g n -> b t (g r) n", r=heads // Bg.shape[2])
+    Ch = repeat(Cg.to(compute), "b t g n -> b t (g r) n", r=heads // Cg.shape[2])
     return x.to(compute), dtc, A.to(compute), Bh, Ch
 
 
@@ -188,7 +172,6 @@ def ssd(
     check_positive_int("chunk_size", chunk_size)
     xc, dtc, Ac, Bh, Ch = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states)
     batch, length, heads, p = x.shape
-    n = Bh.shape[-1]
     q = chunk_size
     chunks = math.ceil(length / q)
     pad = chunks * q - length
@@ -200,11 +183,11 @@ def ssd(
     else:
         xc_p, dt_p, B_p, C_p = xc, dtc, Bh, Ch
     # split the time axis into [chunks, Q]
-    xs = xc_p.reshape(batch, chunks, q, heads, p)
-    dts = dt_p.reshape(batch, chunks, q, heads)
-    Bs = B_p.reshape(batch, chunks, q, heads, n)
-    Cs = C_p.reshape(batch, chunks, q, heads, n)
-    log_decay = (dts * Ac).transpose(2, 3)  # [B, c, H, Q]: dt_s A per step
+    xs = rearrange(xc_p, "b (c q) h p -> b c q h p", q=q)
+    dts = rearrange(dt_p, "b (c q) h -> b c q h", q=q)
+    Bs = rearrange(B_p, "b (c q) h n -> b c q h n", q=q)
+    Cs = rearrange(C_p, "b (c q) h n -> b c q h n", q=q)
+    log_decay = rearrange(dts * Ac, "b c q h -> b c h q")  # dt_s A per step
     seg = segsum(log_decay)  # [B, c, H, Q, Q]
     L = torch.exp(seg)
     xdt = xs * dts.unsqueeze(-1)  # dt_j x_j
@@ -228,7 +211,7 @@ def ssd(
     from_start = torch.exp(log_decay.cumsum(-1))  # [B, c, H, Q]
     y_off = torch.einsum("bcihn,bchpn,bchi->bcihp", Cs, entering, from_start)
 
-    y = (y_diag + y_off).reshape(batch, chunks * q, heads, p)[:, :length]
+    y = rearrange(y_diag + y_off, "b c q h p -> b (c q) h p")[:, :length]
     out = _finish(y, xc, D, z, x.dtype)
     if return_final_states:
         return out, ends[:, -1]

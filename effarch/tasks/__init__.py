@@ -5,8 +5,9 @@
 * :func:`memory_stream`: a stream of key-value bindings for memories trained at test time.
 * :func:`recall_accuracy`: the fraction of queries answered right.
 
-The experiment that trains small models on it is :func:`effarch.models.recall_experiment`;
-``python -m effarch.tasks.recall`` runs it from the command line.
+The experiment that trains small models on it is
+:func:`effarch.experiments.recall_experiment`; ``python -m effarch.experiments recall`` runs
+it from the command line.
 """
 
 from .mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy

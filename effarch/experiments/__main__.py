@@ -1,0 +1,29 @@
+"""Run an experiment of the book from the command line and store its records.
+
+    python -m effarch.experiments recall --size cpu --out results.json
+    python -m effarch.experiments recall --size gpu --device cuda --out results_gpu.json
+    python -m effarch.experiments recall --size cpu --mixers attention deltanet --steps 100
+
+The first argument names the experiment; the rest are its own (``recall --help``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import recall
+
+EXPERIMENTS = {"recall": recall.main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``argv[0]`` (an experiment's name) to its command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in EXPERIMENTS:
+        names = ", ".join(EXPERIMENTS)
+        raise SystemExit(f"usage: python -m effarch.experiments {{{names}}} [options]")
+    EXPERIMENTS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+r"""The token mixers a :class:`~effarch.models.TinyLM` can be built with, and their state sizes.
+
+:data:`MIXERS` maps a name to a factory ``(d_model, **kwargs) -> nn.Module``: softmax attention,
+:class:`SlidingWindowAttention`, the linear models of chapter 2 with TTT-Linear, and the state
+space models. Every layer they build answers ``state_size(seq_len)``, the number of elements one
+sequence's memory holds after ``seq_len`` tokens (each layer states its own formula);
+:func:`mixer_state_size` asks any module for it, the x-axis of the recall-memory trade-off
+(Arora et al., 2023, *Zoology*).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_positive_int, check_positive_number
+from ..attention.grouped import MultiHeadAttention
+from ..attention.naive import naive_attention
+from ..linear.layers import (
+    GLA,
+    HGRN,
+    RWKV7,
+    DeltaNet,
+    GatedDeltaNet,
+    LinearAttention,
+    RetNet,
+    TTTLinear,
+)
+from ..nn import init_dt_bias
+from ..ssm.layers import S4D, Mamba, Mamba2
+
+__all__ = ["MIXERS", "MixerFactory", "SlidingWindowAttention", "mixer_state_size"]
+
+MixerFactory = Callable[..., nn.Module]
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding-window attention
+# --------------------------------------------------------------------------------------------
+
+
+class SlidingWindowAttention(MultiHeadAttention):
+    """Causal softmax attention in which each token sees only the last ``window`` tokens.
+
+    :class:`~effarch.attention.MultiHeadAttention` with the local mask ``t - window < s <= t``
+    (Mistral's sliding window): the KV cache a decoder needs is ``window`` tokens long,
+    whatever the context. Other arguments as :class:`~effarch.attention.MultiHeadAttention`.
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, window: int, **kw: Any
+    ) -> None:
+        check_positive_int("window", window)
+        attention = functools.partial(naive_attention, window=(window - 1, 0))
+        super().__init__(d_model, n_heads, n_kv_heads, attention=attention, **kw)
+        self.window = window
+
+    def state_size(self, seq_len: int) -> int:
+        """KV-cache elements one sequence needs after ``seq_len = T`` tokens: ``2 min(T, w) G dh``.
+
+        Keys and values of the last ``w = window`` tokens, ``G = n_kv_heads`` heads of width
+        ``dh = head_dim``; older entries are never read again.
+        """
+        check_positive_int("seq_len", seq_len)
+        return 2 * min(seq_len, self.window) * self.n_kv_heads * self.head_dim
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}"
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+def _default_heads(d_model: int) -> int:
+    """Heads of width about 32: the largest ``H <= d_model / 32`` dividing ``d_model``."""
+    h = max(1, d_model // 32)
+    while d_model % h:
+        h -= 1
+    return h
+
+
+def _headed(cls: type[nn.Module], **defaults: Any) -> MixerFactory:
+    """A factory ``(d_model, **kwargs) -> cls(d_model, n_heads=..., **kwargs)``."""
+
+    def make(d_model: int, **kwargs: Any) -> nn.Module:
+        check_positive_int("d_model", d_model)
+        kwargs = {**defaults, **kwargs}
+        kwargs.setdefault("n_heads", _default_heads(d_model))
+        return cls(d_model, **kwargs)
+
+    make.__name__ = make.__qualname__ = cls.__name__
+    make.__doc__ = f"Build a {cls.__name__}; ``n_heads`` defaults to ``d_model / 32``."
+    return make
+
+
+def _mamba2(d_model: int, **kwargs: Any) -> nn.Module:
+    """Build a Mamba2; ``headdim`` defaults to the largest divisor of ``expand d`` up to 32."""
+    check_positive_int("d_model", d_model)
+    expand = check_positive_int("expand", kwargs.get("expand", 2))
+    kwargs.setdefault("headdim", math.gcd(expand * d_model, 32))
+    return Mamba2(d_model, **kwargs)
+
+
+def _gated_deltanet(
+    d_model: int,
+    *,
+    A_init_range: tuple[float, float] | None = None,
+    dt_min: float | None = None,
+    dt_max: float | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a GatedDeltaNet, optionally with Mamba-2's decay initialisation arguments.
+
+    The layer draws ``A = exp(A_log)`` uniform in ``[1, 16]`` and ``softplus(dt_bias)``
+    log-uniform in ``[0.001, 0.1]``; ``A_init_range``, ``dt_min`` and ``dt_max`` (as in
+    :class:`~effarch.ssm.Mamba2`) redraw them, e.g. for slower decays on short tasks.
+    """
+    check_positive_int("d_model", d_model)
+    kwargs.setdefault("n_heads", _default_heads(d_model))
+    layer = GatedDeltaNet(d_model, **kwargs)
+    if A_init_range is not None or dt_min is not None or dt_max is not None:
+        rng = (1.0, 16.0) if A_init_range is None else A_init_range
+        ok = isinstance(rng, (tuple, list)) and len(rng) == 2
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng)
+        if not ok or not 0 < rng[0] <= rng[1]:
+            raise ValueError(
+                f"A_init_range must be a pair (low, high) with 0 < low <= high, got {rng!r}"
+            )
+        lo, hi = float(rng[0]), float(rng[1])
+        dt_lo = 0.001 if dt_min is None else check_positive_number("dt_min", dt_min)
+        dt_hi = 0.1 if dt_max is None else check_positive_number("dt_max", dt_max)
+        if dt_lo > dt_hi:
+            raise ValueError(f"dt_min ({dt_lo}) must not exceed dt_max ({dt_hi})")
+        h = layer.n_heads
+        with torch.no_grad():
+            layer.A_log.copy_(torch.log(torch.empty(h).uniform_(lo, hi)))
+            layer.dt_bias.copy_(init_dt_bias(h, dt_lo, dt_hi, 1e-4))
+    return layer
+
+
+#: Token mixers by name: each a callable ``(d_model, **kwargs) -> nn.Module``. Head-based
+#: layers default to heads of width 32 (``n_heads = d_model / 32``); pass ``n_heads`` (or the
+#: layer's own state knob, see :func:`mixer_state_size`) in ``mixer_kwargs`` to change it.
+#: Every layer built here answers ``state_size(seq_len)``.
+#: ``"gated_deltanet"`` also takes Mamba-2's ``A_init_range``, ``dt_min``, ``dt_max``.
+MIXERS: dict[str, MixerFactory] = {
+    "attention": _headed(MultiHeadAttention),
+    "sliding_window": _headed(SlidingWindowAttention, window=16),
+    "linear_attention": _headed(LinearAttention),
+    "retnet": _headed(RetNet),
+    "gla": _headed(GLA),
+    "deltanet": _headed(DeltaNet),
+    "gated_deltanet": _gated_deltanet,
+    "hgrn": HGRN,
+    "rwkv7": _headed(RWKV7),
+    "ttt_linear": _headed(TTTLinear),
+    "mamba": Mamba,
+    "mamba2": _mamba2,
+    "s4d": S4D,
+}
+
+
+def mixer_state_size(mixer: nn.Module, seq_len: int) -> int:
+    r"""Numbers one sequence's mixer keeps from token to token after ``seq_len`` tokens.
+
+    The recurrent memory of one layer, per sequence (batch of one): the module's own
+    ``state_size(seq_len)``. The layers of :data:`MIXERS` answer:
+
+    ==============================  ==========================================  ================
+    mixer                           elements                                    knob
+    ==============================  ==========================================  ================
+    attention (KV cache)            ``2 T G dh``                                ``T``, ``dh``
+    sliding-window attention        ``2 min(T, w) G dh``                        ``window``
+    linear attention                ``H K K`` (+ ``H K`` normaliser)            ``n_heads``
+    RetNet, GLA, Gated DeltaNet     ``H K V``                                   ``n_heads``,
+                                                                                ``expand_k/v``
+    DeltaNet, RWKV-7                ``H K K``                                   ``n_heads``
+    TTT-Linear                      ``2 H K K`` (weights and mini-batch anchor) ``n_heads``
+    HGRN                            ``expand_ratio d``                          ``expand_ratio``
+    Mamba, Mamba-2                  ``expand d N``                              ``d_state``
+    S4D                             ``d N`` (``N / 2`` complex per channel)     ``d_state``
+    ==============================  ==========================================  ================
+
+    (``T = seq_len``, ``G`` key/value heads of width ``dh``, ``H`` heads with key and value
+    widths ``K``, ``V``; at fixed ``d_model`` fewer heads mean a bigger state, ``H (d/H)^2 =
+    d^2 / H``.) Short-convolution caches, token shifts and position counters (the last few
+    inputs or a count, not a memory of the context) are not counted. The formulas live with
+    the layers; this table only gathers them.
+
+    Args:
+        mixer: any module with a ``state_size(seq_len)`` method: a layer of :data:`MIXERS`, a
+            :class:`~effarch.models.TokenMixer` or a :class:`~effarch.models.TinyLM` (one
+            layer's mixer; every layer has the same).
+        seq_len: ``T``, the context the state has absorbed.
+
+    Returns:
+        The number of elements.
+    """
+    check_positive_int("seq_len", seq_len)
+    if not isinstance(mixer, nn.Module):
+        raise TypeError(f"mixer must be an nn.Module, got {type(mixer).__name__}")
+    state_size = getattr(mixer, "state_size", None)
+    if not callable(state_size):
+        raise TypeError(
+            f"mixer_state_size does not know {type(mixer).__name__}; give the module a "
+            "state_size(seq_len) method"
+        )
+    return int(state_size(seq_len))
