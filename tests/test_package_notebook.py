@@ -9,7 +9,14 @@ import ipywidgets as widgets
 import pytest
 import torch
 
-from effarch.notebook import SIZES_MARKER, Context, explore, setup, setup_cell
+from effarch.notebook import (
+    SIZES_MARKER,
+    Context,
+    default_profile,
+    explore,
+    setup,
+    setup_cell,
+)
 from effarch.notebook.__main__ import expected_first_cell, repository_url, sync
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +58,9 @@ def test_setup_seeds_everything():
 def test_profile_follows_device_and_override(monkeypatch):
     monkeypatch.delenv("EFFARCH_SIZE", raising=False)
     ctx = setup(quiet=True)
-    assert ctx.profile == ("large" if torch.cuda.is_available() else "small")
+    assert ctx.profile == default_profile(ctx.device)
+    if not torch.cuda.is_available():
+        assert ctx.profile == "small" and ctx.dtype == torch.float32
     monkeypatch.setenv("EFFARCH_SIZE", "large")
     assert setup(quiet=True).profile == "large"
     monkeypatch.setenv("EFFARCH_SIZE", "huge")
@@ -66,7 +75,30 @@ def test_pick_returns_the_active_profile_and_checks_it():
     with pytest.raises(ValueError, match="missing"):
         ctx.pick(small=dict(T=1))
     with pytest.raises(ValueError, match="unknown profiles"):
-        ctx.pick(small={}, large={}, medium={})
+        ctx.pick(small={}, large={}, huge={})
+    # medium (a 16 GB GPU, float16) takes its own sizes, or large's when it has none
+    medium = Context(torch.device("cpu"), "medium", 0)
+    assert medium.dtype == torch.float16
+    assert medium.pick(small=dict(T=1), large=dict(T=8192)).T == 8192
+    assert medium.pick(small=dict(T=1), medium=dict(T=4096), large=dict(T=8192)).T == 4096
+
+
+def test_default_profile_by_gpu_memory_and_bf16(monkeypatch):
+    """A 16 GB T4 (no bf16) gets medium, an 80 GB H100 large, a CPU small."""
+    from types import SimpleNamespace
+
+    assert default_profile(torch.device("cpu")) == "small"
+    for memory, bf16, want in [(16, False, "medium"), (80, True, "large"), (16, True, "medium")]:
+        props = SimpleNamespace(total_memory=memory * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, p=props: p)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda b=bf16: b)
+        assert default_profile(torch.device("cuda")) == want
+
+
+def test_kernels_reason_says_why_a_kernel_cannot_run(monkeypatch):
+    ctx = Context(torch.device("cpu"), "small", 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in ctx.kernels
 
 
 def test_explore_renders_defaults_and_redraws(monkeypatch):
@@ -110,7 +142,11 @@ def test_setup_cell_template():
     with pytest.raises(ValueError, match="https"):
         setup_cell("git@example.org:x.git")
     cell = setup_cell("https://example.org/someone/effarch/")
-    assert "git+https://example.org/someone/effarch'" in cell
+    # Colab installs the release the book was run with, never the moving main branch
+    import effarch
+
+    assert f"git+https://example.org/someone/effarch@v{effarch.__version__}'" in cell
+    assert "@v2.3.4'" in setup_cell("https://example.org/x", version="2.3.4")
     compile(cell.replace("get_ipython()", "None"), "<setup>", "exec")
 
 
@@ -203,7 +239,8 @@ def test_kernel_source_reads_the_file_without_triton():
         "sys.meta_path.insert(0, Block())\n"
         "from effarch.notebook import kernel_source\n"
         "text = kernel_source('flash_attention', '_fwd_kernel', start='pid_m = ')\n"
-        "assert 'triton' not in sys.modules and 'effarch_kernels' not in sys.modules\n"
+        "assert 'triton' not in sys.modules\n"
+        "assert 'effarch_kernels.flash_attention' not in sys.modules\n"
         "print(text.splitlines()[0])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
