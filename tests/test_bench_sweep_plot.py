@@ -170,6 +170,10 @@ def test_plot_scaling_labels_the_fitted_exponent():
     assert labels[1] == "quadratic ~ T^2.00"
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert "MiB" in ax.get_ylabel() and "T" in ax.get_xlabel()
+    # overlapping curves stay apart: each series its own line style and marker
+    series = [line for line in ax.get_lines() if line.get_label() in labels]
+    assert len(series) == 2
+    assert len({(line.get_linestyle(), line.get_marker()) for line in series}) == 2
 
 
 def test_plot_scaling_marks_out_of_budget_series():

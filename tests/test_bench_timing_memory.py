@@ -260,3 +260,19 @@ def test_formatters():
     assert format_bytes(3 * 2**20) == "3.00 MiB"
     assert format_bytes(512) == "512 B"
     assert format_seconds(float("nan")) == "n/a"
+
+
+def test_cpu_threads_sets_and_restores_the_pool():
+    from effarch.bench import cpu_threads
+
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(1, device="cuda"):  # a GPU run keeps the CPU pool as it is
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), cpu_threads(1):
+        raise RuntimeError("restored even when the block fails")
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n must be a positive int"), cpu_threads(0):
+        pass

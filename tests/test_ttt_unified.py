@@ -255,6 +255,7 @@ def test_the_registry_covers_the_survey_table():
     }
     assert {classes[k] for k in ("deltanet", "gated_deltanet", "rwkv7")} == {"bilinear"}
     assert classes["ttt_mlp"] == "nonlinear"
+    assert classes["softmax_attention"] == "unbounded" and classes["sliding_window"] == "windowed"
     bib = (ROOT / "references.bib").read_text()
     for rule in RULES.values():
         assert isinstance(rule, UpdateRule) and rule.cls in CLASSES

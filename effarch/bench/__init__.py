@@ -12,7 +12,7 @@ from .memory import MemoryUsage, format_bytes, peak_memory
 from .plot import plot_kv_cache, plot_memory, plot_roofline, plot_scaling
 from .roofline import DEVICES, DeviceSpec, measure_device
 from .sweep import OK, OUT_OF_BUDGET, SweepResult, is_out_of_memory, sweep
-from .timing import Timing, benchmark, format_seconds, synchronize
+from .timing import Timing, benchmark, cpu_threads, format_seconds, synchronize
 
 __all__ = [
     "DEVICES",
@@ -26,6 +26,7 @@ __all__ = [
     "Timing",
     "attention_flops",
     "benchmark",
+    "cpu_threads",
     "fit_exponent",
     "format_bytes",
     "format_flops",

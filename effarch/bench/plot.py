@@ -25,6 +25,12 @@ _LABELS = {
 }
 
 
+#: Each series gets its own line style and marker (and colour), so that overlapping curves
+#: stay apart, also in grey print.
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def plot_scaling(
     result: SweepResult,
     column: str = "time_s",
@@ -46,7 +52,8 @@ def plot_scaling(
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.8))
     what, unit, div = _LABELS[column]
-    for impl in impls or result.impls:
+    for i, impl in enumerate(impls or result.impls):
+        style = dict(marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)], ms=4)
         sizes, values = result.series(impl, column)
         if not sizes:
             continue
@@ -64,9 +71,9 @@ def plot_scaling(
             _, lo = result.series(impl, "time_q25_s")
             _, hi = result.series(impl, "time_q75_s")
             err = np.abs(np.vstack([y - np.asarray(lo) / div, np.asarray(hi) / div - y]))
-            (line, *_) = ax.errorbar(sizes, y, yerr=err, marker="o", ms=4, capsize=2, label=label)
+            (line, *_) = ax.errorbar(sizes, y, yerr=err, capsize=2, label=label, **style)
         else:
-            (line,) = ax.plot(sizes, y, marker="o", ms=4, label=label)
+            (line,) = ax.plot(sizes, y, label=label, **style)
         if stopped:
             ax.plot(sizes[-1], y[-1], "x", ms=10, color=line.get_color())
     ax.set_xscale("log", base=2)

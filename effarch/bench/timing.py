@@ -17,11 +17,12 @@ before every call, outside the timed region, as ``triton.testing.do_bench`` does
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,30 @@ def synchronize(device: torch.device | str | None = None) -> None:
             torch.cuda.synchronize(dev)
     elif dev.type == "mps" and hasattr(torch, "mps"):
         torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int = 1, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the block on ``n`` CPU threads (PyTorch's intra-op pool), then restore the count.
+
+    Timing small operations on a shared CPU is steadier on one thread: a multi-threaded op
+    waits for its threads to be scheduled, a fixed cost that swamps short inputs when other
+    work shares the cores, and bends fitted exponents. On a GPU (``device`` not a CPU) it
+    changes nothing.
+
+    >>> with cpu_threads(1):
+    ...     torch.get_num_threads()
+    1
+    """
+    check_positive_int("n", n)
+    before = torch.get_num_threads()
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _has_triton() -> bool:

@@ -193,6 +193,29 @@ def kernel_source(module: str, kernel: str, *, start: str | None = None) -> str:
     return text
 
 
+def glue(name: str, value: Any, *, display: bool = False) -> Any:
+    """Hand a computed value to the page's prose: ``{glue:text}`name:.2f``` in a markdown
+    cell shows it, so the numbers in the text are the ones the cell just computed.
+
+    myst-nb's ``glue`` where myst-nb is installed (building the book); elsewhere (Colab, a
+    plain Jupyter) it only shows ``value`` when ``display`` is set. Returns ``value``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be an identifier-like string, got {name!r}")
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a NumPy or torch scalar: glue shows (and formats) the number
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        if display:
+            from IPython.display import display as show
+
+            show(value)
+        return value
+    myst_glue(name, value, display=display)
+    return value
+
+
 def _to_image(obj: Any) -> Any:
     """A matplotlib Figure becomes a PNG image (and is closed); anything else is returned."""
     from matplotlib.figure import Figure
@@ -251,6 +274,7 @@ __all__ = [
     "Context",
     "default_profile",
     "explore",
+    "glue",
     "kernel_source",
     "pick_device",
     "seed_everything",

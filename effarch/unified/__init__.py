@@ -16,7 +16,8 @@ They differ only in ``update``. The survey sorts the rules into three classes:
   DeltaNet, RWKV-7, TTT-Linear);
 * **nonlinear**: the memory is a nonlinear model trained online (TTT-MLP, Titans' deep memory);
 
-and softmax attention is the **unbounded** baseline: a memory that keeps every ``(k, v)``.
+and softmax attention is the **unbounded** baseline, a memory that keeps every ``(k, v)``;
+its sliding-window variant is **windowed**: a bounded cache of the last ``w`` pairs.
 
 :func:`memory_scan` is one readable loop that runs any rule of :data:`RULES`, the registry. Each
 :class:`UpdateRule` carries its update equation, class, the objective its update is a

@@ -11,7 +11,7 @@ import torch
 
 __all__ = ["CLASSES", "Inputs", "Tensor", "UpdateRule"]
 
-CLASSES = ("linear", "bilinear", "nonlinear", "unbounded")
+CLASSES = ("linear", "bilinear", "nonlinear", "windowed", "unbounded")
 
 Tensor = torch.Tensor
 Inputs = Mapping[str, Tensor]
@@ -24,7 +24,8 @@ class UpdateRule:
     Attributes:
         key: the registry key.
         name: the method's name.
-        cls: ``"linear"``, ``"bilinear"``, ``"nonlinear"`` or ``"unbounded"``.
+        cls: ``"linear"``, ``"bilinear"``, ``"nonlinear"``, ``"windowed"`` (a bounded cache of
+            the last w pairs) or ``"unbounded"``.
         update: the update equation, LaTeX, in the package's ``S: [K, V]`` convention.
         objective: the loss of which ``update`` is one gradient step (the optimiser view).
         state: the memory per head, as a formula in ``d_k, d_v, t``.

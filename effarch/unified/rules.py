@@ -302,7 +302,8 @@ def _gated_deltanet_rule() -> UpdateRule:
         name="Gated DeltaNet",
         cls="bilinear",
         update=r"S_t = \alpha_t (I - \beta_t k_t k_t^\top) S_{t-1} + \beta_t k_t v_t^\top",
-        objective=r"\tfrac12\lVert (\alpha_t S)^\top k_t - v_t\rVert^2",
+        objective=r"\text{decay by } \alpha_t\text{, then one step on } "
+        r"\tfrac12\lVert S^\top k_t - v_t\rVert^2",
         state=r"d_k d_v",
         train=r"O(T d_k d_v)",
         decode=r"O(d_k d_v)",
@@ -546,7 +547,7 @@ def _softmax_rule(window: int | None = None) -> UpdateRule:
     return UpdateRule(
         key="softmax_attention" if window is None else "sliding_window",
         name="Softmax attention" if window is None else f"Sliding window (w={window})",
-        cls="unbounded",
+        cls="unbounded" if window is None else "windowed",
         update=r"\mathcal{K}_t = \mathcal{K}_{t-1} \cup \{(k_t, v_t)\}"
         if window is None
         else r"\mathcal{K}_t = \{(k_s, v_s)\}_{t-w < s \le t}",
@@ -563,7 +564,10 @@ def _softmax_rule(window: int | None = None) -> UpdateRule:
         specialised=specialised,
         sample=sample,
         state_elements=lambda dk, dv, t: (t if window is None else min(t, window)) * (dk + dv),
-        note="Softmax attention: the initial state is a cached prefix (K, V), each [B, P, H, D].",
+        note="Softmax attention: the initial state is a cached prefix (K, V), each [B, P, H, D]."
+        if window is None
+        else f"Sliding window: a bounded cache of the last {window} pairs (K, V), each "
+        "[B, min(t, w), H, D]; a longer prefix is cut to its last w pairs.",
         cite="vaswani2017attention",
     )
 
