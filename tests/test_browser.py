@@ -277,3 +277,34 @@ def test_launch_buttons_and_repository_links(book):
     assert "colab.research.google.com" in page
     assert f'href="{url}"' in page, "repository button"
     assert f"{url}/edit/main/" in page, "edit this page"
+
+
+def solution_cells() -> dict[str, list[str]]:
+    """``{html page: [the heading comment of each solution cell]}``: every cell tagged
+    ``solution`` opens with ``# Solution, exercise N: ...``, a line found nowhere else."""
+    out = {}
+    for page, notebook in notebook_pages().items():
+        cells = json.loads((ROOT / notebook).read_text())["cells"]
+        heads = []
+        for c in cells:
+            if "solution" in c.get("metadata", {}).get("tags", []):
+                first = "".join(c["source"]).strip().splitlines()[0]
+                assert first.startswith("# Solution"), f"{notebook}: solution cell opens {first!r}"
+                heads.append(first)
+        if heads:
+            out[page] = heads
+    return out
+
+
+def test_students_edition_leaves_out_every_solution(book):
+    """The students' build drops the cells tagged `solution`; the full book keeps them."""
+    rc = subprocess.call([sys.executable, str(ROOT / "scripts" / "build_book.py"), "--student"])
+    assert rc == 0, "the students' edition failed to build"
+    student = ROOT / "_build" / "student" / "html"
+    solutions = solution_cells()
+    assert solutions, "no notebook has an executed solution cell (tag: solution)"
+    for page, heads in solutions.items():
+        full, without = (book / page).read_text(), (student / page).read_text()
+        for head in heads:
+            assert head in full, f"{page}: {head!r} missing from the book"
+            assert head not in without, f"{page}: {head!r} is in the students' edition"

@@ -263,3 +263,82 @@ def test_kernel_source_matches_inspect_and_checks_its_arguments():
         kernel_source("no_such_module", "_fwd_kernel")
     with pytest.raises(ValueError, match="does not occur"):
         kernel_source("flash_attention", "_fwd_kernel", start="not in the kernel")
+
+
+def test_glue_hands_values_to_myst_nb_or_passes_them_through(monkeypatch):
+    from effarch.notebook import glue
+
+    shown = []
+    fake = type(sys)("myst_nb")
+    fake.glue = lambda name, value, display=True: shown.append((name, value, display))
+    monkeypatch.setitem(sys.modules, "myst_nb", fake)
+    assert glue("speedup", 3.5) == 3.5
+    assert shown == [("speedup", 3.5, False)]
+    # NumPy and torch scalars arrive as Python numbers, so `{glue:text}`x:.2f`` formats them
+    import numpy as np
+
+    glue("p", np.float64(0.25))
+    glue("n", torch.tensor(7))
+    assert shown[1:] == [("p", 0.25, False), ("n", 7, False)]
+    assert type(shown[1][1]) is float and type(shown[2][1]) is int
+    shown[1:] = []
+    monkeypatch.setitem(sys.modules, "myst_nb", None)  # not installed: a plain pass-through
+    assert glue("speedup", 4.0) == 4.0 and len(shown) == 1
+    with pytest.raises(ValueError, match="name must be"):
+        glue("not a name", 1)
+
+
+def test_drop_solutions_keeps_every_other_cell(tmp_path):
+    import nbformat
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from build_book import drop_solutions
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("Exercise 1: predict, then measure."),
+        nbformat.v4.new_code_cell("# Solution, exercise 1\nx = 1", metadata={"tags": ["solution"]}),
+        nbformat.v4.new_code_cell("y = 2", metadata={"tags": ["hide-input"]}),
+    ]
+    path = tmp_path / "x.ipynb"
+    nbformat.write(nb, path)
+    assert drop_solutions(path) == 1
+    kept = nbformat.read(path, as_version=4).cells
+    assert [c.source for c in kept] == ["Exercise 1: predict, then measure.", "y = 2"]
+
+
+def test_learning_path_page_is_what_the_pages_say():
+    """guide/learning_path.{md,svg} are generated from each page's prerequisites line; they
+    must be up to date, and the prerequisites must form a path without cycles."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "learning_path.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_learning_path_finds_a_cycle(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import learning_path
+
+    chapters = tmp_path / "chapters" / "x"
+    chapters.mkdir(parents=True)
+
+    def page(name: str, needs: str) -> None:
+        nb = {
+            "cells": [
+                {
+                    "cell_type": "markdown",
+                    "metadata": {},
+                    "source": [f"# {name}\n", f"**Prerequisites:** [{needs}]({needs}.ipynb)\n"],
+                }
+            ]
+        }
+        (chapters / f"{name}.ipynb").write_text(json.dumps(nb))
+
+    page("a", "b")
+    page("b", "a")
+    monkeypatch.setattr(learning_path, "ROOT", tmp_path)
+    with pytest.raises(ValueError, match="cycle"):
+        learning_path.graph()
