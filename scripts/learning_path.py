@@ -36,20 +36,24 @@ def title(nb: dict) -> str:
 
 
 def prerequisites(path: Path, nb: dict) -> list[Path]:
-    """The pages linked on the header's prerequisites line (markdown cells before the first
-    code cell)."""
+    """The pages linked in the header's prerequisites (markdown cells before the first code
+    cell: from the word "Prerequisites" to the end of its paragraph or the next bold label)."""
     found: list[Path] = []
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             break
-        for line in "".join(cell["source"]).splitlines():
-            if "prerequisite" in line.lower() or "builds on" in line.lower():
-                for _, target in LINK.findall(line):
-                    page = (path.parent / target).resolve()
-                    if not page.is_file():
-                        raise ValueError(f"{path.name}: prerequisite {target} does not exist")
-                    if page not in found:
-                        found.append(page)
+        text = "".join(cell["source"])
+        start = text.lower().find("prerequisite")
+        if start < 0:
+            continue
+        # the prerequisites run to the end of their paragraph or to the next bold label
+        stops = [i for i in (text.find("\n\n", start), text.find("\n**", start)) if i >= 0]
+        for _, target in LINK.findall(text[start : min(stops, default=len(text))]):
+            page = (path.parent / target).resolve()
+            if not page.is_file():
+                raise ValueError(f"{path.name}: prerequisite {target} does not exist")
+            if page not in found:
+                found.append(page)
     return found
 
 
