@@ -113,8 +113,7 @@ def markdown(g: dict[Path, tuple[str, list[Path]]]) -> str:
             "(`python scripts/learning_path.py`), so they always agree.",
             "",
             "```{figure} learning_path.svg",
-            ":alt: the pages of the book as boxes, with an arrow from each page to the pages",
-            "  that build on it",
+            ":alt: the book's pages as boxes, arrows to the pages that build on them",
             ":width: 100%",
             "",
             "Each arrow points from a page to one that builds on it.",
@@ -146,20 +145,26 @@ def svg(g: dict[Path, tuple[str, list[Path]]]) -> str:
     tallest = max(len(c) for c in columns.values())
     for x, col in sorted(columns.items()):
         for i, p in enumerate(col):
-            pos[p] = (x * 3.2, (tallest - 1) / 2 - i + (len(col) - 1) / 2 - (tallest - 1) / 2)
-    fig, ax = plt.subplots(figsize=(3.0 * (max(columns) + 1), 0.75 * tallest + 0.6))
-    for p, (_, pre) in g.items():
-        for q in pre:
-            ax.annotate(
-                "", xy=(pos[p][0] - 1.25, pos[p][1]), xytext=(pos[q][0] + 1.25, pos[q][1]),
-                arrowprops=dict(arrowstyle="->", color="0.45", lw=0.9, shrinkA=2, shrinkB=2),
-            )  # fmt: skip
-    for p, (t, _) in g.items():
-        ax.text(
-            *pos[p], short(t), ha="center", va="center", fontsize=9,
+            pos[p] = (x * 3.0, (tallest - 1) / 2 - i + (len(col) - 1) / 2 - (tallest - 1) / 2)
+    fig, ax = plt.subplots(figsize=(3.1 * (max(columns) + 1), 0.62 * tallest + 0.4))
+    boxes = {
+        p: ax.text(
+            *pos[p],
+            short(t),
+            ha="center",
+            va="center",
+            fontsize=10,
             bbox=dict(boxstyle="round,pad=0.35", fc="#eef3fb", ec="#4a6fa5", lw=0.8),
         )  # fmt: skip
-    ax.set_xlim(-1.6, max(columns) * 3.2 + 1.6)
+        for p, (t, _) in g.items()
+    }
+    for p, (_, pre) in g.items():
+        for q in pre:  # from the right edge of the prerequisite to the left edge of the page
+            ax.annotate(
+                "", xy=(0, 0.5), xycoords=boxes[p], xytext=(1, 0.5), textcoords=boxes[q],
+                arrowprops=dict(arrowstyle="->", color="0.45", lw=0.9, shrinkA=1, shrinkB=1),
+            )  # fmt: skip
+    ax.set_xlim(-1.4, max(columns) * 3.0 + 1.4)
     ax.set_ylim(-tallest / 2 - 0.2, tallest / 2 + 0.2)
     ax.axis("off")
     buf = io.StringIO()
