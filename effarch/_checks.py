@@ -126,28 +126,27 @@ State = dict[str, Any]
 """A layer's decode state: the ``dict`` of tensors its ``forward`` returns and takes back."""
 
 
-def check_layer_input(x: Any, d_model: int) -> tuple[int, int]:
-    """Check a layer's input ``x: [B, T, d_model]`` (floating, ``T >= 1``); return ``B, T``."""
-    check_tensor("x", x, ndim=3, floating=True)
-    if x.shape[-1] != d_model:
-        raise ValueError(
-            f"x must be [B, T, d_model] with d_model = {d_model}, got shape {tuple(x.shape)}"
-        )
-    if x.shape[1] == 0:
-        raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
-    return x.shape[0], x.shape[1]
-
-
-def check_sequences(name: str, x: Any, d_model: int) -> torch.Tensor:
-    """Check a batch of sequences ``[B, T, d_model]`` (floating, ``B, T >= 1``); return it."""
+def check_sequences(name: str, x: Any, d_model: int, *, min_batch: int = 1) -> torch.Tensor:
+    """Check a batch of sequences ``[B, T, d_model]``: floating, ``T >= 1`` and
+    ``B >= min_batch``; return it."""
     check_tensor(name, x, ndim=3, floating=True)
     if x.shape[-1] != d_model:
         raise ValueError(
             f"{name} must be [B, T, d_model] with d_model={d_model}, got shape {tuple(x.shape)}"
         )
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must hold at least one sequence and token, got {tuple(x.shape)}")
+    if x.shape[1] == 0 or x.shape[0] < min_batch:
+        raise ValueError(
+            f"{name} must hold at least one sequence and token (at least one time step), "
+            f"got shape {tuple(x.shape)}"
+        )
     return x
+
+
+def check_layer_input(x: Any, d_model: int) -> tuple[int, int]:
+    """Check a token mixer's input ``x: [B, T, d_model]`` (:func:`check_sequences`, an empty
+    batch allowed); return ``B, T``."""
+    check_sequences("x", x, d_model, min_batch=0)
+    return x.shape[0], x.shape[1]
 
 
 def check_layer_state(state: Any, expected: Mapping[str, tuple[int, ...]], layer: str) -> State:

@@ -101,7 +101,7 @@ def test_bad_input_raises(name):
     layer = LAYERS[name]()
     with pytest.raises(ValueError, match="x must have 3 dimensions"):
         layer(torch.randn(T, D_MODEL))
-    with pytest.raises(ValueError, match="d_model = 32"):
+    with pytest.raises(ValueError, match="d_model=32"):
         layer(torch.randn(BATCH, T, D_MODEL + 1))
     with pytest.raises(ValueError, match="at least one time step"):
         layer(torch.randn(BATCH, 0, D_MODEL))
