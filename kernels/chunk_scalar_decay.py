@@ -396,10 +396,17 @@ def chunk_scalar_decay_bwd(
     dk_ = torch.empty_like(k)
     dv_ = torch.empty_like(v)
     dgc = torch.empty(b, t, h, device=q.device, dtype=torch.float32) if use_g else hs
+    # This kernel holds all of K for a chunk and pipelines two float32 [BK, BV] state tiles:
+    # at BK >= 128 on a GPU it needs narrower V blocks and fewer stages to fit in shared
+    # memory (BK=128, BV=64, 3 stages asks for 304 KiB; Hopper has 227 KiB per block).
+    extra = {}
+    if not interpreting() and bk >= 128:
+        bv = min(bv, 32 if bk <= 128 else 16)
+        extra["num_stages"] = 2 if bk <= 128 else 1
     _bwd_dqkv_kernel[(n_chunks, b * h)](
         q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
         t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=precision,
+        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=precision, **extra,
     )  # fmt: skip
     dg = None
     if use_g:

@@ -136,7 +136,7 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="delta_softplus must be a bool"):
         selective_scan_kernel(u, delta, A, B, C, delta_softplus=1)
     with pytest.raises(ValueError, match="float32"):  # float64 is refused, not downcast
-        selective_scan_kernel(u.double(), delta, A, B, C)
+        selective_scan_kernel(*(x.to(DEV) for x in (u.double(), delta, A, B, C)))
 
 
 # ------------------------------------------------------------------------------------------
