@@ -222,6 +222,27 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
     return 64, 64, block_d, precision
 
 
+# On a GPU the backward kernels pick their tiles by timing (triton.autotune): the best tiles
+# differ from the forward's (dK/dV wants many keys per program and few queries per step,
+# FlashAttention-2's choice) and from one head_dim to the next. (BLOCK_M, BLOCK_N, warps,
+# stages); configurations that do not fit a card's shared memory are skipped by the tuner.
+_DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2)]
+_DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+_TUNE_KEY = ["head_dim", "seq_q", "seq_k", "CAUSAL"]
+
+
+def _tuned(kernel: triton.JITFunction, tiles: list[tuple[int, int, int, int]]):
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        for m, n, w, st in tiles
+    ]
+    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+
+
+_bwd_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_TILES)
+_bwd_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_TILES)
+
+
 def check_head_dim(head_dim: int) -> None:
     """The kernels pad the head dimension to a power of two, up to ``MAX_HEAD_DIM``."""
     check(head_dim_reason(head_dim))
@@ -284,14 +305,18 @@ def flash_attention_backward(
     dk_h = torch.empty((b, tk, hq, d), device=q.device, dtype=torch.float32)
     dv_h = torch.empty_like(dk_h)
     block_m, block_n, block_d, precision = _config(d, q.dtype)
-    common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  PRECISION=precision)  # fmt: skip
-    _bwd_dkdv_kernel[(triton.cdiv(tk, block_n), b * hq)](
+    common = dict(CAUSAL=causal, BLOCK_D=block_d, PRECISION=precision)
+    if interpreting():  # one fixed tiling: the interpreter cannot time configurations
+        dkdv, dq_kernel = _bwd_dkdv_kernel, _bwd_dq_kernel
+        common.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        dkdv, dq_kernel = _bwd_dkdv_tuned, _bwd_dq_tuned
+    dkdv[lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hq)](
         q, k, v, do, lse, delta, dk_h, dv_h,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_h),
         hq, hq // hkv, tq, tk, d, scale, **common,
     )  # fmt: skip
-    _bwd_dq_kernel[(triton.cdiv(tq, block_m), b * hq)](
+    dq_kernel[lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq)](
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         hq, hq // hkv, tq, tk, d, scale, **common,
