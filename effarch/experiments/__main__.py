@@ -3,6 +3,7 @@
     python -m effarch.experiments recall --size cpu --out results.json
     python -m effarch.experiments recall --size gpu --device cuda --out results_gpu.json
     python -m effarch.experiments recall --size cpu --mixers attention deltanet --steps 100
+    python -m effarch.experiments bytelm --device cuda --steps 8000 --out-dir effarch/models
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import sys
 
-from . import recall
+from . import bytelm, recall
 
-EXPERIMENTS = {"recall": recall.main}
+EXPERIMENTS = {"bytelm": bytelm.main, "recall": recall.main}
 
 
 def main(argv: list[str] | None = None) -> None:

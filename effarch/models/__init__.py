@@ -1,6 +1,7 @@
 """Reference models: the transformer baseline and its analytic cost model, and the tiny
 language model with a pluggable token mixer (:mod:`effarch.models.tinylm`) and its mixer
-registry (:mod:`effarch.models.mixers`).
+registry (:mod:`effarch.models.mixers`), and the small trained byte-level language model
+(:mod:`effarch.models.bytelm`) that chapters 3, 6 and 7 stand on.
 
 ``train``, ``evaluate`` and ``TrainResult`` are re-exported from :mod:`effarch.train`, their
 home, for the code that imported them from here; the recall experiment lives in
@@ -8,6 +9,7 @@ home, for the code that imported them from here; the recall experiment lives in
 """
 
 from ..train import TrainResult, evaluate, train
+from .bytelm import ByteLM, ByteLMConfig, load_bytelm
 from .mixers import MIXERS, SlidingWindowAttention, mixer_state_size
 from .tinylm import TinyLM, TokenMixer
 from .transformer import (
@@ -22,6 +24,9 @@ from .transformer import (
 )
 
 __all__ = [
+    "ByteLM",
+    "ByteLMConfig",
+    "load_bytelm",
     "LLAMA2_7B",
     "MISTRAL_7B",
     "MIXERS",

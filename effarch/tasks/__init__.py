@@ -4,6 +4,8 @@
   recall-memory trade-off: keys bound to values early in a sequence, asked for later.
 * :func:`memory_stream`: a stream of key-value bindings for memories trained at test time.
 * :func:`recall_accuracy`: the fraction of queries answered right.
+* :func:`stdlib_corpus`: real text every machine has (the standard library's sources),
+  split into training and held-out files; :func:`byte_batches` cuts windows from it.
 
 The experiment that trains small models on it is
 :func:`effarch.experiments.recall_experiment`; ``python -m effarch.experiments recall`` runs
@@ -12,5 +14,18 @@ it from the command line.
 
 from .mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
 from .stream import MemoryStream, memory_stream
+from .text import BOS, TextCorpus, byte_batches, heldout_windows, stdlib_corpus
 
-__all__ = ["MemoryStream", "memory_stream", "IGNORE_INDEX", "MQARBatch", "mqar", "recall_accuracy"]
+__all__ = [
+    "BOS",
+    "IGNORE_INDEX",
+    "MQARBatch",
+    "MemoryStream",
+    "TextCorpus",
+    "byte_batches",
+    "heldout_windows",
+    "memory_stream",
+    "mqar",
+    "recall_accuracy",
+    "stdlib_corpus",
+]
