@@ -1,10 +1,26 @@
 """Shared test settings: the Triton interpreter on CPU-only machines, a non-interactive
 plotting backend and a fixed seed."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import matplotlib
 import torch
+
+# `python -m pytest` puts the repository root on sys.path, and there the folder kernels/
+# (installed as effarch_kernels) shadows the Hugging Face package `kernels` that transformers
+# looks for and imports. Drop the root when effarch is installed, so imports see what a user
+# of the installed package sees.
+_ROOT = Path(__file__).resolve().parents[1]
+_saved_path = list(sys.path)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+if (
+    importlib.util.find_spec("effarch") is None
+    or importlib.util.find_spec("effarch_kernels") is None
+):
+    sys.path[:] = _saved_path  # running from a checkout that is not installed
 
 # Triton reads this when a kernel is defined, so it must be set before any kernel module is
 # imported; effarch imports kernels lazily, so setting it here, first, is enough.
