@@ -1,0 +1,64 @@
+"""Sparse sequence modeling (chapter 3): attention that skips most query-key pairs.
+
+============================  ============================================================
+patterns (3.1)                :mod:`effarch.sparse.masks`: ``mask_mod`` functions in
+                              FlexAttention's convention, combined with :func:`and_masks`
+                              and :func:`or_masks`, materialised by :func:`dense_mask`
+reference                     :func:`masked_attention`: every score, then the mask
+tiles                         :func:`block_layout`: empty, partial and full tiles
+                              (FlexAttention's ``BlockMask``)
+fast path (3.4)               :func:`block_sparse_attention`: only the non-empty tiles
+============================  ============================================================
+
+Layout ``[batch, seq, heads, head_dim]``; grouped-query heads as in chapter 4.
+"""
+
+from .block import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    BlockLayout,
+    block_layout,
+    block_sparse_attention,
+    masked_attention,
+)
+from .masks import (
+    MaskMod,
+    and_masks,
+    axial,
+    bigbird,
+    block_local,
+    causal,
+    dense_mask,
+    dilated,
+    fixed,
+    global_tokens,
+    or_masks,
+    random_blocks,
+    sliding_window,
+    strided,
+)
+
+__all__ = [
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "BlockLayout",
+    "MaskMod",
+    "and_masks",
+    "axial",
+    "bigbird",
+    "block_layout",
+    "block_local",
+    "block_sparse_attention",
+    "causal",
+    "dense_mask",
+    "dilated",
+    "fixed",
+    "global_tokens",
+    "masked_attention",
+    "or_masks",
+    "random_blocks",
+    "sliding_window",
+    "strided",
+]

@@ -1,0 +1,280 @@
+r"""Masked attention, its block layout, and block-sparse attention (chapters 3.1 and 3.4).
+
+:func:`masked_attention` is the dense reference: every score, then the mask,
+
+.. math::  o_i = \sum_j \mathrm{softmax}_j\big(s_{ij} + \log M_{ij}\big)\, v_j,
+           \qquad s_{ij} = \mathrm{scale}\; q_i \cdot k_j,
+
+with ``o_i = 0`` for a query that sees no key. It costs ``Tq Tk`` whatever the mask.
+
+A sparse pattern pays only where the mask is non-zero if the work is cut into tiles:
+:func:`block_layout` sorts every ``block_q x block_k`` tile into *empty* (skipped), *full*
+(computed without a mask) or *partial* (computed, then masked), the three kinds
+FlexAttention's ``BlockMask`` distinguishes (its ``kv_num_blocks``/``kv_indices`` list the
+partial tiles of each query block, ``full_kv_num_blocks``/``full_kv_indices`` the full ones).
+Positions past ``Tq`` or ``Tk`` in a ragged last tile count as masked, so such a tile is never
+full. :func:`block_sparse_attention` computes only the non-empty tiles; its cost is the
+layout's :attr:`BlockLayout.density` times the dense cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+from .._checks import check_attention_qkv, check_choice, check_positive_int
+from .masks import MaskMod, dense_mask
+
+__all__ = [
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "BlockLayout",
+    "block_layout",
+    "block_sparse_attention",
+    "masked_attention",
+]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+"""Tile kinds in :attr:`BlockLayout.kind`."""
+
+# query rows evaluated at once while building a layout (bounds the dense mask held in memory)
+_LAYOUT_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The kind of every tile of a mask: ``kind [B, H, ceil(Tq / bq), ceil(Tk / bk)]`` int8.
+
+    ``EMPTY = 0`` (no pair attends), ``PARTIAL = 1`` (some do), ``FULL = 2`` (all do). The
+    FlexAttention ``BlockMask`` fields are derived from it (indices ascending, unused slots
+    hold 0).
+    """
+
+    kind: torch.Tensor
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_k: int
+
+    def _indices(self, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self.kind == which
+        n = hit.sum(-1).to(torch.int32)
+        nk = hit.shape[-1]
+        order = torch.where(hit, torch.arange(nk, device=hit.device), nk + torch.arange(nk))
+        idx = order.sort(-1).values
+        idx = torch.where(idx < nk, idx, 0).to(torch.int32)
+        return n, idx
+
+    @property
+    def kv_num_blocks(self) -> torch.Tensor:
+        """Partial tiles per query block ``[B, H, nq]`` (FlexAttention's ``kv_num_blocks``)."""
+        return self._indices(PARTIAL)[0]
+
+    @property
+    def kv_indices(self) -> torch.Tensor:
+        """Their key-block indices ``[B, H, nq, nk]``, the first ``kv_num_blocks`` valid."""
+        return self._indices(PARTIAL)[1]
+
+    @property
+    def full_kv_num_blocks(self) -> torch.Tensor:
+        """Full tiles per query block ``[B, H, nq]``."""
+        return self._indices(FULL)[0]
+
+    @property
+    def full_kv_indices(self) -> torch.Tensor:
+        """Their key-block indices ``[B, H, nq, nk]``, the first ``full_kv_num_blocks`` valid."""
+        return self._indices(FULL)[1]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the ``Tq x Tk`` score matrix that lies in non-empty tiles (clipped to
+        the matrix), averaged over batch and heads: the work of block-sparse attention
+        relative to dense attention."""
+        rows = torch.full((self.kind.shape[-2],), self.block_q, dtype=torch.float64)
+        rows[-1] = self.q_len - self.block_q * (len(rows) - 1)
+        cols = torch.full((self.kind.shape[-1],), self.block_k, dtype=torch.float64)
+        cols[-1] = self.kv_len - self.block_k * (len(cols) - 1)
+        area = rows[:, None] * cols[None, :]
+        used = ((self.kind.cpu() != EMPTY) * area).sum(dim=(-1, -2)).mean()
+        return float(used / (self.q_len * self.kv_len))
+
+
+def block_layout(
+    mask_mod: MaskMod,
+    q_len: int,
+    kv_len: int,
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+    batch: int = 1,
+    heads: int = 1,
+    device: torch.device | str | None = None,
+) -> BlockLayout:
+    """Sort the tiles of ``mask_mod`` into empty, partial and full (see :class:`BlockLayout`).
+
+    Equals ``torch.nn.attention.flex_attention.create_block_mask(mask_mod, batch, heads,
+    q_len, kv_len, BLOCK_SIZE=(block_q, block_k))`` field by field (tested). The mask is
+    evaluated a band of query blocks at a time.
+    """
+    for name, val in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q),
+                      ("block_k", block_k), ("batch", batch), ("heads", heads)):  # fmt: skip
+        check_positive_int(name, val)
+    nq, nk = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+    band = max(1, _LAYOUT_ELEMENTS // (batch * heads * block_q * nk * block_k))
+    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    b, h = ar(batch).view(-1, 1, 1, 1), ar(heads).view(1, -1, 1, 1)
+    kv = ar(nk * block_k).view(1, 1, 1, -1)
+    kinds = []
+    for i0 in range(0, nq, band):
+        rows = ar(min(band, nq - i0) * block_q).view(1, 1, -1, 1) + i0 * block_q
+        m = mask_mod(b, h, rows, kv)
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise TypeError("mask_mod must return a bool tensor")
+        m = m & (rows < q_len) & (kv < kv_len)  # padding past the ends never attends
+        m = m.expand(batch, heads, rows.shape[2], kv.shape[3])
+        tiles = rearrange(m, "b h (i r) (j c) -> b h i j (r c)", r=block_q, c=block_k)
+        kind = torch.where(tiles.all(-1), FULL, torch.where(tiles.any(-1), PARTIAL, EMPTY))
+        kinds.append(kind.to(torch.int8))
+    return BlockLayout(torch.cat(kinds, dim=2), q_len, kv_len, block_q, block_k)
+
+
+def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``s [B, G, R, Tq, Tk]`` for ``q [B, Tq, G*R, D]``, ``k [B, Tk, G, D]`` (GQA, no copies)."""
+    qg = rearrange(q, "b i (g r) d -> b g r i d", g=k.shape[2])
+    return torch.einsum("bgrid,bjgd->bgrij", qg, k) * scale
+
+
+def _masked_softmax_out(s: torch.Tensor, keep: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``s`` over keys where ``keep``, times ``v [B, Tk, G, Dv]``; empty rows 0.
+    Returns ``[B, Tq, G*R, Dv]``."""
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no key: 0, not NaN
+    o = torch.einsum("bgrij,bjgd->bigrd", p, v.to(p.dtype))
+    return rearrange(o, "b i g r d -> b i (g r) d")
+
+
+def _scale(scale: float | None, d: int) -> float:
+    if scale is None:
+        return d**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return float(scale)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_mod: MaskMod,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention under any pattern: the reference every sparse form is checked against.
+
+    Args:
+        q: ``[B, Tq, Hq, D]``; k: ``[B, Tk, Hkv, D]``; v: ``[B, Tk, Hkv, Dv]`` (GQA:
+            ``Hkv`` divides ``Hq``, query head ``h`` reads key head ``h // (Hq / Hkv)``).
+        mask_mod: the pattern (:mod:`effarch.sparse.masks`), called with the query head
+            index ``h``.
+        scale: default ``D ** -0.5``.
+
+    Returns:
+        ``o [B, Tq, Hq, Dv]`` in ``q``'s dtype (half precision computed in float32). Equals
+        ``F.scaled_dot_product_attention`` with ``attn_mask = dense_mask(...)`` wherever a row
+        sees at least one key; rows that see none are 0 (SDPA gives NaN there).
+    """
+    check_attention_qkv(q, k, v)
+    sc = _scale(scale, q.shape[-1])
+    b, tq, hq, _ = q.shape
+    tk, g = k.shape[1], k.shape[2]
+    work = torch.promote_types(q.dtype, torch.float32)
+    keep = dense_mask(mask_mod, tq, tk, batch=b, heads=hq, device=q.device)
+    keep = rearrange(keep, "b (g r) i j -> b g r i j", g=g)
+    s = _grouped_scores(q.to(work), k.to(work), sc)
+    return _masked_softmax_out(s, keep, v).to(q.dtype)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_mod: MaskMod,
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+    backend: str = "auto",
+    layout: BlockLayout | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`masked_attention` computed only on the non-empty tiles of the mask.
+
+    For each query block, the key blocks that any batch or head needs are gathered (empty
+    tiles are never touched), scores are formed for them alone, ``mask_mod`` is evaluated on
+    the partial tiles only (full tiles need no mask), and one softmax runs over the gathered
+    keys. Work and memory per query block are proportional to its non-empty key blocks, so a
+    sliding window costs ``O(T w)`` instead of ``O(T^2)``.
+
+    Args:
+        q, k, v, mask_mod, scale: as :func:`masked_attention`.
+        block_q, block_k: tile sizes (FlexAttention's ``BLOCK_SIZE``).
+        backend: ``"torch"`` (this PyTorch path) or ``"auto"`` (the same, for now).
+        layout: a precomputed :func:`block_layout` for these shapes and tiles (built when
+            ``None``).
+
+    Returns:
+        ``o [B, Tq, Hq, Dv]``, equal to :func:`masked_attention` (rows without keys: 0).
+    """
+    check_attention_qkv(q, k, v)
+    check_positive_int("block_q", block_q)
+    check_positive_int("block_k", block_k)
+    check_choice("backend", backend, ("auto", "torch"))
+    sc = _scale(scale, q.shape[-1])
+    b, tq, hq, _ = q.shape
+    tk, g = k.shape[1], k.shape[2]
+    if layout is None:
+        layout = block_layout(mask_mod, tq, tk, block_q=block_q, block_k=block_k, batch=b,
+                              heads=hq, device=q.device)  # fmt: skip
+    elif not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    elif (layout.q_len, layout.kv_len, layout.block_q, layout.block_k) != (tq, tk, block_q,
+                                                                             block_k):  # fmt: skip
+        raise ValueError(
+            f"layout was built for Tq={layout.q_len}, Tk={layout.kv_len}, tiles "
+            f"{layout.block_q}x{layout.block_k}; got Tq={tq}, Tk={tk}, tiles {block_q}x{block_k}"
+        )
+    if layout.kind.shape[:2] not in ((b, hq), (1, 1)):
+        raise ValueError(f"layout must be for batch {b} and {hq} heads (or 1 and 1)")
+    work = torch.promote_types(q.dtype, torch.float32)
+    kind = layout.kind.to(q.device)
+    out = q.new_zeros(b, tq, hq, v.shape[-1], dtype=work)
+    hh = torch.arange(hq, device=q.device).view(1, -1, 1, 1)
+    bb = torch.arange(b, device=q.device).view(-1, 1, 1, 1)
+    for i in range(kind.shape[2]):
+        row_kind = kind[:, :, i]  # [B', H', nk]
+        used = (row_kind != EMPTY).flatten(0, 1).any(0).nonzero().flatten()
+        if used.numel() == 0:
+            continue  # the whole query block sees nothing: its output stays 0
+        r0, r1 = i * block_q, min((i + 1) * block_q, tq)
+        cols = (used[:, None] * block_k + torch.arange(block_k, device=q.device)).flatten()
+        cols = cols[cols < tk]
+        qi = q[:, r0:r1].to(work)
+        ki, vi = k[:, cols].to(work), v[:, cols]
+        s = _grouped_scores(qi, ki, sc)  # [B, G, R, bq, n_cols]
+        # keep = 1 on full tiles, mask_mod on partial ones, 0 on tiles empty for this (b, h)
+        tile = row_kind[:, :, used]  # [B', H', n_used]
+        tile_of_col = (cols // block_k).view(-1)
+        col_tile = torch.searchsorted(used, tile_of_col)
+        tile_kind = tile[..., col_tile].unsqueeze(2)  # [B', H', 1, n_cols]
+        keep = tile_kind == FULL
+        if (tile_kind == PARTIAL).any():
+            rows = torch.arange(r0, r1, device=q.device).view(1, 1, -1, 1)
+            m = mask_mod(bb, hh, rows, cols.view(1, 1, 1, -1))
+            keep = keep | ((tile_kind == PARTIAL) & m)
+        keep = keep.expand(b, hq, r1 - r0, cols.numel())
+        keep = rearrange(keep, "b (g r) i j -> b g r i j", g=g)
+        out[:, r0:r1] = _masked_softmax_out(s, keep, vi)
+    return out.to(q.dtype)
