@@ -59,6 +59,15 @@ def head_dim_reason(head_dim: int) -> str | None:
     return f"the kernel supports head_dim up to {MAX_HEAD_DIM}, got {head_dim}"
 
 
+def tile_size_reason(block_q: int, block_k: int) -> str | None:
+    """Why the block-sparse attention kernel cannot use tiles ``block_q x block_k``, or None
+    (``tl.dot`` needs powers of two of at least 16)."""
+    for name, n in (("block_q", block_q), ("block_k", block_k)):
+        if not chunk_size_supported(n):
+            return f"{name} must be a power of two >= {MIN_CHUNK_SIZE} for the kernel, got {n}"
+    return None
+
+
 def state_dim_reason(n_state: int) -> str | None:
     """Why the selective-scan kernel cannot take a state of ``n_state`` entries, or None."""
     if 1 <= n_state <= MAX_STATE_DIM:

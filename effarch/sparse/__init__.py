@@ -7,7 +7,9 @@ patterns (3.1)                :mod:`effarch.sparse.masks`: ``mask_mod`` function
 reference                     :func:`masked_attention`: every score, then the mask
 tiles                         :func:`block_layout`: empty, partial and full tiles
                               (FlexAttention's ``BlockMask``)
-fast path (3.4)               :func:`block_sparse_attention`: only the non-empty tiles
+fast path (3.4)               :func:`block_sparse_attention`: only the non-empty tiles,
+                              in PyTorch or in the Triton kernel ``effarch_kernels.
+                              block_sparse_attention`` (forward and backward)
 ============================  ============================================================
 
 Layout ``[batch, seq, heads, head_dim]``; grouped-query heads as in chapter 4.
@@ -20,6 +22,7 @@ from .block import (
     BlockLayout,
     block_layout,
     block_sparse_attention,
+    kernel_tables,
     masked_attention,
 )
 from .masks import (
@@ -56,6 +59,7 @@ __all__ = [
     "dilated",
     "fixed",
     "global_tokens",
+    "kernel_tables",
     "masked_attention",
     "or_masks",
     "random_blocks",

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from effarch_kernels.limits import head_dim_reason, tile_size_reason
 from einops import rearrange
 
-from .._checks import check_attention_qkv, check_choice, check_positive_int
+from .._checks import check_attention_qkv, check_positive_int
+from .._kernels import use_triton
 from .masks import MaskMod, dense_mask
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "BlockLayout",
     "block_layout",
     "block_sparse_attention",
+    "kernel_tables",
     "masked_attention",
 ]
 
@@ -142,6 +146,74 @@ def block_layout(
     return BlockLayout(torch.cat(kinds, dim=2), q_len, kv_len, block_q, block_k)
 
 
+def kernel_tables(
+    layout: BlockLayout, mask_mod: MaskMod, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """What the Triton kernel reads: tile ids, per-block lists and the partial tiles' masks.
+
+    Returns ``tile_id [B', H', nq, nk]`` int32 (-2 empty, -1 full, p >= 0 the p-th partial
+    tile), ``kv_count``/``kv_list`` (each query block's non-empty key blocks, ascending),
+    ``q_count``/``q_list`` (each key block's query blocks) and ``tile_masks [n_partial,
+    block_q, block_k]`` int8, ``mask_mod`` evaluated on the partial tiles (0 past the ends).
+    """
+    kind = layout.kind.to(device)
+    bq, bk = layout.block_q, layout.block_k
+    partial = (kind == PARTIAL).nonzero()  # [n_p, 4]: b, h, i, j
+    tile_id = torch.full(kind.shape, -2, dtype=torch.int32, device=kind.device)
+    tile_id[kind == FULL] = -1
+    tile_id[kind == PARTIAL] = torch.arange(len(partial), dtype=torch.int32, device=kind.device)
+    bb, hh = partial[:, 0, None, None], partial[:, 1, None, None]
+    rows = partial[:, 2, None, None] * bq + torch.arange(bq, device=kind.device)[:, None]
+    cols = partial[:, 3, None, None] * bk + torch.arange(bk, device=kind.device)
+    m = mask_mod(bb, hh, rows, cols) & (rows < layout.q_len) & (cols < layout.kv_len)
+    tile_masks = m.expand(len(partial), bq, bk).to(torch.int8).contiguous()
+    if len(partial) == 0:
+        tile_masks = torch.zeros(1, bq, bk, dtype=torch.int8, device=kind.device)
+    used = kind != EMPTY
+
+    def lists(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[-1]
+        ar = torch.arange(n, device=x.device)
+        order = torch.where(x, ar, n + ar).sort(-1).values
+        return x.sum(-1).to(torch.int32), torch.where(order < n, order, 0).to(torch.int32)
+
+    kv_count, kv_list = lists(used)
+    q_count, q_list = lists(used.transpose(-1, -2))
+    return {
+        "tile_id": tile_id.contiguous(),
+        "kv_count": kv_count.contiguous(),
+        "kv_list": kv_list.contiguous(),
+        "q_count": q_count.contiguous(),
+        "q_list": q_list.contiguous(),
+        "tile_masks": tile_masks,
+    }
+
+
+class _BlockSparseKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q, k, v, tables: dict, block_q: int, block_k: int, scale: float):  # type: ignore[override]
+        from effarch_kernels.block_sparse_attention import block_sparse_forward
+
+        t = tables
+        o, lse = block_sparse_forward(q, k, v, t["tile_id"], t["kv_count"], t["kv_list"],
+                                      t["tile_masks"], block_q, block_k, scale)  # fmt: skip
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.tables, ctx.blocks, ctx.scale = tables, (block_q, block_k), scale
+        return o
+
+    @staticmethod
+    def backward(ctx: Any, do):  # type: ignore[override]
+        from effarch_kernels.block_sparse_attention import block_sparse_backward
+
+        q, k, v, o, lse = ctx.saved_tensors
+        t = ctx.tables
+        dq, dk, dv = block_sparse_backward(
+            do, q, k, v, o, lse, t["tile_id"], t["kv_count"], t["kv_list"], t["q_count"],
+            t["q_list"], t["tile_masks"], *ctx.blocks, ctx.scale,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``s [B, G, R, Tq, Tk]`` for ``q [B, Tq, G*R, D]``, ``k [B, Tk, G, D]`` (GQA, no copies)."""
     qg = rearrange(q, "b i (g r) d -> b g r i d", g=k.shape[2])
@@ -221,7 +293,10 @@ def block_sparse_attention(
     Args:
         q, k, v, mask_mod, scale: as :func:`masked_attention`.
         block_q, block_k: tile sizes (FlexAttention's ``BLOCK_SIZE``).
-        backend: ``"torch"`` (this PyTorch path) or ``"auto"`` (the same, for now).
+        backend: ``"torch"`` (gather the used key blocks per query block in PyTorch),
+            ``"triton"`` (the block-sparse FlashAttention kernel, forward and backward, of
+            ``effarch_kernels.block_sparse_attention``; tiles must be powers of two >= 16)
+            or ``"auto"`` (the kernel on a CUDA tensor it can take, else PyTorch).
         layout: a precomputed :func:`block_layout` for these shapes and tiles (built when
             ``None``).
 
@@ -231,7 +306,6 @@ def block_sparse_attention(
     check_attention_qkv(q, k, v)
     check_positive_int("block_q", block_q)
     check_positive_int("block_k", block_k)
-    check_choice("backend", backend, ("auto", "torch"))
     sc = _scale(scale, q.shape[-1])
     b, tq, hq, _ = q.shape
     tk, g = k.shape[1], k.shape[2]
@@ -246,8 +320,15 @@ def block_sparse_attention(
             f"layout was built for Tq={layout.q_len}, Tk={layout.kv_len}, tiles "
             f"{layout.block_q}x{layout.block_k}; got Tq={tq}, Tk={tk}, tiles {block_q}x{block_k}"
         )
-    if layout.kind.shape[:2] not in ((b, hq), (1, 1)):
-        raise ValueError(f"layout must be for batch {b} and {hq} heads (or 1 and 1)")
+    if layout.kind.shape[0] not in (1, b) or layout.kind.shape[1] not in (1, hq):
+        raise ValueError(
+            f"layout must be for batch {b} (or 1) and {hq} heads (or 1), got "
+            f"{tuple(layout.kind.shape[:2])}"
+        )
+    limit = tile_size_reason(block_q, block_k) or head_dim_reason(max(q.shape[-1], v.shape[-1]))
+    if use_triton(backend, q, k, v, limit=limit):
+        tables = kernel_tables(layout, mask_mod, q.device)
+        return _BlockSparseKernel.apply(q, k, v, tables, block_q, block_k, sc)
     work = torch.promote_types(q.dtype, torch.float32)
     kind = layout.kind.to(q.device)
     out = q.new_zeros(b, tq, hq, v.shape[-1], dtype=work)

@@ -1,0 +1,304 @@
+"""Block-sparse FlashAttention (forward and backward) in Triton, driven by a tile layout.
+
+The mask is given as tiles of ``BLOCK_M`` queries by ``BLOCK_N`` keys (chapter 3's block
+layout, FlexAttention's ``BlockMask``):
+
+* ``tile_id [B', H', nq, nk]`` int32: ``-2`` empty (never visited), ``-1`` full (computed
+  without a mask), ``p >= 0`` partial, its boolean mask stored in ``tile_masks[p]``
+  (``[n_partial, BLOCK_M, BLOCK_N]`` int8, positions past the sequence ends already 0);
+* ``kv_count [B', H', nq]`` and ``kv_list [B', H', nq, nk]``: for each query block, its
+  non-empty key blocks (the forward pass and dQ loop over them);
+* ``q_count [B', H', nk]`` and ``q_list [B', H', nk, nq]``: for each key block, the query
+  blocks that see it (dK and dV loop over them).
+
+``B'`` and ``H'`` are the batch and query heads, or 1 when the mask is the same for all
+(broadcast by a zero stride). FlexAttention evaluates its ``mask_mod`` inside the compiled
+kernel; here the partial tiles' masks are evaluated once in PyTorch and loaded, which keeps
+the kernel independent of the pattern at the cost of ``BLOCK_M * BLOCK_N`` bytes per partial
+tile. Everything else is FlashAttention-2 (see ``flash_attention.py``): online softmax in
+the forward pass, probabilities recomputed from the log-sum-exp in the backward pass. Layout
+``[batch, seq, heads, head_dim]``, grouped-query heads by index; a query that sees no key
+gets output 0 and log-sum-exp ``-inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_interpreter_state, contiguous, interpreter_cast
+
+__all__ = ["block_sparse_backward", "block_sparse_forward"]
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE, TID, CNT, LST, TM,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+    s_tid_b, s_tid_h, s_tid_i, s_cnt_b, s_cnt_h, s_lst_b, s_lst_h, s_lst_i,
+    n_heads, group, seq_q, seq_k, head_dim, head_dim_v, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program: query block pid_m of one (batch, head); loops over its listed key blocks.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_i
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=(offs_m[:, None] < seq_q) & d_ok[None, :], other=0.0)  # fmt: skip
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    qk_scale = scale * 1.4426950408889634  # base 2
+    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + pid_m)
+    for n in range(0, count):
+        j = tl.load(LST + b * s_lst_b + h * s_lst_h + pid_m * s_lst_i + n)
+        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + pid_m * s_tid_i + j)
+        cols = j * BLOCK_N + offs_n
+        kt = tl.load(K + b * skb + hk * skh + cols[None, :] * skt + offs_d[:, None],
+                     mask=(cols[None, :] < seq_k) & d_ok[:, None], other=0.0)  # fmt: skip
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if tid >= 0:  # a partial tile: its stored mask (full tiles need none)
+            tm = tl.load(TM + tid * BLOCK_M * BLOCK_N + offs_i[:, None] * BLOCK_N + offs_n[None, :])
+            s = tl.where(tm != 0, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + offs_dv[None, :],
+                    mask=(cols[:, None] < seq_k) & dv_ok[None, :], other=0.0)  # fmt: skip
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_mask = (offs_m[:, None] < seq_q) & dv_ok[None, :]
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * sot + offs_dv[None, :],
+             o.to(Out.dtype.element_ty), mask=o_mask)  # fmt: skip
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))  # fmt: skip
+    tl.store(LSE + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, TID, CNT, LST, TM,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+    s_tid_b, s_tid_h, s_tid_i, s_cnt_b, s_cnt_h, s_lst_b, s_lst_h, s_lst_i,
+    n_heads, group, seq_q, seq_k, head_dim, head_dim_v, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # dQ of one query block: P = exp(S - lse), dS = P (dO V^T - delta), dQ = scale dS K.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_i
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    r_ok = offs_m < seq_q
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_dv[None, :],
+                 mask=r_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+    lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=r_ok, other=float("-inf"))
+    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=r_ok, other=0.0)
+    row_ok = lse > float("-inf")
+    lse_safe = tl.where(row_ok, lse, 0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + pid_m)
+    for n in range(0, count):
+        j = tl.load(LST + b * s_lst_b + h * s_lst_h + pid_m * s_lst_i + n)
+        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + pid_m * s_tid_i + j)
+        cols = j * BLOCK_N + offs_n
+        c_ok = cols < seq_k
+        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skt + offs_d[None, :],
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + offs_dv[None, :],
+                    mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        valid = row_ok[:, None] & (offs_n[None, :] >= 0)
+        if tid >= 0:
+            tm = tl.load(TM + tid * BLOCK_M * BLOCK_N + offs_i[:, None] * BLOCK_N + offs_n[None, :])
+            valid = valid & (tm != 0)
+        p = tl.where(valid, tl.exp(s - lse_safe[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, TID, CNT, LST, TM,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+    sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+    s_tid_b, s_tid_h, s_tid_i, s_cnt_b, s_cnt_h, s_lst_b, s_lst_h, s_lst_j,
+    n_heads, group, seq_q, seq_k, head_dim, head_dim_v, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # dK, dV of one key block for one query head: loops over the query blocks that see it.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + offs_c
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    c_ok = offs_n < seq_k
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :],
+                mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_dv[None, :],
+                mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + pid_n)
+    for n in range(0, count):
+        i = tl.load(LST + b * s_lst_b + h * s_lst_h + pid_n * s_lst_j + n)
+        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + i * s_tid_i + pid_n)
+        rows = i * BLOCK_M + offs_i
+        r_ok = rows < seq_q
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdot + offs_dv[None, :],
+                     mask=r_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+        lse = tl.load(LSE + pid_bh * seq_q + rows, mask=r_ok, other=float("-inf"))
+        delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
+        row_ok = lse > float("-inf")
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        valid = row_ok[:, None] & (offs_c[None, :] >= 0)
+        if tid >= 0:
+            tm = tl.load(TM + tid * BLOCK_M * BLOCK_N + offs_i[:, None] * BLOCK_N + offs_c[None, :])
+            valid = valid & (tm != 0)
+        p = tl.where(valid, tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk * scale,
+             mask=c_ok[:, None] & d_ok[None, :])  # fmt: skip
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvt + offs_dv[None, :], dv,
+             mask=c_ok[:, None] & dv_ok[None, :])  # fmt: skip
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _bh_strides(t: torch.Tensor, n: int) -> tuple[int, ...]:
+    """Strides of a layout tensor ``[B', H', ...]``; a size-1 batch or head dim gets 0."""
+    s = list(t.stride())
+    for dim in (0, 1):
+        if t.shape[dim] == 1:
+            s[dim] = 0
+    return tuple(s[:n])
+
+
+def _sizes(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> dict:
+    d, dv = q.shape[-1], v.shape[-1]
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                BLOCK_DV=max(16, triton.next_power_of_2(dv)), PRECISION=precision)  # fmt: skip
+
+
+def block_sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tile_id: torch.Tensor,
+    kv_count: torch.Tensor,
+    kv_list: torch.Tensor,
+    tile_masks: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: ``o [B, Tq, Hq, Dv]`` like ``q`` and ``lse [B, Hq, Tq]``
+    float32. Inputs as the module docstring says (checked by the caller)."""
+    check_interpreter_state()
+    dtype = q.dtype
+    q, k, v = contiguous(*interpreter_cast(q, k, v))
+    b, tq, hq, d = q.shape
+    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    o = torch.empty((b, tq, hq, dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
+    grid = (tile_id.shape[2], b * hq)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, tile_id, kv_count, kv_list, tile_masks,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        *_bh_strides(tile_id, 3), *_bh_strides(kv_count, 2), *_bh_strides(kv_list, 3),
+        hq, hq // hkv, tq, tk, d, dv, scale, **_sizes(q, v, block_m, block_n),
+    )  # fmt: skip
+    return o.to(dtype), lse
+
+
+def block_sparse_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    tile_id: torch.Tensor,
+    kv_count: torch.Tensor,
+    kv_list: torch.Tensor,
+    q_count: torch.Tensor,
+    q_list: torch.Tensor,
+    tile_masks: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels; ``dq, dk, dv`` shaped like ``q, k, v``. dK and dV are
+    accumulated per query head in float32, then summed over each key/value head's group."""
+    check_interpreter_state()
+    dtypes = q.dtype, k.dtype, v.dtype
+    do, q, k, v, o = contiguous(*interpreter_cast(do, q, k, v, o))
+    b, tq, hq, d = q.shape
+    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, Hq, Tq]
+    dq = torch.empty_like(q)
+    dk_h = torch.empty((b, tk, hq, d), device=q.device, dtype=torch.float32)
+    dv_h = torch.empty((b, tk, hq, dv), device=q.device, dtype=torch.float32)
+    sizes = _sizes(q, v, block_m, block_n)
+    nq, nk = tile_id.shape[2], tile_id.shape[3]
+    _bwd_dq_kernel[(nq, b * hq)](
+        q, k, v, do, lse, delta, dq, tile_id, kv_count, kv_list, tile_masks,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_bh_strides(tile_id, 3), *_bh_strides(kv_count, 2), *_bh_strides(kv_list, 3),
+        hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
+    )  # fmt: skip
+    _bwd_dkdv_kernel[(nk, b * hq)](
+        q, k, v, do, lse, delta, dk_h, dv_h, tile_id, q_count, q_list, tile_masks,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_h),
+        *_strides(dv_h),
+        *_bh_strides(tile_id, 3), *_bh_strides(q_count, 2), *_bh_strides(q_list, 3),
+        hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
+    )  # fmt: skip
+    g = hq // hkv
+    dk = dk_h.view(b, tk, hkv, g, d).sum(3)
+    dvv = dv_h.view(b, tk, hkv, g, dv).sum(3)
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dvv.to(dtypes[2])

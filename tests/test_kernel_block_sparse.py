@@ -1,0 +1,79 @@
+"""The block-sparse FlashAttention kernel (chapter 3.4) against masked_attention in float64.
+
+On a CPU the kernel runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1);
+shapes stay small so the suite stays fast.
+"""
+
+import pytest
+import torch
+
+from effarch._kernels import triton_available
+from effarch.sparse import (
+    bigbird,
+    block_layout,
+    block_sparse_attention,
+    causal,
+    kernel_tables,
+    masked_attention,
+    sliding_window,
+    strided,
+)
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.kernel, needs_triton]
+
+CASES = {
+    "window, ragged": (100, 100, 4, 2, sliding_window(20), (32, 16)),
+    "causal, Tq < Tk": (70, 130, 2, 1, causal(60), (16, 32)),
+    "bigbird": (96, 96, 2, 2, bigbird(9, 2, 1, 16), (32, 32)),
+    "strided, Tq > Tk": (80, 48, 4, 1, strided(5), (16, 16)),
+    "a row sees nothing": (64, 64, 2, 2, lambda b, h, q, kv: (q >= kv) & (q != 5), (32, 16)),
+    "per head": (64, 64, 2, 1, lambda b, h, q, kv: (q >= kv) & (q - kv < 8 + 20 * h), (16, 16)),
+}
+
+
+def inputs(tq, tk, hq, hkv, dtype, dv=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, tq, hq, 16, generator=gen).to(DEV, dtype)
+    k = torch.randn(2, tk, hkv, 16, generator=gen).to(DEV, dtype)
+    v = torch.randn(2, tk, hkv, dv, generator=gen).to(DEV, dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_and_backward_equal_the_dense_reference(name, dtype):
+    tq, tk, hq, hkv, mod, (bq, bk) = CASES[name]
+    q, k, v = (x.requires_grad_() for x in inputs(tq, tk, hq, hkv, dtype))
+    o = block_sparse_attention(q, k, v, mod, block_q=bq, block_k=bk, backend="triton")
+    assert o.dtype == dtype and o.shape == (2, tq, hq, 24)
+    grad = torch.randn_like(o)
+    o.backward(grad)
+    ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref = masked_attention(*ref_in, mod)
+    ref.backward(grad.cpu().double())
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(o.cpu().double(), ref, rtol=tol, atol=tol)
+    for got, want in zip((q.grad, k.grad, v.grad), ref_in, strict=True):
+        torch.testing.assert_close(got.cpu().double(), want.grad, rtol=4 * tol, atol=4 * tol)
+
+
+def test_kernel_tables_list_exactly_the_non_empty_tiles():
+    layout = block_layout(sliding_window(20), 100, 90, block_q=32, block_k=16)
+    t = kernel_tables(layout, sliding_window(20))
+    kind = layout.kind[0, 0]
+    for i in range(kind.shape[0]):
+        n = int(t["kv_count"][0, 0, i])
+        assert t["kv_list"][0, 0, i, :n].tolist() == (kind[i] != 0).nonzero().flatten().tolist()
+    for j in range(kind.shape[1]):
+        n = int(t["q_count"][0, 0, j])
+        assert t["q_list"][0, 0, j, :n].tolist() == (kind[:, j] != 0).nonzero().flatten().tolist()
+    partial = (t["tile_id"] >= 0).sum().item()
+    assert partial == (kind == 1).sum().item() == t["tile_masks"].shape[0]
+
+
+def test_the_kernel_refuses_tiles_it_cannot_take():
+    q, k, v = inputs(32, 32, 2, 2, torch.float32)
+    with pytest.raises(ValueError, match="backend='triton' cannot run: block_q must be a power"):
+        block_sparse_attention(q, k, v, causal(), block_q=24, block_k=16, backend="triton")
