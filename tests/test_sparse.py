@@ -25,6 +25,7 @@ from effarch.sparse import (
     masked_attention,
     or_masks,
     random_blocks,
+    receptive_field,
     sliding_window,
     strided,
 )
@@ -89,6 +90,25 @@ def test_bigbird_is_the_union_of_its_parts_within_causal():
     parts = or_masks(sliding_window(8), global_tokens(2), random_blocks(16, 1, seed=0))
     want = dense_mask(parts, t, t) & dense_mask(causal(), t, t)
     assert torch.equal(dense_mask(bigbird(8, 2, 1, 16), t, t), want)
+
+
+def test_receptive_field_of_a_window_and_of_a_strided_pair_by_flooding():
+    t, w = 60, 5
+    counts = receptive_field(sliding_window(w), t, 4)
+    for layer in range(1, 5):
+        want = torch.tensor([min(i + 1, layer * (w - 1) + 1) for i in range(t)])
+        assert torch.equal(counts[layer - 1], want)
+    # window of 8 or stride 8 (the Sparse Transformer's pair of heads): everything in 2 layers
+    counts = receptive_field(or_masks(sliding_window(8), strided(8)), t, 2)
+    assert torch.equal(counts[1], torch.arange(1, t + 1))
+    assert (counts[0] < torch.arange(1, t + 1)).any()
+    # an independent flood fill from each source for a random-looking pattern
+    mod = bigbird(4, 1, 1, 8, seed=3)
+    m = dense_mask(mod, 40, 40)[0, 0] | torch.eye(40, dtype=torch.bool)
+    heard = [{i} for i in range(40)]
+    for layer in range(3):
+        heard = [set().union(*(heard[j] for j in range(40) if m[i, j])) for i in range(40)]
+        assert receptive_field(mod, 40, 3)[layer].tolist() == [len(h) for h in heard]
 
 
 def test_mask_bad_input():

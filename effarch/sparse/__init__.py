@@ -38,6 +38,7 @@ from .masks import (
     global_tokens,
     or_masks,
     random_blocks,
+    receptive_field,
     sliding_window,
     strided,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "masked_attention",
     "or_masks",
     "random_blocks",
+    "receptive_field",
     "sliding_window",
     "strided",
 ]

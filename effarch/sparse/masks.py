@@ -49,6 +49,7 @@ __all__ = [
     "global_tokens",
     "or_masks",
     "random_blocks",
+    "receptive_field",
     "sliding_window",
     "strided",
 ]
@@ -272,3 +273,24 @@ def dense_mask(
         got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
         raise TypeError(f"mask_mod must return a bool tensor, got {got}")
     return out.expand(batch, heads, q_len, kv_len)
+
+
+def receptive_field(mask_mod: MaskMod, seq_len: int, n_layers: int) -> torch.Tensor:
+    """How many positions each token has heard from after each of ``n_layers`` layers.
+
+    Information moves one mask step per layer, and the residual stream keeps what a token
+    already had: with ``A = M | I`` (the mask of head 0, batch 0, plus the diagonal),
+    ``R_1 = A`` and ``R_{l+1} = A R_l`` in Boolean arithmetic, so ``R_l[i, j]`` says whether
+    token ``j`` can influence the output at position ``i`` after ``l`` layers. Returns
+    ``counts [n_layers, seq_len]`` int64, ``counts[l - 1, i] = sum_j R_l[i, j]``. For a causal
+    window of ``w`` this is ``min(i + 1, l (w - 1) + 1)``.
+    """
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("n_layers", n_layers)
+    a = dense_mask(mask_mod, seq_len, seq_len)[0, 0] | torch.eye(seq_len, dtype=torch.bool)
+    a = a.float()
+    reach, counts = a, []
+    for _ in range(n_layers):
+        counts.append(reach.sum(-1).long())
+        reach = ((a @ reach) > 0).float()
+    return torch.stack(counts)
