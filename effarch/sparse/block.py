@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from effarch_kernels.limits import head_dim_reason, tile_size_reason
 from einops import rearrange
 
@@ -308,7 +309,7 @@ def block_sparse_attention(
     check_positive_int("block_k", block_k)
     sc = _scale(scale, q.shape[-1])
     b, tq, hq, _ = q.shape
-    tk, g = k.shape[1], k.shape[2]
+    tk = k.shape[1]
     if layout is None:
         layout = block_layout(mask_mod, tq, tk, block_q=block_q, block_k=block_k, batch=b,
                               heads=hq, device=q.device)  # fmt: skip
@@ -329,33 +330,72 @@ def block_sparse_attention(
     if use_triton(backend, q, k, v, limit=limit):
         tables = kernel_tables(layout, mask_mod, q.device)
         return _BlockSparseKernel.apply(q, k, v, tables, block_q, block_k, sc)
+    tables = kernel_tables(layout, mask_mod, q.device)
+    return _gathered_attention(q, k, v, tables, block_q, block_k, sc)
+
+
+# scores computed at once by the PyTorch path (elements); bounds its memory
+_GATHER_ELEMENTS = 1 << 22
+
+
+def _gathered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: dict[str, torch.Tensor],
+    block_q: int,
+    block_k: int,
+    scale: float,
+) -> torch.Tensor:
+    """The PyTorch block-sparse path: for every query block, gather the key blocks that any
+    batch or head uses (padded to the longest list), score them in one batched product,
+    keep full tiles, apply the stored masks of partial ones, drop empty and padding slots.
+    Query blocks go through in groups so the scores held stay under ``_GATHER_ELEMENTS``."""
+    b, tq, hq, _ = q.shape
+    tk, g, dv = k.shape[1], k.shape[2], v.shape[-1]
     work = torch.promote_types(q.dtype, torch.float32)
-    kind = layout.kind.to(q.device)
-    out = q.new_zeros(b, tq, hq, v.shape[-1], dtype=work)
-    hh = torch.arange(hq, device=q.device).view(1, -1, 1, 1)
-    bb = torch.arange(b, device=q.device).view(-1, 1, 1, 1)
-    for i in range(kind.shape[2]):
-        row_kind = kind[:, :, i]  # [B', H', nk]
-        used = (row_kind != EMPTY).flatten(0, 1).any(0).nonzero().flatten()
-        if used.numel() == 0:
-            continue  # the whole query block sees nothing: its output stays 0
-        r0, r1 = i * block_q, min((i + 1) * block_q, tq)
-        cols = (used[:, None] * block_k + torch.arange(block_k, device=q.device)).flatten()
-        cols = cols[cols < tk]
-        qi = q[:, r0:r1].to(work)
-        ki, vi = k[:, cols].to(work), v[:, cols]
-        s = _grouped_scores(qi, ki, sc)  # [B, G, R, bq, n_cols]
-        # keep = 1 on full tiles, mask_mod on partial ones, 0 on tiles empty for this (b, h)
-        tile = row_kind[:, :, used]  # [B', H', n_used]
-        tile_of_col = (cols // block_k).view(-1)
-        col_tile = torch.searchsorted(used, tile_of_col)
-        tile_kind = tile[..., col_tile].unsqueeze(2)  # [B', H', 1, n_cols]
-        keep = tile_kind == FULL
-        if (tile_kind == PARTIAL).any():
-            rows = torch.arange(r0, r1, device=q.device).view(1, 1, -1, 1)
-            m = mask_mod(bb, hh, rows, cols.view(1, 1, 1, -1))
-            keep = keep | ((tile_kind == PARTIAL) & m)
-        keep = keep.expand(b, hq, r1 - r0, cols.numel())
-        keep = rearrange(keep, "b (g r) i j -> b g r i j", g=g)
-        out[:, r0:r1] = _masked_softmax_out(s, keep, vi)
-    return out.to(q.dtype)
+    tile_id, tile_masks = tables["tile_id"], tables["tile_masks"]  # [B', H', nq, nk]
+    nq = tile_id.shape[2]
+    used = (tile_id != -2).flatten(0, 1).any(0)  # [nq, nk]: used by some batch or head
+    n_max = int(used.sum(-1).max())
+    out = q.new_zeros(b, nq * block_q, hq, dv, dtype=work)
+    if n_max == 0:
+        return out[:, :tq].to(q.dtype)
+    ar_k = torch.arange(used.shape[1], device=q.device)
+    slots = torch.where(used, ar_k, used.shape[1] + ar_k).sort(-1).values[:, :n_max]
+    valid = slots < used.shape[1]  # [nq, n_max]
+    slots = torch.where(valid, slots, 0)
+    cols = slots[..., None] * block_k + torch.arange(block_k, device=q.device)  # [nq, n, bk]
+    col_ok = valid[..., None] & (cols < tk)
+    cols = torch.where(col_ok, cols, 0).flatten(1)  # [nq, n_max * bk]
+    # the tile id of every gathered slot, per (b', h'); padding slots count as empty
+    tid = torch.gather(tile_id, 3, slots.expand(*tile_id.shape[:2], nq, n_max).long())
+    tid = torch.where(valid, tid, -2)
+    n_p = tile_masks.shape[0]
+    full, empty = torch.zeros_like(tile_masks[:1]), torch.ones_like(tile_masks[:1])
+    drop_tiles = torch.cat([tile_masks == 0, full.bool(), empty.bool()])
+    slot_of = torch.where(tid >= 0, tid, torch.where(tid == -1, n_p, n_p + 1)).long()
+    qp = F.pad(q, (0, 0, 0, 0, 0, nq * block_q - tq)).to(work)
+    qp = rearrange(qp, "b (n i) (g r) d -> b n g r i d", i=block_q, g=g)
+    per_block = b * hq * block_q * n_max * block_k
+    group = max(1, _GATHER_ELEMENTS // per_block)
+    for n0 in range(0, nq, group):
+        n1 = min(nq, n0 + group)
+        c = cols[n0:n1]  # [nc, J]
+        kg = k[:, c].to(work)  # [B, nc, J, G, D]
+        vg = v[:, c].to(work)
+        s = torch.einsum("bngrid,bnjgd->bngrij", qp[:, n0:n1] * scale, kg)
+        # which scores to drop, per gathered slot: a partial tile's stored mask inverted,
+        # nothing for a full tile, everything for an empty or padding slot (one lookup)
+        drop = drop_tiles[slot_of[:, :, n0:n1]]  # [B', H', nc, n_max, bq, bk]
+        drop = drop.permute(0, 2, 1, 4, 3, 5)  # [B', nc, H', bq, n_max, bk], no copy
+        drop = drop.unflatten(2, (g, hq // g)) if drop.shape[2] > 1 else drop.unsqueeze(2)
+        s.view(*s.shape[:-1], n_max, block_k).masked_fill_(drop, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        s.sub_(torch.where(torch.isfinite(m), m, 0.0)).exp_()
+        denom = s.sum(-1)  # [B, nc, G, R, bq]
+        o = torch.einsum("bngrij,bnjgd->bnigrd", s, vg)
+        denom = rearrange(denom, "b n g r i -> b n i g r 1")
+        o = torch.where(denom > 0, o / denom.clamp_min(torch.finfo(work).tiny), 0.0)
+        out[:, n0 * block_q : n1 * block_q] = rearrange(o, "b n i g r d -> b (n i) (g r) d")
+    return out[:, :tq].to(q.dtype)
