@@ -7,6 +7,8 @@ patterns (3.1)                :mod:`effarch.sparse.masks`: ``mask_mod`` function
 reference                     :func:`masked_attention`: every score, then the mask
 tiles                         :func:`block_layout`: empty, partial and full tiles
                               (FlexAttention's ``BlockMask``)
+KV policies (3.3)              :mod:`effarch.sparse.kv_policies`: StreamingLLM, H2O, TOVA,
+                              Quest, SnapKV on a decoding loop (:func:`decode_nll`)
 fast path (3.4)               :func:`block_sparse_attention`: only the non-empty tiles,
                               in PyTorch or in the Triton kernel ``effarch_kernels.
                               block_sparse_attention`` (forward and backward)
@@ -24,6 +26,18 @@ from .block import (
     block_sparse_attention,
     kernel_tables,
     masked_attention,
+)
+from .kv_policies import (
+    H2O,
+    TOVA,
+    FullCache,
+    KVPolicy,
+    Quest,
+    SlidingWindow,
+    StreamingLLM,
+    decode_nll,
+    llama_view,
+    snapkv_select,
 )
 from .masks import (
     MaskMod,
@@ -44,6 +58,16 @@ from .masks import (
 )
 
 __all__ = [
+    "H2O",
+    "TOVA",
+    "FullCache",
+    "KVPolicy",
+    "Quest",
+    "SlidingWindow",
+    "StreamingLLM",
+    "decode_nll",
+    "llama_view",
+    "snapkv_select",
     "EMPTY",
     "FULL",
     "PARTIAL",

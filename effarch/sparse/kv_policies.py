@@ -1,0 +1,395 @@
+r"""Training-free KV-cache policies for decoding (chapter 3.3).
+
+A decoder that keeps every key and value grows its cache by ``2 L G d_h`` numbers per token.
+A policy caps the cache at a ``budget`` of tokens per layer and decides, after every step,
+which cached tokens to drop (or, for Quest, which to read):
+
+=====================  ======================================================================
+:class:`FullCache`     keep everything (the reference)
+:class:`SlidingWindow` the ``budget`` most recent tokens
+:class:`StreamingLLM`  ``n_sink`` first tokens (the attention sinks) + the most recent; keys
+                       are rotated by their *slot in the cache*, not their original position,
+                       so the model never sees a distance larger than it was trained on
+                       (Xiao et al., 2024)
+:class:`H2O`           the ``recent`` newest tokens + the "heavy hitters" with the largest
+                       attention accumulated since they arrived (Zhang et al., 2023). Newcomers
+                       have had no time to gather score, hence the protected recent window;
+                       ties go to the newer token
+:class:`TOVA`          drop the token the current query attends to least, averaged over heads
+:class:`Quest`         keep everything, but read only the pages (``page_size`` tokens) whose
+                       upper bound ``sum_d max(q_d min_d, q_d max_d)`` on the score is largest,
+                       per query head (Tang et al., 2024): saves reads, not memory
+=====================  ======================================================================
+
+SnapKV (Li et al., 2024) compresses the prompt once, at the end of prefill:
+:func:`snapkv_select` votes with the attention of the last ``window`` prompt queries (pooled
+over neighbouring positions) and keeps the winners plus the window.
+
+Eviction is shared by the heads of a layer (H2O and TOVA originally decide per head; one
+decision per layer keeps one cache length per layer and the bookkeeping short), batch size 1.
+
+:func:`decode_nll` runs a Llama-family model token by token under a policy and returns the
+negative log-likelihood of every next token; :func:`llama_view` is the adapter that reads
+the weights of the book's :class:`~effarch.models.ByteLM` or of a ``transformers``
+``LlamaForCausalLM`` (same module names), so the same policies run on either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from .._checks import check_positive_int
+from ..attention import apply_rope
+
+__all__ = [
+    "H2O",
+    "TOVA",
+    "FullCache",
+    "KVPolicy",
+    "LayerCache",
+    "LlamaView",
+    "Quest",
+    "SlidingWindow",
+    "StreamingLLM",
+    "decode_nll",
+    "llama_view",
+    "snapkv_select",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The model, seen as a stack of Llama layers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LlamaView:
+    """What decoding needs from a Llama-family model: its modules and attention sizes."""
+
+    embed: nn.Module
+    layers: list[nn.Module]
+    norm: nn.Module
+    head_weight: torch.Tensor
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_base: float
+
+
+def llama_view(model: nn.Module) -> LlamaView:
+    """Adapter: the modules of an :class:`~effarch.models.ByteLM` or of a ``transformers``
+    Llama-family causal LM (``model.model.layers[i].self_attn.q_proj`` ..., rotate-half RoPE).
+
+    For ``transformers``, ``config.head_dim``, ``num_attention_heads``, ``num_key_value_heads``
+    and ``rope_theta`` (or ``rope_parameters["rope_theta"]``) give the sizes; the LM head is
+    ``lm_head``.
+    """
+    if hasattr(model, "cfg") and hasattr(model, "embed_tokens"):  # ByteLM
+        attn = model.layers[0].self_attn
+        return LlamaView(model.embed_tokens, list(model.layers), model.norm,
+                         model.embed_tokens.weight, attn.n_heads, attn.n_kv_heads,
+                         attn.head_dim, attn.rope_base)  # fmt: skip
+    inner = getattr(model, "model", None)
+    config = getattr(model, "config", None)
+    if inner is None or config is None or not hasattr(inner, "layers"):
+        raise TypeError(
+            "model must be an effarch ByteLM or a transformers Llama-family causal LM "
+            f"(model.model.layers, model.config), got {type(model).__name__}"
+        )
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"only plain RoPE is supported, got rope_type={rope['rope_type']!r}")
+    return LlamaView(inner.embed_tokens, list(inner.layers), inner.norm, model.lm_head.weight,
+                     n_heads, config.num_key_value_heads, head_dim, float(base))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The cache and the policies
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCache:
+    """One layer's cache: keys ``k [n, G, D]`` (rotated at their positions, or not rotated
+    when the policy repositions), values ``v [n, G, D]``, original positions ``pos [n]``,
+    attention accumulated since arrival ``score [n]`` (summed over heads and steps) and the
+    current step's attention ``last [n]`` (mean over heads)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    score: torch.Tensor
+    last: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def __len__(self) -> int:
+        return self.k.shape[0]
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the entries ``idx`` (sorted, so the cache stays in position order)."""
+        idx = idx.sort().values
+        self.k, self.v, self.pos = self.k[idx], self.v[idx], self.pos[idx]
+        self.score, self.last = self.score[idx], self.last[idx]
+
+
+class KVPolicy:
+    """Base class: a ``budget`` of cached tokens per layer (``None``: unbounded).
+
+    ``reposition``: rotate keys by their slot in the cache at every step (StreamingLLM)
+    instead of once, at their original position. ``scored``: the policy ranks tokens by
+    attention, so it evicts after the step has attended (that step reads ``budget + 1``
+    tokens, the new one included); rule-based policies evict before attending, so every
+    step reads at most ``budget``. Between steps a layer holds at most ``budget`` either way.
+    Subclasses override :meth:`evict` (which entries to keep once the cache holds more than
+    ``budget``) and may override
+    :meth:`read_mask` (which entries each query head reads this step).
+    """
+
+    reposition = False
+    scored = False  # True: evicts by this step's attention, so after attending
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = None if budget is None else check_positive_int("budget", budget)
+
+    def evict(self, cache: LayerCache) -> torch.Tensor:
+        """Indices of the entries to keep (called when ``len(cache) > budget``)."""
+        raise NotImplementedError
+
+    def read_mask(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor | None:
+        """Bool ``[H, n]`` of the entries each head reads, or ``None`` for all."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(budget={self.budget})"
+
+
+class FullCache(KVPolicy):
+    """Keep every token: the reference."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+
+class SlidingWindow(KVPolicy):
+    """The ``budget`` most recent tokens."""
+
+    def evict(self, cache: LayerCache) -> torch.Tensor:
+        return torch.arange(len(cache) - self.budget, len(cache))
+
+
+class StreamingLLM(KVPolicy):
+    """``n_sink`` first tokens + the ``budget - n_sink`` most recent, positions by cache slot
+    (``reposition=False`` keeps the original positions, to show why that fails)."""
+
+    def __init__(self, budget: int, n_sink: int = 4, *, reposition: bool = True) -> None:
+        super().__init__(budget)
+        self.n_sink = check_positive_int("n_sink", n_sink, allow_zero=True)
+        if self.n_sink >= budget:
+            raise ValueError(f"n_sink must be less than budget={budget}, got {n_sink}")
+        self.reposition = bool(reposition)
+
+    def evict(self, cache: LayerCache) -> torch.Tensor:
+        n = len(cache)
+        return torch.cat(
+            [torch.arange(self.n_sink), torch.arange(n - self.budget + self.n_sink, n)]
+        )
+
+
+def _top(values: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``values``, ties to the larger (newer) position."""
+    order = torch.argsort(pos, descending=True, stable=True)  # newest first
+    best = torch.argsort(values[order], descending=True, stable=True)[:k]
+    return order[best]
+
+
+class H2O(KVPolicy):
+    """The ``recent`` newest tokens + the ``budget - recent`` heavy hitters (accumulated
+    attention since arrival) among the older ones."""
+
+    scored = True
+
+    def __init__(self, budget: int, recent: int | None = None) -> None:
+        super().__init__(budget)
+        self.recent = budget // 2 if recent is None else check_positive_int("recent", recent)
+        if self.recent > budget:
+            raise ValueError(f"recent must be at most budget={budget}, got {recent}")
+
+    def evict(self, cache: LayerCache) -> torch.Tensor:
+        n = len(cache)
+        recent = torch.arange(n - self.recent, n)
+        older = n - self.recent
+        heavy = _top(cache.score[:older], cache.pos[:older], self.budget - self.recent)
+        return torch.cat([heavy, recent])
+
+
+class TOVA(KVPolicy):
+    """Drop the tokens the current query attends to least (mean over heads)."""
+
+    scored = True
+
+    def evict(self, cache: LayerCache) -> torch.Tensor:
+        return _top(cache.last, cache.pos, self.budget)
+
+
+class Quest(KVPolicy):
+    """Read the pages with the largest score bound, per query head; keep everything.
+
+    Pages are ``page_size`` consecutive cache entries; the page a query is in is always read.
+    The bound ``sum_d max(q_d min_d, q_d max_d) >= q . k`` holds for every key of the page.
+    """
+
+    def __init__(self, budget: int, page_size: int = 16) -> None:
+        super().__init__(budget)
+        self.page_size = check_positive_int("page_size", page_size)
+        if budget < page_size:
+            raise ValueError(f"budget must be at least page_size={page_size}, got {budget}")
+
+    def evict(self, cache: LayerCache) -> torch.Tensor:  # never called: budget is for reads
+        return torch.arange(len(cache))
+
+    def read_mask(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor | None:
+        n, p = len(cache), self.page_size
+        if n <= self.budget:
+            return None
+        h, g = q.shape[0], cache.k.shape[1]
+        n_pages = math.ceil(n / p)
+        k = F.pad(cache.k, (0, 0, 0, 0, 0, n_pages * p - n))
+        pages = rearrange(k, "(m p) g d -> m p g d", p=p)
+        valid = (torch.arange(n_pages * p) < n).view(n_pages, p, 1, 1)
+        kmax = pages.masked_fill(~valid, float("-inf")).amax(1)  # [m, G, D]
+        kmin = pages.masked_fill(~valid, float("inf")).amin(1)
+        kmax, kmin = (repeat(x, "m g d -> m (g r) d", r=h // g) for x in (kmax, kmin))
+        bound = torch.maximum(q[None] * kmin, q[None] * kmax).sum(-1).T  # [H, m]
+        bound[:, -1] = float("inf")  # the current page is always read
+        top = bound.topk(min(self.budget // p, n_pages), dim=-1).indices
+        chosen = torch.zeros(h, n_pages, dtype=torch.bool).scatter_(1, top, True)
+        return repeat(chosen, "h m -> h (m p)", p=p)[:, :n]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _step_attention(
+    view: LlamaView, layer: nn.Module, x: torch.Tensor, t: int, cache: LayerCache | None,
+    policy: KVPolicy,
+) -> tuple[torch.Tensor, LayerCache]:  # fmt: skip
+    """One token through one attention layer under ``policy``; returns ``(out [1, d], cache)``."""
+    attn, dh, h, g = layer.self_attn, view.head_dim, view.n_heads, view.n_kv_heads
+    q = attn.q_proj(x).view(1, 1, h, dh)
+    k = attn.k_proj(x).view(1, 1, g, dh)
+    v = attn.v_proj(x).view(1, g, dh)
+    pos = torch.tensor([t])
+    if not policy.reposition:
+        k = apply_rope(k, pos, base=view.rope_base)
+    k = k[0]
+    if cache is None:
+        cache = LayerCache(k, v, pos, torch.zeros(1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype))
+    else:
+        cache.k, cache.v = torch.cat([cache.k, k]), torch.cat([cache.v, v])
+        cache.pos = torch.cat([cache.pos, pos])
+        cache.score = torch.cat([cache.score, cache.score.new_zeros(1)])
+        cache.last = torch.cat([cache.last, cache.last.new_zeros(1)])
+    evicts = policy.budget is not None and not isinstance(policy, Quest)
+    if evicts and not policy.scored and len(cache) > policy.budget:
+        cache.keep(policy.evict(cache))
+    n = len(cache)
+    if policy.reposition:  # StreamingLLM: distances measured inside the cache
+        keys = apply_rope(cache.k[None], torch.arange(n), base=view.rope_base)[0]
+        q = apply_rope(q, torch.tensor([n - 1]), base=view.rope_base)
+    else:
+        keys = cache.k
+        q = apply_rope(q, pos, base=view.rope_base)
+    q = q[0, 0]  # [H, D]
+    keys = repeat(keys, "n g d -> n (g r) d", r=h // g)
+    s = torch.einsum("hd,nhd->hn", q, keys) * dh**-0.5
+    read = policy.read_mask(q, cache)
+    if read is not None:
+        s = s.masked_fill(~read, float("-inf"))
+    p = s.softmax(-1)  # [H, n]
+    o = torch.einsum("hn,nhd->hd", p, repeat(cache.v, "n g d -> n (g r) d", r=h // g))
+    cache.score = cache.score + p.sum(0).detach()
+    cache.last = p.mean(0).detach()
+    if evicts and policy.scored and n > policy.budget:
+        cache.keep(policy.evict(cache))
+    return attn.o_proj(o.reshape(1, h * dh)), cache
+
+
+@torch.no_grad()
+def decode_nll(
+    model: nn.Module, ids: torch.Tensor, policy: KVPolicy
+) -> tuple[torch.Tensor, list[int]]:
+    """Feed ``ids`` one token at a time under ``policy``; score each next token.
+
+    Args:
+        model: a :class:`~effarch.models.ByteLM` or a ``transformers`` Llama-family causal LM
+            (see :func:`llama_view`), on the CPU.
+        ids: ``[T]`` or ``[1, T]`` int64 token ids.
+        policy: a :class:`KVPolicy`.
+
+    Returns:
+        ``nll [T - 1]``: ``-log p(ids[t + 1] | kept cache after ids[..t])`` in nats, and the
+        number of cached tokens per layer after every step (layer 0's; all layers are capped
+        alike).
+    """
+    if not isinstance(policy, KVPolicy):
+        raise TypeError(f"policy must be a KVPolicy, got {type(policy).__name__}")
+    ids = ids.flatten()
+    if ids.dtype != torch.long or ids.numel() < 2:
+        raise ValueError(f"ids must hold at least 2 int64 tokens, got {ids.dtype} {ids.shape}")
+    view = llama_view(model)
+    caches: list[LayerCache | None] = [None] * len(view.layers)
+    nll, sizes = [], []
+    for t in range(ids.numel() - 1):
+        h = view.embed(ids[t : t + 1])  # [1, d]
+        for i, layer in enumerate(view.layers):
+            a, caches[i] = _step_attention(view, layer, layer.input_layernorm(h), t, caches[i],
+                                           policy)  # fmt: skip
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = view.norm(h) @ view.head_weight.T
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        nll.append(F.cross_entropy(logits, ids[t + 1 : t + 2]))
+        sizes.append(len(caches[0]))
+    return torch.stack(nll), sizes
+
+
+def snapkv_select(
+    attention: torch.Tensor, budget: int, window: int = 16, kernel: int = 5
+) -> torch.Tensor:
+    """SnapKV's vote: which prompt tokens to keep, per key/value head.
+
+    Args:
+        attention: ``[G, R, T, T]`` causal attention probabilities of the prompt, query heads
+            grouped by their key/value head.
+        budget: tokens kept per head, the ``window`` last ones included.
+        window: the observation window: the last queries, whose attention votes.
+        kernel: width of the max-pooling over positions that keeps neighbours of a winner.
+
+    Returns:
+        ``keep [G, budget]`` sorted token indices per key/value head (equal votes: the
+        earlier token wins).
+    """
+    check_positive_int("budget", budget)
+    check_positive_int("window", window)
+    check_positive_int("kernel", kernel)
+    t = attention.shape[-1]
+    if budget >= t:
+        return torch.arange(t).expand(attention.shape[0], t)
+    if window >= budget:
+        raise ValueError(f"window must be less than budget={budget}, got {window}")
+    votes = attention[:, :, t - window :, : t - window].sum(dim=(1, 2))  # [G, T - window]
+    votes = F.max_pool1d(votes[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    # max-pooling makes ties; a stable sort breaks them toward the earlier token
+    chosen = torch.argsort(votes, dim=-1, descending=True, stable=True)[:, : budget - window]
+    recent = torch.arange(t - window, t).expand(attention.shape[0], window)
+    return torch.cat([chosen, recent], dim=-1).sort(-1).values

@@ -1,0 +1,180 @@
+"""Chapter 3.3: KV-cache policies on a decoding loop, against full forwards and brute force."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effarch.models.bytelm import ByteLM, ByteLMConfig
+from effarch.sparse import (
+    H2O,
+    TOVA,
+    FullCache,
+    Quest,
+    SlidingWindow,
+    StreamingLLM,
+    and_masks,
+    causal,
+    decode_nll,
+    llama_view,
+    masked_attention,
+    or_masks,
+    sliding_window,
+    snapkv_select,
+)
+from effarch.sparse.kv_policies import LayerCache
+
+TINY = ByteLMConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return ByteLM(TINY).double().eval()
+
+
+def full_nll(model, ids):
+    with torch.no_grad():
+        return F.cross_entropy(model(ids[None, :-1])[0], ids[1:], reduction="none")
+
+
+def nll_under_mask(model, ids, mod):
+    """The full forward pass with every layer's attention restricted to ``mod``."""
+    for layer in model.layers:
+        layer.self_attn.attention = lambda q, k, v, causal, scale: masked_attention(
+            q, k, v, mod, scale=scale
+        )
+    return full_nll(model, ids)
+
+
+IDS = torch.randint(0, 257, (50,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [FullCache(), SlidingWindow(60), StreamingLLM(60, 4), H2O(60), TOVA(60), Quest(60, 8)],
+    ids=repr,
+)
+def test_a_budget_larger_than_the_text_changes_nothing(model, policy):
+    nll, sizes = decode_nll(model, IDS, policy)
+    torch.testing.assert_close(nll, full_nll(model, IDS), rtol=1e-10, atol=1e-10)
+    assert sizes == list(range(1, 50))
+
+
+def test_equals_transformers_llama_decoded_by_the_same_loop():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = ByteLM(TINY).double()
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ours.llama_config()))
+    theirs.load_state_dict(ours.llama_state_dict())
+    theirs = theirs.double().eval()
+    view = llama_view(theirs)
+    assert (view.n_heads, view.n_kv_heads, view.head_dim) == (4, 2, 8)
+    with torch.no_grad():
+        want = F.cross_entropy(
+            theirs(input_ids=IDS[None, :-1]).logits[0], IDS[1:], reduction="none"
+        )
+    for policy in (FullCache(), H2O(24)):
+        got, _ = decode_nll(theirs, IDS, policy)
+        same, _ = decode_nll(ours, IDS, policy)
+        # the same loop over their modules; their RMSNorm computes in float32, hence 1e-6
+        torch.testing.assert_close(got, same, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(decode_nll(theirs, IDS, FullCache())[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_sliding_window_eviction_equals_a_window_mask(model):
+    nll, sizes = decode_nll(model, IDS, SlidingWindow(12))
+    assert max(sizes) == 12
+    torch.testing.assert_close(nll, nll_under_mask(model, IDS, sliding_window(12)), rtol=1e-10,
+                               atol=1e-10)  # fmt: skip
+
+
+def test_sinks_without_repositioning_equal_a_sink_and_window_mask(model):
+    policy = StreamingLLM(12, n_sink=3, reposition=False)
+    nll, _ = decode_nll(model, IDS, policy)
+    sinks = lambda b, h, q, kv: kv < 3  # noqa: E731
+    mask = and_masks(causal(), or_masks(sliding_window(9), sinks))
+    torch.testing.assert_close(nll, nll_under_mask(model, IDS, mask), rtol=1e-10, atol=1e-10)
+    # with repositioning the kept keys sit at slots 0 .. 11: a different, bounded geometry
+    moved, sizes = decode_nll(model, IDS, StreamingLLM(12, n_sink=3))
+    assert max(sizes) == 12 and not torch.allclose(moved, nll)
+
+
+def synthetic_cache(n=10):
+    gen = torch.Generator().manual_seed(3)
+    return LayerCache(
+        k=torch.randn(n, 2, 8, generator=gen, dtype=torch.float64),
+        v=torch.randn(n, 2, 8, generator=gen, dtype=torch.float64),
+        pos=torch.arange(100, 100 + n),
+        score=torch.tensor([5.0, 1.0, 3.0, 3.0, 0.5, 9.0, 2.0, 2.0, 0.1, 0.0]).double(),
+        last=torch.tensor([0.3, 0.1, 0.1, 0.05, 0.2, 0.05, 0.05, 0.1, 0.03, 0.02]).double(),
+    )
+
+
+def brute_top(values, k):
+    """The k largest by value, ties to the newer (later) entry: a sort on (value, index)."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i), reverse=True)
+    return sorted(order[:k])
+
+
+def test_h2o_keeps_the_recent_window_and_the_heaviest_of_the_rest():
+    cache = synthetic_cache()
+    keep = sorted(H2O(6, recent=3).evict(cache).tolist())
+    older = cache.score[:7].tolist()
+    assert keep == brute_top(older, 3) + [7, 8, 9]
+    assert brute_top(older, 3) == [0, 3, 5]  # 9.0, 5.0, then the tie 3.0/3.0 goes to index 3
+
+
+def test_tova_drops_what_the_current_query_ignores():
+    cache = synthetic_cache()
+    keep = sorted(TOVA(7).evict(cache).tolist())
+    assert keep == brute_top(cache.last.tolist(), 7)
+    assert 9 not in keep and 8 not in keep and 0 in keep
+
+
+def test_quest_bound_and_pages():
+    cache = synthetic_cache(37)
+    cache.score, cache.last = torch.zeros(37), torch.zeros(37)
+    q = torch.randn(4, 8, dtype=torch.float64)  # 4 query heads over 2 key/value heads
+    policy = Quest(16, page_size=8)
+    read = policy.read_mask(q, cache)
+    assert read.shape == (4, 37)
+    keys = cache.k.repeat_interleave(2, dim=1)  # [n, H, D]
+    exact = torch.einsum("hd,nhd->hn", q, keys)
+    for h in range(4):
+        pages = read[h].view(-1)[:32].view(4, 8).all(1).tolist() + [bool(read[h, 32:].all())]
+        assert sum(pages) == 2 and pages[-1]  # budget / page_size pages, the last always
+        for m in range(5):  # the bound of every page is above each of its keys' scores
+            lo, hi = m * 8, min(37, m * 8 + 8)
+            kmin, kmax = keys[lo:hi, h].amin(0), keys[lo:hi, h].amax(0)
+            bound = torch.maximum(q[h] * kmin, q[h] * kmax).sum()
+            assert (exact[h, lo:hi] <= bound + 1e-12).all()
+    assert policy.read_mask(q, synthetic_cache(16)) is None  # within budget: read all
+
+
+def test_snapkv_vote_against_a_loop():
+    gen = torch.Generator().manual_seed(5)
+    t, window, budget, kernel = 40, 6, 16, 3
+    s = torch.randn(2, 3, t, t, generator=gen, dtype=torch.float64)
+    att = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    keep = snapkv_select(att, budget, window=window, kernel=kernel)
+    for g in range(2):
+        votes = [sum(att[g, r, i, j].item() for r in range(3) for i in range(t - window, t))
+                 for j in range(t - window)]  # fmt: skip
+        pooled = [max(votes[max(0, j - 1) : j + 2]) for j in range(t - window)]
+        best = sorted(range(t - window), key=lambda j: (-pooled[j], j))[: budget - window]
+        assert keep[g].tolist() == sorted(best) + list(range(t - window, t))
+
+
+def test_bad_input(model):
+    with pytest.raises(ValueError, match="n_sink must be less than budget=4"):
+        StreamingLLM(4, n_sink=4)
+    with pytest.raises(ValueError, match="budget must be"):
+        SlidingWindow(0)
+    with pytest.raises(ValueError, match="recent must be at most budget=4"):
+        H2O(4, recent=5)
+    with pytest.raises(TypeError, match="policy must be a KVPolicy"):
+        decode_nll(model, IDS, "window")
+    with pytest.raises(TypeError, match="ByteLM or a transformers"):
+        llama_view(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="window must be less than budget=4"):
+        snapkv_select(torch.ones(1, 1, 8, 8), 4, window=4)
