@@ -4,6 +4,7 @@
     python -m effarch.experiments recall --size gpu --device cuda --out results_gpu.json
     python -m effarch.experiments recall --size cpu --mixers attention deltanet --steps 100
     python -m effarch.experiments bytelm --device cuda --steps 8000 --out-dir effarch/models
+    python -m effarch.experiments kv-budget --out effarch/experiments/kv_budget_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import sys
 
-from . import bytelm, recall
+from . import bytelm, kv_budget, recall
 
-EXPERIMENTS = {"bytelm": bytelm.main, "recall": recall.main}
+EXPERIMENTS = {"bytelm": bytelm.main, "kv-budget": kv_budget.main, "recall": recall.main}
 
 
 def main(argv: list[str] | None = None) -> None:

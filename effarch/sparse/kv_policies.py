@@ -182,7 +182,7 @@ class SlidingWindow(KVPolicy):
     """The ``budget`` most recent tokens."""
 
     def evict(self, cache: LayerCache) -> torch.Tensor:
-        return torch.arange(len(cache) - self.budget, len(cache))
+        return torch.arange(len(cache) - self.budget, len(cache), device=cache.k.device)
 
 
 class StreamingLLM(KVPolicy):
@@ -200,7 +200,7 @@ class StreamingLLM(KVPolicy):
         n = len(cache)
         return torch.cat(
             [torch.arange(self.n_sink), torch.arange(n - self.budget + self.n_sink, n)]
-        )
+        ).to(cache.k.device)
 
 
 def _top(values: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
@@ -224,7 +224,7 @@ class H2O(KVPolicy):
 
     def evict(self, cache: LayerCache) -> torch.Tensor:
         n = len(cache)
-        recent = torch.arange(n - self.recent, n)
+        recent = torch.arange(n - self.recent, n, device=cache.k.device)
         older = n - self.recent
         heavy = _top(cache.score[:older], cache.pos[:older], self.budget - self.recent)
         return torch.cat([heavy, recent])
@@ -253,7 +253,7 @@ class Quest(KVPolicy):
             raise ValueError(f"budget must be at least page_size={page_size}, got {budget}")
 
     def evict(self, cache: LayerCache) -> torch.Tensor:  # never called: budget is for reads
-        return torch.arange(len(cache))
+        return torch.arange(len(cache), device=cache.k.device)
 
     def read_mask(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor | None:
         n, p = len(cache), self.page_size
@@ -263,14 +263,15 @@ class Quest(KVPolicy):
         n_pages = math.ceil(n / p)
         k = F.pad(cache.k, (0, 0, 0, 0, 0, n_pages * p - n))
         pages = rearrange(k, "(m p) g d -> m p g d", p=p)
-        valid = (torch.arange(n_pages * p) < n).view(n_pages, p, 1, 1)
+        valid = (torch.arange(n_pages * p, device=q.device) < n).view(n_pages, p, 1, 1)
         kmax = pages.masked_fill(~valid, float("-inf")).amax(1)  # [m, G, D]
         kmin = pages.masked_fill(~valid, float("inf")).amin(1)
         kmax, kmin = (repeat(x, "m g d -> m (g r) d", r=h // g) for x in (kmax, kmin))
         bound = torch.maximum(q[None] * kmin, q[None] * kmax).sum(-1).T  # [H, m]
         bound[:, -1] = float("inf")  # the current page is always read
         top = bound.topk(min(self.budget // p, n_pages), dim=-1).indices
-        chosen = torch.zeros(h, n_pages, dtype=torch.bool).scatter_(1, top, True)
+        chosen = torch.zeros(h, n_pages, dtype=torch.bool, device=q.device)
+        chosen.scatter_(1, top, True)
         return repeat(chosen, "h m -> h (m p)", p=p)[:, :n]
 
 
@@ -288,12 +289,13 @@ def _step_attention(
     q = attn.q_proj(x).view(1, 1, h, dh)
     k = attn.k_proj(x).view(1, 1, g, dh)
     v = attn.v_proj(x).view(1, g, dh)
-    pos = torch.tensor([t])
+    pos = torch.tensor([t], device=x.device)
     if not policy.reposition:
         k = apply_rope(k, pos, base=view.rope_base)
     k = k[0]
     if cache is None:
-        cache = LayerCache(k, v, pos, torch.zeros(1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype))
+        zero = torch.zeros(1, dtype=x.dtype, device=x.device)
+        cache = LayerCache(k, v, pos, zero, zero.clone())
     else:
         cache.k, cache.v = torch.cat([cache.k, k]), torch.cat([cache.v, v])
         cache.pos = torch.cat([cache.pos, pos])
@@ -304,8 +306,9 @@ def _step_attention(
         cache.keep(policy.evict(cache))
     n = len(cache)
     if policy.reposition:  # StreamingLLM: distances measured inside the cache
-        keys = apply_rope(cache.k[None], torch.arange(n), base=view.rope_base)[0]
-        q = apply_rope(q, torch.tensor([n - 1]), base=view.rope_base)
+        slots = torch.arange(n, device=x.device)
+        keys = apply_rope(cache.k[None], slots, base=view.rope_base)[0]
+        q = apply_rope(q, slots[-1:], base=view.rope_base)
     else:
         keys = cache.k
         q = apply_rope(q, pos, base=view.rope_base)
@@ -332,8 +335,8 @@ def decode_nll(
 
     Args:
         model: a :class:`~effarch.models.ByteLM` or a ``transformers`` Llama-family causal LM
-            (see :func:`llama_view`), on the CPU.
-        ids: ``[T]`` or ``[1, T]`` int64 token ids.
+            (see :func:`llama_view`).
+        ids: ``[T]`` or ``[1, T]`` int64 token ids, on the model's device.
         policy: a :class:`KVPolicy`.
 
     Returns:
