@@ -47,7 +47,7 @@ def test_every_mixer_shapes_and_causality(name):
 def _recurrent_state_numel(layer: nn.Module, seq_len: int) -> int:
     """Elements of the recurrent memory, read from a real forward pass (batch of one)."""
     x = torch.randn(1, seq_len, D)
-    if isinstance(layer, MultiHeadAttention):
+    if isinstance(layer, MultiHeadAttention) or hasattr(layer, "new_cache"):  # a KV cache
         cache = layer.new_cache(1, seq_len)
         layer(x, cache)
         keep = min(seq_len, getattr(layer, "window", seq_len))

@@ -32,6 +32,7 @@ from ..linear.layers import (
     TTTLinear,
 )
 from ..nn import init_dt_bias
+from ..sparse import NativeSparseAttention
 from ..ssm.layers import S4D, Mamba, Mamba2
 
 __all__ = ["MIXERS", "MixerFactory", "SlidingWindowAttention", "mixer_state_size"]
@@ -153,6 +154,7 @@ def _gated_deltanet(
 MIXERS: dict[str, MixerFactory] = {
     "attention": _headed(MultiHeadAttention),
     "sliding_window": _headed(SlidingWindowAttention, window=16),
+    "nsa": _headed(NativeSparseAttention, block=8, top_n=2, window=16),
     "linear_attention": _headed(LinearAttention),
     "retnet": _headed(RetNet),
     "gla": _headed(GLA),

@@ -7,6 +7,8 @@ patterns (3.1)                :mod:`effarch.sparse.masks`: ``mask_mod`` function
 reference                     :func:`masked_attention`: every score, then the mask
 tiles                         :func:`block_layout`: empty, partial and full tiles
                               (FlexAttention's ``BlockMask``)
+dynamic (3.2)                 :class:`NativeSparseAttention` (:func:`nsa_attention`):
+                              compressed, selected and window branches, gated
 KV policies (3.3)              :mod:`effarch.sparse.kv_policies`: StreamingLLM, H2O, TOVA,
                               Quest, SnapKV on a decoding loop (:func:`decode_nll`)
 fast path (3.4)               :func:`block_sparse_attention`: only the non-empty tiles,
@@ -56,8 +58,13 @@ from .masks import (
     sliding_window,
     strided,
 )
+from .nsa import NativeSparseAttention, nsa_attention, nsa_reference, nsa_select
 
 __all__ = [
+    "NativeSparseAttention",
+    "nsa_attention",
+    "nsa_reference",
+    "nsa_select",
     "H2O",
     "TOVA",
     "FullCache",

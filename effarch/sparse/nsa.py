@@ -1,0 +1,263 @@
+r"""Native Sparse Attention (NSA, Yuan et al., 2025; chapter 3.2): three branches, gated.
+
+For query ``t`` of head ``h`` (key/value head ``g(h)``), with blocks of ``l`` tokens:
+
+* **compressed**: each complete block ``j`` (tokens ``j l .. j l + l - 1 <= t``) is pooled into
+  one key and one value, ``kc_j = mean(k_{jl..jl+l-1})`` (NSA learns the pooling; mean pooling
+  is its simplest instance), and the query attends to the pooled blocks:
+  ``p^cmp_t = softmax_j(q_t . kc_j / sqrt(d))``, ``o^cmp_t = sum_j p^cmp_tj vc_j``;
+* **selected**: the compressed probabilities, summed over the query heads of a GQA group so
+  that the group shares one choice, score the blocks; the ``top_n`` best among the blocks
+  that have started (``j l <= t``), always including the query's own block, are attended at
+  full resolution (causally inside the own block);
+* **window**: the ``window`` most recent tokens (:func:`~effarch.sparse.sliding_window`);
+
+and the output is ``o_t = g^cmp_t o^cmp_t + g^slc_t o^slc_t + g^win_t o^win_t`` with per-head
+gates ``g = sigmoid(...)`` in ``(0, 1)`` computed from the token. Every choice depends on
+queries and keys up to ``t`` only, so NSA is causal (tested by changing future tokens).
+
+:func:`nsa_attention` is the vectorised form (selected blocks gathered, window through
+:func:`~effarch.sparse.block_sparse_attention`); :func:`nsa_reference` computes the same
+thing one query at a time in plain loops, as the check. :class:`NativeSparseAttention` is the
+layer (a TinyLM mixer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from .._checks import check_attention_qkv, check_positive_int
+from ..attention import KVCache, apply_rope
+from .block import block_sparse_attention
+from .masks import sliding_window
+
+__all__ = ["NativeSparseAttention", "nsa_attention", "nsa_reference", "nsa_select"]
+
+
+def _check(q, k, v, gates, block, top_n, window) -> None:
+    check_attention_qkv(q, k, v)
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"q holds the last Tq of the Tk positions of k: Tq <= Tk, got "
+                         f"Tq={q.shape[1]}, Tk={k.shape[1]}")  # fmt: skip
+    for name, val in (("block", block), ("top_n", top_n), ("window", window)):
+        check_positive_int(name, val)
+    want = (*q.shape[:3], 3)
+    if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != want:
+        got = tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__
+        raise ValueError(f"gates must be [B, T, Hq, 3] = {list(want)}, got {got}")
+
+
+def _compressed(q, k, v, block, scale, qpos):
+    """Pooled blocks, and the compressed branch: ``o [B, Tq, Hq, Dv]``, ``p [B, G, R, Tq, nb]``
+    (queries at positions ``qpos``)."""
+    g = k.shape[2]
+    nb = k.shape[1] // block  # complete blocks only
+    kc = k[:, : nb * block].unflatten(1, (nb, block)).mean(2)  # [B, nb, G, D]
+    vc = v[:, : nb * block].unflatten(1, (nb, block)).mean(2)
+    qg = rearrange(q, "b t (g r) d -> b g r t d", g=g)
+    s = torch.einsum("bgrtd,bjgd->bgrtj", qg, kc) * scale
+    ends = (torch.arange(nb, device=q.device) + 1) * block - 1
+    done = ends <= qpos[:, None]
+    s = s.masked_fill(~done, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a query before the first complete block: 0
+    o = torch.einsum("bgrtj,bjgd->btgrd", p, vc)
+    return rearrange(o, "b t g r d -> b t (g r) d"), p
+
+
+def nsa_select(
+    p_cmp: torch.Tensor, block: int, top_n: int, kv_len: int | None = None
+) -> torch.Tensor:
+    """The selected blocks per query and GQA group: ``bool [B, G, Tq, n_blocks]``.
+
+    ``p_cmp [B, G, R, Tq, nb]`` are the compressed-branch probabilities of queries at the
+    last ``Tq`` of ``kv_len`` positions (default ``Tq``: self-attention). A block is eligible
+    for query ``t`` when it has started (``j l <= t``); the query's own block ``t // l`` is
+    always chosen, then the ``top_n - 1`` eligible blocks with the largest group score
+    ``sum_r p_cmp`` (ties to the earlier block).
+    """
+    b, g, _, t, nb = p_cmp.shape
+    kv_len = t if kv_len is None else kv_len
+    n_all = -(-kv_len // block)  # blocks that exist, the last possibly incomplete
+    score = F.pad(p_cmp.sum(2), (0, n_all - nb))  # [B, G, Tq, n_all]; incomplete block: 0
+    pos = (kv_len - t + torch.arange(t, device=p_cmp.device))[:, None]
+    idx = torch.arange(n_all, device=p_cmp.device)
+    own = idx == pos // block
+    eligible = idx * block <= pos
+    score = torch.where(own, float("inf"), torch.where(eligible, score, float("-inf")))
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)[..., :top_n]
+    chosen = torch.zeros(b, g, t, n_all, dtype=torch.bool, device=p_cmp.device)
+    chosen.scatter_(-1, order, True)
+    return chosen & eligible
+
+
+def nsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    block: int = 16,
+    top_n: int = 4,
+    window: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Native Sparse Attention, causal: see the module docstring.
+
+    Args:
+        q: ``[B, Tq, Hq, D]``, the queries of the last ``Tq`` positions (``Tq = Tk`` for a
+            full pass, 1 when decoding); k, v: ``[B, Tk, Hkv, D]`` (GQA as in chapter 4).
+        gates: ``[B, Tq, Hq, 3]`` in (0, 1): compressed, selected, window.
+        block: tokens per compression and selection block ``l``.
+        top_n: selected blocks per query (the own block included).
+        window: the sliding window's width.
+        scale: default ``D ** -0.5``.
+
+    Returns:
+        ``o [B, T, Hq, Dv]``.
+    """
+    _check(q, k, v, gates, block, top_n, window)
+    sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, t, hq, _ = q.shape
+    g, tk = k.shape[2], k.shape[1]
+    qpos = tk - t + torch.arange(t, device=q.device)
+    o_cmp, p_cmp = _compressed(q, k, v, block, sc, qpos)
+    chosen = nsa_select(p_cmp, block, top_n, tk)  # [B, G, Tq, nb_all]
+    # gather the selected blocks of every query: n = top_n blocks of l tokens
+    slots = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :top_n]
+    valid = torch.gather(chosen, -1, slots)  # [B, G, T, n]
+    cols = slots[..., None] * block + torch.arange(block, device=q.device)  # [B, G, T, n, l]
+    keep = valid[..., None] & (cols <= qpos[:, None, None])  # causal inside the own block
+    cols = cols.clamp(max=tk - 1).flatten(-2)  # [B, G, Tq, n l]
+    kg = torch.gather(repeat(k, "b s g d -> b g t s d", t=t), 3,
+                      repeat(cols, "b g t j -> b g t j d", d=k.shape[-1]))  # fmt: skip
+    vg = torch.gather(repeat(v, "b s g d -> b g t s d", t=t), 3,
+                      repeat(cols, "b g t j -> b g t j d", d=v.shape[-1]))  # fmt: skip
+    qg = rearrange(q, "b t (g r) d -> b g r t d", g=g)
+    s = torch.einsum("bgrtd,bgtjd->bgrtj", qg, kg) * sc
+    s = s.masked_fill(~keep.flatten(-2)[:, :, None], float("-inf"))
+    p = torch.softmax(s, -1)  # the own block always holds the query itself: never empty
+    o_slc = rearrange(torch.einsum("bgrtj,bgtjd->btgrd", p, vg), "b t g r d -> b t (g r) d")
+    o_win = block_sparse_attention(q, k, v, sliding_window(window, tk - t), scale=sc,
+                                   block_q=min(64, t), block_k=min(64, tk))  # fmt: skip
+    branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)  # [B, T, Hq, Dv, 3]
+    return (branches * gates[..., None, :]).sum(-1)
+
+
+def nsa_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    block: int = 16,
+    top_n: int = 4,
+    window: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`nsa_attention` one query and one head at a time, in plain loops (the check);
+    self-attention (``Tq = Tk``) only."""
+    _check(q, k, v, gates, block, top_n, window)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError("nsa_reference takes Tq = Tk")
+    sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, t, hq, _ = q.shape
+    g = k.shape[2]
+    r = hq // g
+    out = torch.zeros(b, t, hq, v.shape[-1], dtype=q.dtype)
+
+    def attend(qv, keys, values):
+        if len(keys) == 0:
+            return torch.zeros(v.shape[-1], dtype=q.dtype)
+        w = torch.softmax(torch.stack([qv @ key for key in keys]) * sc, 0)
+        return sum(wi * vi for wi, vi in zip(w, values, strict=True))
+
+    for bi in range(b):
+        for ti in range(t):
+            complete = [j for j in range((ti + 1) // block)]  # blocks ending at or before t
+            pooled_k = [k[bi, j * block : (j + 1) * block].mean(0) for j in complete]
+            pooled_v = [v[bi, j * block : (j + 1) * block].mean(0) for j in complete]
+            # group scores of the compressed probabilities
+            group_p = {}
+            for h in range(hq):
+                gh = h // r
+                qv = q[bi, ti, h]
+                if complete:
+                    s = torch.stack([qv @ pooled_k[j][gh] for j in complete]) * sc
+                    for j, wj in zip(complete, torch.softmax(s, 0), strict=True):
+                        group_p[(gh, j)] = group_p.get((gh, j), 0.0) + wj.item()
+            for h in range(hq):
+                gh, qv = h // r, q[bi, ti, h]
+                o_cmp = attend(qv, [pk[gh] for pk in pooled_k], [pv[gh] for pv in pooled_v])
+                own = ti // block
+                started = [j for j in range(own)]  # blocks before the own one have started
+                ranked = sorted(started, key=lambda j: (-group_p.get((gh, j), 0.0), j))
+                picked = [own] + ranked[: top_n - 1]
+                toks = sorted(s for j in picked for s in range(j * block, (j + 1) * block)
+                              if s <= ti)  # fmt: skip
+                o_slc = attend(qv, [k[bi, s, gh] for s in toks], [v[bi, s, gh] for s in toks])
+                recent = range(max(0, ti - window + 1), ti + 1)
+                o_win = attend(qv, [k[bi, s, gh] for s in recent], [v[bi, s, gh] for s in recent])
+                gt = gates[bi, ti, h]
+                out[bi, ti, h] = gt[0] * o_cmp + gt[1] * o_slc + gt[2] * o_win
+    return out
+
+
+class NativeSparseAttention(nn.Module):
+    """An NSA layer: projections, RoPE, per-head sigmoid gates, :func:`nsa_attention`.
+
+    ``forward(x [B, T, d], cache=None) -> [B, T, d]``; with a KV cache (:meth:`new_cache`)
+    the new tokens follow those cached, and decoding token by token equals the full pass.
+    Queries, keys and values are shared by the three
+    branches (NSA gives each branch its own keys and values; sharing keeps the layer the size
+    of an attention layer); the gates are ``sigmoid(W_g x)``, one per head and branch.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
+                 block: int = 16, top_n: int = 4, window: int = 64,
+                 rope_base: float = 10000.0) -> None:  # fmt: skip
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_heads", n_heads)
+        g = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
+        if d_model % n_heads or n_heads % g:
+            raise ValueError(f"n_heads must divide d_model and n_kv_heads must divide n_heads, "
+                             f"got {d_model}, {n_heads}, {g}")  # fmt: skip
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, g, d_model // n_heads
+        self.block, self.top_n, self.window_len, self.rope_base = block, top_n, window, rope_base
+        dh = self.head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * dh, bias=False)
+        self.k_proj = nn.Linear(d_model, g * dh, bias=False)
+        self.v_proj = nn.Linear(d_model, g * dh, bias=False)
+        self.g_proj = nn.Linear(d_model, n_heads * 3)
+        self.o_proj = nn.Linear(n_heads * dh, d_model, bias=False)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty :class:`~effarch.attention.KVCache` for decoding with this layer."""
+        w = self.k_proj.weight
+        return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, dtype=w.dtype,
+                       device=w.device)  # fmt: skip
+
+    def state_size(self, seq_len: int) -> int:
+        """Cached numbers after ``seq_len`` tokens: the full KV cache, ``2 T G d_h`` (NSA reads
+        sparsely but keeps every key and value; the pooled blocks are recomputed from it)."""
+        check_positive_int("seq_len", seq_len)
+        return 2 * seq_len * self.n_kv_heads * self.head_dim
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        dh = self.head_dim
+        start = 0 if cache is None else cache.length
+        pos = torch.arange(start, start + t, device=x.device)
+        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, dh), pos, base=self.rope_base)
+        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, dh), pos, base=self.rope_base)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, dh)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        gates = torch.sigmoid(self.g_proj(x)).view(b, t, self.n_heads, 3)
+        o = nsa_attention(
+            q, k, v, gates, block=self.block, top_n=self.top_n, window=self.window_len
+        )
+        return self.o_proj(o.reshape(b, t, -1))

@@ -1,0 +1,109 @@
+"""Chapter 3.2: Native Sparse Attention against its loop reference, decoding, causality."""
+
+import pytest
+import torch
+
+from effarch.sparse import (
+    NativeSparseAttention,
+    masked_attention,
+    nsa_attention,
+    nsa_reference,
+    nsa_select,
+)
+
+
+def inputs(t, hq, g, d=8, seed=0, b=2):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, hq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, t, g, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, t, g, d + 2, generator=gen, dtype=torch.float64)
+    gates = torch.rand(b, t, hq, 3, generator=gen, dtype=torch.float64)
+    return q, k, v, gates
+
+
+@pytest.mark.parametrize(("t", "hq", "g", "block", "top_n", "window"), [
+    (37, 4, 2, 8, 2, 10), (50, 2, 1, 16, 3, 64), (20, 2, 2, 4, 8, 3), (64, 4, 4, 16, 1, 1),
+])  # fmt: skip
+def test_nsa_equals_its_loop_reference(t, hq, g, block, top_n, window):
+    q, k, v, gates = inputs(t, hq, g)
+    kw = dict(block=block, top_n=top_n, window=window)
+    want = nsa_reference(q, k, v, gates, **kw)
+    torch.testing.assert_close(nsa_attention(q, k, v, gates, **kw), want, rtol=1e-12, atol=1e-12)
+
+
+def test_branches_reduce_to_known_attention():
+    q, k, v, _ = inputs(40, 2, 2)
+    only = lambda i: torch.nn.functional.one_hot(torch.tensor(i), 3).double().expand(2, 40, 2, 3)  # noqa: E731
+    # window alone is sliding-window attention; selection of every block is causal attention
+    win = nsa_attention(q, k, v, only(2), block=8, window=6)
+    ref = masked_attention(q, k, v, lambda b, h, i, j: (j <= i) & (i - j < 6))
+    torch.testing.assert_close(win, ref, rtol=1e-12, atol=1e-12)
+    slc = nsa_attention(q, k, v, only(1), block=8, top_n=5)  # 5 blocks of 8 cover 40 tokens
+    ref = masked_attention(q, k, v, lambda b, h, i, j: j <= i)
+    torch.testing.assert_close(slc, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_selection_is_shared_by_a_group_and_never_looks_ahead():
+    q, k, v, _ = inputs(48, 4, 2)
+    p = torch.rand(2, 2, 2, 48, 6, dtype=torch.float64)  # [B, G, R, T, nb]
+    chosen = nsa_select(p, 8, 3)
+    assert chosen.shape == (2, 2, 48, 6)
+    pos = torch.arange(48)[:, None]
+    assert not (chosen & (torch.arange(6) * 8 > pos)).any()  # no block that has not started
+    assert chosen[..., torch.arange(48), pos.flatten() // 8].all()  # the own block, always
+    assert (chosen.sum(-1) <= 3).all()
+
+
+def test_decoding_with_a_cache_equals_the_full_pass():
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(32, 4, 2, block=4, top_n=2, window=5).double()
+    x = torch.randn(2, 23, 32, dtype=torch.float64)
+    full = layer(x)
+    cache = layer.new_cache(2, 23)
+    steps = [layer(x[:, :6], cache)] + [layer(x[:, i : i + 1], cache) for i in range(6, 23)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def leaks(fn, t=32, seed=0):
+    """Positions before ``t0`` whose output changes when tokens from ``t0`` on change."""
+    q, k, v, gates = inputs(t, 2, 1, seed=seed)
+    t0 = t // 2
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, t0:] = torch.randn_like(x[:, t0:]) * 3
+    a, b = fn(q, k, v, gates), fn(q2, k2, v2, gates)
+    return (a[:, :t0] - b[:, :t0]).abs().amax(dim=(0, 2, 3)) > 1e-12
+
+
+def expert_choice_blocks(q, k, v, gates, block=4, capacity=4):
+    """A *leaky* routed attention: each key block chooses the ``capacity`` queries (over the
+    whole sequence) that score its pooled key highest; a query reads the blocks that chose
+    it, plus its own. Expert-choice routing: the choice sees future queries."""
+    t = q.shape[1]
+    pooled = k.unflatten(1, (t // block, block)).mean(2)  # [B, nb, G, D]
+    score = torch.einsum("bthd,bjgd->bhjt", q, pooled)  # [B, H, nb, T]
+    picked = torch.zeros_like(score, dtype=torch.bool)
+    picked.scatter_(-1, score.topk(capacity, dim=-1).indices, True)
+    allowed = picked.transpose(-1, -2).repeat_interleave(block, -1)  # [B, H, T, T]
+    own = (torch.arange(t)[:, None] // block) == (torch.arange(t)[None] // block)
+    mask = (allowed | own) & (torch.arange(t)[None] <= torch.arange(t)[:, None])
+    return masked_attention(q, k, v, lambda b, h, i, j: mask[b, h, i, j])
+
+
+def test_nsa_is_causal_and_the_check_catches_a_leaky_router():
+    for seed in range(3):
+        assert not leaks(lambda q, k, v, g: nsa_attention(q, k, v, g, block=4, top_n=2,
+                                                          window=3), seed=seed).any()  # fmt: skip
+    # the same check flags expert-choice routing: changing later queries changes which
+    # earlier queries a key block picks, so earlier outputs move
+    assert any(leaks(expert_choice_blocks, seed=s).any() for s in range(3))
+
+
+def test_nsa_bad_input():
+    q, k, v, gates = inputs(16, 2, 1)
+    with pytest.raises(ValueError, match=r"gates must be \[B, T, Hq, 3\]"):
+        nsa_attention(q, k, v, gates[..., :2])
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        nsa_attention(torch.cat([q, q], 1), k, v, torch.cat([gates, gates], 1))
+    with pytest.raises(ValueError, match="top_n"):
+        nsa_attention(q, k, v, gates, top_n=0)
