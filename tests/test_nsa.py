@@ -64,9 +64,9 @@ def test_decoding_with_a_cache_equals_the_full_pass():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 
-def leaks(fn, t=32, seed=0):
+def leaks(fn, t=32, seed=0, g=1):
     """Positions before ``t0`` whose output changes when tokens from ``t0`` on change."""
-    q, k, v, gates = inputs(t, 2, 1, seed=seed)
+    q, k, v, gates = inputs(t, 2, g, seed=seed)
     t0 = t // 2
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
@@ -107,3 +107,67 @@ def test_nsa_bad_input():
         nsa_attention(torch.cat([q, q], 1), k, v, torch.cat([gates, gates], 1))
     with pytest.raises(ValueError, match="top_n"):
         nsa_attention(q, k, v, gates, top_n=0)
+
+
+# ------------------------------------------------------------------------------------------
+# LSH (Reformer) and k-means routing
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("t", "chunk", "rounds", "half_buckets"), [(32, 8, 3, 2), (48, 16, 1, 4),
+                                                                  (24, 4, 2, 1)])  # fmt: skip
+def test_lsh_attention_equals_its_loop_reference(t, chunk, rounds, half_buckets):
+    from effarch.sparse import lsh_attention, lsh_reference
+
+    gen = torch.Generator().manual_seed(t)
+    qk = torch.randn(2, t, 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, t, 2, 5, generator=gen, dtype=torch.float64)
+    rot = torch.randn(rounds, 8, half_buckets, generator=gen, dtype=torch.float64)
+    want = lsh_reference(qk, v, rot, chunk=chunk)
+    torch.testing.assert_close(lsh_attention(qk, v, rot, chunk=chunk), want, rtol=1e-12, atol=1e-12)
+
+
+def test_lsh_with_one_bucket_and_one_chunk_is_causal_attention_on_normalised_keys():
+    from effarch.sparse import lsh_attention
+
+    gen = torch.Generator().manual_seed(1)
+    qk = torch.randn(1, 16, 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 16, 2, 8, generator=gen, dtype=torch.float64)
+    rot = torch.zeros(2, 8, 1, dtype=torch.float64)  # every token hashes to bucket 0
+    keys = torch.nn.functional.normalize(qk, dim=-1)
+    want = masked_attention(qk, keys, v, lambda b, h, i, j: j <= i)
+    torch.testing.assert_close(lsh_attention(qk, v, rot, chunk=16), want, rtol=1e-12, atol=1e-12)
+
+
+def test_routing_attention_equals_its_loop_and_kmeans_moves_towards_members():
+    from effarch.sparse import kmeans_update, routing_attention, routing_reference
+
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, 20, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 20, 2, 5, generator=gen, dtype=torch.float64)
+    c = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(routing_attention(q, k, v, c), routing_reference(q, k, v, c),
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    x = torch.randn(1, 50, 2, 8, generator=gen, dtype=torch.float64)
+    new = kmeans_update(c, x, decay=0.5)
+    members = torch.einsum("bthd,hcd->bthc", torch.nn.functional.normalize(x, dim=-1),
+                           torch.nn.functional.normalize(c, dim=-1)).argmax(-1)  # fmt: skip
+    for h in range(2):
+        for j in range(3):
+            xs = torch.nn.functional.normalize(x[0, members[0, :, h] == j, h], dim=-1)
+            want = c[h, j] if len(xs) == 0 else 0.5 * c[h, j] + 0.5 * xs.mean(0)
+            torch.testing.assert_close(new[h, j], want)
+
+
+def test_routing_is_causal_but_chunked_lsh_is_not():
+    from effarch.sparse import lsh_attention, routing_attention
+
+    rot = torch.randn(2, 8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cents = torch.randn(1, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    routed = lambda q, k, v, g: routing_attention(q, k, v, cents.expand(2, 3, 8))  # noqa: E731
+    for seed in range(3):
+        assert not leaks(routed, seed=seed, g=2, t=64).any()  # a token's cluster is its own
+    # LSH masks future keys, but future tokens still move the chunk boundaries of the sorted
+    # order, so an earlier query can see a different set of earlier keys: the check sees it
+    lsh = lambda q, k, v, g: lsh_attention(q, v, rot, chunk=8)  # noqa: E731
+    assert any(leaks(lsh, seed=s, g=2, t=64).any() for s in range(3))

@@ -8,7 +8,8 @@ reference                     :func:`masked_attention`: every score, then the ma
 tiles                         :func:`block_layout`: empty, partial and full tiles
                               (FlexAttention's ``BlockMask``)
 dynamic (3.2)                 :class:`NativeSparseAttention` (:func:`nsa_attention`):
-                              compressed, selected and window branches, gated
+                              compressed, selected and window branches, gated;
+                              :func:`lsh_attention` (Reformer), :func:`routing_attention`
 KV policies (3.3)              :mod:`effarch.sparse.kv_policies`: StreamingLLM, H2O, TOVA,
                               Quest, SnapKV on a decoding loop (:func:`decode_nll`)
 fast path (3.4)               :func:`block_sparse_attention`: only the non-empty tiles,
@@ -59,8 +60,22 @@ from .masks import (
     strided,
 )
 from .nsa import NativeSparseAttention, nsa_attention, nsa_reference, nsa_select
+from .routing import (
+    kmeans_update,
+    lsh_attention,
+    lsh_buckets,
+    lsh_reference,
+    routing_attention,
+    routing_reference,
+)
 
 __all__ = [
+    "kmeans_update",
+    "lsh_attention",
+    "lsh_buckets",
+    "lsh_reference",
+    "routing_attention",
+    "routing_reference",
     "NativeSparseAttention",
     "nsa_attention",
     "nsa_reference",
