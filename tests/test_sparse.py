@@ -238,6 +238,17 @@ def test_block_sparse_equals_masked_attention(i, tq, tk, bq, bk):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_block_sparse_gradients_equal_masked_attentions():
+    q, k, v = (x.requires_grad_() for x in qkv(2, 70, 70, 4, 2, 8))
+    mod = PATTERNS[5]  # window + global tokens
+    grad = torch.randn(2, 70, 4, 11, dtype=torch.float64)
+    got = torch.autograd.grad(block_sparse_attention(q, k, v, mod, block_q=32, block_k=16),
+                              (q, k, v), grad)  # fmt: skip
+    want = torch.autograd.grad(masked_attention(q, k, v, mod), (q, k, v), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_block_sparse_touches_only_non_empty_tiles_and_masks_only_partial_ones():
     t, w, bs = 1024, 64, 64
     evaluated = []

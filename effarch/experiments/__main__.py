@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import sys
 
-from . import bytelm, kv_budget, recall
+from . import bytelm, kv_budget, recall, sparse_recall
 
-EXPERIMENTS = {"bytelm": bytelm.main, "kv-budget": kv_budget.main, "recall": recall.main}
+EXPERIMENTS = {
+    "bytelm": bytelm.main,
+    "kv-budget": kv_budget.main,
+    "recall": recall.main,
+    "sparse-recall": sparse_recall.main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

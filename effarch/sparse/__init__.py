@@ -59,7 +59,13 @@ from .masks import (
     sliding_window,
     strided,
 )
-from .nsa import NativeSparseAttention, nsa_attention, nsa_reference, nsa_select
+from .nsa import (
+    NativeSparseAttention,
+    nsa_attention,
+    nsa_compress,
+    nsa_reference,
+    nsa_select,
+)
 from .routing import (
     kmeans_update,
     lsh_attention,
@@ -78,6 +84,7 @@ __all__ = [
     "routing_reference",
     "NativeSparseAttention",
     "nsa_attention",
+    "nsa_compress",
     "nsa_reference",
     "nsa_select",
     "H2O",

@@ -377,6 +377,7 @@ def _gathered_attention(
     slot_of = torch.where(tid >= 0, tid, torch.where(tid == -1, n_p, n_p + 1)).long()
     qp = F.pad(q, (0, 0, 0, 0, 0, nq * block_q - tq)).to(work)
     qp = rearrange(qp, "b (n i) (g r) d -> b n g r i d", i=block_q, g=g)
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     per_block = b * hq * block_q * n_max * block_k
     group = max(1, _GATHER_ELEMENTS // per_block)
     for n0 in range(0, nq, group):
@@ -390,9 +391,15 @@ def _gathered_attention(
         drop = drop_tiles[slot_of[:, :, n0:n1]]  # [B', H', nc, n_max, bq, bk]
         drop = drop.permute(0, 2, 1, 4, 3, 5)  # [B', nc, H', bq, n_max, bk], no copy
         drop = drop.unflatten(2, (g, hq // g)) if drop.shape[2] > 1 else drop.unsqueeze(2)
-        s.view(*s.shape[:-1], n_max, block_k).masked_fill_(drop, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        s.sub_(torch.where(torch.isfinite(m), m, 0.0)).exp_()
+        if training:  # out of place, so autograd keeps what it saved
+            s = s.view(*s.shape[:-1], n_max, block_k).masked_fill(drop, float("-inf"))
+            s = s.flatten(-2)
+            m = s.detach().amax(-1, keepdim=True)
+            s = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
+        else:
+            s.view(*s.shape[:-1], n_max, block_k).masked_fill_(drop, float("-inf"))
+            m = s.amax(-1, keepdim=True)
+            s.sub_(torch.where(torch.isfinite(m), m, 0.0)).exp_()
         denom = s.sum(-1)  # [B, nc, G, R, bq]
         o = torch.einsum("bngrij,bnjgd->bnigrd", s, vg)
         denom = rearrange(denom, "b n g r i -> b n i g r 1")

@@ -34,7 +34,13 @@ from ..attention import KVCache, apply_rope
 from .block import block_sparse_attention
 from .masks import sliding_window
 
-__all__ = ["NativeSparseAttention", "nsa_attention", "nsa_reference", "nsa_select"]
+__all__ = [
+    "NativeSparseAttention",
+    "nsa_attention",
+    "nsa_compress",
+    "nsa_reference",
+    "nsa_select",
+]
 
 
 def _check(q, k, v, gates, block, top_n, window) -> None:
@@ -50,9 +56,13 @@ def _check(q, k, v, gates, block, top_n, window) -> None:
         raise ValueError(f"gates must be [B, T, Hq, 3] = {list(want)}, got {got}")
 
 
-def _compressed(q, k, v, block, scale, qpos):
-    """Pooled blocks, and the compressed branch: ``o [B, Tq, Hq, Dv]``, ``p [B, G, R, Tq, nb]``
-    (queries at positions ``qpos``)."""
+def nsa_compress(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float,
+    qpos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The compressed branch: every complete block of ``block`` keys and values mean-pooled,
+    attended by queries at positions ``qpos``. Returns ``o [B, Tq, Hq, Dv]`` and the
+    probabilities ``p [B, G, R, Tq, n_blocks]`` that :func:`nsa_select` ranks blocks by."""
     g = k.shape[2]
     nb = k.shape[1] // block  # complete blocks only
     kc = k[:, : nb * block].unflatten(1, (nb, block)).mean(2)  # [B, nb, G, D]
@@ -123,7 +133,7 @@ def nsa_attention(
     b, t, hq, _ = q.shape
     g, tk = k.shape[2], k.shape[1]
     qpos = tk - t + torch.arange(t, device=q.device)
-    o_cmp, p_cmp = _compressed(q, k, v, block, sc, qpos)
+    o_cmp, p_cmp = nsa_compress(q, k, v, block, sc, qpos)
     chosen = nsa_select(p_cmp, block, top_n, tk)  # [B, G, Tq, nb_all]
     # gather the selected blocks of every query: n = top_n blocks of l tokens
     slots = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :top_n]
