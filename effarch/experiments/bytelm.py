@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,11 @@ def train_bytelm(
             "seed": seed,
             "time_budget_s": time_budget,
             "trial_tokens_per_s": measured_speed,
-            "command": "python -m effarch.experiments bytelm " + " ".join(sys.argv[2:]),
+            "command": (
+                f"python -m effarch.experiments bytelm --steps {steps} --batch-size "
+                f"{batch_size} --seq-len {seq_len} --lr {lr} --seed {seed} "
+                f"--eval-windows {eval_windows} --out-dir effarch/models"
+            ),  # fmt: skip
         },
         "corpus": corpus.description,
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
