@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, contiguous, interpreter_cast
+from .common import check_interpreter_state, contiguous, interpreter_cast, strides_bth
 
 __all__ = ["block_sparse_backward", "block_sparse_forward"]
 
@@ -204,11 +204,7 @@ def _bwd_dkdv_kernel(
              mask=c_ok[:, None] & dv_ok[None, :])  # fmt: skip
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _bh_strides(t: torch.Tensor, n: int) -> tuple[int, ...]:
+def _bhstrides_bth(t: torch.Tensor, n: int) -> tuple[int, ...]:
     """Strides of a layout tensor ``[B', H', ...]``; a size-1 batch or head dim gets 0."""
     s = list(t.stride())
     for dim in (0, 1):
@@ -248,8 +244,8 @@ def block_sparse_forward(
     grid = (tile_id.shape[2], b * hq)
     _fwd_kernel[grid](
         q, k, v, o, lse, tile_id, kv_count, kv_list, tile_masks,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        *_bh_strides(tile_id, 3), *_bh_strides(kv_count, 2), *_bh_strides(kv_list, 3),
+        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
+        *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
         hq, hq // hkv, tq, tk, d, dv, scale, **_sizes(q, v, block_m, block_n),
     )  # fmt: skip
     return o.to(dtype), lse
@@ -287,15 +283,15 @@ def block_sparse_backward(
     nq, nk = tile_id.shape[2], tile_id.shape[3]
     _bwd_dq_kernel[(nq, b * hq)](
         q, k, v, do, lse, delta, dq, tile_id, kv_count, kv_list, tile_masks,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_bh_strides(tile_id, 3), *_bh_strides(kv_count, 2), *_bh_strides(kv_list, 3),
+        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
+        *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
         hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
     )  # fmt: skip
     _bwd_dkdv_kernel[(nk, b * hq)](
         q, k, v, do, lse, delta, dk_h, dv_h, tile_id, q_count, q_list, tile_masks,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_h),
-        *_strides(dv_h),
-        *_bh_strides(tile_id, 3), *_bh_strides(q_count, 2), *_bh_strides(q_list, 3),
+        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
+        *strides_bth(dv_h),
+        *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(q_count, 2), *_bhstrides_bth(q_list, 3),
         hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
     )  # fmt: skip
     g = hq // hkv

@@ -14,7 +14,13 @@ import triton.language as tl
 
 from .limits import interpreting
 
-__all__ = ["check_interpreter_state", "contiguous", "interpreter_cast", "interpreting"]
+__all__ = [
+    "check_interpreter_state",
+    "contiguous",
+    "interpreter_cast",
+    "interpreting",
+    "strides_bth",
+]
 
 
 def check_interpreter_state() -> None:
@@ -42,3 +48,9 @@ def interpreter_cast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
 def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Contiguous versions of the tensors (the kernels index rows by hand); ``None`` stays."""
     return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
+def strides_bth(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of a ``[batch, seq, heads, ...]`` tensor's first three dims (the kernels index
+    rows by hand)."""
+    return t.stride(0), t.stride(1), t.stride(2)

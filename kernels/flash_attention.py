@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting, strides_bth
 from .limits import MAX_HEAD_DIM, check, head_dim_reason
 
 __all__ = [
@@ -248,10 +248,6 @@ def check_head_dim(head_dim: int) -> None:
     check(head_dim_reason(head_dim))
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def flash_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +268,7 @@ def flash_attention_forward(
     grid = (triton.cdiv(tq, block_m), b * hq)
     _fwd_kernel[grid](
         q, k, v, o, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
         hq, hq // hkv, tq, tk, d, scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=precision,
@@ -313,12 +309,12 @@ def flash_attention_backward(
         dkdv, dq_kernel = _bwd_dkdv_tuned, _bwd_dq_tuned
     dkdv[lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hq)](
         q, k, v, do, lse, delta, dk_h, dv_h,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_h),
+        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
         hq, hq // hkv, tq, tk, d, scale, **common,
     )  # fmt: skip
     dq_kernel[lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq)](
         q, k, v, do, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
         hq, hq // hkv, tq, tk, d, scale, **common,
     )  # fmt: skip
     g = hq // hkv

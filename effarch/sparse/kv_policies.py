@@ -155,6 +155,7 @@ class KVPolicy:
 
     reposition = False
     scored = False  # True: evicts by this step's attention, so after attending
+    evicts = True  # False: the budget limits reads (read_mask), never what is kept
 
     def __init__(self, budget: int | None) -> None:
         self.budget = None if budget is None else check_positive_int("budget", budget)
@@ -249,11 +250,9 @@ class Quest(KVPolicy):
     def __init__(self, budget: int, page_size: int = 16) -> None:
         super().__init__(budget)
         self.page_size = check_positive_int("page_size", page_size)
+        self.evicts = False
         if budget < page_size:
             raise ValueError(f"budget must be at least page_size={page_size}, got {budget}")
-
-    def evict(self, cache: LayerCache) -> torch.Tensor:  # never called: budget is for reads
-        return torch.arange(len(cache), device=cache.k.device)
 
     def read_mask(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor | None:
         n, p = len(cache), self.page_size
@@ -301,7 +300,7 @@ def _step_attention(
         cache.pos = torch.cat([cache.pos, pos])
         cache.score = torch.cat([cache.score, cache.score.new_zeros(1)])
         cache.last = torch.cat([cache.last, cache.last.new_zeros(1)])
-    evicts = policy.budget is not None and not isinstance(policy, Quest)
+    evicts = policy.budget is not None and policy.evicts
     if evicts and not policy.scored and len(cache) > policy.budget:
         cache.keep(policy.evict(cache))
     n = len(cache)
