@@ -77,3 +77,17 @@ def test_the_kernel_refuses_tiles_it_cannot_take():
     q, k, v = inputs(32, 32, 2, 2, torch.float32)
     with pytest.raises(ValueError, match="backend='triton' cannot run: block_q must be a power"):
         block_sparse_attention(q, k, v, causal(), block_q=24, block_k=16, backend="triton")
+
+
+def test_nsa_selected_branch_runs_on_the_kernel():
+    from effarch.sparse import nsa_attention
+
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 48, 4, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 48, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    gates = torch.rand(1, 48, 4, 3, generator=gen, dtype=torch.float64)
+    kw = dict(block=16, top_n=2, window=16)
+    want = nsa_attention(q, k, v, gates, **kw)
+    got = nsa_attention(*(x.to(DEV, torch.float32) for x in (q, k, v, gates)), selected="tiles",
+                        backend="triton", **kw)  # fmt: skip
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)

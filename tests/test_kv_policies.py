@@ -178,3 +178,40 @@ def test_bad_input(model):
         llama_view(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="window must be less than budget=4"):
         snapkv_select(torch.ones(1, 1, 8, 8), 4, window=4)
+
+
+def test_recall_is_the_full_attention_mass_on_what_the_policy_reads(model):
+    """Layer 0 sees the embeddings only, so its full-cache attention under any policy is
+    the full forward's: the window's kept mass is a sum of the forward's probabilities over
+    the last B positions, the oracle its top-B sum."""
+    from effarch.sparse import decode
+
+    b = 12
+    got = decode(model, IDS, SlidingWindow(b), recall=True)
+    with torch.no_grad():
+        probs = model.attention_probs(IDS[None, :-1])[0, 0]  # layer 0: [H, T, T]
+    for t in (3, 20, 48):
+        row = probs[:, t, : t + 1]
+        want_kept = row[:, max(0, t - b + 1) :].sum(-1).mean()
+        want_oracle = row.topk(min(b, t + 1), dim=-1).values.sum(-1).mean()
+        torch.testing.assert_close(got.kept_mass[t, 0].item(), want_kept.item())
+        torch.testing.assert_close(got.oracle_mass[t, 0].item(), want_oracle.item())
+    assert (got.kept_mass <= got.oracle_mass + 1e-12).all()
+    assert got.read[:, 0].tolist() == [min(t + 1, b) for t in range(49)]
+    full = decode(model, IDS, FullCache(), recall=True)
+    torch.testing.assert_close(full.kept_mass, torch.ones_like(full.kept_mass))
+    torch.testing.assert_close(full.oracle_mass, torch.ones_like(full.oracle_mass))
+    assert torch.isnan(decode(model, IDS[:5], FullCache()).kept_mass).all()
+
+
+def test_quest_reads_its_budget_and_holds_everything(model):
+    from effarch.sparse import decode
+
+    got = decode(model, IDS, Quest(16, page_size=8), recall=True)
+    assert got.held.tolist() == list(range(1, 50))
+    # two pages of 8: the current (partly filled) one and the best other one
+    assert got.read.max() <= 16 and (got.read[16:] > 8).all() and got.read[47].min() == 16
+    assert (got.kept_mass <= got.oracle_mass + 1e-12).all()
+    view = llama_view(model)
+    per_token = 2 * TINY.n_layers * TINY.n_kv_heads * (TINY.d_model // TINY.n_heads) * 2
+    assert got.cache_bytes(view).tolist() == [per_token * n for n in range(1, 50)]

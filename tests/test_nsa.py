@@ -5,6 +5,8 @@ import torch
 
 from effarch.sparse import (
     NativeSparseAttention,
+    expert_choice_attention,
+    future_leaks,
     masked_attention,
     nsa_attention,
     nsa_reference,
@@ -65,29 +67,13 @@ def test_decoding_with_a_cache_equals_the_full_pass():
 
 
 def leaks(fn, t=32, seed=0, g=1):
-    """Positions before ``t0`` whose output changes when tokens from ``t0`` on change."""
+    """Positions before ``t // 2`` whose output changes when the later tokens change."""
     q, k, v, gates = inputs(t, 2, g, seed=seed)
-    t0 = t // 2
-    q2, k2, v2 = q.clone(), k.clone(), v.clone()
-    for x in (q2, k2, v2):
-        x[:, t0:] = torch.randn_like(x[:, t0:]) * 3
-    a, b = fn(q, k, v, gates), fn(q2, k2, v2, gates)
-    return (a[:, :t0] - b[:, :t0]).abs().amax(dim=(0, 2, 3)) > 1e-12
+    return future_leaks(lambda q, k, v: fn(q, k, v, gates), q, k, v, split=t // 2, seed=seed)
 
 
-def expert_choice_blocks(q, k, v, gates, block=4, capacity=4):
-    """A *leaky* routed attention: each key block chooses the ``capacity`` queries (over the
-    whole sequence) that score its pooled key highest; a query reads the blocks that chose
-    it, plus its own. Expert-choice routing: the choice sees future queries."""
-    t = q.shape[1]
-    pooled = k.unflatten(1, (t // block, block)).mean(2)  # [B, nb, G, D]
-    score = torch.einsum("bthd,bjgd->bhjt", q, pooled)  # [B, H, nb, T]
-    picked = torch.zeros_like(score, dtype=torch.bool)
-    picked.scatter_(-1, score.topk(capacity, dim=-1).indices, True)
-    allowed = picked.transpose(-1, -2).repeat_interleave(block, -1)  # [B, H, T, T]
-    own = (torch.arange(t)[:, None] // block) == (torch.arange(t)[None] // block)
-    mask = (allowed | own) & (torch.arange(t)[None] <= torch.arange(t)[:, None])
-    return masked_attention(q, k, v, lambda b, h, i, j: mask[b, h, i, j])
+def expert_choice_blocks(q, k, v, gates):
+    return expert_choice_attention(q, k, v, block=4, capacity=4)
 
 
 def test_nsa_is_causal_and_the_check_catches_a_leaky_router():
@@ -171,3 +157,40 @@ def test_routing_is_causal_but_chunked_lsh_is_not():
     # order, so an earlier query can see a different set of earlier keys: the check sees it
     lsh = lambda q, k, v, g: lsh_attention(q, v, rot, chunk=8)  # noqa: E731
     assert any(leaks(lsh, seed=s, g=2, t=64).any() for s in range(3))
+
+
+def test_future_leaks_checks_its_arguments_and_sees_a_one_position_leak():
+    x = torch.randn(1, 10, 3, dtype=torch.float64)
+    peek = lambda x: x + x[:, -1:]  # noqa: E731  every output reads the last position
+    assert future_leaks(peek, x, split=5).all()
+    assert not future_leaks(lambda x: x.cumsum(1), x, split=5).any()
+    with pytest.raises(ValueError, match="split"):
+        future_leaks(peek, x, split=10)
+    with pytest.raises(ValueError, match="length"):
+        future_leaks(lambda a, b: a, x, x[:, :4], split=2)
+    with pytest.raises(TypeError, match="fn"):
+        future_leaks("f", x, split=2)
+
+
+@pytest.mark.parametrize(("t", "tq", "hq", "g", "block", "top_n"), [
+    (37, 37, 4, 2, 8, 2), (50, 50, 2, 1, 16, 3), (64, 64, 4, 4, 16, 1), (45, 7, 4, 2, 8, 3),
+])  # fmt: skip
+def test_selected_branch_on_tiles_equals_the_gathered_one(t, tq, hq, g, block, top_n):
+    q, k, v, gates = inputs(t, hq, g)
+    q, gates = q[:, t - tq :], gates[:, t - tq :]  # the last tq queries (decoding: tq small)
+    kw = dict(block=block, top_n=top_n, window=10)
+    want = nsa_attention(q, k, v, gates, **kw)
+    got = nsa_attention(q, k, v, gates, selected="tiles", backend="torch", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="selected"):
+        nsa_attention(q, k, v, gates, selected="dense", **kw)
+
+
+def test_the_selected_branch_in_query_chunks_equals_the_reference(monkeypatch):
+    import effarch.sparse.nsa as nsa
+
+    monkeypatch.setattr(nsa, "_GATHER_ELEMENTS", 3000)  # chunks of a few queries
+    q, k, v, gates = inputs(37, 4, 2)
+    kw = dict(block=8, top_n=2, window=10)
+    want = nsa_reference(q, k, v, gates, **kw)
+    torch.testing.assert_close(nsa_attention(q, k, v, gates, **kw), want, rtol=1e-12, atol=1e-12)

@@ -5,9 +5,11 @@
 
 Decodes ``--windows`` held-out windows of ``--length`` bytes (longer than the model's
 training window, so the full cache meets positions it never saw) one byte at a time with
-:func:`effarch.sparse.decode_nll` under each policy of :data:`POLICIES` at each budget, and
+:func:`effarch.sparse.decode` under each policy of :data:`POLICIES` at each budget, and
 stores the loss per position (mean over windows, in bits per byte, binned), the mean loss
-over the whole window and beyond the training length, and the cache held at the end. The
+over the whole window and beyond the training length, the cache held at the end and the
+tokens read per step, and the full-cache attention mass on the tokens read against the
+oracle top-k of as many (per layer, mean over steps and windows). The
 page of chapter 3.3 plots the stored file; this command reproduces it.
 """
 
@@ -32,7 +34,7 @@ from ..sparse import (
     Quest,
     SlidingWindow,
     StreamingLLM,
-    decode_nll,
+    decode,
 )
 from ..tasks.text import heldout_windows, stdlib_corpus
 
@@ -74,13 +76,19 @@ def kv_budget_experiment(
     runs = [("full", None)] + [(name, b) for b in budgets for name in POLICIES]
     for name, budget in runs:
         policy = FullCache() if budget is None else POLICIES[name](budget)
-        nll = torch.stack([decode_nll(model, x[i], policy)[0] for i in range(windows)]).mean(0)
-        bits = nll / math.log(2)
+        runs = [decode(model, x[i], policy, recall=True) for i in range(windows)]
+        b0 = budget or 0
+        bits = torch.stack([r.nll for r in runs]).mean(0) / math.log(2)
         records.append({
             "policy": name, "budget": budget,
             "bits_per_byte": bits.mean().item(),
             "bits_per_byte_beyond_train_len": bits[train_len:].mean().item(),
             "curve": _binned(bits, bin_width),
+            "held": int(runs[0].held[-1]),
+            "read": torch.stack([r.read for r in runs]).mean().item(),
+            # per layer, over the steps where the budget binds (all of them for the full cache)
+            "kept_mass": torch.stack([r.kept_mass[b0:] for r in runs]).mean((0, 1)).tolist(),
+            "oracle_mass": torch.stack([r.oracle_mass[b0:] for r in runs]).mean((0, 1)).tolist(),
         })  # fmt: skip
         if progress:
             r = records[-1]

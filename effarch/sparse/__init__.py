@@ -10,8 +10,10 @@ tiles                         :func:`block_layout`: empty, partial and full tile
 dynamic (3.2)                 :class:`NativeSparseAttention` (:func:`nsa_attention`):
                               compressed, selected and window branches, gated;
                               :func:`lsh_attention` (Reformer), :func:`routing_attention`
-KV policies (3.3)              :mod:`effarch.sparse.kv_policies`: StreamingLLM, H2O, TOVA,
-                              Quest, SnapKV on a decoding loop (:func:`decode_nll`)
+KV policies (3.3)             :mod:`effarch.sparse.kv_policies`: StreamingLLM, H2O, TOVA,
+                              Quest, SnapKV on a decoding loop (:func:`decode`)
+sparse prefill (3.3)          :mod:`effarch.sparse.prefill`: MInference's vertical-slash,
+                              XAttention's antidiagonal scoring (:func:`prefill_nll`)
 fast path (3.4)               :func:`block_sparse_attention`: only the non-empty tiles,
                               in PyTorch or in the Triton kernel ``effarch_kernels.
                               block_sparse_attention`` (forward and backward)
@@ -33,11 +35,13 @@ from .block import (
 from .kv_policies import (
     H2O,
     TOVA,
+    DecodeResult,
     FullCache,
     KVPolicy,
     Quest,
     SlidingWindow,
     StreamingLLM,
+    decode,
     decode_nll,
     llama_view,
     snapkv_select,
@@ -66,7 +70,20 @@ from .nsa import (
     nsa_reference,
     nsa_select,
 )
+from .prefill import (
+    PrefillPattern,
+    Static,
+    VerticalSlash,
+    XAttention,
+    antidiagonal_scores,
+    prefill_nll,
+    sparse_prefill,
+    vertical_slash_tables,
+    xattention_tiles,
+)
 from .routing import (
+    expert_choice_attention,
+    future_leaks,
     kmeans_update,
     lsh_attention,
     lsh_buckets,
@@ -76,6 +93,17 @@ from .routing import (
 )
 
 __all__ = [
+    "expert_choice_attention",
+    "future_leaks",
+    "PrefillPattern",
+    "Static",
+    "VerticalSlash",
+    "XAttention",
+    "antidiagonal_scores",
+    "prefill_nll",
+    "sparse_prefill",
+    "vertical_slash_tables",
+    "xattention_tiles",
     "kmeans_update",
     "lsh_attention",
     "lsh_buckets",
@@ -94,6 +122,8 @@ __all__ = [
     "Quest",
     "SlidingWindow",
     "StreamingLLM",
+    "DecodeResult",
+    "decode",
     "decode_nll",
     "llama_view",
     "snapkv_select",

@@ -28,8 +28,11 @@ over neighbouring positions) and keeps the winners plus the window.
 Eviction is shared by the heads of a layer (H2O and TOVA originally decide per head; one
 decision per layer keeps one cache length per layer and the bookkeeping short), batch size 1.
 
-:func:`decode_nll` runs a Llama-family model token by token under a policy and returns the
-negative log-likelihood of every next token; :func:`llama_view` is the adapter that reads
+:func:`decode` runs a Llama-family model token by token under a policy and returns the
+negative log-likelihood of every next token, the tokens held and read at every step and,
+on request, the attention mass the tokens read carry against the best possible choice of as
+many (:class:`DecodeResult`); :func:`decode_nll` is its loss alone. :func:`llama_view` is
+the adapter that reads
 the weights of the book's :class:`~effarch.models.ByteLM` or of a ``transformers``
 ``LlamaForCausalLM`` (same module names), so the same policies run on either.
 """
@@ -57,6 +60,8 @@ __all__ = [
     "Quest",
     "SlidingWindow",
     "StreamingLLM",
+    "DecodeResult",
+    "decode",
     "decode_nll",
     "llama_view",
     "snapkv_select",
@@ -281,17 +286,21 @@ class Quest(KVPolicy):
 
 def _step_attention(
     view: LlamaView, layer: nn.Module, x: torch.Tensor, t: int, cache: LayerCache | None,
-    policy: KVPolicy,
-) -> tuple[torch.Tensor, LayerCache]:  # fmt: skip
-    """One token through one attention layer under ``policy``; returns ``(out [1, d], cache)``."""
+    policy: KVPolicy, shadow: list[torch.Tensor] | None,
+) -> tuple[torch.Tensor, LayerCache, tuple[float, float, float]]:  # fmt: skip
+    """One token through one attention layer under ``policy``.
+
+    Returns ``(out [1, d], cache, (read, kept, oracle))``: the tokens read (mean over heads)
+    and, when ``shadow`` (this layer's keys at their original positions, every token) is
+    given, the full-cache attention mass on the tokens read and on the oracle's as many.
+    """
     attn, dh, h, g = layer.self_attn, view.head_dim, view.n_heads, view.n_kv_heads
     q = attn.q_proj(x).view(1, 1, h, dh)
     k = attn.k_proj(x).view(1, 1, g, dh)
     v = attn.v_proj(x).view(1, g, dh)
     pos = torch.tensor([t], device=x.device)
-    if not policy.reposition:
-        k = apply_rope(k, pos, base=view.rope_base)
-    k = k[0]
+    rotated = apply_rope(k, pos, base=view.rope_base)[0]
+    k = k[0] if policy.reposition else rotated
     if cache is None:
         zero = torch.zeros(1, dtype=x.dtype, device=x.device)
         cache = LayerCache(k, v, pos, zero, zero.clone())
@@ -304,14 +313,13 @@ def _step_attention(
     if evicts and not policy.scored and len(cache) > policy.budget:
         cache.keep(policy.evict(cache))
     n = len(cache)
+    q_at_t = apply_rope(q, pos, base=view.rope_base)[0, 0]  # [H, D]
     if policy.reposition:  # StreamingLLM: distances measured inside the cache
         slots = torch.arange(n, device=x.device)
         keys = apply_rope(cache.k[None], slots, base=view.rope_base)[0]
-        q = apply_rope(q, slots[-1:], base=view.rope_base)
+        q = apply_rope(q, slots[-1:], base=view.rope_base)[0, 0]
     else:
-        keys = cache.k
-        q = apply_rope(q, pos, base=view.rope_base)
-    q = q[0, 0]  # [H, D]
+        keys, q = cache.k, q_at_t
     keys = repeat(keys, "n g d -> n (g r) d", r=h // g)
     s = torch.einsum("hd,nhd->hn", q, keys) * dh**-0.5
     read = policy.read_mask(q, cache)
@@ -319,17 +327,51 @@ def _step_attention(
         s = s.masked_fill(~read, float("-inf"))
     p = s.softmax(-1)  # [H, n]
     o = torch.einsum("hn,nhd->hd", p, repeat(cache.v, "n g d -> n (g r) d", r=h // g))
+    counts = read.sum(-1) if read is not None else torch.full((h,), n, device=x.device)
+    stats = (counts.float().mean().item(), math.nan, math.nan)
+    if shadow is not None:  # the full cache's attention for the same query
+        shadow.append(rotated)
+        every = repeat(torch.cat(shadow), "n g d -> n (g r) d", r=h // g)
+        full = (torch.einsum("hd,nhd->hn", q_at_t, every) * dh**-0.5).softmax(-1)  # [H, t+1]
+        on_read = full[:, cache.pos] if read is None else full[:, cache.pos] * read
+        ranked = full.sort(-1, descending=True).values.cumsum(-1)
+        oracle = ranked.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0]
+        stats = (stats[0], on_read.sum(-1).mean().item(), oracle.mean().item())
     cache.score = cache.score + p.sum(0).detach()
     cache.last = p.mean(0).detach()
     if evicts and policy.scored and n > policy.budget:
         cache.keep(policy.evict(cache))
-    return attn.o_proj(o.reshape(1, h * dh)), cache
+    return attn.o_proj(o.reshape(1, h * dh)), cache, stats
+
+
+@dataclass
+class DecodeResult:
+    """What :func:`decode` measured, one entry per decoding step ``t = 0 .. T - 2``.
+
+    ``nll [T - 1]``: ``-log p(ids[t + 1] | the cache after ids[..t])`` in nats.
+    ``held [T - 1]``: tokens cached per layer after the step (layer 0; all layers alike).
+    ``read [T - 1, L]``: tokens each layer's query read at the step (mean over heads).
+    ``kept_mass [T - 1, L]``: with ``recall=True``, the attention mass that the *full* cache
+    would put on the tokens the policy read (same query, keys at their original positions,
+    mean over heads); ``oracle_mass``: the largest mass any choice of as many tokens could
+    hold (the full attention's top-``read``). ``NaN`` without ``recall``.
+    """
+
+    nll: torch.Tensor
+    held: torch.Tensor
+    read: torch.Tensor
+    kept_mass: torch.Tensor
+    oracle_mass: torch.Tensor
+
+    def cache_bytes(self, view: LlamaView, bytes_per: int = 2) -> torch.Tensor:
+        """Bytes of keys and values held after each step: ``2 L G d_h`` numbers a token."""
+        return self.held * (2 * len(view.layers) * view.n_kv_heads * view.head_dim * bytes_per)
 
 
 @torch.no_grad()
-def decode_nll(
-    model: nn.Module, ids: torch.Tensor, policy: KVPolicy
-) -> tuple[torch.Tensor, list[int]]:
+def decode(
+    model: nn.Module, ids: torch.Tensor, policy: KVPolicy, *, recall: bool = False
+) -> DecodeResult:
     """Feed ``ids`` one token at a time under ``policy``; score each next token.
 
     Args:
@@ -337,11 +379,12 @@ def decode_nll(
             (see :func:`llama_view`).
         ids: ``[T]`` or ``[1, T]`` int64 token ids, on the model's device.
         policy: a :class:`KVPolicy`.
+        recall: also measure, at every step and layer, the full-cache attention mass on the
+            tokens read against the oracle top-k (keeps a second, full set of keys: the cost
+            of :class:`FullCache` on top of the policy's).
 
     Returns:
-        ``nll [T - 1]``: ``-log p(ids[t + 1] | kept cache after ids[..t])`` in nats, and the
-        number of cached tokens per layer after every step (layer 0's; all layers are capped
-        alike).
+        a :class:`DecodeResult`.
     """
     if not isinstance(policy, KVPolicy):
         raise TypeError(f"policy must be a KVPolicy, got {type(policy).__name__}")
@@ -349,20 +392,35 @@ def decode_nll(
     if ids.dtype != torch.long or ids.numel() < 2:
         raise ValueError(f"ids must hold at least 2 int64 tokens, got {ids.dtype} {ids.shape}")
     view = llama_view(model)
-    caches: list[LayerCache | None] = [None] * len(view.layers)
-    nll, sizes = [], []
+    n_layers = len(view.layers)
+    caches: list[LayerCache | None] = [None] * n_layers
+    shadows = [[] for _ in range(n_layers)] if recall else [None] * n_layers
+    nll, held, stats = [], [], []
     for t in range(ids.numel() - 1):
         h = view.embed(ids[t : t + 1])  # [1, d]
+        step = []
         for i, layer in enumerate(view.layers):
-            a, caches[i] = _step_attention(view, layer, layer.input_layernorm(h), t, caches[i],
-                                           policy)  # fmt: skip
+            a, caches[i], st = _step_attention(view, layer, layer.input_layernorm(h), t,
+                                               caches[i], policy, shadows[i])  # fmt: skip
+            step.append(st)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = view.norm(h) @ view.head_weight.T
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         nll.append(F.cross_entropy(logits, ids[t + 1 : t + 2]))
-        sizes.append(len(caches[0]))
-    return torch.stack(nll), sizes
+        held.append(len(caches[0]))
+        stats.append(step)
+    st = torch.tensor(stats, dtype=torch.float64)  # [T - 1, L, 3]
+    return DecodeResult(torch.stack(nll), torch.tensor(held), st[..., 0], st[..., 1], st[..., 2])
+
+
+def decode_nll(
+    model: nn.Module, ids: torch.Tensor, policy: KVPolicy
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`decode`'s ``(nll [T - 1], held)``: the loss of every next token in nats and the
+    tokens cached per layer after every step."""
+    result = decode(model, ids, policy)
+    return result.nll, result.held.tolist()
 
 
 def snapkv_select(

@@ -31,8 +31,11 @@ from torch import nn
 
 from .._checks import check_attention_qkv, check_positive_int
 from ..attention import KVCache, apply_rope
-from .block import block_sparse_attention
+from .block import PARTIAL, BlockLayout, block_sparse_attention
 from .masks import sliding_window
+
+# numbers of gathered keys and values held at once by the selected branch (bounds memory)
+_GATHER_ELEMENTS = 1 << 23
 
 __all__ = [
     "NativeSparseAttention",
@@ -113,6 +116,8 @@ def nsa_attention(
     top_n: int = 4,
     window: int = 64,
     scale: float | None = None,
+    selected: str = "gather",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Native Sparse Attention, causal: see the module docstring.
 
@@ -124,36 +129,88 @@ def nsa_attention(
         top_n: selected blocks per query (the own block included).
         window: the sliding window's width.
         scale: default ``D ** -0.5``.
+        selected: how the selected branch runs. ``"gather"``: every query gathers its own
+            ``top_n l`` keys (memory ``O(T top_n l)``, exact per-query work); ``"tiles"``:
+            :func:`~effarch.sparse.block_sparse_attention` on the tiles of ``l x l`` that any
+            query of a query block selected (per-query selections as stored tile masks), so
+            the Triton kernel runs it on a GPU; the work is the union over the ``l`` queries
+            of a tile, the price of dense tiles (NSA's own kernel instead loads, per query,
+            the blocks its GQA group shares).
+        backend: for the ``"tiles"`` path and the window branch (see
+            :func:`~effarch.sparse.block_sparse_attention`).
 
     Returns:
         ``o [B, T, Hq, Dv]``.
     """
     _check(q, k, v, gates, block, top_n, window)
+    if selected not in ("gather", "tiles"):
+        raise ValueError(f"selected must be 'gather' or 'tiles', got {selected!r}")
     sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b, t, hq, _ = q.shape
     g, tk = k.shape[2], k.shape[1]
     qpos = tk - t + torch.arange(t, device=q.device)
     o_cmp, p_cmp = nsa_compress(q, k, v, block, sc, qpos)
     chosen = nsa_select(p_cmp, block, top_n, tk)  # [B, G, Tq, nb_all]
+    tile = [min(64, max(16, 1 << (n - 1).bit_length())) for n in (t, tk)]  # kernel: 2^m
+    o_win = block_sparse_attention(q, k, v, sliding_window(window, tk - t), scale=sc,
+                                   block_q=tile[0], block_k=tile[1], backend=backend)  # fmt: skip
+    if selected == "tiles":
+        o_slc = _selected_by_tiles(q, k, v, chosen, qpos, block, sc, backend)
+        branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)
+        return (branches * gates[..., None, :]).sum(-1)
     # gather the selected blocks of every query: n = top_n blocks of l tokens
     slots = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :top_n]
     valid = torch.gather(chosen, -1, slots)  # [B, G, T, n]
     cols = slots[..., None] * block + torch.arange(block, device=q.device)  # [B, G, T, n, l]
-    keep = valid[..., None] & (cols <= qpos[:, None, None])  # causal inside the own block
-    cols = cols.clamp(max=tk - 1).flatten(-2)  # [B, G, Tq, n l]
-    kg = torch.gather(repeat(k, "b s g d -> b g t s d", t=t), 3,
-                      repeat(cols, "b g t j -> b g t j d", d=k.shape[-1]))  # fmt: skip
-    vg = torch.gather(repeat(v, "b s g d -> b g t s d", t=t), 3,
-                      repeat(cols, "b g t j -> b g t j d", d=v.shape[-1]))  # fmt: skip
+    keep = (valid[..., None] & (cols <= qpos[:, None, None])).flatten(-2)  # causal in own block
+    # keys and values as whole blocks, rows of [B G n_all, l D]: a gather copies a block
+    n_all = chosen.shape[-1]
+    kb, vb = (F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)).unflatten(1, (n_all, block))
+              .permute(0, 3, 1, 2, 4).flatten(0, 2).flatten(1) for x in (k, v))  # fmt: skip
+    first = ((torch.arange(b, device=q.device)[:, None] * g + torch.arange(g, device=q.device))
+             * n_all)[..., None, None]  # row of block 0 of (b, g) in kb  # fmt: skip
     qg = rearrange(q, "b t (g r) d -> b g r t d", g=g)
-    s = torch.einsum("bgrtd,bgtjd->bgrtj", qg, kg) * sc
-    s = s.masked_fill(~keep.flatten(-2)[:, :, None], float("-inf"))
-    p = torch.softmax(s, -1)  # the own block always holds the query itself: never empty
-    o_slc = rearrange(torch.einsum("bgrtj,bgtjd->btgrd", p, vg), "b t g r d -> b t (g r) d")
-    o_win = block_sparse_attention(q, k, v, sliding_window(window, tk - t), scale=sc,
-                                   block_q=min(64, t), block_k=min(64, tk))  # fmt: skip
+    o_slc = q.new_empty(b, t, hq, v.shape[-1])
+    # queries in chunks, so the gathered keys stay under _GATHER_ELEMENTS numbers
+    per_query = b * g * top_n * block * (k.shape[-1] + v.shape[-1])
+    chunk = max(1, _GATHER_ELEMENTS // per_query)
+    for t0 in range(0, t, chunk):
+        c = slots[:, :, t0 : t0 + chunk]  # [B, G, c, n]
+        rows = (first + c).flatten()  # index_select of whole blocks: one copy of l D numbers
+        kg = kb.index_select(0, rows).view(*c.shape[:3], c.shape[3] * block, k.shape[-1])
+        vg = vb.index_select(0, rows).view(*c.shape[:3], c.shape[3] * block, v.shape[-1])
+        s = torch.einsum("bgrtd,bgtjd->bgrtj", qg[:, :, :, t0 : t0 + chunk], kg) * sc
+        s = s.masked_fill(~keep[:, :, None, t0 : t0 + chunk], float("-inf"))
+        p = torch.softmax(s, -1)  # the own block always holds the query itself: never empty
+        o = torch.einsum("bgrtj,bgtjd->btgrd", p, vg)
+        o_slc[:, t0 : t0 + chunk] = rearrange(o, "b t g r d -> b t (g r) d")
     branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)  # [B, T, Hq, Dv, 3]
     return (branches * gates[..., None, :]).sum(-1)
+
+
+def _selected_by_tiles(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, qpos: torch.Tensor,
+    block: int, scale: float, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """The selected branch as block-sparse attention over ``block x block`` tiles: a tile is
+    visited when any query of its query block chose its key block, and masked by the
+    per-query choices (and causality inside the own block)."""
+    b, t, hq, _ = q.shape
+    g, tk = k.shape[2], k.shape[1]
+    r = hq // g
+    nq = -(-t // block)
+    pad = F.pad(chosen, (0, 0, 0, nq * block - t))  # [B, G, nq * l, nk]
+    hit = pad.unflatten(2, (nq, block)).any(3)  # [B, G, nq, nk]
+    kind = repeat(hit.to(torch.int8) * PARTIAL, "b g i j -> b (g r) i j", r=r)
+    layout = BlockLayout(kind.contiguous(), t, tk, block, block)
+    off = tk - t
+
+    def mask_mod(bb, hh, i, j):
+        row = i.clamp(max=t - 1)
+        return chosen[bb, hh // r, row, j // block] & (j <= i + off)
+
+    return block_sparse_attention(q, k, v, mask_mod, block_q=block, block_k=block,
+                                  layout=layout, scale=scale, backend=backend)  # fmt: skip
 
 
 def nsa_reference(

@@ -25,17 +25,28 @@ online k-means the Routing Transformer trains alongside the model.
 
 :func:`lsh_reference` and :func:`routing_reference` compute the same outputs with per-query
 loops, as the checks.
+
+**Causality.** A routed method can decode only if what a query reads depends on the past
+alone. :func:`future_leaks` checks that by redrawing the future and watching earlier outputs;
+:func:`expert_choice_attention` is the counter-example it must catch: key blocks choose their
+queries over the whole sequence (expert-choice routing), so a later query can take an earlier
+one's place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 from .._checks import check_positive_int, check_tensor
+from .block import masked_attention
 
 __all__ = [
+    "expert_choice_attention",
+    "future_leaks",
     "kmeans_update",
     "lsh_attention",
     "lsh_buckets",
@@ -242,3 +253,78 @@ def kmeans_update(
     means = sums / counts.clamp_min(1.0)
     moved = decay * centroids + (1 - decay) * means.to(centroids.dtype)
     return torch.where(counts > 0, moved, centroids)
+
+
+def future_leaks(
+    fn: Callable[..., torch.Tensor],
+    *inputs: torch.Tensor,
+    split: int,
+    seed: int = 0,
+    atol: float = 1e-12,
+) -> torch.Tensor:
+    """Which outputs before ``split`` change when the future changes.
+
+    Every input's positions ``split ..`` (dimension 1, the sequence) are redrawn from
+    ``3 N(0, 1)`` (seeded) and ``fn`` is run on both versions; a causal ``fn`` gives the same
+    outputs at every position before ``split``.
+
+    Args:
+        fn: ``fn(*inputs) -> [B, T, ...]``.
+        inputs: tensors ``[B, T, ...]`` of one length ``T``.
+        split: the first position that changes (``0 < split < T``).
+
+    Returns:
+        bool ``[split]``: ``True`` where some output at that position moved by more than
+        ``atol``.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not inputs or any(not isinstance(x, torch.Tensor) or x.ndim < 2 for x in inputs):
+        raise TypeError("inputs must be tensors [B, T, ...]")
+    t = inputs[0].shape[1]
+    if any(x.shape[1] != t for x in inputs):
+        raise ValueError(f"inputs must share their length, got {[x.shape[1] for x in inputs]}")
+    if not 0 < split < t:
+        raise ValueError(f"split must be in 1 .. {t - 1}, got {split}")
+    gen = torch.Generator().manual_seed(seed)
+    changed = []
+    for x in inputs:
+        y = x.clone()
+        noise = torch.randn(y[:, split:].shape, generator=gen, dtype=torch.float64) * 3
+        y[:, split:] = noise.to(dtype=y.dtype, device=y.device)
+        changed.append(y)
+    a, b = fn(*inputs), fn(*changed)
+    diff = (a[:, :split] - b[:, :split]).abs()
+    return diff.flatten(2).amax(dim=(0, 2)) > atol if diff.ndim > 2 else diff.amax(0) > atol
+
+
+def expert_choice_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, capacity: int
+) -> torch.Tensor:
+    """Expert-choice routing over key blocks, a *non-causal* router kept as a counter-example.
+
+    Each key block (mean-pooled keys) picks the ``capacity`` queries of the whole sequence
+    that score it highest; a query reads the blocks that picked it and its own block, causally
+    masked. The choice ranks future queries too, so changing them changes earlier outputs
+    (:func:`future_leaks` sees it): fine for a full sequence, impossible to decode.
+
+    Args:
+        q: ``[B, T, H, D]``; k, v: ``[B, T, G, D]`` (GQA); ``T`` a multiple of ``block``.
+
+    Returns:
+        ``o [B, T, H, Dv]``.
+    """
+    check_positive_int("block", block)
+    check_positive_int("capacity", capacity)
+    b, t, h, _ = q.shape
+    if t % block:
+        raise ValueError(f"T must be a multiple of block={block}, got T={t}")
+    pooled = repeat(k.unflatten(1, (t // block, block)).mean(2), "b n g d -> b n (g r) d",
+                    r=h // k.shape[2])  # fmt: skip
+    score = torch.einsum("bthd,bnhd->bhnt", q, pooled)  # each key block scores every query
+    picked = torch.zeros_like(score, dtype=torch.bool)
+    picked.scatter_(-1, score.topk(min(capacity, t), dim=-1).indices, True)
+    reads = picked.transpose(-1, -2).repeat_interleave(block, -1)  # [B, H, T, T]
+    pos = torch.arange(t, device=q.device)
+    keep = (reads | (pos[:, None] // block == pos[None] // block)) & (pos[None] <= pos[:, None])
+    return masked_attention(q, k, v, lambda bb, hh, i, j: keep[bb, hh, i, j])
