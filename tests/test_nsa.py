@@ -175,13 +175,14 @@ def test_future_leaks_checks_its_arguments_and_sees_a_one_position_leak():
 @pytest.mark.parametrize(("t", "tq", "hq", "g", "block", "top_n"), [
     (37, 37, 4, 2, 8, 2), (50, 50, 2, 1, 16, 3), (64, 64, 4, 4, 16, 1), (45, 7, 4, 2, 8, 3),
 ])  # fmt: skip
-def test_selected_branch_on_tiles_equals_the_gathered_one(t, tq, hq, g, block, top_n):
+def test_the_three_selected_paths_agree(t, tq, hq, g, block, top_n):
     q, k, v, gates = inputs(t, hq, g)
     q, gates = q[:, t - tq :], gates[:, t - tq :]  # the last tq queries (decoding: tq small)
     kw = dict(block=block, top_n=top_n, window=10)
-    want = nsa_attention(q, k, v, gates, **kw)
-    got = nsa_attention(q, k, v, gates, selected="tiles", backend="torch", **kw)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want = nsa_attention(q, k, v, gates, selected="gather", **kw)
+    for path in ("tiles", "blocks"):
+        got = nsa_attention(q, k, v, gates, selected=path, backend="torch", **kw)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="selected"):
         nsa_attention(q, k, v, gates, selected="dense", **kw)
 
@@ -193,4 +194,5 @@ def test_the_selected_branch_in_query_chunks_equals_the_reference(monkeypatch):
     q, k, v, gates = inputs(37, 4, 2)
     kw = dict(block=8, top_n=2, window=10)
     want = nsa_reference(q, k, v, gates, **kw)
-    torch.testing.assert_close(nsa_attention(q, k, v, gates, **kw), want, rtol=1e-12, atol=1e-12)
+    got = nsa_attention(q, k, v, gates, selected="gather", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -16,7 +16,8 @@ and the output is ``o_t = g^cmp_t o^cmp_t + g^slc_t o^slc_t + g^win_t o^win_t`` 
 gates ``g = sigmoid(...)`` in ``(0, 1)`` computed from the token. Every choice depends on
 queries and keys up to ``t`` only, so NSA is causal (tested by changing future tokens).
 
-:func:`nsa_attention` is the vectorised form (selected blocks gathered, window through
+:func:`nsa_attention` is the vectorised form (the selected branch key-block major, per
+query, or on block-sparse tiles; the window through
 :func:`~effarch.sparse.block_sparse_attention`); :func:`nsa_reference` computes the same
 thing one query at a time in plain loops, as the check. :class:`NativeSparseAttention` is the
 layer (a TinyLM mixer).
@@ -116,7 +117,7 @@ def nsa_attention(
     top_n: int = 4,
     window: int = 64,
     scale: float | None = None,
-    selected: str = "gather",
+    selected: str = "blocks",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Native Sparse Attention, causal: see the module docstring.
@@ -129,8 +130,11 @@ def nsa_attention(
         top_n: selected blocks per query (the own block included).
         window: the sliding window's width.
         scale: default ``D ** -0.5``.
-        selected: how the selected branch runs. ``"gather"``: every query gathers its own
-            ``top_n l`` keys (memory ``O(T top_n l)``, exact per-query work); ``"tiles"``:
+        selected: how the selected branch runs, all three exact. ``"blocks"``: key-block
+            major, the queries that chose a block are gathered and scored against it in one
+            product (as tokens routed to an expert are; ``T top_n`` query rows move instead
+            of ``T top_n l`` keys); ``"gather"``: every query gathers its own ``top_n l`` keys
+            and values (simple, memory-bound); ``"tiles"``:
             :func:`~effarch.sparse.block_sparse_attention` on the tiles of ``l x l`` that any
             query of a query block selected (per-query selections as stored tile masks), so
             the Triton kernel runs it on a GPU; the work is the union over the ``l`` queries
@@ -143,8 +147,8 @@ def nsa_attention(
         ``o [B, T, Hq, Dv]``.
     """
     _check(q, k, v, gates, block, top_n, window)
-    if selected not in ("gather", "tiles"):
-        raise ValueError(f"selected must be 'gather' or 'tiles', got {selected!r}")
+    if selected not in ("blocks", "gather", "tiles"):
+        raise ValueError(f"selected must be 'blocks', 'gather' or 'tiles', got {selected!r}")
     sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b, t, hq, _ = q.shape
     g, tk = k.shape[2], k.shape[1]
@@ -154,8 +158,11 @@ def nsa_attention(
     tile = [min(64, max(16, 1 << (n - 1).bit_length())) for n in (t, tk)]  # kernel: 2^m
     o_win = block_sparse_attention(q, k, v, sliding_window(window, tk - t), scale=sc,
                                    block_q=tile[0], block_k=tile[1], backend=backend)  # fmt: skip
-    if selected == "tiles":
-        o_slc = _selected_by_tiles(q, k, v, chosen, qpos, block, sc, backend)
+    if selected != "gather":
+        if selected == "tiles":
+            o_slc = _selected_by_tiles(q, k, v, chosen, qpos, block, sc, backend)
+        else:
+            o_slc = _selected_by_key_blocks(q, k, v, chosen, qpos, block, top_n, sc)
         branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)
         return (branches * gates[..., None, :]).sum(-1)
     # gather the selected blocks of every query: n = top_n blocks of l tokens
@@ -186,6 +193,53 @@ def nsa_attention(
         o_slc[:, t0 : t0 + chunk] = rearrange(o, "b t g r d -> b t (g r) d")
     branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)  # [B, T, Hq, Dv, 3]
     return (branches * gates[..., None, :]).sum(-1)
+
+
+def _selected_by_key_blocks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, qpos: torch.Tensor,
+    block: int, top_n: int, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The selected branch key-block major: the (query, slot) pairs are sorted by the block
+    they chose, and each block's queries (all heads of the group) are scored against it in
+    one product; one softmax per query over its ``top_n`` slots, then each block's values
+    are added into its queries' outputs."""
+    b, t, hq, d = q.shape
+    g, tk, dv = k.shape[2], k.shape[1], v.shape[-1]
+    r, n_all = hq // g, chosen.shape[-1]
+    n = min(top_n, n_all)
+    slots = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :n]  # [B,G,T,n]
+    valid = torch.gather(chosen, -1, slots)
+    # one id per (batch, group, block); the pairs of each id are contiguous after the sort
+    gid = (torch.arange(b * g, device=q.device).view(b, g, 1, 1) * n_all + slots).flatten()
+    gid = torch.where(valid.flatten(), gid, b * g * n_all)  # unused slots sort last
+    order = torch.argsort(gid, stable=True)
+    counts = torch.bincount(gid, minlength=b * g * n_all + 1)[:-1].tolist()
+    pair = torch.arange(b * g * t * n, device=q.device)[order]
+    pt, ps = pair // n % t, pair % n
+    qr = rearrange(q, "b t (g r) d -> b g t r d", g=g)
+    kb, vb = (rearrange(F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)), "b (j l) g d -> b g j l d",
+                        l=block) for x in (k, v))  # fmt: skip
+    inner = torch.arange(block, device=q.device)
+    s = torch.full((b, g, t, r, n, block), float("-inf"), dtype=q.dtype, device=q.device)
+    groups, start = [], 0
+    for gi, m in enumerate(counts):
+        if m == 0:
+            continue
+        sel = slice(start, start + m)
+        start += m
+        bb, gg, j = gi // (g * n_all), gi // n_all % g, gi % n_all
+        tt, ss = pt[sel], ps[sel]
+        sj = torch.einsum("mrd,ld->mrl", qr[bb, gg, tt], kb[bb, gg, j]) * scale
+        ok = (j * block + inner)[None, None] <= qpos[tt][:, None, None]  # causal, own block
+        s[bb, gg, tt, :, ss] = sj.masked_fill(~ok, float("-inf"))
+        groups.append((bb, gg, j, tt, ss))
+    p = torch.softmax(s.flatten(-2), -1).view_as(s)  # the own block holds the query: never empty
+    out = q.new_zeros(b, g, t, r, dv)
+    for bb, gg, j, tt, ss in groups:
+        out[bb, gg].index_add_(
+            0, tt, torch.einsum("mrl,ld->mrd", p[bb, gg, tt, :, ss], vb[bb, gg, j])
+        )
+    return rearrange(out, "b g t r d -> b t (g r) d")
 
 
 def _selected_by_tiles(
