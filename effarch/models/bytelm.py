@@ -35,6 +35,7 @@ from torch import nn
 
 from .._checks import check_positive_int, check_tensor
 from ..attention import KVCache, MultiHeadAttention, project_qkv
+from ..nn import SwiGLU
 
 __all__ = [
     "BYTELM_CARD",
@@ -91,17 +92,6 @@ class ByteLMConfig:
         return self.d_model // self.n_heads
 
 
-class _MLP(nn.Module):
-    def __init__(self, d: int, d_ff: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(d, d_ff, bias=False)
-        self.up_proj = nn.Linear(d, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class _Layer(nn.Module):
     def __init__(self, cfg: ByteLMConfig) -> None:
         super().__init__()
@@ -111,7 +101,7 @@ class _Layer(nn.Module):
             d, cfg.n_heads, cfg.n_kv_heads, rope=True, rope_base=cfg.rope_base
         )
         self.post_attention_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.mlp = _MLP(d, cfg.d_ff)
+        self.mlp = SwiGLU(d, cfg.d_ff)
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cache)

@@ -9,7 +9,8 @@
 * :func:`l2norm`, :func:`split_heads`, :func:`merge_heads` -- the small tensor moves
   every multi-head layer makes;
 * :class:`LoRALinear`, :func:`add_lora` -- a frozen linear layer plus a trainable low-rank
-  update.
+  update;
+* :class:`SwiGLU` -- the gated feed-forward block of Llama-family models (and of MoE experts).
 
 The layers of :mod:`effarch.linear`, :mod:`effarch.ssm` and :mod:`effarch.models` build on
 these; a reader who meets one of them in a layer finds its definition here.
@@ -19,12 +20,14 @@ from .conv import ShortConvolution
 from .heads import l2norm, merge_heads, split_heads
 from .init import init_dt_bias
 from .lora import LoRALinear, add_lora
+from .mlp import SwiGLU
 from .norm import GatedRMSNorm
 
 __all__ = [
     "GatedRMSNorm",
     "LoRALinear",
     "ShortConvolution",
+    "SwiGLU",
     "add_lora",
     "init_dt_bias",
     "l2norm",

@@ -1,0 +1,73 @@
+"""Sparse mixture-of-experts (chapter 5): routers, balance, the MoE layer.
+
+============================  ==============================================================
+routing (5.1)                 :func:`route` (Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V3, Switch
+                              by its arguments), :func:`apply_capacity`, :func:`expert_choice`,
+                              :func:`hash_route`, :func:`balanced_assignment` (BASE),
+                              :func:`null_expert_route` (adaptive top-k)
+balance (5.1)                 :func:`load_balancing_loss`, :func:`router_z_loss`,
+                              :func:`sequence_balance_loss`, :func:`update_bias` (loss-free),
+                              :func:`max_violation`, :func:`coefficient_of_variation`
+layer (5.2)                   :class:`MoELayer`: SwiGLU experts, shared experts, capacity;
+                              execution by a loop over experts or grouped products
+============================  ==============================================================
+
+Tokens are rows ``[N, d]`` (a layer flattens ``[batch, seq, d]``); dropped or null slots
+carry the expert index ``E``, as in ``transformers``.
+"""
+
+from .balance import (
+    coefficient_of_variation,
+    dropped_fraction,
+    expert_load,
+    load_balancing_loss,
+    max_violation,
+    router_z_loss,
+    sequence_balance_loss,
+    update_bias,
+)
+from .layer import (
+    Experts,
+    MoELayer,
+    Router,
+    Routing,
+    experts_grouped,
+    experts_loop,
+    grouped_matmul,
+)
+from .routing import (
+    apply_capacity,
+    balanced_assignment,
+    expert_capacity,
+    expert_choice,
+    hash_route,
+    null_expert_route,
+    route,
+    router_scores,
+)
+
+__all__ = [
+    "Experts",
+    "MoELayer",
+    "Router",
+    "Routing",
+    "apply_capacity",
+    "balanced_assignment",
+    "coefficient_of_variation",
+    "dropped_fraction",
+    "expert_capacity",
+    "expert_choice",
+    "expert_load",
+    "experts_grouped",
+    "experts_loop",
+    "grouped_matmul",
+    "hash_route",
+    "load_balancing_loss",
+    "max_violation",
+    "null_expert_route",
+    "route",
+    "router_scores",
+    "router_z_loss",
+    "sequence_balance_loss",
+    "update_bias",
+]

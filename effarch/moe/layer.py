@@ -1,0 +1,241 @@
+r"""The mixture-of-experts feed-forward layer and its execution paths (chapter 5.2).
+
+``y = shared(x) + sum_{e in top-k(x)} w_e(x) * expert_e(x)``, each expert a SwiGLU
+``down_e(silu(gate_e x) * up_e x)``. Fine-grained experts (DeepSeekMoE) are many small ones
+(``d_ff`` a fraction of the dense FFN's width, ``k`` larger), shared experts are always on.
+
+Parameter names follow ``transformers`` so weights load by name: ``gate.weight [E, d]`` and
+``gate.e_score_correction_bias [E]`` (DeepSeek-V3's router), ``experts.gate_up_proj
+[E, 2 d_ff, d]`` and ``experts.down_proj [E, d, d_ff]`` (Mixtral, Qwen2-MoE, OLMoE,
+DeepSeek-V3 experts stored as 3-D tensors, gate rows first), ``shared_experts.{gate,up,down}
+_proj`` (DeepSeek-V3's ``shared_experts``; Qwen2-MoE calls it ``shared_expert``) and
+``shared_expert_gate.weight [1, d]`` (Qwen2-MoE's sigmoid gate on the shared expert).
+
+Execution paths, equal up to rounding (tested):
+
+- ``"loop"``: one pass per expert over the tokens routed to it (``transformers``' eager
+  ``MixtralExperts``): simple, ``E`` small products.
+- ``"grouped"``: sort the ``N k`` assignments by expert, then two grouped matrix products
+  (``torch.nn.functional.grouped_mm`` with per-expert row offsets) over the sorted rows, and
+  un-permute with a weighted ``index_add``: the layout every MoE kernel uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_choice, check_positive_int
+from ..nn import SwiGLU
+from .routing import apply_capacity, expert_capacity, route
+
+__all__ = [
+    "Experts",
+    "MoELayer",
+    "Router",
+    "Routing",
+    "experts_grouped",
+    "experts_loop",
+    "grouped_matmul",
+]
+
+IMPLS = ("loop", "grouped")
+
+
+@dataclass
+class Routing:
+    """What the last forward pass routed: ``logits [N, E]``, ``weights [N, k]``, ``experts
+    [N, k]`` (dropped slots: ``E``) and ``keep [N, k]`` (``False`` where capacity dropped)."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    experts: torch.Tensor
+    keep: torch.Tensor
+
+
+class Router(nn.Module):
+    """``logits = x W^T`` (``weight [E, d]``, computed in float32 or wider) and a selection
+    bias ``e_score_correction_bias [E]`` (a buffer: :func:`~effarch.moe.update_bias` moves
+    it, the optimiser does not)."""
+
+    def __init__(self, d_model: int, n_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return F.linear(x.to(dt), self.weight.to(dt))
+
+
+class Experts(nn.Module):
+    """``E`` SwiGLU experts as two 3-D parameters (``transformers``' layout)."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_ff, d_model))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        nn.init.normal_(self.gate_up_proj, std=d_model**-0.5)
+        nn.init.normal_(self.down_proj, std=d_ff**-0.5)
+
+
+def experts_loop(
+    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``sum_j weights[n, j] expert_{experts[n, j]}(x_n)`` one expert at a time.
+
+    ``x [N, d]``, ``experts``/``weights [N, k]`` (index ``E``: skipped), ``gate_up [E, 2F, d]``,
+    ``down [E, d, F]``; returns ``[N, d]``.
+    """
+    n_experts = gate_up.shape[0]
+    out = torch.zeros_like(x)
+    for e in experts[experts < n_experts].unique().tolist():
+        token, slot = torch.where(experts == e)
+        gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[e]) * weights[token, slot, None].to(x.dtype)
+        out = out.index_add(0, token, y)
+    return out
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[e-1] .. offs[e]`` of ``x [M, K]`` times ``w[e] [K, N]``: ``[M, N]``.
+
+    ``torch.nn.functional.grouped_mm`` where it applies (float32, bfloat16, float16; row
+    strides of 16 bytes); otherwise (float64, odd widths) the same product segment by
+    segment. Operands are made contiguous: the CPU backward of ``grouped_mm`` fails on the
+    stride-0 gradients that ``expand`` produces.
+    """
+    x, w = x.contiguous(), w.contiguous()
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[2]))
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned:
+        return F.grouped_mm(x, w, offs=offs)
+    starts = [0, *offs.tolist()[:-1]]
+    parts = [x[a:b] @ w[e] for e, (a, b) in enumerate(zip(starts, offs.tolist(), strict=True))]
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[2])
+
+
+def experts_grouped(
+    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`experts_loop` as permute, two grouped products, un-permute.
+
+    The ``N k`` assignments are sorted by expert (stably, so each expert's rows keep token
+    order), ``offs[e]`` is the end row of expert ``e``, and ``grouped_mm`` multiplies each
+    block of rows by its expert's matrix in one call.
+    """
+    n_experts = gate_up.shape[0]
+    k = experts.shape[1]
+    flat = experts.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
+    offs = counts.cumsum(0).to(torch.int32)
+    rows = int(offs[-1])
+    order = order[:rows]  # dropped slots (index E) sort last
+    token = order // k
+    xs = x[token]
+    h = grouped_matmul(xs, gate_up.transpose(1, 2), offs)
+    gate, up = h.chunk(2, dim=-1)
+    y = grouped_matmul(F.silu(gate) * up, down.transpose(1, 2), offs)
+    y = y * weights.flatten()[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, token, y)
+
+
+class MoELayer(nn.Module):
+    """A sparse mixture-of-experts SwiGLU feed-forward layer (module docstring).
+
+    Args:
+        d_model: model width ``d``.
+        d_ff: each routed expert's hidden width (fine-grained experts: a fraction of the
+            dense FFN's).
+        n_experts: routed experts ``E``.
+        k: experts per token.
+        n_shared: shared experts, always applied, fused into one SwiGLU of width
+            ``n_shared d_ff`` (DeepSeekMoE's ``n_shared_experts``).
+        impl: ``"loop"`` or ``"grouped"`` (module docstring).
+        score, renormalize, n_group, topk_group, scaling: the router, as
+            :func:`~effarch.moe.route` (the selection bias is ``gate.e_score_correction_bias``).
+        shared_gate: a sigmoid gate on the shared expert's output (Qwen2-MoE).
+        capacity_factor: if set, each expert takes at most
+            ``ceil(capacity_factor N k / E)`` assignments of the ``N`` tokens of a call, in the
+            priority of :func:`~effarch.moe.apply_capacity`; the rest are dropped (their
+            tokens get only the shared experts).
+
+    ``forward(x [..., d]) -> [..., d]``; the routing of the last call is in ``self.routing``
+    (a :class:`Routing`) for balance losses and metrics.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        k: int,
+        *,
+        n_shared: int = 0,
+        impl: str = "loop",
+        score: str = "softmax",
+        renormalize: bool = True,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        scaling: float = 1.0,
+        shared_gate: bool = False,
+        capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_ff", d_ff), ("n_experts", n_experts), ("k", k)):
+            check_positive_int(name, v)
+        check_positive_int("n_shared", n_shared, allow_zero=True)
+        if k > n_experts:
+            raise ValueError(f"k must be at most n_experts={n_experts}, got {k}")
+        self.impl = check_choice("impl", impl, IMPLS)
+        check_choice("score", score, ("softmax", "sigmoid"))
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor}")
+        self.d_model, self.d_ff, self.n_experts, self.k = d_model, d_ff, n_experts, k
+        self.route_kw = dict(score=score, renormalize=renormalize, n_group=n_group,
+                             topk_group=topk_group, scaling=scaling)  # fmt: skip
+        self.capacity_factor = capacity_factor
+        self.gate = Router(d_model, n_experts)
+        self.experts = Experts(n_experts, d_model, d_ff)
+        self.shared_experts = SwiGLU(d_model, n_shared * d_ff) if n_shared else None
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
+        self.routing: Routing | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [..., d_model={self.d_model}], got {got}")
+        shape = x.shape
+        h = x.reshape(-1, self.d_model)
+        logits = self.gate(h)
+        bias = self.gate.e_score_correction_bias
+        weights, experts = route(logits, self.k, bias=bias, **self.route_kw)
+        keep = torch.ones_like(experts, dtype=torch.bool)
+        if self.capacity_factor is not None:
+            cap = expert_capacity(h.shape[0], self.n_experts, self.k, self.capacity_factor)
+            experts, keep = apply_capacity(experts, self.n_experts, cap)
+            weights = weights.masked_fill(~keep, 0.0)
+        self.routing = Routing(logits, weights, experts, keep)
+        run = experts_loop if self.impl == "loop" else experts_grouped
+        out = run(h, experts, weights, self.experts.gate_up_proj, self.experts.down_proj)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            out = out + shared
+        return out.view(shape)
+
+    def active_parameters(self) -> int:
+        """Parameters used per token: router, ``k`` routed experts, shared experts."""
+        per_expert = 3 * self.d_model * self.d_ff
+        shared = (
+            sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts else 0
+        )
+        gate = self.shared_expert_gate.weight.numel() if self.shared_expert_gate is not None else 0
+        return self.gate.weight.numel() + self.k * per_expert + shared + gate

@@ -1,0 +1,165 @@
+"""Chapter 5.2: MoELayer against transformers' MoE blocks with the same weights; the loop
+and grouped execution paths equal, forward and backward; capacity."""
+
+import pytest
+import torch
+
+from effarch.moe import MoELayer, experts_grouped, experts_loop, grouped_matmul
+
+transformers = pytest.importorskip("transformers")
+D, F_, E = 16, 8, 8
+
+
+def load(ours, theirs, names):
+    state = theirs.state_dict()
+    with torch.no_grad():
+        target = dict(ours.named_parameters()) | dict(ours.named_buffers())
+        for mine, their in names.items():
+            target[mine].copy_(state[their])
+
+
+def x_in(seed=0, dtype=torch.float32):
+    return torch.randn(2, 7, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+EXPERT_NAMES = {"gate.weight": "gate.weight", "experts.gate_up_proj": "experts.gate_up_proj",
+                "experts.down_proj": "experts.down_proj"}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_mixtral_block(impl):
+    from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E,
+                        num_experts_per_tok=2, router_jitter_noise=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    theirs = MixtralSparseMoeBlock(cfg).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ours = MoELayer(D, F_, E, 2, impl=impl)
+    load(ours, theirs, EXPERT_NAMES)
+    x = x_in()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_qwen2_moe_block_with_a_gated_shared_expert():
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import (
+        Qwen2MoeConfig,
+        Qwen2MoeSparseMoeBlock,
+    )
+
+    cfg = Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=F_, num_experts=E,
+                         num_experts_per_tok=3, norm_topk_prob=False,
+                         shared_expert_intermediate_size=2 * F_)  # fmt: skip
+    torch.manual_seed(1)
+    theirs = Qwen2MoeSparseMoeBlock(cfg).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ours = MoELayer(D, F_, E, 3, n_shared=2, renormalize=False, shared_gate=True)
+    names = dict(EXPERT_NAMES)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        names[f"shared_experts.{proj}.weight"] = f"shared_expert.{proj}.weight"
+    names["shared_expert_gate.weight"] = "shared_expert_gate.weight"
+    load(ours, theirs, names)
+    x = x_in(1)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_deepseek_v3_block_with_groups_bias_and_shared_experts():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3Config,
+        DeepseekV3MoE,
+    )
+
+    cfg = DeepseekV3Config(hidden_size=D, moe_intermediate_size=F_, n_routed_experts=E,
+                           num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
+                           routed_scaling_factor=2.0, norm_topk_prob=True)  # fmt: skip
+    torch.manual_seed(2)
+    theirs = DeepseekV3MoE(cfg).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    theirs.gate.e_score_correction_bias.normal_(std=0.2)
+    ours = MoELayer(D, F_, E, 3, n_shared=1, score="sigmoid", n_group=4, topk_group=2,
+                    scaling=2.0, impl="grouped")  # fmt: skip
+    names = dict(EXPERT_NAMES, **{"gate.e_score_correction_bias": "gate.e_score_correction_bias"})
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        names[f"shared_experts.{proj}.weight"] = f"shared_experts.{proj}.weight"
+    load(ours, theirs, names)
+    x = x_in(2)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_loop_and_grouped_paths_agree_forward_and_backward(dtype, capacity_factor):
+    torch.manual_seed(3)
+    layer = MoELayer(D, F_, E, 2, n_shared=1, capacity_factor=capacity_factor).to(dtype)
+    x = x_in(3, dtype).requires_grad_()
+    outs, grads = [], []
+    for impl in ("loop", "grouped"):
+        layer.impl = impl
+        y = layer(x)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, D, dtype=dtype)).sum(),
+                                         [x, *layer.parameters()]))  # fmt: skip
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_the_layer_equals_a_per_token_loop_and_drops_beyond_capacity():
+    torch.manual_seed(4)
+    layer = MoELayer(D, F_, E, 2, n_shared=1, capacity_factor=0.5).double()
+    x = x_in(4, torch.float64)
+    y = layer(x)
+    r = layer.routing
+    assert r.keep.float().mean() < 1  # a factor of 0.5 must drop
+    h = x.view(-1, D)
+    gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
+    for n in range(h.shape[0]):
+        want = layer.shared_experts(h[n])
+        for j in range(2):
+            e = int(r.experts[n, j])
+            if r.keep[n, j]:
+                g, u = (gu[e] @ h[n]).chunk(2)
+                want = want + r.weights[n, j] * (dn[e] @ (torch.nn.functional.silu(g) * u))
+            else:
+                assert e == E and r.weights[n, j] == 0
+        torch.testing.assert_close(y.view(-1, D)[n], want)
+
+
+def test_grouped_matmul_on_every_dtype_and_empty_groups():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 8, 12, generator=gen)
+    offs = torch.tensor([3, 3, 9, 10], dtype=torch.int32)  # expert 1 gets no rows
+    x = torch.randn(10, 8, generator=gen)
+    want = torch.cat([x[:3] @ w[0], x[3:9] @ w[2], x[9:] @ w[3]])
+    for dt in (torch.float32, torch.float64):
+        torch.testing.assert_close(grouped_matmul(x.to(dt), w.to(dt), offs), want.to(dt),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    x5, w5 = torch.randn(10, 5, generator=gen), torch.randn(4, 5, 3, generator=gen)  # odd widths
+    torch.testing.assert_close(grouped_matmul(x5, w5, offs)[3:9], x5[3:9] @ w5[2])
+
+
+def test_paths_are_public_and_agree_on_raw_tensors():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(9, D, generator=gen)
+    experts = torch.randint(0, E + 1, (9, 2), generator=gen)  # some slots are the sentinel
+    weights = torch.rand(9, 2, generator=gen)
+    gu, dn = torch.randn(E, 2 * F_, D, generator=gen), torch.randn(E, D, F_, generator=gen)
+    a, b = experts_loop(x, experts, weights, gu, dn), experts_grouped(x, experts, weights, gu, dn)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_counts_and_bad_input():
+    layer = MoELayer(D, F_, E, 2, n_shared=1)
+    assert layer.active_parameters() == E * D + 2 * 3 * D * F_ + 3 * D * F_
+    total = sum(p.numel() for p in layer.parameters())
+    assert total == E * D + E * 3 * D * F_ + 3 * D * F_
+    with pytest.raises(ValueError, match="d_model"):
+        layer(torch.randn(3, D + 1))
+    with pytest.raises(ValueError, match="impl"):
+        MoELayer(D, F_, E, 2, impl="triton")
+    with pytest.raises(ValueError, match="k must be at most"):
+        MoELayer(D, F_, E, E + 1)
