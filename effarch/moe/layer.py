@@ -16,8 +16,9 @@ Execution paths, equal up to rounding (tested):
 - ``"loop"``: one pass per expert over the tokens routed to it (``transformers``' eager
   ``MixtralExperts``): simple, ``E`` small products.
 - ``"grouped"``: sort the ``N k`` assignments by expert, then two grouped matrix products
-  (``torch.nn.functional.grouped_mm`` with per-expert row offsets) over the sorted rows, and
-  un-permute with a weighted ``index_add``: the layout every MoE kernel uses.
+  over the sorted rows (:func:`grouped_matmul`: ``torch.nn.functional.grouped_mm`` with
+  per-expert row offsets on a GPU, one padded ``bmm`` on a CPU), and un-permute with a
+  weighted ``index_add``: the layout every MoE kernel uses.
 """
 
 from __future__ import annotations
@@ -105,18 +106,26 @@ def experts_loop(
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows ``offs[e-1] .. offs[e]`` of ``x [M, K]`` times ``w[e] [K, N]``: ``[M, N]``.
 
-    ``torch.nn.functional.grouped_mm`` where it applies (float32, bfloat16, float16; row
-    strides of 16 bytes); otherwise (float64, odd widths) the same product segment by
-    segment. Operands are made contiguous: the CPU backward of ``grouped_mm`` fails on the
-    stride-0 gradients that ``expand`` produces.
+    On a GPU: ``torch.nn.functional.grouped_mm`` (float32, bfloat16, float16; row strides of
+    16 bytes; operands made contiguous, since its backward fails on the stride-0 gradients
+    that ``expand`` produces). On a CPU, where ``grouped_mm`` is a loop of small products
+    (several times slower than one batched product of the same shapes), and for float64:
+    the rows are scattered into a zero-padded ``[E, max rows, K]`` block and multiplied by
+    one ``bmm``, the padding costing ``E max_e(rows) - M`` wasted rows.
     """
     x, w = x.contiguous(), w.contiguous()
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[2]))
-    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned:
+    if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned:
         return F.grouped_mm(x, w, offs=offs)
-    starts = [0, *offs.tolist()[:-1]]
-    parts = [x[a:b] @ w[e] for e, (a, b) in enumerate(zip(starts, offs.tolist(), strict=True))]
-    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[2])
+    ends = offs.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    if x.shape[0] == 0 or int(counts.max()) == 0:
+        return x.new_zeros(x.shape[0], w.shape[2])
+    group = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+    slot = torch.arange(x.shape[0], device=x.device) - (ends - counts)[group]
+    padded = x.new_zeros(len(counts), int(counts.max()), x.shape[1])
+    padded = padded.index_put((group, slot), x)
+    return torch.bmm(padded, w)[group, slot]
 
 
 def experts_grouped(
