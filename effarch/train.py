@@ -173,6 +173,8 @@ def train(
     eval_every: int | None = None,
     progress: bool = True,
     desc: str | None = None,
+    aux_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module, int], None] | None = None,
 ) -> TrainResult:
     r"""Train ``model`` on next-token targets with AdamW, warmup + cosine decay and clipping.
 
@@ -198,6 +200,11 @@ def train(
         eval_every: also evaluate every this many steps (into ``eval_history``).
         progress: show a progress bar.
         desc: its label.
+        aux_loss: ``model -> scalar`` added to the cross-entropy after each forward pass
+            (for example an MoE balance loss read from the layers' last routing); the
+            recorded losses stay the cross-entropy alone.
+        after_step: ``(model, step) -> None`` called after each optimiser step (for example
+            the auxiliary-loss-free bias update of an MoE router).
 
     Returns:
         A :class:`TrainResult` with the loss history, final accuracy and throughput.
@@ -260,12 +267,15 @@ def train(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
         )  # fmt: skip
+        total = loss if aux_loss is None else loss + aux_loss(model)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         schedule.step()
+        if after_step is not None:
+            after_step(model, step)
         value = loss.item()  # also waits for the device, so the clock below is honest
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss became {value} at step {step}; lower lr")

@@ -163,3 +163,32 @@ def test_parameter_counts_and_bad_input():
         MoELayer(D, F_, E, 2, impl="triton")
     with pytest.raises(ValueError, match="k must be at most"):
         MoELayer(D, F_, E, E + 1)
+
+
+def test_tinylm_with_moe_layers_trains_with_an_aux_loss_and_a_bias_update():
+    from effarch.models import TinyLM
+    from effarch.moe import expert_load, load_balancing_loss, update_bias
+    from effarch.train import train
+
+    torch.manual_seed(0)
+    model = TinyLM(16, 32, 2, "attention", mixer_kwargs={"n_heads": 2}, d_ff=16, mlp="moe",
+                   moe_kwargs={"n_experts": 4, "k": 2})  # fmt: skip
+    layers = model.moe_layers()
+    assert len(layers) == 2 and all(isinstance(m, MoELayer) for m in layers)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 16, (4, 12), generator=gen)
+    seen = []
+
+    def aux(m):
+        return 0.1 * sum(load_balancing_loss(la.routing.logits, la.routing.experts) for la in layers)
+
+    def after(m, step):
+        seen.append(step)
+        for la in layers:
+            update_bias(la.gate.e_score_correction_bias, expert_load(la.routing.experts, 4), 0.01)
+
+    result = train(model, lambda s: (x, x), steps=3, aux_loss=aux, after_step=after, progress=False)
+    assert seen == [0, 1, 2] and len(result.losses) == 3
+    assert all(la.gate.e_score_correction_bias.abs().sum() > 0 for la in layers)
+    with pytest.raises(ValueError, match="n_experts and k"):
+        TinyLM(16, 32, 1, "attention", mlp="moe")

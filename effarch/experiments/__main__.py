@@ -5,6 +5,7 @@
     python -m effarch.experiments recall --size cpu --mixers attention deltanet --steps 100
     python -m effarch.experiments bytelm --device cuda --steps 8000 --out-dir effarch/models
     python -m effarch.experiments kv-budget --out effarch/experiments/kv_budget_cpu.json
+    python -m effarch.experiments moe-balance --out effarch/experiments/moe_balance_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from . import bytelm, kv_budget, recall, sparse_recall
+from . import bytelm, kv_budget, moe_balance, recall, sparse_recall
 
 EXPERIMENTS = {
     "bytelm": bytelm.main,
     "kv-budget": kv_budget.main,
+    "moe-balance": moe_balance.main,
     "recall": recall.main,
     "sparse-recall": sparse_recall.main,
 }

@@ -37,6 +37,7 @@ from .._checks import (
     check_tensor,
 )
 from ..linear.layers import RWKV7
+from ..moe import MoELayer
 from ..nn import ShortConvolution
 from .mixers import MIXERS, MixerFactory, SlidingWindowAttention, mixer_state_size
 
@@ -116,14 +117,19 @@ class _MLP(nn.Module):
 class _Block(nn.Module):
     def __init__(
         self, d_model: int, mixer: TokenMixer, d_ff: int, mlp: str, norm_eps: float,
-        short_conv: int,
+        short_conv: int, moe_kwargs: Mapping[str, Any],
     ) -> None:  # fmt: skip
         super().__init__()
         self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.conv = ShortConvolution(d_model, short_conv, activation=False) if short_conv else None
         self.mixer = mixer
         self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps) if d_ff else None
-        self.mlp = _MLP(d_model, d_ff, mlp) if d_ff else None
+        if not d_ff:
+            self.mlp = None
+        elif mlp == "moe":
+            self.mlp = MoELayer(d_model, d_ff, **moe_kwargs)
+        else:
+            self.mlp = _MLP(d_model, d_ff, mlp)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u = self.mixer_norm(h)
@@ -159,12 +165,16 @@ class TinyLM(nn.Module):
         mixer_kwargs: keyword arguments of the mixer (heads, state size, ...).
         d_ff: hidden width of the MLP; default ``2 d`` for SwiGLU and ``3 d`` for GELU (both
             ``6 d^2`` weights), ``0`` for no MLP.
-        mlp: ``"swiglu"`` or ``"gelu"``.
+        mlp: ``"swiglu"``, ``"gelu"`` or ``"moe"`` (a :class:`~effarch.moe.MoELayer` of
+            SwiGLU experts, each ``d_ff`` wide, configured by ``moe_kwargs``: ``n_experts``
+            and ``k`` at least; the layers' routing of the last call is in
+            :meth:`moe_layers`'s ``routing``).
         tie_embeddings: the head reuses the embedding matrix.
         norm_eps: epsilon of the RMSNorms.
         short_conv: width of the convolution before the mixer, ``0`` for none; default
             (``None``) 2 for mixers without a short convolution or token shift of their own,
             0 for the others.
+        moe_kwargs: keyword arguments of :class:`~effarch.moe.MoELayer` for ``mlp="moe"``.
 
     ``forward(input_ids [B, T] long) -> logits [B, T, V]``; ``state_size(seq_len)`` gives
     :func:`mixer_state_size` of one layer.
@@ -183,6 +193,7 @@ class TinyLM(nn.Module):
         tie_embeddings: bool = True,
         norm_eps: float = 1e-5,
         short_conv: int | None = None,
+        moe_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
@@ -190,10 +201,13 @@ class TinyLM(nn.Module):
             check_positive_int("short_conv", short_conv, allow_zero=True)
         check_positive_int("d_model", d_model)
         check_positive_int("n_layers", n_layers)
-        check_choice("mlp", mlp, ("swiglu", "gelu"))
+        check_choice("mlp", mlp, ("swiglu", "gelu", "moe"))
+        moe = dict(moe_kwargs or {})
+        if mlp == "moe" and not {"n_experts", "k"} <= moe.keys():
+            raise ValueError(f"mlp='moe' needs moe_kwargs with n_experts and k, got {moe}")
         check_positive_number("norm_eps", norm_eps)
         if d_ff is None:
-            d_ff = 2 * d_model if mlp == "swiglu" else 3 * d_model
+            d_ff = 3 * d_model if mlp == "gelu" else 2 * d_model
         check_positive_int("d_ff", d_ff, allow_zero=True)
         if mixer_kwargs is None:
             mixer_kwargs = {}
@@ -220,7 +234,7 @@ class TinyLM(nn.Module):
             width = short_conv
             if width is None:
                 width = 0 if _mixes_neighbours(mixer_module.layer) else 2
-            blocks.append(_Block(d_model, mixer_module, d_ff, mlp, norm_eps, width))
+            blocks.append(_Block(d_model, mixer_module, d_ff, mlp, norm_eps, width, moe))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
@@ -246,6 +260,10 @@ class TinyLM(nn.Module):
     def state_size(self, seq_len: int) -> int:
         """:func:`mixer_state_size` of one layer (the model keeps ``n_layers`` times this)."""
         return mixer_state_size(self.blocks[0].mixer, seq_len)
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE feed-forward layers, first block first (empty unless ``mlp="moe"``)."""
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
 
     def num_parameters(self) -> int:
         """Trainable parameters (the tied head counted once)."""
