@@ -10,6 +10,8 @@ balance (5.1)                 :func:`load_balancing_loss`, :func:`router_z_loss`
                               :func:`max_violation`, :func:`coefficient_of_variation`
 layer (5.2)                   :class:`MoELayer`: SwiGLU experts, shared experts, capacity;
                               execution by a loop over experts or grouped products
+variants (5.2)                :class:`SoftMoE`, :class:`MixtureOfDepths` (with its causal
+                              predictor), :class:`MoEPlusPlus` (zero, copy, constant experts)
 ============================  ==============================================================
 
 Tokens are rows ``[N, d]`` (a layer flattens ``[batch, seq, d]``); dropped or null slots
@@ -45,9 +47,13 @@ from .routing import (
     route,
     router_scores,
 )
+from .variants import MixtureOfDepths, MoEPlusPlus, SoftMoE
 
 __all__ = [
     "Experts",
+    "MixtureOfDepths",
+    "MoEPlusPlus",
+    "SoftMoE",
     "MoELayer",
     "Router",
     "Routing",
