@@ -180,7 +180,9 @@ def test_tinylm_with_moe_layers_trains_with_an_aux_loss_and_a_bias_update():
     seen = []
 
     def aux(m):
-        return 0.1 * sum(load_balancing_loss(la.routing.logits, la.routing.experts) for la in layers)
+        return 0.1 * sum(
+            load_balancing_loss(la.routing.logits, la.routing.experts) for la in layers
+        )
 
     def after(m, step):
         seen.append(step)

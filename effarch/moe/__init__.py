@@ -12,6 +12,8 @@ layer (5.2)                   :class:`MoELayer`: SwiGLU experts, shared experts,
                               execution by a loop over experts or grouped products
 variants (5.2)                :class:`SoftMoE`, :class:`MixtureOfDepths` (with its causal
                               predictor), :class:`MoEPlusPlus` (zero, copy, constant experts)
+conversion (5.3)              :func:`upcycle` (experts copied from a dense FFN), :func:`split_ffn`
+                              and :func:`neuron_groups` (MoEfication), :func:`moefied_ffn`
 ============================  ==============================================================
 
 Tokens are rows ``[N, d]`` (a layer flattens ``[batch, seq, d]``); dropped or null slots
@@ -28,6 +30,7 @@ from .balance import (
     sequence_balance_loss,
     update_bias,
 )
+from .convert import moefied_ffn, neuron_groups, split_ffn, upcycle
 from .layer import (
     Experts,
     MoELayer,
@@ -76,4 +79,8 @@ __all__ = [
     "router_z_loss",
     "sequence_balance_loss",
     "update_bias",
+    "moefied_ffn",
+    "neuron_groups",
+    "split_ffn",
+    "upcycle",
 ]

@@ -1,0 +1,65 @@
+"""Chapter 5.3: upcycling is exact at initialisation, splitting an FFN is exact with every
+expert, and clustering neurons by co-activation recovers planted groups."""
+
+import pytest
+import torch
+
+from effarch.moe import moefied_ffn, neuron_groups, split_ffn, upcycle
+from effarch.nn import SwiGLU
+
+D, F_ = 16, 32
+
+
+def dense(seed=0):
+    torch.manual_seed(seed)
+    return SwiGLU(D, F_).double()
+
+
+def test_upcycled_moe_equals_the_dense_ffn_until_its_copies_differ():
+    ffn = dense()
+    x = torch.randn(3, 9, D, dtype=torch.float64)
+    moe = upcycle(ffn, n_experts=4, k=2)
+    torch.testing.assert_close(moe(x), ffn(x), rtol=1e-12, atol=1e-12)
+    assert moe.experts.gate_up_proj.shape == (4, 2 * F_, D)
+    noisy = upcycle(ffn, n_experts=4, k=2, noise=0.1)
+    assert (noisy(x) - ffn(x)).abs().max() > 1e-4
+    with pytest.raises(TypeError, match="SwiGLU"):
+        upcycle(torch.nn.Linear(D, D), 4, 2)
+
+
+@pytest.mark.parametrize("method", ["random", "cluster"])
+def test_the_split_ffn_sums_to_the_dense_one(method):
+    ffn = dense(1)
+    x = torch.randn(50, D, dtype=torch.float64)
+    with torch.no_grad():
+        acts = torch.nn.functional.silu(ffn.gate_proj(x)) * ffn.up_proj(x)
+    groups = neuron_groups(4, F_, method=method, activations=acts)
+    assert sorted(groups.flatten().tolist()) == list(range(F_)) and groups.shape == (4, 8)
+    gate_up, down = split_ffn(ffn, groups)
+    y, chosen = moefied_ffn(x, gate_up, down, k=4)
+    torch.testing.assert_close(y, ffn(x), rtol=1e-10, atol=1e-10)
+    y1, _ = moefied_ffn(x, gate_up, down, k=1)
+    assert (y1 - ffn(x)).abs().max() > 1e-6
+
+
+def test_clustering_recovers_neurons_that_fire_together():
+    # 4 planted groups of 8 neurons; each token activates one group only
+    gen = torch.Generator().manual_seed(2)
+    token_group = torch.randint(0, 4, (400,), generator=gen)
+    owner = torch.randperm(F_, generator=gen) % 4  # neuron -> its planted group
+    acts = 0.01 * torch.randn(400, F_, generator=gen)
+    acts += (owner[None] == token_group[:, None]).float() * (1 + torch.rand(400, F_, generator=gen))
+    groups = neuron_groups(4, F_, method="cluster", activations=acts)
+    for g in groups:
+        assert len(set(owner[g].tolist())) == 1  # each group is one planted group
+    random_groups = neuron_groups(4, F_, method="random")
+    assert any(len(set(owner[g].tolist())) > 1 for g in random_groups)
+
+
+def test_bad_conversion_input_is_named():
+    with pytest.raises(ValueError, match="divide"):
+        neuron_groups(5, F_)
+    with pytest.raises(ValueError, match="activations"):
+        neuron_groups(4, F_, method="cluster")
+    with pytest.raises(ValueError, match="noise"):
+        upcycle(dense(), 4, 2, noise=-1.0)
