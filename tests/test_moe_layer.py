@@ -194,3 +194,24 @@ def test_tinylm_with_moe_layers_trains_with_an_aux_loss_and_a_bias_update():
     assert all(la.gate.e_score_correction_bias.abs().sum() > 0 for la in layers)
     with pytest.raises(ValueError, match="n_experts and k"):
         TinyLM(16, 32, 1, "attention", mlp="moe")
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="grouped_mm's path is taken on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_on_the_gpu_equals_the_loop_forward_and_backward(dtype):
+    torch.manual_seed(7)
+    layer = MoELayer(64, 32, 16, 4).cuda().to(dtype)
+    x = torch.randn(4, 50, 64, device="cuda", dtype=dtype, requires_grad=True)
+    outs, grads = [], []
+    for impl in ("loop", "grouped"):
+        layer.impl = impl
+        y = layer(x)
+        outs.append(y.float())
+        grads.append(
+            [g.float() for g in torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])]
+        )
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
