@@ -73,6 +73,20 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> in
     return value
 
 
+def check_token_ids(name: str, ids: Any, *, min_len: int = 2) -> torch.Tensor:
+    """Check a sequence of token ids (``[T]`` or ``[1, T]`` int64, at least ``min_len``
+    tokens); return it flattened to ``[T]``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    flat = ids.flatten()
+    if ids.dtype != torch.long or flat.numel() < min_len or (ids.ndim == 2 and ids.shape[0] != 1):
+        raise ValueError(
+            f"{name} must be [T] or [1, T] int64 with at least {min_len} tokens, got "
+            f"{ids.dtype} {tuple(ids.shape)}"
+        )
+    return flat
+
+
 def check_bool(name: str, value: Any) -> bool:
     """Check that ``value`` is a bool (not merely truthy); return it."""
     if not isinstance(value, bool):

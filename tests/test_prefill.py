@@ -181,3 +181,13 @@ def test_bad_prefill_input_is_named():
         vertical_slash_tables(q, k, n_vertical=2, n_slash=4, n_init=3)
     with pytest.raises(TypeError, match="PrefillPattern"):
         sparse_prefill(q, k, v, "window")
+
+
+def test_token_ids_are_checked_by_name():
+    torch.manual_seed(0)
+    model = ByteLM(TINY).double().eval()
+    for bad in (IDS[:1], IDS.float(), IDS.view(2, 32)):
+        with pytest.raises(ValueError, match="ids must be"):
+            prefill_nll(model, bad, Static(sliding_window(4)))
+    with pytest.raises(TypeError, match="ids must be a torch.Tensor"):
+        prefill_nll(model, [1, 2, 3], Static(sliding_window(4)))

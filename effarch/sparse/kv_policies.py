@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .._checks import check_positive_int
+from .._checks import check_positive_int, check_token_ids
 from ..attention import apply_rope
 
 __all__ = [
@@ -388,9 +388,7 @@ def decode(
     """
     if not isinstance(policy, KVPolicy):
         raise TypeError(f"policy must be a KVPolicy, got {type(policy).__name__}")
-    ids = ids.flatten()
-    if ids.dtype != torch.long or ids.numel() < 2:
-        raise ValueError(f"ids must hold at least 2 int64 tokens, got {ids.dtype} {ids.shape}")
+    ids = check_token_ids("ids", ids)
     view = llama_view(model)
     n_layers = len(view.layers)
     caches: list[LayerCache | None] = [None] * n_layers

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .._checks import check_attention_qkv, check_positive_int
+from .._checks import check_attention_qkv, check_positive_int, check_token_ids
 from ..attention import apply_rope
 from .block import block_sparse_attention
 from .kv_policies import llama_view
@@ -324,9 +324,7 @@ def prefill_nll(
     """
     if not isinstance(pattern, PrefillPattern):
         raise TypeError(f"pattern must be a PrefillPattern, got {type(pattern).__name__}")
-    ids = ids.flatten()
-    if ids.dtype != torch.long or ids.numel() < 2:
-        raise ValueError(f"ids must hold at least 2 int64 tokens, got {ids.dtype} {ids.shape}")
+    ids = check_token_ids("ids", ids)
     view = llama_view(model)
     t, dh = ids.numel(), view.head_dim
     pos = torch.arange(t, device=ids.device)
