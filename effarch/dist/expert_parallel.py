@@ -1,0 +1,157 @@
+r"""Expert parallelism on ``torch.distributed`` (chapter 5, scaling out).
+
+When the experts no longer fit on one device they are sharded: with ``P`` ranks, rank ``r``
+holds experts ``r E/P .. (r+1) E/P - 1`` and a replica of the router (and of any shared
+expert); each rank routes its own tokens. One MoE layer is then
+
+1. **route** locally: ``(weights, experts) = route(gate(x))``, capacity applied per rank;
+2. **dispatch**: sort the ``N k`` assignments by expert, so those for rank ``r`` are
+   contiguous; exchange the counts, then the token rows, with one ``all_to_all``;
+3. **compute** the received rows with the local experts (the grouped path of 5.2);
+4. **combine**: a second ``all_to_all`` returns the outputs to the ranks that own the
+   tokens, which weight them and add them into their tokens.
+
+Both exchanges go through ``torch.distributed.nn.functional.all_to_all_single``, which is
+differentiable (its backward is the reverse exchange), so the same code trains. Bytes moved
+per token and layer: ``2 k d`` numbers out and back (minus the assignments that stay local).
+The code is the same on gloo (CPU) and NCCL (GPU).
+
+DeepSpeed's ``deepspeed.moe.layer.MoE`` is the engine to compare with: its ``ep_size`` is the
+world size here, ``k`` is ``k``, ``capacity_factor`` / ``eval_capacity_factor`` are
+``capacity_factor``, ``drop_tokens=False`` is ``capacity_factor=None``; its gate is top-1 or
+top-2 softmax (ours: any :func:`~effarch.moe.route` setting).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..moe import MoELayer, apply_capacity, expert_capacity, experts_grouped, route
+
+__all__ = ["ExpertParallelMoE", "check_expert_parallel"]
+
+
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_to_all_single
+
+    out = x.new_empty(sum(recv), *x.shape[1:])
+    return all_to_all_single(out, x.contiguous(), recv, send)
+
+
+class ExpertParallelMoE(nn.Module):
+    """The experts of ``layer`` sharded over the default process group (module docstring).
+
+    Built from a full :class:`~effarch.moe.MoELayer` (the same on every rank, for example from
+    the same seed): rank ``r`` keeps its ``E / P`` experts as ``local_gate_up`` and
+    ``local_down`` and references the router and shared experts. ``forward(x [..., d])``
+    returns this rank's tokens' outputs, equal to ``layer(x)`` when every rank's capacity
+    group is its own tokens.
+    """
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        if not isinstance(layer, MoELayer):
+            raise TypeError(f"layer must be an effarch.moe.MoELayer, got {type(layer).__name__}")
+        if not dist.is_initialized():
+            raise RuntimeError("ExpertParallelMoE needs torch.distributed.init_process_group")
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        e = layer.n_experts
+        if e % self.world:
+            raise ValueError(f"n_experts={e} must be a multiple of the world size {self.world}")
+        self.n_experts, self.k, self.per_rank = e, layer.k, e // self.world
+        lo = self.rank * self.per_rank
+        self.gate, self.shared_experts = layer.gate, layer.shared_experts
+        self.shared_expert_gate = layer.shared_expert_gate
+        self.route_kw, self.capacity_factor = layer.route_kw, layer.capacity_factor
+        self.local_gate_up = nn.Parameter(
+            layer.experts.gate_up_proj.detach()[lo : lo + self.per_rank].clone()
+        )
+        self.local_down = nn.Parameter(
+            layer.experts.down_proj.detach()[lo : lo + self.per_rank].clone()
+        )
+        self.bytes_sent = 0  # token rows sent to other ranks by the last forward (both ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, d = x.shape, x.shape[-1]
+        h = x.reshape(-1, d)
+        weights, experts = route(self.gate(h), self.k, bias=self.gate.e_score_correction_bias,
+                                 **self.route_kw)  # fmt: skip
+        if self.capacity_factor is not None:
+            cap = expert_capacity(h.shape[0], self.n_experts, self.k, self.capacity_factor)
+            experts, keep = apply_capacity(experts, self.n_experts, cap)
+            weights = weights.masked_fill(~keep, 0.0)
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        order = order[flat[order] < self.n_experts]  # dropped slots stay home
+        dest = flat[order] // self.per_rank
+        send = torch.bincount(dest, minlength=self.world)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)  # how many rows each rank will send here
+        send_l, recv_l = send.tolist(), recv.tolist()
+        rows = _all_to_all(h[order // self.k], send_l, recv_l)  # dispatch
+        local_e = (
+            _all_to_all(flat[order][:, None], send_l, recv_l)[:, 0] - self.rank * self.per_rank
+        )
+        ones = torch.ones(len(local_e), 1, dtype=weights.dtype, device=h.device)
+        y = experts_grouped(rows, local_e[:, None], ones, self.local_gate_up, self.local_down)
+        back = _all_to_all(y, recv_l, send_l)  # combine: to the ranks that own the tokens
+        w = weights.flatten()[order, None].to(h.dtype)
+        out = torch.zeros_like(h).index_add(0, order // self.k, back * w)
+        stay = send_l[self.rank]
+        self.bytes_sent = 2 * (sum(send_l) - stay) * d * h.element_size()
+        if self.shared_experts is not None:
+            shared = self.shared_experts(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            out = out + shared
+        return out.view(shape)
+
+
+def check_expert_parallel(
+    rank: int, world: int, port: int, out_dir: str, config: dict[str, Any]
+) -> None:
+    """Worker for ``torch.multiprocessing.spawn``: run one MoE layer expert-parallel on gloo
+    and save this rank's output and gradients (and, on rank 0, the single-process reference)
+    to ``out_dir``. Lives in the package because spawned processes import it by name."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(config["seed"])
+        kw = {k: config[k] for k in ("n_shared", "capacity_factor") if k in config}
+        layer = MoELayer(
+            config["d_model"], config["d_ff"], config["n_experts"], config["k"], **kw
+        ).double()
+        x = torch.randn(world, config["tokens"], config["d_model"], dtype=torch.float64)
+        ep = ExpertParallelMoE(layer)
+        mine = x[rank].clone().requires_grad_()
+        y = ep(mine)
+        (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+        torch.save({"y": y.detach(), "dx": mine.grad, "dgate_up": ep.local_gate_up.grad,
+                    "ddown": ep.local_down.grad, "dgate": layer.gate.weight.grad,
+                    "bytes": ep.bytes_sent}, os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+        if rank == 0:  # the reference: one process, every expert, capacity per rank's tokens
+            ref = MoELayer(
+                config["d_model"], config["d_ff"], config["n_experts"], config["k"], **kw
+            ).double()
+            ref.load_state_dict(layer.state_dict())
+            xs = x.clone().requires_grad_()
+            outs = [ref(xs[r]) for r in range(world)]
+            sum(
+                (o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() for o in outs
+            ).backward()
+            saved = {
+                "y": torch.stack([o.detach() for o in outs]),
+                "dx": xs.grad,
+                "dgate_up": ref.experts.gate_up_proj.grad,
+                "ddown": ref.experts.down_proj.grad,
+                "dgate": ref.gate.weight.grad,
+            }
+            torch.save(saved, os.path.join(out_dir, "reference.pt"))
+    finally:
+        dist.destroy_process_group()
