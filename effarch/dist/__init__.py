@@ -7,6 +7,16 @@ Workers that ``torch.multiprocessing.spawn`` starts live here (:func:`check_expe
 since spawned processes import them by name and cannot import a notebook's functions.
 """
 
-from .expert_parallel import ExpertParallelMoE, check_expert_parallel
+from .expert_parallel import (
+    ExpertParallelMoE,
+    check_expert_parallel,
+    dispatch_bytes,
+    time_expert_parallel,
+)
 
-__all__ = ["ExpertParallelMoE", "check_expert_parallel"]
+__all__ = [
+    "ExpertParallelMoE",
+    "check_expert_parallel",
+    "dispatch_bytes",
+    "time_expert_parallel",
+]

@@ -11,8 +11,8 @@ expert); each rank routes its own tokens. One MoE layer is then
 4. **combine**: a second ``all_to_all`` returns the outputs to the ranks that own the
    tokens, which weight them and add them into their tokens.
 
-Both exchanges go through ``torch.distributed.nn.functional.all_to_all_single``, which is
-differentiable (its backward is the reverse exchange), so the same code trains. Bytes moved
+Both exchanges are ``dist.all_to_all_single`` inside an autograd function whose backward is
+the reverse exchange, so the same code trains. Bytes moved
 per token and layer: ``2 k d`` numbers out and back (minus the assignments that stay local).
 The code is the same on gloo (CPU) and NCCL (GPU).
 
@@ -25,6 +25,7 @@ top-2 softmax (ours: any :func:`~effarch.moe.route` setting).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -33,14 +34,32 @@ from torch import nn
 
 from ..moe import MoELayer, apply_capacity, expert_capacity, experts_grouped, route
 
-__all__ = ["ExpertParallelMoE", "check_expert_parallel"]
+__all__ = ["ExpertParallelMoE", "check_expert_parallel", "dispatch_bytes", "time_expert_parallel"]
 
 
-def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_to_all_single
+def dispatch_bytes(k: int, d_model: int, world: int, bytes_per: int = 2) -> float:
+    """Expected bytes one token sends to other ranks per MoE layer, dispatch and combine:
+    ``2 k d bytes_per (P - 1) / P`` (each of its ``k`` rows leaves the rank unless its expert
+    is local, probability ``1 / P`` under balanced routing)."""
+    return 2 * k * d_model * bytes_per * (world - 1) / world
 
-    out = x.new_empty(sum(recv), *x.shape[1:])
-    return all_to_all_single(out, x.contiguous(), recv, send)
+
+class _AllToAll(torch.autograd.Function):
+    """``dist.all_to_all_single`` with ``send[r]`` rows to rank ``r`` and ``recv[r]`` from it;
+    the gradient makes the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.send, ctx.recv = send, recv
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv)
+        return out, None, None
 
 
 class ExpertParallelMoE(nn.Module):
@@ -75,9 +94,17 @@ class ExpertParallelMoE(nn.Module):
             layer.experts.down_proj.detach()[lo : lo + self.per_rank].clone()
         )
         self.bytes_sent = 0  # token rows sent to other ranks by the last forward (both ways)
+        # seconds spent in each phase, summed over forward calls (reset by assigning {})
+        self.seconds: dict[str, float] = {}
+
+    def _tick(self, phase: str, start: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - start
+        return now
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, d = x.shape, x.shape[-1]
+        t0 = time.perf_counter()
         h = x.reshape(-1, d)
         weights, experts = route(self.gate(h), self.k, bias=self.gate.e_score_correction_bias,
                                  **self.route_kw)  # fmt: skip
@@ -90,16 +117,19 @@ class ExpertParallelMoE(nn.Module):
         order = order[flat[order] < self.n_experts]  # dropped slots stay home
         dest = flat[order] // self.per_rank
         send = torch.bincount(dest, minlength=self.world)
+        t0 = self._tick("route", t0)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send)  # how many rows each rank will send here
         send_l, recv_l = send.tolist(), recv.tolist()
-        rows = _all_to_all(h[order // self.k], send_l, recv_l)  # dispatch
-        local_e = (
-            _all_to_all(flat[order][:, None], send_l, recv_l)[:, 0] - self.rank * self.per_rank
-        )
+        rows = _AllToAll.apply(h[order // self.k], send_l, recv_l)  # dispatch
+        local_e = _AllToAll.apply(flat[order][:, None], send_l, recv_l)[:, 0]
+        local_e = local_e - self.rank * self.per_rank
+        t0 = self._tick("dispatch", t0)
         ones = torch.ones(len(local_e), 1, dtype=weights.dtype, device=h.device)
         y = experts_grouped(rows, local_e[:, None], ones, self.local_gate_up, self.local_down)
-        back = _all_to_all(y, recv_l, send_l)  # combine: to the ranks that own the tokens
+        t0 = self._tick("experts", t0)
+        back = _AllToAll.apply(y, recv_l, send_l)  # combine: to the ranks that own the tokens
+        t0 = self._tick("combine", t0)
         w = weights.flatten()[order, None].to(h.dtype)
         out = torch.zeros_like(h).index_add(0, order // self.k, back * w)
         stay = send_l[self.rank]
@@ -109,7 +139,35 @@ class ExpertParallelMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
             out = out + shared
+        self._tick("route", t0)  # un-permute and shared experts: local work, with routing
         return out.view(shape)
+
+
+def time_expert_parallel(
+    rank: int, world: int, port: int, out_dir: str, config: dict[str, Any]
+) -> None:
+    """Worker for ``torch.multiprocessing.spawn``: time ``config["repeats"]`` forward passes
+    of an expert-parallel MoE layer (float32, one thread per rank) and save this rank's
+    seconds per phase and bytes sent to ``out_dir/time{rank}.pt``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(config["seed"])
+        layer = MoELayer(config["d_model"], config["d_ff"], config["n_experts"], config["k"])
+        ep = ExpertParallelMoE(layer)
+        x = torch.randn(config["tokens"], config["d_model"])
+        with torch.no_grad():
+            ep(x)  # warm up
+            ep.seconds = {}
+            for _ in range(config["repeats"]):
+                ep(x)
+        result = {k: v / config["repeats"] for k, v in ep.seconds.items()}
+        torch.save(
+            {"seconds": result, "bytes": ep.bytes_sent}, os.path.join(out_dir, f"time{rank}.pt")
+        )
+    finally:
+        dist.destroy_process_group()
 
 
 def check_expert_parallel(
