@@ -1,23 +1,14 @@
 """Chapter 5: expert parallelism over 2 and 4 gloo processes equals one process, forward
 and backward."""
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from effarch.dist import check_expert_parallel
+from effarch.dist import check_expert_parallel, spawn
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
 )
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -27,12 +18,10 @@ def free_port():
         (4, dict(n_experts=8, k=2, n_shared=1, capacity_factor=1.0)),
     ],
 )
-def test_expert_parallel_equals_one_process(tmp_path, world, config):
+def test_expert_parallel_equals_one_process(world, config):
     config = dict(config, d_model=8, d_ff=8, tokens=12, seed=0)
-    mp.spawn(check_expert_parallel, args=(world, free_port(), str(tmp_path), config),
-             nprocs=world, join=True)  # fmt: skip
-    ref = torch.load(tmp_path / "reference.pt")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    saved = spawn(check_expert_parallel, world, config)
+    ref, ranks = saved["reference"], [saved[f"rank{r}"] for r in range(world)]
     per = config["n_experts"] // world
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["y"], ref["y"][r], rtol=1e-12, atol=1e-12)

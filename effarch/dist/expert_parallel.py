@@ -25,14 +25,18 @@ top-2 softmax (ours: any :func:`~effarch.moe.route` setting).
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..moe import MoELayer, apply_capacity, expert_capacity, experts_grouped, route
+from ..moe import MoELayer, add_shared, experts_grouped, route_tokens
 
 __all__ = ["ExpertParallelMoE", "check_expert_parallel", "dispatch_bytes", "time_expert_parallel"]
 
@@ -67,7 +71,9 @@ class ExpertParallelMoE(nn.Module):
 
     Built from a full :class:`~effarch.moe.MoELayer` (the same on every rank, for example from
     the same seed): rank ``r`` keeps its ``E / P`` experts as ``local_gate_up`` and
-    ``local_down`` and references the router and shared experts. ``forward(x [..., d])``
+    ``local_down`` and shares ``layer``'s router and shared experts; routing and the shared
+    experts go through the same functions as the layer's own forward
+    (:func:`~effarch.moe.route_tokens`, :func:`~effarch.moe.add_shared`). ``forward(x [..., d])``
     returns this rank's tokens' outputs, equal to ``layer(x)`` when every rank's capacity
     group is its own tokens.
     """
@@ -84,6 +90,7 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"n_experts={e} must be a multiple of the world size {self.world}")
         self.n_experts, self.k, self.per_rank = e, layer.k, e // self.world
         lo = self.rank * self.per_rank
+        # replicated on every rank: the router and the shared experts (the same modules)
         self.gate, self.shared_experts = layer.gate, layer.shared_experts
         self.shared_expert_gate = layer.shared_expert_gate
         self.route_kw, self.capacity_factor = layer.route_kw, layer.capacity_factor
@@ -106,12 +113,9 @@ class ExpertParallelMoE(nn.Module):
         shape, d = x.shape, x.shape[-1]
         t0 = time.perf_counter()
         h = x.reshape(-1, d)
-        weights, experts = route(self.gate(h), self.k, bias=self.gate.e_score_correction_bias,
-                                 **self.route_kw)  # fmt: skip
-        if self.capacity_factor is not None:
-            cap = expert_capacity(h.shape[0], self.n_experts, self.k, self.capacity_factor)
-            experts, keep = apply_capacity(experts, self.n_experts, cap)
-            weights = weights.masked_fill(~keep, 0.0)
+        # capacity counts this rank's tokens only
+        r = route_tokens(h, self.gate, self.k, self.capacity_factor, self.route_kw)
+        weights, experts = r.weights, r.experts
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)
         order = order[flat[order] < self.n_experts]  # dropped slots stay home
@@ -134,11 +138,7 @@ class ExpertParallelMoE(nn.Module):
         out = torch.zeros_like(h).index_add(0, order // self.k, back * w)
         stay = send_l[self.rank]
         self.bytes_sent = 2 * (sum(send_l) - stay) * d * h.element_size()
-        if self.shared_experts is not None:
-            shared = self.shared_experts(h)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
-            out = out + shared
+        out = add_shared(h, out, self.shared_experts, self.shared_expert_gate)
         self._tick("route", t0)  # un-permute and shared experts: local work, with routing
         return out.view(shape)
 
@@ -168,6 +168,22 @@ def time_expert_parallel(
         )
     finally:
         dist.destroy_process_group()
+
+
+def spawn(worker: Callable[..., None], world: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Run ``worker(rank, world, port, out_dir, config)`` in ``world`` new processes
+    (``torch.multiprocessing.spawn``) on a free local port, and collect what the workers
+    saved with ``torch.save`` into ``out_dir`` (a temporary folder, removed afterwards):
+    ``{file stem: object}``, for example ``{"rank0": ..., "rank1": ...}``. ``worker`` must be
+    importable by name (a function of a module, not of a notebook)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="effarch-dist-") as out:
+        mp.spawn(worker, args=(world, port, out, config), nprocs=world, join=True)
+        return {f.stem: torch.load(f) for f in sorted(Path(out).glob("*.pt"))}
 
 
 def check_expert_parallel(

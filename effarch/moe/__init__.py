@@ -36,9 +36,11 @@ from .layer import (
     MoELayer,
     Router,
     Routing,
+    add_shared,
     experts_grouped,
     experts_loop,
     grouped_matmul,
+    route_tokens,
 )
 from .routing import (
     apply_capacity,
@@ -53,6 +55,8 @@ from .routing import (
 from .variants import MixtureOfDepths, MoEPlusPlus, SoftMoE
 
 __all__ = [
+    "add_shared",
+    "route_tokens",
     "Experts",
     "MixtureOfDepths",
     "MoEPlusPlus",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .._checks import check_choice, check_positive_int
 from ..nn import SwiGLU
 from .layer import MoELayer
+from .routing import balanced_assignment
 
 __all__ = ["moefied_ffn", "neuron_groups", "split_ffn", "upcycle"]
 
@@ -78,8 +79,9 @@ def neuron_groups(
     ``"random"``: a seeded permutation. ``"cluster"``: balanced k-means on the neurons'
     activation patterns ``activations [N, d_ff]`` (whether each neuron is active, ``|a| >`` its
     median, on ``N`` sample tokens): neurons that fire on the same tokens share a group.
-    Balance is kept by assigning, at every iteration, neurons to centroids in order of
-    decreasing affinity while a group has room (MoEfication's balanced clustering).
+    Balance is kept at every iteration by assigning the neurons to the centroids with
+    :func:`~effarch.moe.balanced_assignment` (the same problem as BASE's tokens and experts:
+    ``d_ff / E`` each, largest total affinity), MoEfication's balanced clustering.
 
     Returns:
         ``groups [n_experts, d_ff / n_experts]`` int64 neuron indices.
@@ -100,16 +102,15 @@ def neuron_groups(
     a = activations.abs().float()
     patterns = (a > a.median(0).values).float().T  # [d_ff, N]: which tokens each neuron serves
     patterns = F.normalize(patterns - patterns.mean(1, keepdim=True), dim=1)
-    centroids = patterns[perm[::size][:n_experts]].clone()
+    # farthest-point start (k-means++ without the sampling): each next centroid is the neuron
+    # least similar to the centroids so far, so no two start in the same cluster
+    chosen = [int(perm[0])]
+    for _ in range(n_experts - 1):
+        chosen.append(int((patterns @ patterns[chosen].T).amax(1).argmin()))
+    centroids = patterns[chosen].clone()
     for _ in range(iterations):
-        affinity = patterns @ centroids.T  # [d_ff, E]
-        assign = torch.full((d_ff,), -1, dtype=torch.long)
-        room = torch.full((n_experts,), size)
-        for flat in affinity.flatten().argsort(descending=True).tolist():
-            neuron, g = divmod(flat, n_experts)
-            if assign[neuron] < 0 and room[g] > 0:
-                assign[neuron] = g
-                room[g] -= 1
+        # neurons to centroids, d_ff / E each: the balanced assignment BASE routes tokens by
+        assign = balanced_assignment(patterns @ centroids.T)  # affinities [d_ff, E]
         centroids = F.normalize(
             torch.stack([patterns[assign == g].mean(0) for g in range(n_experts)]), dim=1
         )

@@ -34,6 +34,8 @@ from ..nn import SwiGLU
 from .routing import apply_capacity, expert_capacity, route
 
 __all__ = [
+    "add_shared",
+    "route_tokens",
     "Experts",
     "MoELayer",
     "Router",
@@ -155,6 +157,35 @@ def experts_grouped(
     return torch.zeros_like(x).index_add(0, token, y)
 
 
+def route_tokens(
+    h: torch.Tensor, gate: Router, k: int, capacity_factor: float | None = None,
+    route_kw: dict | None = None,
+) -> Routing:  # fmt: skip
+    """Route the rows ``h [N, d]``: ``gate``'s logits, :func:`~effarch.moe.route` with its
+    selection bias and ``route_kw``, then the capacity over the ``N`` rows (if
+    ``capacity_factor`` is set; dropped slots get the index ``E`` and weight 0)."""
+    logits = gate(h)
+    n_experts = logits.shape[-1]
+    weights, experts = route(logits, k, bias=gate.e_score_correction_bias, **(route_kw or {}))
+    keep = torch.ones_like(experts, dtype=torch.bool)
+    if capacity_factor is not None:
+        cap = expert_capacity(h.shape[0], n_experts, k, capacity_factor)
+        experts, keep = apply_capacity(experts, n_experts, cap)
+        weights = weights.masked_fill(~keep, 0.0)
+    return Routing(logits, weights, experts, keep)
+
+
+def add_shared(
+    h: torch.Tensor, out: torch.Tensor, shared: nn.Module | None, gate: nn.Module | None
+) -> torch.Tensor:
+    """``out`` plus the shared experts' output on ``h``, times ``sigmoid(gate(h))`` when a
+    gate is given (Qwen2-MoE); ``out`` itself without shared experts."""
+    if shared is None:
+        return out
+    y = shared(h)
+    return out + (y if gate is None else torch.sigmoid(gate(h)) * y)
+
+
 class MoELayer(nn.Module):
     """A sparse mixture-of-experts SwiGLU feed-forward layer (module docstring).
 
@@ -222,23 +253,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be [..., d_model={self.d_model}], got {got}")
         shape = x.shape
         h = x.reshape(-1, self.d_model)
-        logits = self.gate(h)
-        bias = self.gate.e_score_correction_bias
-        weights, experts = route(logits, self.k, bias=bias, **self.route_kw)
-        keep = torch.ones_like(experts, dtype=torch.bool)
-        if self.capacity_factor is not None:
-            cap = expert_capacity(h.shape[0], self.n_experts, self.k, self.capacity_factor)
-            experts, keep = apply_capacity(experts, self.n_experts, cap)
-            weights = weights.masked_fill(~keep, 0.0)
-        self.routing = Routing(logits, weights, experts, keep)
+        r = self.routing = route_tokens(h, self.gate, self.k, self.capacity_factor, self.route_kw)
         run = experts_loop if self.impl == "loop" else experts_grouped
-        out = run(h, experts, weights, self.experts.gate_up_proj, self.experts.down_proj)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(h)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
-            out = out + shared
-        return out.view(shape)
+        out = run(h, r.experts, r.weights, self.experts.gate_up_proj, self.experts.down_proj)
+        return add_shared(h, out, self.shared_experts, self.shared_expert_gate).view(shape)
 
     def active_parameters(self) -> int:
         """Parameters used per token: router, ``k`` routed experts, shared experts."""
