@@ -160,7 +160,7 @@ def test_parameter_counts_and_bad_input():
     with pytest.raises(ValueError, match="d_model"):
         layer(torch.randn(3, D + 1))
     with pytest.raises(ValueError, match="impl"):
-        MoELayer(D, F_, E, 2, impl="triton")
+        MoELayer(D, F_, E, 2, impl="cuda")
     with pytest.raises(ValueError, match="k must be at most"):
         MoELayer(D, F_, E, E + 1)
 

@@ -9,7 +9,8 @@ balance (5.1)                 :func:`load_balancing_loss`, :func:`router_z_loss`
                               :func:`sequence_balance_loss`, :func:`update_bias` (loss-free),
                               :func:`max_violation`, :func:`coefficient_of_variation`
 layer (5.2)                   :class:`MoELayer`: SwiGLU experts, shared experts, capacity;
-                              execution by a loop over experts or grouped products
+                              execution by a loop over experts, grouped products, or the
+                              Triton grouped-GEMM kernel (``effarch_kernels.grouped_gemm``)
 variants (5.2)                :class:`SoftMoE`, :class:`MixtureOfDepths` (with its causal
                               predictor), :class:`MoEPlusPlus` (zero, copy, constant experts)
 conversion (5.3)              :func:`upcycle` (experts copied from a dense FFN), :func:`split_ffn`

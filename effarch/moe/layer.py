@@ -19,17 +19,22 @@ Execution paths, equal up to rounding (tested):
   over the sorted rows (:func:`grouped_matmul`: ``torch.nn.functional.grouped_mm`` with
   per-expert row offsets on a GPU, one padded ``bmm`` on a CPU), and un-permute with a
   weighted ``index_add``: the layout every MoE kernel uses.
+- ``"triton"``: the same permute and un-permute around the book's Triton grouped-GEMM kernel
+  (``effarch_kernels.grouped_gemm``, forward and backward; on a CPU it runs only under
+  ``TRITON_INTERPRET=1``, as a correctness check, far slower than PyTorch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_positive_int
+from .._kernels import use_triton
 from ..nn import SwiGLU
 from .routing import apply_capacity, expert_capacity, route
 
@@ -45,7 +50,7 @@ __all__ = [
     "grouped_matmul",
 ]
 
-IMPLS = ("loop", "grouped")
+IMPLS = ("loop", "grouped", "triton")
 
 
 @dataclass
@@ -105,16 +110,43 @@ def experts_loop(
     return out
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+class _GroupedGemmKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, w, offs):  # type: ignore[override]
+        from effarch_kernels.grouped_gemm import grouped_gemm_forward
+
+        ctx.save_for_backward(x, w, offs)
+        return grouped_gemm_forward(x, w, offs)
+
+    @staticmethod
+    def backward(ctx: Any, dy):  # type: ignore[override]
+        from effarch_kernels.grouped_gemm import grouped_gemm_backward
+
+        x, w, offs = ctx.saved_tensors
+        dx, dw = grouped_gemm_backward(dy.contiguous(), x, w, offs)
+        return dx, dw, None
+
+
+def grouped_matmul(
+    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend: str = "torch"
+) -> torch.Tensor:
     """Rows ``offs[e-1] .. offs[e]`` of ``x [M, K]`` times ``w[e] [K, N]``: ``[M, N]``.
 
-    On a GPU: ``torch.nn.functional.grouped_mm`` (float32, bfloat16, float16; row strides of
-    16 bytes; operands made contiguous, since its backward fails on the stride-0 gradients
-    that ``expand`` produces). On a CPU, where ``grouped_mm`` is a loop of small products
-    (several times slower than one batched product of the same shapes), and for float64:
-    the rows are scattered into a zero-padded ``[E, max rows, K]`` block and multiplied by
-    one ``bmm``, the padding costing ``E max_e(rows) - M`` wasted rows.
+    ``torch.nn.functional.grouped_mm(x, w, offs=offs)``'s semantics (rows past ``offs[-1]``
+    give 0). ``backend``:
+
+    - ``"torch"``: on a GPU ``grouped_mm`` itself (float32, bfloat16, float16; row strides
+      of 16 bytes; operands made contiguous, since its backward fails on the stride-0
+      gradients that ``expand`` produces). On a CPU, where ``grouped_mm`` is a loop of small
+      products (several times slower than one batched product of the same shapes), and for
+      float64: the rows are scattered into a zero-padded ``[E, max rows, K]`` block and
+      multiplied by one ``bmm``, the padding costing ``E max_e(rows) - M`` wasted rows.
+    - ``"triton"``: the Triton grouped-GEMM kernel, forward and backward (float32, float16,
+      bfloat16; a ``ValueError`` says why when it cannot run here).
+    - ``"auto"``: ``"torch"`` (on a GPU that is ``grouped_mm``, the vendor kernel).
     """
+    if use_triton(backend, x, w) and backend == "triton":
+        return _GroupedGemmKernel.apply(x, w, offs)
     x, w = x.contiguous(), w.contiguous()
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[2]))
     if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned:
@@ -124,21 +156,24 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     if x.shape[0] == 0 or int(counts.max()) == 0:
         return x.new_zeros(x.shape[0], w.shape[2])
     group = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
-    slot = torch.arange(x.shape[0], device=x.device) - (ends - counts)[group]
+    slot = torch.arange(int(ends[-1]), device=x.device) - (ends - counts)[group]
     padded = x.new_zeros(len(counts), int(counts.max()), x.shape[1])
-    padded = padded.index_put((group, slot), x)
-    return torch.bmm(padded, w)[group, slot]
+    padded = padded.index_put((group, slot), x[: int(ends[-1])])
+    out = torch.bmm(padded, w)[group, slot]
+    if out.shape[0] < x.shape[0]:
+        out = torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
+    return out
 
 
 def experts_grouped(
     x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-    down: torch.Tensor,
+    down: torch.Tensor, *, backend: str = "torch",
 ) -> torch.Tensor:  # fmt: skip
     """:func:`experts_loop` as permute, two grouped products, un-permute.
 
     The ``N k`` assignments are sorted by expert (stably, so each expert's rows keep token
     order), ``offs[e]`` is the end row of expert ``e``, and ``grouped_mm`` multiplies each
-    block of rows by its expert's matrix in one call.
+    block of rows by its expert's matrix in one call. ``backend``: :func:`grouped_matmul`'s.
     """
     n_experts = gate_up.shape[0]
     k = experts.shape[1]
@@ -150,9 +185,9 @@ def experts_grouped(
     order = order[:rows]  # dropped slots (index E) sort last
     token = order // k
     xs = x[token]
-    h = grouped_matmul(xs, gate_up.transpose(1, 2), offs)
+    h = grouped_matmul(xs, gate_up.transpose(1, 2), offs, backend=backend)
     gate, up = h.chunk(2, dim=-1)
-    y = grouped_matmul(F.silu(gate) * up, down.transpose(1, 2), offs)
+    y = grouped_matmul(F.silu(gate) * up, down.transpose(1, 2), offs, backend=backend)
     y = y * weights.flatten()[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add(0, token, y)
 
@@ -197,7 +232,7 @@ class MoELayer(nn.Module):
         k: experts per token.
         n_shared: shared experts, always applied, fused into one SwiGLU of width
             ``n_shared d_ff`` (DeepSeekMoE's ``n_shared_experts``).
-        impl: ``"loop"`` or ``"grouped"`` (module docstring).
+        impl: ``"loop"``, ``"grouped"`` or ``"triton"`` (module docstring).
         score, renormalize, n_group, topk_group, scaling: the router, as
             :func:`~effarch.moe.route` (the selection bias is ``gate.e_score_correction_bias``).
         shared_gate: a sigmoid gate on the shared expert's output (Qwen2-MoE).
@@ -254,8 +289,11 @@ class MoELayer(nn.Module):
         shape = x.shape
         h = x.reshape(-1, self.d_model)
         r = self.routing = route_tokens(h, self.gate, self.k, self.capacity_factor, self.route_kw)
-        run = experts_loop if self.impl == "loop" else experts_grouped
-        out = run(h, r.experts, r.weights, self.experts.gate_up_proj, self.experts.down_proj)
+        args = (h, r.experts, r.weights, self.experts.gate_up_proj, self.experts.down_proj)
+        if self.impl == "loop":
+            out = experts_loop(*args)
+        else:
+            out = experts_grouped(*args, backend="triton" if self.impl == "triton" else "torch")
         return add_shared(h, out, self.shared_experts, self.shared_expert_gate).view(shape)
 
     def active_parameters(self) -> int:
