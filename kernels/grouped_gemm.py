@@ -10,11 +10,10 @@ group's end row (``torch.nn.functional.grouped_mm``'s convention: group ``g`` ow
   kernel that walks one group's rows in blocks and accumulates a ``K x N`` tile).
 
 A group's rows are not a multiple of the row block, so the forward grid is a list of row
-tiles built on the device without a host sync: group ``g`` needs ``ceil(count_g / BLOCK_M)``
-tiles, at most ``ceil(M / BLOCK_M) + G`` in all; program ``t`` finds its group by a binary
-search over the cumulative tile counts (``searchsorted``) and programs past the last real
-tile return at once. Rows of no group come out 0, as in ``grouped_mm``. Products accumulate
-in float32; the output has the input's dtype.
+tiles, given by the caller (``effarch.moe.row_tiles`` builds it on the device without a host
+sync): ``tile_group[t]`` and ``tile_start[t]`` are the group and first row of program ``t``'s
+tile, ``-1`` for programs past the last tile, which return at once. Rows of no group come
+out 0, as in ``grouped_mm``. Products accumulate in float32; the output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import triton.language as tl
 
 from .common import check_interpreter_state, interpreter_cast
 
-__all__ = ["grouped_gemm_backward", "grouped_gemm_forward", "row_tiles"]
+__all__ = ["grouped_gemm_backward", "grouped_gemm_forward"]
 
 
 @triton.jit
@@ -90,31 +89,13 @@ def _weight_grad_kernel(
              acc.to(DW.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])  # fmt: skip
 
 
-def row_tiles(offs: torch.Tensor, n_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward grid: ``(tile_group, tile_start)``, each ``[ceil(n_rows / block_m) + G]``
-    int32, the group and first row of every row tile (``-1``: no tile, the program returns).
-    Computed on the device, without reading ``offs`` back to the host."""
-    ends = offs.long()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    tiles = (ends - starts + block_m - 1) // block_m
-    cum = tiles.cumsum(0)
-    n_max = (n_rows + block_m - 1) // block_m + offs.shape[0]
-    t = torch.arange(n_max, device=offs.device)
-    group = torch.searchsorted(cum, t, right=True)
-    valid = group < offs.shape[0]
-    g = group.clamp(max=offs.shape[0] - 1)
-    first = cum[g] - tiles[g]
-    start = starts[g] + (t - first) * block_m
-    tile_group = torch.where(valid, g, -1).to(torch.int32)
-    return tile_group.contiguous(), start.to(torch.int32).contiguous()
-
-
 def _sizes(dtype: torch.dtype, block_m: int, block_n: int, block_k: int) -> dict:
     precision = "ieee" if dtype == torch.float32 else "tf32"
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision)
 
 
-def _rows(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, block: tuple[int, int, int]):
+def _rows(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tiles: tuple[torch.Tensor, ...],
+          block: tuple[int, int, int]) -> torch.Tensor:  # fmt: skip
     """``y[rows_g] = x[rows_g] @ w[g]`` for any strides of ``x [M, K]`` and ``w [G, K, N]``."""
     m, kdim = x.shape
     n = w.shape[2]
@@ -122,7 +103,7 @@ def _rows(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, block: tuple[int
     y = torch.zeros((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
-    tile_group, tile_start = row_tiles(offs, m, block_m)
+    tile_group, tile_start = tiles
     grid = (tile_group.shape[0], triton.cdiv(n, block_n))
     _rows_kernel[grid](
         x, w, y, tile_group, tile_start, offs,
@@ -136,16 +117,20 @@ def grouped_gemm_forward(
     x: torch.Tensor,
     w: torch.Tensor,
     offs: torch.Tensor,
+    tile_group: torch.Tensor,
+    tile_start: torch.Tensor,
     block_m: int = 32,
     block_n: int = 32,
     block_k: int = 32,
 ) -> torch.Tensor:
     """``y [M, N]``: ``x[rows_g] @ w[g]`` for every group (module docstring); ``x [M, K]``,
-    ``w [G, K, N]`` of one dtype, ``offs [G]`` int32 end rows (checked by the caller)."""
+    ``w [G, K, N]`` of one dtype, ``offs [G]`` int32 end rows, the row tiles of ``block_m``
+    rows (module docstring; all checked by the caller)."""
     check_interpreter_state()
     dtype = x.dtype
     x, w = interpreter_cast(x, w)
-    return _rows(x, w, offs.to(torch.int32).contiguous(), (block_m, block_n, block_k)).to(dtype)
+    tiles = (tile_group, tile_start)
+    return _rows(x, w, offs, tiles, (block_m, block_n, block_k)).to(dtype)
 
 
 def grouped_gemm_backward(
@@ -153,17 +138,19 @@ def grouped_gemm_backward(
     x: torch.Tensor,
     w: torch.Tensor,
     offs: torch.Tensor,
+    tile_group: torch.Tensor,
+    tile_start: torch.Tensor,
     block_m: int = 32,
     block_n: int = 32,
     block_k: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dx [M, K] = dy[rows_g] @ w[g]^T`` and ``dw [G, K, N] = x[rows_g]^T dy[rows_g]``
-    (zero for a group without rows), in the dtypes of ``x`` and ``w``."""
+    (zero for a group without rows), in the dtypes of ``x`` and ``w``; the row tiles are the
+    forward pass's."""
     check_interpreter_state()
     dtypes = x.dtype, w.dtype
     dy, x, w = interpreter_cast(dy, x, w)
-    offs = offs.to(torch.int32).contiguous()
-    dx = _rows(dy, w.transpose(1, 2), offs, (block_m, block_k, block_n))
+    dx = _rows(dy, w.transpose(1, 2), offs, (tile_group, tile_start), (block_m, block_k, block_n))
     g, kdim, n = w.shape
     dw = torch.zeros((g, kdim, n), device=x.device, dtype=torch.float32)
     if x.shape[0] > 0:

@@ -121,3 +121,19 @@ def test_bad_backend_and_unsupported_dtype_are_named():
         grouped_matmul(x, w, offs, backend="cuda")
     with pytest.raises(ValueError, match="backend='triton' cannot run: .*float64"):
         grouped_matmul(x.double(), w.double(), offs, backend="triton")
+
+
+def test_row_tiles_cover_every_row_once_against_a_loop():
+    from effarch.moe import row_tiles
+
+    sizes, block = [5, 0, 70, 1, 0, 32], 32
+    offs = torch.tensor(sizes).cumsum(0)
+    group, start = row_tiles(offs, int(offs[-1]) + 3, block)
+    expected, row = [], 0
+    for g, n in enumerate(sizes):  # a tile per block_m rows of each group, in order
+        expected += [(g, row + i) for i in range(0, n, block)]
+        row += n
+    got = [(g, s) for g, s in zip(group.tolist(), start.tolist(), strict=True) if g >= 0]
+    assert got == expected
+    assert len(group) == (int(offs[-1]) + 3 + block - 1) // block + len(sizes)
+    assert (group[len(got) :] == -1).all()

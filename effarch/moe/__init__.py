@@ -42,6 +42,7 @@ from .layer import (
     experts_loop,
     grouped_matmul,
     route_tokens,
+    row_tiles,
 )
 from .routing import (
     apply_capacity,
@@ -75,6 +76,7 @@ __all__ = [
     "experts_grouped",
     "experts_loop",
     "grouped_matmul",
+    "row_tiles",
     "hash_route",
     "load_balancing_loss",
     "max_violation",

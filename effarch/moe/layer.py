@@ -48,6 +48,7 @@ __all__ = [
     "experts_grouped",
     "experts_loop",
     "grouped_matmul",
+    "row_tiles",
 ]
 
 IMPLS = ("loop", "grouped", "triton")
@@ -110,20 +111,51 @@ def experts_loop(
     return out
 
 
+def row_tiles(offs: torch.Tensor, n_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of the grouped-GEMM kernel: one program per tile of ``block_m`` rows of one
+    group, for groups ending at rows ``offs [G]`` (``grouped_mm``'s convention).
+
+    Group ``g`` with ``n_g`` rows needs ``ceil(n_g / block_m)`` tiles, at most
+    ``ceil(n_rows / block_m) + G`` in all; tile ``t`` finds its group by a binary search over
+    the cumulative tile counts. Computed on the device, without reading ``offs`` back.
+
+    Returns:
+        ``(tile_group, tile_start)``, int32 ``[ceil(n_rows / block_m) + G]``: each tile's group
+        and first row; ``-1`` for the slots past the last tile (their programs return).
+    """
+    ends = offs.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    tiles = (ends - starts + block_m - 1) // block_m
+    cum = tiles.cumsum(0)
+    n_max = (n_rows + block_m - 1) // block_m + offs.shape[0]
+    t = torch.arange(n_max, device=offs.device)
+    group = torch.searchsorted(cum, t, right=True)
+    valid = group < offs.shape[0]
+    g = group.clamp(max=offs.shape[0] - 1)
+    start = starts[g] + (t - (cum[g] - tiles[g])) * block_m
+    tile_group = torch.where(valid, g, -1).to(torch.int32)
+    return tile_group.contiguous(), start.to(torch.int32).contiguous()
+
+
 class _GroupedGemmKernel(torch.autograd.Function):
+    BLOCK_M = 32
+
     @staticmethod
     def forward(ctx: Any, x, w, offs):  # type: ignore[override]
         from effarch_kernels.grouped_gemm import grouped_gemm_forward
 
-        ctx.save_for_backward(x, w, offs)
-        return grouped_gemm_forward(x, w, offs)
+        offs = offs.to(torch.int32).contiguous()
+        tiles = row_tiles(offs, x.shape[0], _GroupedGemmKernel.BLOCK_M)
+        ctx.save_for_backward(x, w, offs, *tiles)
+        return grouped_gemm_forward(x, w, offs, *tiles, block_m=_GroupedGemmKernel.BLOCK_M)
 
     @staticmethod
     def backward(ctx: Any, dy):  # type: ignore[override]
         from effarch_kernels.grouped_gemm import grouped_gemm_backward
 
-        x, w, offs = ctx.saved_tensors
-        dx, dw = grouped_gemm_backward(dy.contiguous(), x, w, offs)
+        x, w, offs, *tiles = ctx.saved_tensors
+        dx, dw = grouped_gemm_backward(dy.contiguous(), x, w, offs, *tiles,
+                                       block_m=_GroupedGemmKernel.BLOCK_M)  # fmt: skip
         return dx, dw, None
 
 
