@@ -4,7 +4,7 @@ expert, and clustering neurons by co-activation recovers planted groups."""
 import pytest
 import torch
 
-from effarch.moe import moefied_ffn, neuron_groups, split_ffn, upcycle
+from effarch.moe import MoELayer, moefied_ffn, neuron_groups, split_ffn, upcycle
 from effarch.nn import SwiGLU
 
 D, F_ = 16, 32
@@ -63,3 +63,24 @@ def test_bad_conversion_input_is_named():
         neuron_groups(4, F_, method="cluster")
     with pytest.raises(ValueError, match="noise"):
         upcycle(dense(), 4, 2, noise=-1.0)
+
+
+def test_an_upcycled_tinylm_computes_the_dense_model_and_then_trains_apart():
+    from effarch.models import TinyLM, upcycle_tinylm
+
+    torch.manual_seed(0)
+    dense = TinyLM(40, 16, 2, mixer_kwargs={"n_heads": 2}, d_ff=24).double()
+    moe = upcycle_tinylm(dense, 4, 2)
+    x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert len(moe.moe_layers()) == 2 and not any(isinstance(b.mlp, MoELayer)
+                                                  for b in dense.blocks)  # fmt: skip
+    # every expert a copy, routing weights summing to one: the dense model's logits
+    torch.testing.assert_close(moe(x), dense(x), rtol=1e-12, atol=1e-12)
+    ffn_params = 3 * 16 * 24
+    assert moe.num_parameters() - dense.num_parameters() == 2 * (3 * ffn_params + 4 * 16)
+    noisy = upcycle_tinylm(dense, 4, 2, noise=0.1)
+    assert (noisy(x) - dense(x)).abs().max() > 1e-4
+    with pytest.raises(TypeError, match="model must be a TinyLM"):
+        upcycle_tinylm(dense.blocks[0], 4, 2)
+    with pytest.raises(ValueError, match="SwiGLU MLPs"):
+        upcycle_tinylm(TinyLM(40, 16, 1, mlp="gelu"), 4, 2)

@@ -11,7 +11,7 @@ home, for the code that imported them from here; the recall experiment lives in
 from ..train import TrainResult, evaluate, train
 from .bytelm import ByteLM, ByteLMConfig, load_bytelm
 from .mixers import MIXERS, SlidingWindowAttention, mixer_state_size
-from .tinylm import TinyLM, TokenMixer
+from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
 from .transformer import (
     LLAMA2_7B,
     MISTRAL_7B,
@@ -32,6 +32,7 @@ __all__ = [
     "MIXERS",
     "SlidingWindowAttention",
     "TinyLM",
+    "upcycle_tinylm",
     "TokenMixer",
     "TrainResult",
     "TransformerBlock",

@@ -22,6 +22,7 @@ mixer and state size is :mod:`effarch.experiments.recall`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +38,8 @@ from .._checks import (
     check_tensor,
 )
 from ..linear.layers import RWKV7
-from ..moe import MoELayer
-from ..nn import ShortConvolution
+from ..moe import MoELayer, upcycle
+from ..nn import ShortConvolution, SwiGLU
 from .mixers import MIXERS, MixerFactory, SlidingWindowAttention, mixer_state_size
 
 # MIXERS, SlidingWindowAttention and mixer_state_size live in .mixers; listed here too so that
@@ -49,6 +50,7 @@ __all__ = [
     "TinyLM",
     "TokenMixer",
     "mixer_state_size",
+    "upcycle_tinylm",
 ]
 
 
@@ -271,3 +273,32 @@ class TinyLM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mixer={self.mixer_name!r}, mixer_kwargs={self.mixer_kwargs}"
+
+
+@torch.no_grad()
+def upcycle_tinylm(
+    model: TinyLM, n_experts: int, k: int, *, noise: float = 0.0, seed: int = 0
+) -> TinyLM:
+    """A copy of ``model`` whose SwiGLU MLPs are upcycled into MoE layers (chapter 5.3).
+
+    Every block's MLP becomes :func:`effarch.moe.upcycle` of it: ``n_experts`` copies of the
+    trained FFN (each ``d_ff`` wide, times ``1 + noise N(0, 1)``), a fresh router choosing
+    ``k`` (Mixtral's: softmax, top-k, renormalised); everything else is copied. With
+    ``noise=0`` the copy computes exactly what ``model`` computes. ``model`` is unchanged.
+    """
+    if not isinstance(model, TinyLM):
+        raise TypeError(f"model must be a TinyLM, got {type(model).__name__}")
+    new = copy.deepcopy(model)
+    for i, block in enumerate(new.blocks):
+        mlp = block.mlp
+        if not isinstance(mlp, _MLP) or mlp.kind != "swiglu":
+            got = "no MLP" if mlp is None else type(mlp).__name__ + getattr(mlp, "kind", "")
+            raise ValueError(f"model must have SwiGLU MLPs (mlp='swiglu'), block {i} has {got}")
+        d_ff, d = mlp.down.weight.shape[1], mlp.down.weight.shape[0]
+        ffn = SwiGLU(d, d_ff).to(mlp.down.weight)
+        gate, up = mlp.up.weight.chunk(2, dim=0)
+        ffn.gate_proj.weight.copy_(gate)
+        ffn.up_proj.weight.copy_(up)
+        ffn.down_proj.weight.copy_(mlp.down.weight)
+        block.mlp = upcycle(ffn, n_experts, k, noise=noise, seed=seed + i)
+    return new
