@@ -6,6 +6,8 @@
     python -m effarch.experiments bytelm --device cuda --steps 8000 --out-dir effarch/models
     python -m effarch.experiments kv-budget --out effarch/experiments/kv_budget_cpu.json
     python -m effarch.experiments moe-balance --out effarch/experiments/moe_balance_cpu.json
+    python -m effarch.experiments moe-vs-dense --out effarch/experiments/moe_vs_dense_cpu.json
+    python -m effarch.experiments moe-upcycle --out effarch/experiments/moe_upcycle_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import sys
 
-from . import bytelm, kv_budget, moe_balance, recall, sparse_recall
+from . import bytelm, kv_budget, moe_balance, moe_training, recall, sparse_recall
 
 EXPERIMENTS = {
     "bytelm": bytelm.main,
     "kv-budget": kv_budget.main,
     "moe-balance": moe_balance.main,
+    "moe-upcycle": moe_training.main_upcycle,
+    "moe-vs-dense": moe_training.main_vs_dense,
     "recall": recall.main,
     "sparse-recall": sparse_recall.main,
 }
