@@ -179,10 +179,10 @@ def grouped_matmul(
     """
     if use_triton(backend, x, w) and backend == "triton":
         return _GroupedGemmKernel.apply(x, w, offs)
-    x, w = x.contiguous(), w.contiguous()
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[2]))
     if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned:
-        return F.grouped_mm(x, w, offs=offs)
+        return F.grouped_mm(x.contiguous(), w.contiguous(), offs=offs)
+    # bmm reads a transposed view of the weights as it is (no copy of every expert per call)
     ends = offs.long()
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     if x.shape[0] == 0 or int(counts.max()) == 0:
