@@ -48,10 +48,14 @@ def _recurrent_state_numel(layer: nn.Module, seq_len: int) -> int:
     """Elements of the recurrent memory, read from a real forward pass (batch of one)."""
     x = torch.randn(1, seq_len, D)
     if isinstance(layer, MultiHeadAttention) or hasattr(layer, "new_cache"):  # a KV cache
+        # the keys and values the last token attends to: what the cache hands the last step
+        # (a full cache: every token; a window buffer: the last `window`)
         cache = layer.new_cache(1, seq_len)
-        layer(x, cache)
-        keep = min(seq_len, getattr(layer, "window", seq_len))
-        return cache.k[:, :keep].numel() + cache.v[:, :keep].numel()
+        update, read = cache.update, []
+        cache.update = lambda k, v: read.append(update(k, v)) or read[-1]
+        layer(x[:, :-1], cache)
+        layer(x[:, -1:], cache)
+        return read[-1][0].numel() + read[-1][1].numel()
     _, state = layer(x)
     memory = {"S", "z", "h", "ssm", "s", "anchor"}  # not conv caches, token shifts or offsets
     total = 0

@@ -1,7 +1,7 @@
 """Softmax attention and its efficient exact forms (survey section 4)."""
 
 from .flash import flash_attention
-from .grouped import KVCache, MultiHeadAttention, mha_to_gqa, project_qkv
+from .grouped import KVCache, MultiHeadAttention, WindowKVCache, mha_to_gqa, project_qkv
 from .io import attention_hbm_bytes
 from .kv_cache import kv_cache_bytes
 from .mixture import (
@@ -30,6 +30,7 @@ __all__ = [
     "MoHRouting",
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
+    "WindowKVCache",
     "apply_rope",
     "attention_error",
     "attention_hbm_bytes",

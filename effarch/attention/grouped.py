@@ -84,6 +84,51 @@ class KVCache:
         return per_token * self.k.shape[0] * self.length
 
 
+class WindowKVCache:
+    """A key/value buffer for sliding-window attention: it keeps the last ``window - 1`` tokens.
+
+    The interface of :class:`KVCache`: ``length`` counts every token seen (their positions
+    for RoPE), ``update(k, v)`` returns the held tokens followed by the new ones, enough for
+    each new query to see its last ``window`` keys under a bottom-right aligned window mask,
+    and then forgets all but the last ``window - 1``. Memory is ``O(window)`` whatever the
+    context (Mistral's rolling buffer; ``transformers``' ``SlidingWindowLayer``).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        window: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, v in (("batch", batch), ("window", window), ("n_kv_heads", n_kv_heads),
+                        ("head_dim", head_dim)):  # fmt: skip
+            check_positive_int(name, v)
+        self.window = window
+        self.k = torch.zeros(batch, 0, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
+            raise ValueError(
+                f"k must be [{self.k.shape[0]}, T, {self.k.shape[2]}, {self.k.shape[3]}] "
+                f"for this cache, got {tuple(k.shape)}"
+            )
+        k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        first = max(0, k_all.shape[1] - (self.window - 1))  # keep the last window - 1
+        self.k, self.v = k_all[:, first:], v_all[:, first:]
+        self.length += k.shape[1]
+        return k_all, v_all
+
+    def nbytes(self) -> int:
+        """Bytes held between calls (at most ``window - 1`` tokens' keys and values)."""
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
+
 _PROJECTION_ATTRS = ("q_proj", "k_proj", "v_proj", "head_dim", "rope", "rope_base")
 
 

@@ -1,6 +1,7 @@
 """Reference models: the transformer baseline and its analytic cost model, and the tiny
 language model with a pluggable token mixer (:mod:`effarch.models.tinylm`) and its mixer
-registry (:mod:`effarch.models.mixers`), and the small trained byte-level language model
+registry (:mod:`effarch.models.mixers`), hybrids of several mixers by a layer pattern
+(:mod:`effarch.models.hybrid`), and the small trained byte-level language model
 (:mod:`effarch.models.bytelm`) that chapters 3, 6 and 7 stand on.
 
 ``train``, ``evaluate`` and ``TrainResult`` are re-exported from :mod:`effarch.train`, their
@@ -10,6 +11,7 @@ home, for the code that imported them from here; the recall experiment lives in
 
 from ..train import TrainResult, evaluate, train
 from .bytelm import ByteLM, ByteLMConfig, load_bytelm
+from .hybrid import HYBRIDS, HybridLM, RecurrentState, cache_bytes
 from .mixers import MIXERS, SlidingWindowAttention, mixer_state_size
 from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
 from .transformer import (
@@ -26,6 +28,10 @@ from .transformer import (
 __all__ = [
     "ByteLM",
     "ByteLMConfig",
+    "HYBRIDS",
+    "HybridLM",
+    "RecurrentState",
+    "cache_bytes",
     "load_bytelm",
     "LLAMA2_7B",
     "MISTRAL_7B",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int, check_positive_number
-from ..attention.grouped import MultiHeadAttention
+from ..attention.grouped import MultiHeadAttention, WindowKVCache
 from ..attention.naive import naive_attention
 from ..linear.layers import (
     GLA,
@@ -61,11 +61,21 @@ class SlidingWindowAttention(MultiHeadAttention):
         super().__init__(d_model, n_heads, n_kv_heads, attention=attention, **kw)
         self.window = window
 
+    def new_cache(self, batch: int, max_len: int | None = None) -> WindowKVCache:
+        """A :class:`~effarch.attention.WindowKVCache` of the last ``window - 1`` tokens
+        (``max_len`` is accepted for :class:`~effarch.attention.KVCache`'s signature and
+        ignored: the buffer never grows past the window)."""
+        w = self.k_proj.weight
+        return WindowKVCache(batch, self.window, self.n_kv_heads, self.head_dim, dtype=w.dtype,
+                             device=w.device)  # fmt: skip
+
     def state_size(self, seq_len: int) -> int:
         """KV-cache elements one sequence needs after ``seq_len = T`` tokens: ``2 min(T, w) G dh``.
 
         Keys and values of the last ``w = window`` tokens, ``G = n_kv_heads`` heads of width
-        ``dh = head_dim``; older entries are never read again.
+        ``dh = head_dim``: what the ``T``-th token attends to. Older entries are never read
+        again; between steps the window buffer carries ``w - 1`` of them (the next token adds
+        its own).
         """
         check_positive_int("seq_len", seq_len)
         return 2 * min(seq_len, self.window) * self.n_kv_heads * self.head_dim

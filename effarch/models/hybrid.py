@@ -1,0 +1,250 @@
+r"""Hybrid models (chapter 6.1): token mixers and FFNs chosen per layer by a pattern.
+
+A :class:`HybridLM` is a pre-norm decoder whose layer ``l`` runs the mixer named by the letter
+``pattern[l]`` and the FFN named by ``ffn[l]``::
+
+    HybridLM(257, 64, "MMMAMMMM", {"A": ("attention", {}), "M": ("mamba", {})}, ffn="DE")
+
+Letters map to any mixer of :data:`~effarch.models.MIXERS` (with its keyword arguments);
+FFN letters are ``D`` (dense SwiGLU), ``E`` (:class:`~effarch.moe.MoELayer`) and ``-``
+(none), the string repeated to the number of layers. ``tied`` names letters whose layers
+share one mixer module: Zamba's single attention block applied at several depths (each use
+keeps its own cache, since it sees different inputs).
+
+Decoding keeps, per layer, the memory its kind needs (:meth:`HybridLM.new_cache`): a
+:class:`~effarch.attention.KVCache` for softmax attention, a window buffer
+(:class:`~effarch.attention.WindowKVCache`) for sliding-window attention, the recurrent
+state for linear attention and SSMs. ``model(ids, cache)`` consumes any number of new tokens
+and updates the cache in place; token-by-token decoding equals the full forward (tested).
+
+:data:`HYBRIDS` holds the layouts of the published hybrids, in the terms of their
+``transformers`` configurations:
+
+- ``jamba``: one attention layer in eight (``attn_layer_period=8``, ``attn_layer_offset=4``)
+  among Mamba layers, an MoE FFN every other layer (``expert_layer_period=2``,
+  ``expert_layer_offset=1``);
+- ``samba``: Mamba and sliding-window attention alternating, a dense FFN after each;
+- ``minimax``: lightning (linear, decayed) attention with softmax attention every eighth
+  layer (MiniMax-01's ``layer_types``: ``linear_attention`` then ``full_attention``);
+- ``zamba``: Mamba-2 layers with one shared attention block every sixth layer (Zamba2's
+  ``hybrid_layer_ids``; Zamba2 adds a LoRA per use of the shared block, not modelled here).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_positive_int, check_tensor
+from ..moe import MoELayer
+from ..nn import SwiGLU
+from .mixers import MIXERS, mixer_state_size
+
+__all__ = ["HYBRIDS", "HybridLM", "RecurrentState", "cache_bytes"]
+
+FFN_KINDS = {"D": "dense SwiGLU", "E": "MoE", "-": "none"}
+
+HYBRIDS: dict[str, dict[str, Any]] = {
+    "jamba": {"pattern": "MMMMAMMM", "ffn": "DE",
+              "mixers": {"A": ("attention", {}), "M": ("mamba", {})}},
+    "samba": {"pattern": "MS", "ffn": "D",
+              "mixers": {"M": ("mamba", {}), "S": ("sliding_window", {"window": 16})}},
+    "minimax": {"pattern": "LLLLLLLA", "ffn": "D",
+                "mixers": {"L": ("retnet", {}), "A": ("attention", {})}},
+    "zamba": {"pattern": "MMMMMS", "ffn": "D", "tied": "S",
+              "mixers": {"M": ("mamba2", {}), "S": ("attention", {})}},
+}  # fmt: skip
+"""Published hybrid layouts: ``pattern``, ``ffn``, ``mixers`` (and ``tied``) for
+:class:`HybridLM`; the pattern repeats to the number of layers (module docstring)."""
+
+
+class RecurrentState:
+    """The state a recurrent mixer carries from call to call (``None`` before the first)."""
+
+    def __init__(self) -> None:
+        self.state: Any = None
+        self.length = 0
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (recurrent and convolution states)."""
+        if self.state is None:
+            return 0
+        values = self.state.values() if isinstance(self.state, dict) else [self.state]
+        return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+
+
+def _repeat(letters: str, n: int, name: str) -> str:
+    if not isinstance(letters, str) or not letters:
+        raise ValueError(f"{name} must be a non-empty string of letters, got {letters!r}")
+    return (letters * n)[:n]
+
+
+def _takes_state(layer: nn.Module) -> bool:
+    return "state" in inspect.signature(layer.forward).parameters
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, mixer: nn.Module, ffn: nn.Module | None, eps: float) -> None:
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(d_model, eps=eps)
+        self.mixer = mixer
+        self.mlp_norm = nn.RMSNorm(d_model, eps=eps) if ffn is not None else None
+        self.mlp = ffn
+
+    def forward(self, h: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        u = self.mixer_norm(h)
+        if isinstance(cache, RecurrentState):
+            y, cache.state = self.mixer(u, state=cache.state)
+            cache.length += u.shape[1]
+        elif cache is not None:
+            y = self.mixer(u, cache)
+        else:
+            y = self.mixer(u)
+            y = y[0] if isinstance(y, tuple) else y
+        h = h + y
+        if self.mlp is not None:
+            h = h + self.mlp(self.mlp_norm(h))
+        return h
+
+
+class HybridLM(nn.Module):
+    r"""A decoder whose mixers and FFNs follow a layer pattern (module docstring).
+
+    Args:
+        vocab_size: ``V``.
+        d_model: width ``d``.
+        pattern: one letter per layer; its length is the number of layers unless
+            ``n_layers`` repeats it.
+        mixers: letter -> ``(name in MIXERS, keyword arguments)``.
+        ffn: FFN letters (``D``, ``E``, ``-``), repeated to the number of layers.
+        n_layers: layers (default: ``len(pattern)``); the pattern repeats.
+        d_ff: the dense FFN's width (default ``2 d``); also the experts' width unless
+            ``moe_kwargs`` sets ``d_ff``.
+        moe_kwargs: :class:`~effarch.moe.MoELayer` arguments for ``E`` layers (``n_experts``
+            and ``k`` at least).
+        tied: letters whose layers share one mixer module (Zamba's shared block).
+        tie_embeddings: the head reuses the embedding matrix.
+
+    ``forward(input_ids [B, T], cache=None) -> logits [B, T, V]``; with a cache from
+    :meth:`new_cache` the tokens continue the cached ones.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        pattern: str,
+        mixers: Mapping[str, tuple[str, Mapping[str, Any]]],
+        *,
+        ffn: str = "D",
+        n_layers: int | None = None,
+        d_ff: int | None = None,
+        moe_kwargs: Mapping[str, Any] | None = None,
+        tied: str = "",
+        tie_embeddings: bool = True,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        check_positive_int("vocab_size", vocab_size)
+        check_positive_int("d_model", d_model)
+        n = len(pattern) if n_layers is None else check_positive_int("n_layers", n_layers)
+        self.pattern = _repeat(pattern, n, "pattern")
+        self.ffn_pattern = _repeat(ffn, n, "ffn")
+        if not isinstance(mixers, Mapping):
+            raise TypeError(f"mixers must map letters to (name, kwargs), got {type(mixers)}")
+        for letter in sorted(set(self.pattern)):
+            spec = mixers.get(letter)
+            if not (isinstance(spec, tuple) and len(spec) == 2 and spec[0] in MIXERS):
+                raise ValueError(
+                    f"mixers[{letter!r}] must be (a name of {sorted(MIXERS)}, kwargs), got {spec!r}"
+                )
+        bad = sorted(set(self.ffn_pattern) - set(FFN_KINDS))
+        if bad:
+            raise ValueError(f"ffn letters must be in {sorted(FFN_KINDS)}, got {bad}")
+        moe = dict(moe_kwargs or {})
+        if "E" in self.ffn_pattern and not {"n_experts", "k"} <= moe.keys():
+            raise ValueError(f"ffn 'E' needs moe_kwargs with n_experts and k, got {moe}")
+        d_ff = 2 * d_model if d_ff is None else check_positive_int("d_ff", d_ff)
+        self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n
+        self.mixers_spec = {k: (v[0], dict(v[1])) for k, v in mixers.items()}
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        shared: dict[str, nn.Module] = {}
+        blocks = []
+        for letter, f in zip(self.pattern, self.ffn_pattern, strict=True):
+            name, kwargs = self.mixers_spec[letter]
+            if letter in tied and letter in shared:
+                mixer = shared[letter]
+            else:
+                mixer = shared[letter] = MIXERS[name](d_model, **kwargs)
+            if f == "D":
+                mlp: nn.Module | None = SwiGLU(d_model, d_ff)
+            elif f == "E":
+                expert_kw = {k: v for k, v in moe.items() if k != "d_ff"}
+                mlp = MoELayer(d_model, moe.get("d_ff", d_ff), **expert_kw)
+            else:
+                mlp = None
+            blocks.append(_Block(d_model, mixer, mlp, norm_eps))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int, d_model: int, n_layers: int, **kw: Any) -> HybridLM:
+        """The layout ``HYBRIDS[name]`` at this size; ``kw`` overrides its arguments."""
+        if name not in HYBRIDS:
+            raise ValueError(f"name must be one of {sorted(HYBRIDS)}, got {name!r}")
+        return cls(vocab_size, d_model, n_layers=n_layers, **{**HYBRIDS[name], **kw})
+
+    def new_cache(self, batch: int, max_len: int) -> list[Any]:
+        """Per layer, the memory decoding needs: the mixer's own cache when it has
+        ``new_cache`` (attention: a KV cache; sliding window: a window buffer), else a
+        :class:`RecurrentState` for mixers that carry a state."""
+        check_positive_int("batch", batch)
+        check_positive_int("max_len", max_len)
+        caches: list[Any] = []
+        for block in self.blocks:
+            mixer = block.mixer
+            if hasattr(mixer, "new_cache"):
+                caches.append(mixer.new_cache(batch, max_len))
+            elif _takes_state(mixer):
+                caches.append(RecurrentState())
+            else:
+                raise ValueError(f"mixer {type(mixer).__name__} cannot decode with a cache")
+        return caches
+
+    def forward(self, input_ids: torch.Tensor, cache: list[Any] | None = None) -> torch.Tensor:
+        check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long, torch.int32))
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache must hold {len(self.blocks)} layers, got {len(cache)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={self.vocab_size}), got [{lo}, {hi}]"
+            )
+        h = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            h = block(h, None if cache is None else cache[i])
+        h = self.norm(h)
+        return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+
+    def state_sizes(self, seq_len: int) -> list[int]:
+        """Per layer, :func:`~effarch.models.mixer_state_size` after ``seq_len`` tokens."""
+        return [mixer_state_size(b.mixer, seq_len) for b in self.blocks]
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, each shared module counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern!r}, ffn={self.ffn_pattern!r}"
+
+
+def cache_bytes(cache: Sequence[Any]) -> list[int]:
+    """Bytes each layer's cache holds now (``nbytes()`` of each entry)."""
+    return [c.nbytes() for c in cache]

@@ -1,0 +1,98 @@
+"""Chapter 6.1: hybrid models decode with the right cache per layer kind, equal to the full
+forward, for the published layouts; the window buffer stays bounded; bad input is named."""
+
+import pytest
+import torch
+
+from effarch.attention import KVCache, WindowKVCache
+from effarch.models import HYBRIDS, HybridLM, RecurrentState, cache_bytes
+from effarch.moe import MoELayer
+
+V, D = 40, 32
+
+
+def model(name, n_layers, **kw):
+    torch.manual_seed(0)
+    return HybridLM.preset(name, V, D, n_layers, **kw).double().eval()
+
+
+def ids(t, seed=0):
+    return torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(seed))
+
+
+CASES = {
+    "jamba": dict(n_layers=8, moe_kwargs={"n_experts": 4, "k": 2}),
+    "samba": dict(
+        n_layers=4, mixers={"M": ("mamba", {}), "S": ("sliding_window", {"window": 5})}
+    ),  # fmt: skip
+    "minimax": dict(n_layers=8),
+    "zamba": dict(n_layers=6),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_decoding_with_per_layer_caches_equals_the_full_forward(name):
+    m = model(name, **CASES[name])
+    x = ids(13)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 13)
+        parts = [m(x[:, :4], cache)]  # a prefill, then a chunk, then one token at a time
+        parts.append(m(x[:, 4:7], cache))
+        parts += [m(x[:, t : t + 1], cache) for t in range(7, 13)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # and one token at a time from the first
+        steps = m.new_cache(2, 13)
+        one_by_one = torch.cat([m(x[:, t : t + 1], steps) for t in range(13)], dim=1)
+    torch.testing.assert_close(one_by_one, full, rtol=1e-9, atol=1e-9)
+    kinds = {type(c) for c in cache}
+    letters = set(m.pattern)
+    if "A" in letters or (name == "zamba"):
+        assert KVCache in kinds
+    assert RecurrentState in kinds
+
+
+def test_layouts_follow_their_configurations():
+    jamba = model("jamba", n_layers=16, moe_kwargs={"n_experts": 4, "k": 2})
+    attn = [i for i, c in enumerate(jamba.pattern) if c == "A"]
+    assert attn == [4, 12]  # attn_layer_offset 4, period 8
+    moe = [i for i, b in enumerate(jamba.blocks) if isinstance(b.mlp, MoELayer)]
+    assert moe == list(range(1, 16, 2))  # expert_layer_offset 1, period 2
+    zamba = model("zamba", n_layers=12)
+    shared = [b.mixer for b, c in zip(zamba.blocks, zamba.pattern, strict=True) if c == "S"]
+    assert len(shared) == 2 and shared[0] is shared[1]  # one attention block, used twice
+    untied = model("zamba", n_layers=12, tied="")
+    assert zamba.num_parameters() < untied.num_parameters()
+
+
+def test_the_window_buffer_holds_at_most_window_minus_one_tokens():
+    m = model("samba", **CASES["samba"])
+    cache = m.new_cache(2, 64)
+    held = []
+    with torch.no_grad():
+        for t in range(12):
+            m(ids(1, seed=t), cache)
+            held.append(cache_bytes(cache))
+    windows = [i for i, c in enumerate(cache) if isinstance(c, WindowKVCache)]
+    per_token = 2 * 2 * m.blocks[windows[0]].mixer.n_kv_heads * m.blocks[windows[0]].mixer.head_dim
+    for i in windows:  # keys and values of min(t, w - 1) tokens, float64
+        assert [h[i] for h in held] == [min(t + 1, 4) * per_token * 8 for t in range(12)]
+        assert cache[i].length == 12
+    recurrent = [i for i, c in enumerate(cache) if isinstance(c, RecurrentState)]
+    assert all(held[2][i] == held[-1][i] > 0 for i in recurrent)  # constant after the first
+
+
+def test_bad_input_is_named():
+    mixers = {"A": ("attention", {})}
+    with pytest.raises(ValueError, match=r"mixers\['B'\]"):
+        HybridLM(V, D, "AB", mixers)
+    with pytest.raises(ValueError, match="ffn letters"):
+        HybridLM(V, D, "A", mixers, ffn="X")
+    with pytest.raises(ValueError, match="moe_kwargs"):
+        HybridLM(V, D, "A", mixers, ffn="E")
+    with pytest.raises(ValueError, match="name must be one of"):
+        HybridLM.preset("nope", V, D, 2)
+    m = HybridLM(V, D, "A", mixers)
+    with pytest.raises(ValueError, match="cache must hold 1 layers"):
+        m(ids(3), [])
+    assert set(HYBRIDS) == {"jamba", "samba", "minimax", "zamba"}
