@@ -93,6 +93,60 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="name must be one of"):
         HybridLM.preset("nope", V, D, 2)
     m = HybridLM(V, D, "A", mixers)
-    with pytest.raises(ValueError, match="cache must hold 1 layers"):
+    with pytest.raises(ValueError, match="cache must be this model"):
         m(ids(3), [])
     assert set(HYBRIDS) == {"jamba", "samba", "minimax", "zamba"}
+
+
+def branches(layer, x):
+    a = layer.attn(x)
+    m = layer.ssm(x)[0]
+    return a, m
+
+
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+def test_parallel_hybrid_combines_its_branches_by_the_formula(combine):
+    from effarch.models import ParallelHybrid
+
+    torch.manual_seed(0)
+    layer = ParallelHybrid(D, 2, window=4, ssm="mamba", combine=combine, attn_multiplier=0.5,
+                           ssm_multiplier=2.0).double()  # fmt: skip
+    with torch.no_grad():
+        for p in layer.parameters():  # move the norms' and betas' weights off their init
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(2, 9, D, dtype=torch.float64)
+        y, state = layer(x)
+        a, m = branches(layer, x)
+    if combine == "sum":  # Falcon-H1: the branches times their output multipliers
+        want = 0.5 * a + 2.0 * m
+    else:  # Hymba: each branch RMS-normalised, scaled by its beta, averaged
+        rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w  # noqa: E731
+        want = (layer.beta_attn * rms(a, layer.attn_norm.weight)
+                + layer.beta_ssm * rms(m, layer.ssm_norm.weight)) / 2  # fmt: skip
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert state["kv"].k.shape[1] == 3  # the window buffer: window - 1 tokens
+    assert layer.state_size(9) == layer.attn.state_size(9) + layer.ssm.state_size(9)
+    with pytest.raises(ValueError, match="combine"):
+        ParallelHybrid(D, 2, combine="max")
+    with pytest.raises(ValueError, match="carries a state"):
+        ParallelHybrid(D, 2, ssm="attention")
+
+
+def test_hymba_style_model_with_meta_tokens_decodes_like_its_full_forward():
+    torch.manual_seed(0)
+    mixers = {"H": ("parallel_hybrid", {"window": 4, "ssm": "mamba"}),
+              "G": ("parallel_hybrid", {"ssm": "mamba"})}  # fmt: skip
+    m = HybridLM(V, D, "HGH", mixers, meta_tokens=3).double().eval()
+    x = ids(10)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 10)
+        steps = torch.cat([m(x[:, :2], cache)] + [m(x[:, t : t + 1], cache)
+                                                   for t in range(2, 10)], dim=1)  # fmt: skip
+        no_meta = HybridLM(V, D, "HGH", mixers).double().eval()
+        no_meta.load_state_dict({k: v for k, v in m.state_dict().items() if k != "meta"})
+        plain = no_meta(x)
+    torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
+    assert full.shape == (2, 10, V) and (plain - full).abs().max() > 1e-3  # the prefix matters
+    held = cache_bytes(cache)
+    assert held[0] < held[1]  # the windowed layer holds less than the global one

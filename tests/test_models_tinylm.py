@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from effarch.attention import MultiHeadAttention
+from effarch.attention import MultiHeadAttention, WindowKVCache
 from effarch.experiments import RECALL_CPU, RECALL_GPU, RecallConfig, recall_experiment
 from effarch.experiments.__main__ import main as experiments_main
 from effarch.models import (
@@ -56,11 +56,18 @@ def _recurrent_state_numel(layer: nn.Module, seq_len: int) -> int:
         layer(x[:, :-1], cache)
         layer(x[:, -1:], cache)
         return read[-1][0].numel() + read[-1][1].numel()
-    _, state = layer(x)
+    return _state_numel(layer(x)[1])
+
+
+def _state_numel(state: dict) -> int:
     memory = {"S", "z", "h", "ssm", "s", "anchor"}  # not conv caches, token shifts or offsets
     total = 0
     for key, value in state.items():
-        if key in memory:
+        if isinstance(value, dict):  # a layer of two branches (ParallelHybrid)
+            total += _state_numel(value)
+        elif isinstance(value, WindowKVCache):  # keys and values of the tokens held
+            total += value.k.numel() + value.v.numel()
+        elif key in memory:
             total += value.numel() * (2 if value.is_complex() else 1)
     return total
 

@@ -92,21 +92,23 @@ class WindowKVCache:
     each new query to see its last ``window`` keys under a bottom-right aligned window mask,
     and then forgets all but the last ``window - 1``. Memory is ``O(window)`` whatever the
     context (Mistral's rolling buffer; ``transformers``' ``SlidingWindowLayer``).
+    ``window=None`` keeps every token: a cache that grows without a preset ``max_len``.
     """
 
     def __init__(
         self,
         batch: int,
-        window: int,
+        window: int | None,
         n_kv_heads: int,
         head_dim: int,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, v in (("batch", batch), ("window", window), ("n_kv_heads", n_kv_heads),
-                        ("head_dim", head_dim)):  # fmt: skip
+        for name, v in (("batch", batch), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             check_positive_int(name, v)
+        if window is not None:
+            check_positive_int("window", window)
         self.window = window
         self.k = torch.zeros(batch, 0, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -119,7 +121,8 @@ class WindowKVCache:
                 f"for this cache, got {tuple(k.shape)}"
             )
         k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        first = max(0, k_all.shape[1] - (self.window - 1))  # keep the last window - 1
+        # keep the last window - 1 (all of them without a window)
+        first = 0 if self.window is None else max(0, k_all.shape[1] - (self.window - 1))
         self.k, self.v = k_all[:, first:], v_all[:, first:]
         self.length += k.shape[1]
         return k_all, v_all

@@ -11,8 +11,8 @@ home, for the code that imported them from here; the recall experiment lives in
 
 from ..train import TrainResult, evaluate, train
 from .bytelm import ByteLM, ByteLMConfig, load_bytelm
-from .hybrid import HYBRIDS, HybridLM, RecurrentState, cache_bytes
-from .mixers import MIXERS, SlidingWindowAttention, mixer_state_size
+from .hybrid import HYBRIDS, HybridCache, HybridLM, RecurrentState, cache_bytes
+from .mixers import MIXERS, ParallelHybrid, SlidingWindowAttention, mixer_state_size
 from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
 from .transformer import (
     LLAMA2_7B,
@@ -29,6 +29,7 @@ __all__ = [
     "ByteLM",
     "ByteLMConfig",
     "HYBRIDS",
+    "HybridCache",
     "HybridLM",
     "RecurrentState",
     "cache_bytes",
@@ -36,6 +37,7 @@ __all__ = [
     "LLAMA2_7B",
     "MISTRAL_7B",
     "MIXERS",
+    "ParallelHybrid",
     "SlidingWindowAttention",
     "TinyLM",
     "upcycle_tinylm",

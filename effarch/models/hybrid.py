@@ -45,7 +45,7 @@ from ..moe import MoELayer
 from ..nn import SwiGLU
 from .mixers import MIXERS, mixer_state_size
 
-__all__ = ["HYBRIDS", "HybridLM", "RecurrentState", "cache_bytes"]
+__all__ = ["HYBRIDS", "HybridCache", "HybridLM", "RecurrentState", "cache_bytes"]
 
 FFN_KINDS = {"D": "dense SwiGLU", "E": "MoE", "-": "none"}
 
@@ -71,11 +71,26 @@ class RecurrentState:
         self.length = 0
 
     def nbytes(self) -> int:
-        """Bytes of the tensors held (recurrent and convolution states)."""
-        if self.state is None:
-            return 0
-        values = self.state.values() if isinstance(self.state, dict) else [self.state]
-        return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+        """Bytes of the tensors held (recurrent and convolution states, and the key/value
+        buffers of mixers that carry one in their state)."""
+        return _nbytes(self.state)
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return value.nbytes() if hasattr(value, "nbytes") else 0
+
+
+class HybridCache(list):
+    """Per layer, the memory decoding needs (:meth:`HybridLM.new_cache`); ``started`` turns
+    true after the first call (meta tokens are prepended once, before it)."""
+
+    started: bool = False
 
 
 def _repeat(letters: str, n: int, name: str) -> str:
@@ -128,6 +143,9 @@ class HybridLM(nn.Module):
         moe_kwargs: :class:`~effarch.moe.MoELayer` arguments for ``E`` layers (``n_experts``
             and ``k`` at least).
         tied: letters whose layers share one mixer module (Zamba's shared block).
+        meta_tokens: learnable vectors prepended to every sequence before the first layer and
+            dropped from the output (Hymba's meta tokens: a learned prefix that attention can
+            rest on and that primes the recurrent states); 0 for none.
         tie_embeddings: the head reuses the embedding matrix.
 
     ``forward(input_ids [B, T], cache=None) -> logits [B, T, V]``; with a cache from
@@ -148,6 +166,7 @@ class HybridLM(nn.Module):
         tied: str = "",
         tie_embeddings: bool = True,
         norm_eps: float = 1e-5,
+        meta_tokens: int = 0,
     ) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
@@ -174,6 +193,10 @@ class HybridLM(nn.Module):
         self.mixers_spec = {k: (v[0], dict(v[1])) for k, v in mixers.items()}
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        check_positive_int("meta_tokens", meta_tokens, allow_zero=True)
+        self.meta = (
+            nn.Parameter(torch.randn(meta_tokens, d_model) * d_model**-0.5) if meta_tokens else None
+        )
         shared: dict[str, nn.Module] = {}
         blocks = []
         for letter, f in zip(self.pattern, self.ffn_pattern, strict=True):
@@ -201,13 +224,14 @@ class HybridLM(nn.Module):
             raise ValueError(f"name must be one of {sorted(HYBRIDS)}, got {name!r}")
         return cls(vocab_size, d_model, n_layers=n_layers, **{**HYBRIDS[name], **kw})
 
-    def new_cache(self, batch: int, max_len: int) -> list[Any]:
+    def new_cache(self, batch: int, max_len: int) -> HybridCache:
         """Per layer, the memory decoding needs: the mixer's own cache when it has
         ``new_cache`` (attention: a KV cache; sliding window: a window buffer), else a
         :class:`RecurrentState` for mixers that carry a state."""
         check_positive_int("batch", batch)
         check_positive_int("max_len", max_len)
-        caches: list[Any] = []
+        max_len += 0 if self.meta is None else self.meta.shape[0]
+        caches = HybridCache()
         for block in self.blocks:
             mixer = block.mixer
             if hasattr(mixer, "new_cache"):
@@ -218,18 +242,27 @@ class HybridLM(nn.Module):
                 raise ValueError(f"mixer {type(mixer).__name__} cannot decode with a cache")
         return caches
 
-    def forward(self, input_ids: torch.Tensor, cache: list[Any] | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
         check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long, torch.int32))
-        if cache is not None and len(cache) != len(self.blocks):
-            raise ValueError(f"cache must hold {len(self.blocks)} layers, got {len(cache)}")
+        n = len(self.blocks)
+        if cache is not None and (not isinstance(cache, HybridCache) or len(cache) != n):
+            got = f"{type(cache).__name__} of {len(cache)}" if isinstance(cache, list) else cache
+            raise ValueError(f"cache must be this model's new_cache() ({n} layers), got {got}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(
                 f"input_ids must lie in [0, vocab_size={self.vocab_size}), got [{lo}, {hi}]"
             )
         h = self.embed(input_ids)
+        prefix = self.meta is not None and (cache is None or not cache.started)
+        if prefix:
+            h = torch.cat([self.meta.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
         for i, block in enumerate(self.blocks):
             h = block(h, None if cache is None else cache[i])
+        if cache is not None:
+            cache.started = True
+        if prefix:
+            h = h[:, self.meta.shape[0] :]
         h = self.norm(h)
         return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
 

@@ -11,6 +11,7 @@ sequence's memory holds after ``seq_len`` tokens (each layer states its own form
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,13 @@ from ..nn import init_dt_bias
 from ..sparse import NativeSparseAttention
 from ..ssm.layers import S4D, Mamba, Mamba2
 
-__all__ = ["MIXERS", "MixerFactory", "SlidingWindowAttention", "mixer_state_size"]
+__all__ = [
+    "MIXERS",
+    "MixerFactory",
+    "ParallelHybrid",
+    "SlidingWindowAttention",
+    "mixer_state_size",
+]
 
 MixerFactory = Callable[..., nn.Module]
 
@@ -82,6 +89,93 @@ class SlidingWindowAttention(MultiHeadAttention):
 
     def extra_repr(self) -> str:
         return f"window={self.window}"
+
+
+# --------------------------------------------------------------------------------------------
+# Attention and SSM heads in one layer (intra-layer hybrids, chapter 6.2)
+# --------------------------------------------------------------------------------------------
+
+
+class ParallelHybrid(nn.Module):
+    r"""Attention and an SSM side by side on the same input, their outputs combined.
+
+    ``combine="mean"`` (Hymba): ``y = (beta_a * RMSNorm(attn(x)) + beta_s * RMSNorm(ssm(x))) / 2``
+    with learnable ``beta`` vectors: the two branches' outputs differ in scale, so each is
+    normalised first (Hymba's Eq. 3; its output projection is each branch's own here).
+    ``combine="sum"`` (Falcon-H1): ``y = attn_multiplier * attn(x) + ssm_multiplier * ssm(x)``,
+    the config's ``attention_out_multiplier`` and ``ssm_out_multiplier``.
+
+    Args:
+        d_model: width.
+        n_heads, n_kv_heads: the attention branch's heads.
+        window: sliding-window attention of this width (Hymba uses it in most layers),
+            ``None`` for global attention.
+        ssm: the SSM branch, a name of :data:`MIXERS` (``"mamba"`` in Hymba, ``"mamba2"`` in
+            Falcon-H1), with ``ssm_kwargs``.
+
+    ``forward(x [B, T, d], state=None) -> (y, state)``: ``state`` holds the attention's
+    key/value buffer (``"kv"``, a :class:`~effarch.attention.WindowKVCache`, growing without
+    a window) and the SSM's state (``"ssm"``), so decoding continues where a call ended.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        window: int | None = None,
+        ssm: str = "mamba2",
+        ssm_kwargs: dict[str, Any] | None = None,
+        combine: str = "mean",
+        attn_multiplier: float = 1.0,
+        ssm_multiplier: float = 1.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if combine not in ("mean", "sum"):
+            raise ValueError(f"combine must be 'mean' or 'sum', got {combine!r}")
+        if ssm not in MIXERS:
+            raise ValueError(f"ssm must be a name of {sorted(MIXERS)}, got {ssm!r}")
+        if window is None:
+            self.attn: MultiHeadAttention = MultiHeadAttention(d_model, n_heads, n_kv_heads)
+        else:
+            self.attn = SlidingWindowAttention(d_model, n_heads, n_kv_heads, window=window)
+        self.ssm = MIXERS[ssm](d_model, **(ssm_kwargs or {}))
+        if "state" not in inspect.signature(self.ssm.forward).parameters:
+            raise ValueError(f"ssm must name a mixer that carries a state, got {ssm!r}")
+        self.window, self.combine = window, combine
+        self.attn_multiplier, self.ssm_multiplier = attn_multiplier, ssm_multiplier
+        if combine == "mean":
+            self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+            self.ssm_norm = nn.RMSNorm(d_model, eps=norm_eps)
+            self.beta_attn = nn.Parameter(torch.ones(d_model))
+            self.beta_ssm = nn.Parameter(torch.ones(d_model))
+
+    def forward(
+        self, x: torch.Tensor, state: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        if state is None:
+            w = self.attn.k_proj.weight
+            kv = WindowKVCache(x.shape[0], self.window, self.attn.n_kv_heads, self.attn.head_dim,
+                               dtype=w.dtype, device=w.device)  # fmt: skip
+            ssm_state = None
+        else:
+            kv, ssm_state = state["kv"], state["ssm"]
+        a = self.attn(x, kv)
+        m, ssm_state = self.ssm(x, state=ssm_state)
+        if self.combine == "mean":
+            y = (self.beta_attn * self.attn_norm(a) + self.beta_ssm * self.ssm_norm(m)) / 2
+        else:
+            y = self.attn_multiplier * a + self.ssm_multiplier * m
+        return y, {"kv": kv, "ssm": ssm_state}
+
+    def state_size(self, seq_len: int) -> int:
+        """The attention branch's cache plus the SSM's state (each layer's own formula)."""
+        return self.attn.state_size(seq_len) + self.ssm.state_size(seq_len)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, combine={self.combine!r}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +270,7 @@ MIXERS: dict[str, MixerFactory] = {
     "mamba": Mamba,
     "mamba2": _mamba2,
     "s4d": S4D,
+    "parallel_hybrid": _headed(ParallelHybrid),
 }
 
 
