@@ -150,3 +150,37 @@ def test_hymba_style_model_with_meta_tokens_decodes_like_its_full_forward():
     assert full.shape == (2, 10, V) and (plain - full).abs().max() > 1e-3  # the prefix matters
     held = cache_bytes(cache)
     assert held[0] < held[1]  # the windowed layer holds less than the global one
+
+
+def test_yoco_caches_one_layer_and_decodes_like_its_full_forward():
+    from effarch.attention import KVCache
+    from effarch.models import YOCOLM
+
+    torch.manual_seed(0)
+    m = YOCOLM(V, D, 4, n_heads=4, n_kv_heads=2,
+               self_mixer=("sliding_window", {"window": 4})).double().eval()  # fmt: skip
+    x = ids(11)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 11)
+        steps = torch.cat([m(x[:, :3], cache)] + [m(x[:, t : t + 1], cache)
+                                                   for t in range(3, 11)], dim=1)  # fmt: skip
+    torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
+    shared = [c for c in cache if type(c) is KVCache]
+    assert len(shared) == 1 and shared[0].length == 11
+
+    # the shared cache: one layer's keys and values; the self-decoder's: 3-token windows
+    def per_token(g, dh):  # batch 2, keys and values, float64
+        return 2 * 2 * g * dh * 8
+
+    swa = m.self_decoder.blocks[0].mixer
+    window = 3 * per_token(swa.n_kv_heads, swa.head_dim)
+    assert cache_bytes(cache) == [window, window, 11 * per_token(2, D // 4)]
+    # a causal model: a later token does not change earlier logits
+    y = x.clone()
+    y[:, 7] = (y[:, 7] + 1) % V
+    with torch.no_grad():
+        other = m(y)
+    torch.testing.assert_close(other[:, :7], full[:, :7], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="n_layers must be even"):
+        YOCOLM(V, D, 3, n_heads=4)

@@ -11,7 +11,7 @@ home, for the code that imported them from here; the recall experiment lives in
 
 from ..train import TrainResult, evaluate, train
 from .bytelm import ByteLM, ByteLMConfig, load_bytelm
-from .hybrid import HYBRIDS, HybridCache, HybridLM, RecurrentState, cache_bytes
+from .hybrid import HYBRIDS, YOCOLM, HybridCache, HybridLM, RecurrentState, cache_bytes
 from .mixers import MIXERS, ParallelHybrid, SlidingWindowAttention, mixer_state_size
 from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
 from .transformer import (
@@ -42,6 +42,7 @@ __all__ = [
     "TinyLM",
     "upcycle_tinylm",
     "TokenMixer",
+    "YOCOLM",
     "TrainResult",
     "TransformerBlock",
     "TransformerConfig",

@@ -28,6 +28,11 @@ and updates the cache in place; token-by-token decoding equals the full forward 
   layer (MiniMax-01's ``layer_types``: ``linear_attention`` then ``full_attention``);
 - ``zamba``: Mamba-2 layers with one shared attention block every sixth layer (Zamba2's
   ``hybrid_layer_ids``; Zamba2 adds a LoRA per use of the shared block, not modelled here).
+
+:class:`YOCOLM` is You Only Cache Once (Sun et al., 2024): a self-decoder of efficient layers
+(sliding-window attention, or any recurrent mixer), then one key/value projection of its
+output, cached once, which every layer of the cross-decoder attends to with its own queries:
+the KV cache of one layer instead of one per layer.
 """
 
 from __future__ import annotations
@@ -41,11 +46,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int, check_tensor
+from ..attention import KVCache, apply_rope, sdpa_attention
 from ..moe import MoELayer
 from ..nn import SwiGLU
 from .mixers import MIXERS, mixer_state_size
 
-__all__ = ["HYBRIDS", "HybridCache", "HybridLM", "RecurrentState", "cache_bytes"]
+__all__ = [
+    "HYBRIDS",
+    "HybridCache",
+    "HybridLM",
+    "RecurrentState",
+    "YOCOLM",
+    "cache_bytes",
+]
 
 FFN_KINDS = {"D": "dense SwiGLU", "E": "MoE", "-": "none"}
 
@@ -281,3 +294,117 @@ class HybridLM(nn.Module):
 def cache_bytes(cache: Sequence[Any]) -> list[int]:
     """Bytes each layer's cache holds now (``nbytes()`` of each entry)."""
     return [c.nbytes() for c in cache]
+
+
+class _CrossLayer(nn.Module):
+    """A cross-decoder layer of YOCO: its own queries on the shared keys and values, then an
+    FFN; attention is causal (bottom-right aligned when decoding)."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, d_ff: int, eps: float) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.attn_norm = nn.RMSNorm(d_model, eps=eps)
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.mlp_norm = nn.RMSNorm(d_model, eps=eps)
+        self.mlp = SwiGLU(d_model, d_ff)
+
+    def forward(
+        self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        b, t, _ = h.shape
+        q = self.q_proj(self.attn_norm(h)).view(b, t, self.n_heads, self.head_dim)
+        q = apply_rope(q, torch.arange(start, start + t, device=h.device))
+        o = sdpa_attention(q, k, v, causal=True, scale=self.head_dim**-0.5)
+        h = h + self.o_proj(o.reshape(b, t, -1))
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class YOCOLM(nn.Module):
+    r"""You Only Cache Once: a self-decoder, one shared KV cache, a cross-decoder.
+
+    ``h = SelfDecoder(Embed(x))`` (``n_layers / 2`` blocks of ``self_mixer``, each with an
+    FFN); ``K = RoPE(W_K RMSNorm(h))``, ``V = W_V RMSNorm(h)`` with ``G = n_kv_heads`` heads,
+    computed and cached once; then ``n_layers / 2`` cross-decoder layers, each
+    ``h += W_O attn(RoPE(W_Q^l RMSNorm(h)), K, V)`` (causal) and an FFN.
+
+    Args:
+        vocab_size, d_model, n_layers: as :class:`HybridLM` (``n_layers`` even).
+        n_heads, n_kv_heads: the cross-decoder's query heads and the shared cache's heads.
+        self_mixer: ``(name in MIXERS, kwargs)`` of the self-decoder (YOCO uses sliding-window
+            attention or gated retention).
+        d_ff: FFN width (default ``2 d``).
+
+    ``forward(input_ids, cache=None)``; :meth:`new_cache` holds the self-decoder's caches and
+    the one shared :class:`~effarch.attention.KVCache` (its last entry).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layers: int,
+        *,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        self_mixer: tuple[str, Mapping[str, Any]] = ("sliding_window", {"window": 16}),
+        d_ff: int | None = None,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        check_positive_int("n_layers", n_layers)
+        if n_layers % 2:
+            raise ValueError(
+                f"n_layers must be even (half self-, half cross-decoder), got {n_layers}"
+            )
+        check_positive_int("n_heads", n_heads)
+        g = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
+        if d_model % n_heads or n_heads % g:
+            raise ValueError(
+                f"n_heads must divide d_model={d_model} and be a multiple of n_kv_heads={g}, "
+                f"got n_heads={n_heads}"
+            )
+        d_ff = 2 * d_model if d_ff is None else check_positive_int("d_ff", d_ff)
+        self.self_decoder = HybridLM(
+            vocab_size, d_model, "S", {"S": self_mixer}, n_layers=n_layers // 2, d_ff=d_ff,
+            norm_eps=norm_eps,
+        )  # fmt: skip
+        self.vocab_size, self.n_kv_heads, self.head_dim = vocab_size, g, d_model // n_heads
+        self.kv_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.k_proj = nn.Linear(d_model, g * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, g * self.head_dim, bias=False)
+        self.cross = nn.ModuleList(
+            _CrossLayer(d_model, n_heads, self.head_dim, d_ff, norm_eps)
+            for _ in range(n_layers // 2)
+        )
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+
+    def new_cache(self, batch: int, max_len: int) -> HybridCache:
+        """The self-decoder's caches, then the shared KV cache (one layer's worth)."""
+        cache = self.self_decoder.new_cache(batch, max_len)
+        w = self.k_proj.weight
+        cache.append(KVCache(batch, max_len, self.n_kv_heads, self.head_dim, dtype=w.dtype,
+                             device=w.device))  # fmt: skip
+        return cache
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        n_self = len(self.self_decoder.blocks)
+        if cache is not None and (not isinstance(cache, HybridCache) or len(cache) != n_self + 1):
+            raise ValueError("cache must be this model's new_cache()")
+        sd = self.self_decoder
+        check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long, torch.int32))
+        h = sd.embed(input_ids)
+        for i, block in enumerate(sd.blocks):
+            h = block(h, None if cache is None else cache[i])
+        b, t, _ = h.shape
+        u = self.kv_norm(h)
+        start = 0 if cache is None else cache[-1].length
+        k = self.k_proj(u).view(b, t, self.n_kv_heads, self.head_dim)
+        k = apply_rope(k, torch.arange(start, start + t, device=h.device))
+        v = self.v_proj(u).view(b, t, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache[-1].update(k, v)
+            cache.started = True
+        for layer in self.cross:
+            h = layer(h, k, v, start)
+        return F.linear(self.norm(h), sd.embed.weight)
