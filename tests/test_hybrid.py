@@ -184,3 +184,23 @@ def test_yoco_caches_one_layer_and_decodes_like_its_full_forward():
     torch.testing.assert_close(other[:, :7], full[:, :7], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="n_layers must be even"):
         YOCOLM(V, D, 3, n_heads=4)
+
+
+def test_decode_memory_grows_only_in_attention_layers():
+    from effarch.models import decode_memory
+
+    torch.manual_seed(0)
+    m = HybridLM.preset("jamba", V, D, 8, moe_kwargs={"n_experts": 4, "k": 2}).eval()
+    got = decode_memory(m, [4, 16, 40])
+    attn = m.blocks[m.pattern.index("A")].mixer
+    for t, layers in zip(got["context"], got["per_layer"], strict=True):
+        for letter, held in zip(m.pattern, layers, strict=True):
+            if letter == "A":  # keys and values of every token, float32
+                assert held == t * 2 * attn.n_kv_heads * attn.head_dim * 4
+            else:  # Mamba: the SSM state and the convolution's last d_conv - 1 inputs
+                mixer = m.blocks[m.pattern.index("M")].mixer
+                assert held == (mixer.d_inner * mixer.d_state
+                                + (mixer.d_conv - 1) * mixer.d_inner) * 4  # fmt: skip
+    assert got["total"] == [sum(layers) for layers in got["per_layer"]]
+    with pytest.raises(ValueError, match="increasing"):
+        decode_memory(m, [8, 4])

@@ -11,7 +11,15 @@ home, for the code that imported them from here; the recall experiment lives in
 
 from ..train import TrainResult, evaluate, train
 from .bytelm import ByteLM, ByteLMConfig, load_bytelm
-from .hybrid import HYBRIDS, YOCOLM, HybridCache, HybridLM, RecurrentState, cache_bytes
+from .hybrid import (
+    HYBRIDS,
+    YOCOLM,
+    HybridCache,
+    HybridLM,
+    RecurrentState,
+    cache_bytes,
+    decode_memory,
+)
 from .mixers import MIXERS, ParallelHybrid, SlidingWindowAttention, mixer_state_size
 from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
 from .transformer import (
@@ -33,6 +41,7 @@ __all__ = [
     "HybridLM",
     "RecurrentState",
     "cache_bytes",
+    "decode_memory",
     "load_bytelm",
     "LLAMA2_7B",
     "MISTRAL_7B",

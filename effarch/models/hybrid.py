@@ -58,6 +58,7 @@ __all__ = [
     "RecurrentState",
     "YOCOLM",
     "cache_bytes",
+    "decode_memory",
 ]
 
 FFN_KINDS = {"D": "dense SwiGLU", "E": "MoE", "-": "none"}
@@ -408,3 +409,34 @@ class YOCOLM(nn.Module):
         for layer in self.cross:
             h = layer(h, k, v, start)
         return F.linear(self.norm(h), sd.embed.weight)
+
+
+@torch.no_grad()
+def decode_memory(
+    model: HybridLM | YOCOLM, contexts: Sequence[int], *, batch: int = 1, seed: int = 0
+) -> dict[str, Any]:
+    """Bytes each layer's decoding memory holds after each context length, measured.
+
+    Random tokens are fed through ``model`` with a cache from its ``new_cache`` (in chunks up
+    to each length of the increasing ``contexts``: a chunked prefill leaves the cache a
+    token-by-token decode would), and :func:`cache_bytes` is read at each length.
+
+    Returns:
+        ``{"context": [...], "per_layer": [[bytes of each layer] per context], "total": [...]}``
+        (for :class:`YOCOLM` the last layer entry is the shared KV cache).
+    """
+    lengths = [check_positive_int("contexts", int(c)) for c in contexts]
+    if lengths != sorted(lengths):
+        raise ValueError(f"contexts must be increasing, got {list(contexts)}")
+    vocab = model.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, lengths[-1]), generator=gen)
+    device = next(model.parameters()).device
+    cache = model.new_cache(batch, lengths[-1])
+    per_layer, done = [], 0
+    for n in lengths:
+        if n > done:
+            model(ids[:, done:n].to(device), cache)
+            done = n
+        per_layer.append(cache_bytes(cache))
+    return {"context": lengths, "per_layer": per_layer, "total": [sum(b) for b in per_layer]}
