@@ -380,6 +380,10 @@ class YOCOLM(nn.Module):
         )
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
 
+    def num_parameters(self) -> int:
+        """Trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     def new_cache(self, batch: int, max_len: int) -> HybridCache:
         """The self-decoder's caches, then the shared KV cache (one layer's worth)."""
         cache = self.self_decoder.new_cache(batch, max_len)
