@@ -13,7 +13,7 @@ the layers it describes.
 import pytest
 import torch
 
-from effarch.attention import MultiHeadAttention, project_qkv
+from effarch.attention import KVCache, MultiHeadAttention, project_qkv
 from effarch.attention.mla import MultiHeadLatentAttention
 from effarch.linear import LinearizedAttention, linear_attention
 from effarch.linear.layers import (
@@ -117,8 +117,11 @@ def test_sliding_window_reads_only_the_last_window_of_its_cache(seq_len):
     layer = SlidingWindowAttention(D_MODEL, 4, 2, window=w).double()
     x = torch.randn(BATCH, seq_len + 3, D_MODEL, dtype=F64)
 
+    def full_cache(max_len: int) -> KVCache:  # every token kept, to show which are read
+        return KVCache(BATCH, max_len, layer.n_kv_heads, layer.head_dim, dtype=F64)
+
     def decode(corrupt: slice | None) -> torch.Tensor:
-        cache = layer.new_cache(BATCH, seq_len + 3)
+        cache = full_cache(seq_len + 3)
         layer(x[:, :seq_len], cache)
         if corrupt is not None:
             cache.k[:, corrupt] = 1e3 * torch.randn_like(cache.k[:, corrupt])
@@ -130,8 +133,15 @@ def test_sliding_window_reads_only_the_last_window_of_its_cache(seq_len):
         old = slice(0, max(0, seq_len - w))
         torch.testing.assert_close(decode(old), clean, rtol=0, atol=0)
         assert not torch.allclose(decode(slice(seq_len - 1, seq_len)), clean)  # inside: read
-        cache = layer.new_cache(BATCH, seq_len)
+        cache = full_cache(seq_len)
         layer(x[:, :seq_len], cache)
+        # the layer's own cache, a rolling buffer, keeps only the last w - 1 of them and
+        # decodes the same
+        buffer = layer.new_cache(BATCH, seq_len + 3)
+        layer(x[:, :seq_len], buffer)
+        torch.testing.assert_close(buffer.k, cache.k[:, max(0, seq_len - (w - 1)) : seq_len])
+        steps = [layer(x[:, t : t + 1], buffer) for t in range(seq_len, seq_len + 3)]
+        torch.testing.assert_close(torch.cat(steps, 1), clean, rtol=1e-12, atol=1e-12)
     kept = slice(max(0, seq_len - w), seq_len)
     elements = cache.k[:, kept].numel() + cache.v[:, kept].numel()
     assert layer.state_size(seq_len) == elements // BATCH
