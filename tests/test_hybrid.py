@@ -204,3 +204,24 @@ def test_decode_memory_grows_only_in_attention_layers():
     assert got["total"] == [sum(layers) for layers in got["per_layer"]]
     with pytest.raises(ValueError, match="increasing"):
         decode_memory(m, [8, 4])
+
+
+def test_hybrid_recall_experiment_command_line(tmp_path):
+    import json
+
+    from effarch.experiments.__main__ import main as experiments_main
+    from effarch.experiments.hybrid_recall import CONFIG
+
+    out = tmp_path / "recall.json"
+    experiments_main(["hybrid-recall", "--steps", "2", "--runs", "1/8 attention",
+                      "Mamba + window 8", "--out", str(out)])  # fmt: skip
+    recs = {r["name"]: r for r in json.loads(out.read_text())["records"]}
+    one, swa = recs["1/8 attention"], recs["Mamba + window 8"]
+    assert one["attention_fraction"] == 1 / 8 and swa["window"] == 8
+    assert 0 <= one["accuracy"] <= 1
+    d, t = CONFIG["d_model"], CONFIG["seq_len"]
+    # memory at the task's length: one attention layer's keys and values (2 T d) and seven
+    # Mamba states (2 d x d_state each); the windowed model: four windows of 8 instead
+    mamba = 2 * d * CONFIG["d_state"]
+    assert one["state_numbers"] == 2 * t * d + 7 * mamba
+    assert swa["state_numbers"] == 4 * 2 * 8 * d + 4 * mamba

@@ -8,6 +8,7 @@
     python -m effarch.experiments moe-balance --out effarch/experiments/moe_balance_cpu.json
     python -m effarch.experiments moe-vs-dense --out effarch/experiments/moe_vs_dense_cpu.json
     python -m effarch.experiments moe-upcycle --out effarch/experiments/moe_upcycle_cpu.json
+    python -m effarch.experiments hybrid-recall --out effarch/experiments/hybrid_recall_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import sys
 
-from . import bytelm, kv_budget, moe_balance, moe_training, recall, sparse_recall
+from . import bytelm, hybrid_recall, kv_budget, moe_balance, moe_training, recall, sparse_recall
 
 EXPERIMENTS = {
     "bytelm": bytelm.main,
+    "hybrid-recall": hybrid_recall.main,
     "kv-budget": kv_budget.main,
     "moe-balance": moe_balance.main,
     "moe-upcycle": moe_training.main_upcycle,
