@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ..models.bytelm import bits_per_byte
 from ..models.tinylm import TinyLM, upcycle_tinylm
 from ..moe import expert_load, update_bias
 from ..tasks.text import byte_batches, heldout_windows, stdlib_corpus
@@ -98,13 +97,12 @@ def active_parameters(model: TinyLM) -> int:
     return total
 
 
-@torch.no_grad()
 def heldout_bits(model: TinyLM, held: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Mean next-byte cross-entropy on ``held = (inputs, targets)`` in bits per byte."""
+    """:func:`~effarch.models.bytelm.bits_per_byte` on ``held = (inputs, targets)``, in eval
+    mode, the model's mode restored afterwards."""
     was = model.training
     model.eval()
-    x, y = held
-    bits = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() / math.log(2)
+    bits = bits_per_byte(model, *held)
     model.train(was)
     return bits
 

@@ -203,9 +203,12 @@ class ByteLM(nn.Module):
 
 @torch.no_grad()
 def bits_per_byte(
-    model: ByteLM, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 16
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 16
 ) -> float:
     """Mean cross-entropy of ``targets`` given ``inputs`` (both ``[N, T]``), in bits per byte.
+
+    ``model`` maps ``[B, T]`` token ids to ``[B, T, V]`` logits (a :class:`ByteLM`, a
+    :class:`~effarch.models.TinyLM`, a hybrid); it runs as it is (set ``eval()`` first).
 
     ``bpb = CE / ln 2``; perplexity per byte is ``2 ** bpb``. Runs in batches of ``batch_size``
     on the model's device.
@@ -216,7 +219,7 @@ def bits_per_byte(
             f"{tuple(targets.shape)}"
         )
     check_positive_int("batch_size", batch_size)
-    device = model.embed_tokens.weight.device
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)

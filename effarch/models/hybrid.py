@@ -37,7 +37,6 @@ the KV cache of one layer instead of one per layer.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,7 +48,7 @@ from .._checks import check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope, sdpa_attention
 from ..moe import MoELayer
 from ..nn import SwiGLU
-from .mixers import MIXERS, mixer_state_size
+from .mixers import MIXERS, carries_state, mixer_state_size
 
 __all__ = [
     "HYBRIDS",
@@ -111,10 +110,6 @@ def _repeat(letters: str, n: int, name: str) -> str:
     if not isinstance(letters, str) or not letters:
         raise ValueError(f"{name} must be a non-empty string of letters, got {letters!r}")
     return (letters * n)[:n]
-
-
-def _takes_state(layer: nn.Module) -> bool:
-    return "state" in inspect.signature(layer.forward).parameters
 
 
 class _Block(nn.Module):
@@ -250,7 +245,7 @@ class HybridLM(nn.Module):
             mixer = block.mixer
             if hasattr(mixer, "new_cache"):
                 caches.append(mixer.new_cache(batch, max_len))
-            elif _takes_state(mixer):
+            elif carries_state(mixer):
                 caches.append(RecurrentState())
             else:
                 raise ValueError(f"mixer {type(mixer).__name__} cannot decode with a cache")

@@ -41,6 +41,7 @@ __all__ = [
     "MixerFactory",
     "ParallelHybrid",
     "SlidingWindowAttention",
+    "carries_state",
     "mixer_state_size",
 ]
 
@@ -89,6 +90,12 @@ class SlidingWindowAttention(MultiHeadAttention):
 
     def extra_repr(self) -> str:
         return f"window={self.window}"
+
+
+def carries_state(layer: nn.Module) -> bool:
+    """Whether ``layer.forward`` takes and returns a recurrent ``state`` (the linear and SSM
+    mixers: ``forward(x, state=None) -> (y, state)``)."""
+    return "state" in inspect.signature(layer.forward).parameters
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +149,7 @@ class ParallelHybrid(nn.Module):
         else:
             self.attn = SlidingWindowAttention(d_model, n_heads, n_kv_heads, window=window)
         self.ssm = MIXERS[ssm](d_model, **(ssm_kwargs or {}))
-        if "state" not in inspect.signature(self.ssm.forward).parameters:
+        if not carries_state(self.ssm):
             raise ValueError(f"ssm must name a mixer that carries a state, got {ssm!r}")
         self.window, self.combine = window, combine
         self.attn_multiplier, self.ssm_multiplier = attn_multiplier, ssm_multiplier
