@@ -25,11 +25,7 @@ top-2 softmax (ours: any :func:`~effarch.moe.route` setting).
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..moe import MoELayer, add_shared, experts_grouped, route_tokens
+from .launch import process_group
 
 __all__ = ["ExpertParallelMoE", "check_expert_parallel", "dispatch_bytes", "time_expert_parallel"]
 
@@ -149,10 +146,7 @@ def time_expert_parallel(
     """Worker for ``torch.multiprocessing.spawn``: time ``config["repeats"]`` forward passes
     of an expert-parallel MoE layer (float32, one thread per rank) and save this rank's
     seconds per phase and bytes sent to ``out_dir/time{rank}.pt``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
+    with process_group(rank, world, port):
         torch.manual_seed(config["seed"])
         layer = MoELayer(config["d_model"], config["d_ff"], config["n_experts"], config["k"])
         ep = ExpertParallelMoE(layer)
@@ -166,24 +160,6 @@ def time_expert_parallel(
         torch.save(
             {"seconds": result, "bytes": ep.bytes_sent}, os.path.join(out_dir, f"time{rank}.pt")
         )
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(worker: Callable[..., None], world: int, config: dict[str, Any]) -> dict[str, Any]:
-    """Run ``worker(rank, world, port, out_dir, config)`` in ``world`` new processes
-    (``torch.multiprocessing.spawn``) on a free local port, and collect what the workers
-    saved with ``torch.save`` into ``out_dir`` (a temporary folder, removed afterwards):
-    ``{file stem: object}``, for example ``{"rank0": ..., "rank1": ...}``. ``worker`` must be
-    importable by name (a function of a module, not of a notebook)."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="effarch-dist-") as out:
-        mp.spawn(worker, args=(world, port, out, config), nprocs=world, join=True)
-        return {f.stem: torch.load(f) for f in sorted(Path(out).glob("*.pt"))}
 
 
 def check_expert_parallel(
@@ -192,10 +168,7 @@ def check_expert_parallel(
     """Worker for ``torch.multiprocessing.spawn``: run one MoE layer expert-parallel on gloo
     and save this rank's output and gradients (and, on rank 0, the single-process reference)
     to ``out_dir``. Lives in the package because spawned processes import it by name."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
+    with process_group(rank, world, port):
         torch.manual_seed(config["seed"])
         kw = {k: config[k] for k in ("n_shared", "capacity_factor") if k in config}
         layer = MoELayer(
@@ -227,5 +200,3 @@ def check_expert_parallel(
                 "dgate": ref.gate.weight.grad,
             }
             torch.save(saved, os.path.join(out_dir, "reference.pt"))
-    finally:
-        dist.destroy_process_group()
