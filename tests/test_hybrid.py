@@ -225,3 +225,79 @@ def test_hybrid_recall_experiment_command_line(tmp_path):
     mamba = 2 * d * CONFIG["d_state"]
     assert one["state_numbers"] == 2 * t * d + 7 * mamba
     assert swa["state_numbers"] == 4 * 2 * 8 * d + 4 * mamba
+
+
+def test_window_linear_mixer_decodes_like_its_full_forward_in_bounded_memory():
+    """The sequence-wise hybrid as a mixer: decoding continues its state; the bytes held are
+    its ``state_size``: a window and a linear memory, constant once ``T >= w``."""
+    from effarch.models import decode_memory
+
+    torch.manual_seed(0)
+    mixers = {"W": ("linearized", {"window": 4, "n_heads": 4, "n_kv_heads": 2}),
+              "M": ("mamba", {})}  # fmt: skip
+    m = HybridLM(V, D, "WM", mixers).double().eval()
+    x = ids(12)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 12)
+        steps = torch.cat([m(x[:, :5], cache)] + [m(x[:, t : t + 1], cache)
+                                                   for t in range(5, 12)], dim=1)  # fmt: skip
+    torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
+    layer = m.blocks[0].mixer
+    got = decode_memory(m.float(), [2, 4, 9, 30])
+    assert [held[0] for held in got["per_layer"]] == [
+        layer.state_size(t) * 4 for t in got["context"]
+    ]
+    assert got["per_layer"][-1] == got["per_layer"][-2]  # past the window: constant
+
+
+def test_decode_step_time_keeps_the_best_of_interleaved_rounds(monkeypatch):
+    """A fake clock: every timed run lasts a known time; the result is, per model and
+    context, the smallest over the rounds of (run time / steps), and the runs visit the
+    contexts and models in turn within each round, each from a cache holding T tokens, on
+    the threads asked for (the untimed prefill and warm-up step on PyTorch's own setting)."""
+    from effarch.models import decode_step_time
+    from effarch.models import hybrid as hybrid_module
+
+    torch.manual_seed(0)
+    models = {name: HybridLM(V, D, "A", {"A": ("attention", {})}).eval() for name in "ab"}
+    seen, prefill_threads = [], set()  # (model, cache length) at each single-token step
+    for name, model in models.items():
+        forward = model.forward
+
+        def spy(input_ids, cache=None, _name=name, _forward=forward):
+            if cache is not None and input_ids.shape[1] == 1:
+                seen.append((_name, cache[0].length, torch.get_num_threads()))
+            else:
+                prefill_threads.add(torch.get_num_threads())
+            return _forward(input_ids, cache)
+
+        monkeypatch.setattr(model, "forward", spy)
+    # run k (0-based, in visiting order) lasts 10 + (k * 7) % 5 seconds
+    runs = iter(range(100))
+    ticks = []
+
+    def clock():
+        if not ticks:  # the start of a run: queue its end
+            k = next(runs)
+            ticks.extend([0.0, 10.0 + (k * 7) % 5])
+        return ticks.pop(0)
+
+    monkeypatch.setattr(hybrid_module.time, "perf_counter", clock)
+    threads = torch.get_num_threads()
+    got = decode_step_time(models, [3, 6], steps=2, repeats=3, chunk=4, threads=1)
+    order = [(t, name) for _ in range(3) for t in (3, 6) for name in "ab"]  # rounds, T, model
+    want = {name: [min(10.0 + (k * 7) % 5 for k, (tk, nk) in enumerate(order)
+                       if (tk, nk) == (t, name)) / 2 for t in (3, 6)]
+            for name in "ab"}  # fmt: skip
+    assert got == {"context": [3, 6], **want}
+    # each run: from a copy of the cache filled to T, one untimed token on PyTorch's threads,
+    # then two timed ones on one thread
+    assert seen == [(n, t + s, 1 if s else threads) for t, n in order for s in (0, 1, 2)]
+    assert prefill_threads == {threads} == {torch.get_num_threads()}  # restored
+    with pytest.raises(ValueError, match="strictly increasing"):
+        decode_step_time(models, [6, 3])
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        decode_step_time({}, [3])
+    with pytest.raises(ValueError, match="'context'"):
+        decode_step_time({"context": models["a"]}, [3])

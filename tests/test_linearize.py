@@ -140,6 +140,49 @@ def test_chunked_linear_path_matches_single_chunk():
         torch.testing.assert_close(a(x), b(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("feature_map", "feature_dim", "window", "n_kv_heads"),
+    [("hedgehog", 5, 4, 2), ("hedgehog", None, None, None), ("elu", None, 1, 1),
+     ("performer", 12, 3, None), ("hedgehog", 5, 16, 2)],
+)  # fmt: skip
+@pytest.mark.parametrize("splits", [[11], [1] * 11, [3, 4, 1, 3], [6, 5]])
+def test_step_continues_the_sequence_in_any_split(
+    feature_map, feature_dim, window, n_kv_heads, splits
+):
+    """The recurrent form: a prefill, chunks, single tokens; each call continues the last,
+    equal to the brute force on the whole sequence, holding ``state_size(T)`` numbers."""
+    lin = LinearizedAttention.from_attention(
+        _layer(n_kv_heads=n_kv_heads), feature_map, feature_dim, window
+    )
+    _randomise(lin)
+    x = torch.randn(2, 11, 32, dtype=F64)
+    ref = _brute_force(lin, x)
+    state, outs, t = None, [], 0
+    with torch.no_grad():
+        for n in splits:
+            y, state = lin.step(x[:, t : t + n], state)
+            outs.append(y)
+            t += n
+            held = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
+            assert held == 2 * lin.state_size(t) and state["offset"] == t
+    torch.testing.assert_close(torch.cat(outs, dim=1), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_step_rejects_a_state_that_does_not_fit():
+    lin = LinearizedAttention(32, 4, 2, window=4)
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        _, state = lin.step(x)
+        with pytest.raises(ValueError, match="offset"):
+            lin.step(x[:, :1], {**state, "offset": -1})
+        with pytest.raises(ValueError, match="min\\(offset, window\\)"):
+            lin.step(x[:, :1], {**state, "offset": 2})
+        with pytest.raises(ValueError, match="shape"):
+            lin.step(x[:1, :1], state)  # a state of batch 2 for one sequence
+        with pytest.raises(TypeError, match="state must be None or the dict"):
+            lin.step(x, state=[1, 2])
+
+
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 @pytest.mark.parametrize("rope", [True, False])
 def test_window_covering_the_sequence_is_softmax_attention(n_kv_heads, rope):

@@ -60,7 +60,8 @@ def _recurrent_state_numel(layer: nn.Module, seq_len: int) -> int:
 
 
 def _state_numel(state: dict) -> int:
-    memory = {"S", "z", "h", "ssm", "s", "anchor"}  # not conv caches, token shifts or offsets
+    # not conv caches, token shifts or offsets; "k", "v": the keys and values a window holds
+    memory = {"S", "z", "h", "ssm", "s", "anchor", "k", "v"}
     total = 0
     for key, value in state.items():
         if isinstance(value, dict):  # a layer of two branches (ParallelHybrid)

@@ -71,6 +71,7 @@ experiment of :mod:`effarch.experiments.linearization`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ from torch import nn
 
 from .._checks import (
     check_choice,
+    check_layer_state,
     check_positive_int,
     check_positive_number,
     check_sequences,
@@ -353,6 +355,82 @@ class LinearizedAttention(nn.Module):
         else:
             o = self._window_linear(q, k, v, fq, fk)
         return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+
+    def step(
+        self, x: torch.Tensor, state: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        r"""Continue a sequence from ``state``: the recurrent form of :meth:`forward`.
+
+        ``x [B, t, d_model]`` are the next ``t`` tokens (a prompt, a chunk of one, or a single
+        token when decoding) after the ``T`` tokens ``state`` summarises (``None``: none);
+        returns ``(y [B, t, d_model], state)``. Any split of a sequence into calls gives
+        :meth:`forward` on the whole of it. Per key/value head the state holds::
+
+            k, v: [B, n, G, D]    keys (RoPE applied) and values of the last n = min(T, w)
+            S: [B, G, F', D]      sum over the older keys j of phi_k(k_j) v_j^T
+            z: [B, G, F']         sum over the older keys j of phi_k(k_j)
+            offset: T
+
+        so its elements are :meth:`state_size` ``(T)`` per sequence, whatever ``T``. A call
+        first scores each query ``i`` against the window ``i - w < j <= i`` (held keys and
+        new ones), then reads older keys through ``S`` plus the held and new keys that have
+        left ``i``'s window (linear attention on keys delayed by ``w - n``), and keeps the last
+        ``w`` keys, moving the rest into ``S`` and ``z``. Without a window nothing is held:
+        every key goes into ``S`` and ``z`` at once (normalised linear attention).
+        """
+        check_sequences("x", x, self.d_model)
+        b, t, _ = x.shape
+        g, d, f, w = self.n_kv_heads, self.head_dim, self.n_features, self.window or 0
+        if state is None:
+            empty = x.new_zeros(b, 0, g, d)
+            state = {"k": empty, "v": empty, "S": x.new_zeros(b, g, f, d),
+                     "z": x.new_zeros(b, g, f), "offset": 0}  # fmt: skip
+        held = state.get("k") if isinstance(state, Mapping) else None
+        n = held.shape[1] if isinstance(held, torch.Tensor) and held.ndim == 4 else -1
+        st = check_layer_state(state, {"k": (b, n, g, d), "v": (b, n, g, d), "S": (b, g, f, d),
+                                       "z": (b, g, f)}, "LinearizedAttention")  # fmt: skip
+        offset = st.get("offset")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"state['offset'] must be a non-negative int, got {offset!r}")
+        if n != min(offset, w):
+            raise ValueError(f"state must hold the last min(offset, window) = "
+                             f"{min(offset, w)} keys, got {n}")  # fmt: skip
+        q, k, v = project_qkv(self, x, offset)  # [B, t, H, D], [B, t, G, D]
+        k_all = torch.cat([st["k"], k], dim=1)  # held keys, then the new ones: [B, n + t, G, D]
+        v_all = torch.cat([st["v"], v], dim=1)
+        # keys that leave the window by the last new query: they go into the linear memory
+        gone = max(0, n + t - w)
+        fk_gone = self.phi_k(k_all[:, :gone])  # [B, gone, G, F']
+        v_gone = torch.cat([v_all[:, :gone], torch.ones_like(v_all[:, :gone, :, :1])], dim=-1)
+        # query r reads, linearly, the keys gone up to index r - (w - n): delay them
+        delay = (0, 0, 0, 0, w - n, 0)
+        fk_del = F.pad(fk_gone, delay)[:, :t]
+        v_del = F.pad(v_gone, delay)[:, :t]
+        s0 = torch.cat([st["S"], st["z"][..., None]], dim=-1)  # [B, G, F', D + 1]
+        h = self.n_heads
+        lin, _ = linear_attention(
+            self.phi_q(q), _repeat_kv(fk_del, h), _repeat_kv(v_del, h), scale=1.0,
+            initial_state=repeat(s0, "b g f e -> b (g r) f e", r=h // g),
+            chunk_size=self.chunk_size, backend="torch",
+        )  # fmt: skip
+        num, den = lin[..., :d], lin[..., d:]
+        if w:
+            # the window of query r: keys n + r - w + 1 .. n + r of k_all (absent ones masked)
+            pad = (0, 0, 0, 0, w - n - 1, 0)
+            k_win = _repeat_kv(F.pad(k_all, pad), h).unfold(1, w, 1).transpose(-1, -2)
+            v_win = _repeat_kv(F.pad(v_all, pad), h).unfold(1, w, 1).transpose(-1, -2)
+            slot = torch.arange(t, device=x.device)[:, None] + torch.arange(w, device=x.device)
+            scores = torch.einsum("bthd,bthwd->bthw", q, k_win) * d**-0.5
+            scores = scores.masked_fill((slot < w - n - 1)[None, :, None, :], float("-inf"))
+            a = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+            lam = self.log_linear_weight.exp().to(q.dtype)[None, None, :, None]
+            num = torch.einsum("bthw,bthwd->bthd", a, v_win) + lam * num
+            den = a.sum(dim=-1, keepdim=True) + lam * den
+        y = self.o_proj(rearrange(num / den, "b t h d -> b t (h d)"))
+        s1 = s0 + torch.einsum("bjgf,bjge->bgfe", fk_gone, v_gone)
+        new = {"k": k_all[:, gone:], "v": v_all[:, gone:], "S": s1[..., :d], "z": s1[..., d],
+               "offset": offset + t}  # fmt: skip
+        return y, new
 
     def _window_linear(
         self,

@@ -19,8 +19,15 @@ from .hybrid import (
     RecurrentState,
     cache_bytes,
     decode_memory,
+    decode_step_time,
 )
-from .mixers import MIXERS, ParallelHybrid, SlidingWindowAttention, mixer_state_size
+from .mixers import (
+    MIXERS,
+    LinearizedMixer,
+    ParallelHybrid,
+    SlidingWindowAttention,
+    mixer_state_size,
+)
 from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
 from .transformer import (
     LLAMA2_7B,
@@ -42,7 +49,9 @@ __all__ = [
     "RecurrentState",
     "cache_bytes",
     "decode_memory",
+    "decode_step_time",
     "load_bytelm",
+    "LinearizedMixer",
     "LLAMA2_7B",
     "MISTRAL_7B",
     "MIXERS",

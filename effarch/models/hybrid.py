@@ -33,10 +33,17 @@ and updates the cache in place; token-by-token decoding equals the full forward 
 (sliding-window attention, or any recurrent mixer), then one key/value projection of its
 output, cached once, which every layer of the cross-decoder attends to with its own queries:
 the KV cache of one layer instead of one per layer.
+
+:func:`decode_memory` and :func:`decode_step_time` measure what decoding holds and how long a
+step takes as the context grows (chapters 6.1 and 6.2).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +53,7 @@ from torch import nn
 
 from .._checks import check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope, sdpa_attention
+from ..bench import cpu_threads, synchronize
 from ..moe import MoELayer
 from ..nn import SwiGLU
 from .mixers import MIXERS, carries_state, mixer_state_size
@@ -58,6 +66,7 @@ __all__ = [
     "YOCOLM",
     "cache_bytes",
     "decode_memory",
+    "decode_step_time",
 ]
 
 FFN_KINDS = {"D": "dense SwiGLU", "E": "MoE", "-": "none"}
@@ -439,3 +448,99 @@ def decode_memory(
             done = n
         per_layer.append(cache_bytes(cache))
     return {"context": lengths, "per_layer": per_layer, "total": [sum(b) for b in per_layer]}
+
+
+@torch.no_grad()
+def decode_step_time(
+    models: Mapping[str, HybridLM | YOCOLM],
+    contexts: Sequence[int],
+    *,
+    steps: int = 8,
+    repeats: int = 3,
+    chunk: int = 1024,
+    threads: int | None = None,
+    batch: int = 1,
+    seed: int = 0,
+) -> dict[str, list[Any]]:
+    """Seconds per decoding step after each context length, for several models, measured.
+
+    A step feeds one new token to each of ``batch`` sequences (``input_ids [batch, 1]``).
+    Each model's cache is filled with random tokens up to each context ``T`` in turn (a
+    prefill in chunks of ``chunk`` tokens, not timed) and copied at every ``T``. A run
+    decodes one token from a fresh copy of the cache at ``T`` untimed (it brings the model
+    and the copy into the processor's caches, which the previous run may have evicted),
+    then ``steps`` tokens timed (tokens ``T + 2 .. T + steps + 1``); one sample is
+    ``elapsed / steps``, and the result for a model and a context is
+    ``min over the repeats of elapsed / steps``. Every round visits all contexts and all
+    models in turn, so a slow spell of a shared machine falls on all of them alike, and the
+    minimum is kept because disturbances only ever add time. The garbage collector is off
+    inside a run, and the device is synchronised around it.
+
+    Args:
+        models: name -> :class:`HybridLM` or :class:`YOCOLM` (in eval mode, on one device).
+        contexts: increasing context lengths ``T``.
+        steps: single-token steps per timed run.
+        repeats: rounds; the minimum over them is reported.
+        chunk: prefill chunk length (a chunked prefill leaves the cache a token-by-token one
+            would, in memory bounded by ``chunk`` rows of scores).
+        threads: CPU threads for the timed runs (:func:`~effarch.bench.cpu_threads`: small
+            steps time most steadily on one); ``None`` keeps PyTorch's setting, and so does
+            a model on a GPU. The untimed prefill always keeps it.
+        batch, seed: sequences per step and the seed of the random tokens.
+
+    Returns:
+        ``{"context": [T, ...], name: [seconds per step at each T], ...}``.
+    """
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models must be a non-empty mapping name -> model, got {models!r}")
+    if "context" in models:
+        raise ValueError("models must not use the name 'context' (the key of the lengths)")
+    lengths = [check_positive_int("contexts", c) for c in contexts]
+    if not lengths or lengths != sorted(set(lengths)):
+        raise ValueError(f"contexts must be strictly increasing, got {list(contexts)}")
+    check_positive_int("steps", steps)
+    check_positive_int("repeats", repeats)
+    check_positive_int("chunk", chunk)
+    check_positive_int("batch", batch)
+    if threads is not None:
+        check_positive_int("threads", threads)
+    filled: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}
+    for name, model in models.items():
+        if not isinstance(model, (HybridLM, YOCOLM)):
+            raise TypeError(f"models[{name!r}] must be a HybridLM or YOCOLM, got {type(model)}")
+        device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(seed)
+        size = (batch, lengths[-1] + steps + 1)
+        ids = torch.randint(0, model.vocab_size, size, generator=gen).to(device)
+        cache, done = model.new_cache(batch, lengths[-1] + steps + 1), 0
+        for t in lengths:
+            for lo in range(done, t, chunk):
+                model(ids[:, lo : min(t, lo + chunk)], cache)
+            done = t
+            filled[name, t] = copy.deepcopy(cache), ids[:, t : t + steps + 1]
+    best = {name: [float("inf")] * len(lengths) for name in models}
+    for _ in range(repeats):
+        for i, t in enumerate(lengths):
+            for name, model in models.items():
+                cache, new = filled[name, t]
+                cache = copy.deepcopy(cache)
+                model(new[:, :1], cache)  # untimed: warms the caches
+                device = new.device
+                on_threads = (
+                    contextlib.nullcontext() if threads is None else cpu_threads(threads, device)
+                )
+                gc_was_on = gc.isenabled()
+                gc.disable()
+                try:
+                    with on_threads:
+                        synchronize(device)
+                        start = time.perf_counter()
+                        for s in range(1, steps + 1):
+                            model(new[:, s : s + 1], cache)
+                        synchronize(device)
+                        elapsed = time.perf_counter() - start
+                finally:
+                    if gc_was_on:
+                        gc.enable()
+                best[name][i] = min(best[name][i], elapsed / steps)
+    return {"context": lengths, **best}

@@ -1,8 +1,10 @@
 r"""The token mixers a :class:`~effarch.models.TinyLM` can be built with, and their state sizes.
 
 :data:`MIXERS` maps a name to a factory ``(d_model, **kwargs) -> nn.Module``: softmax attention,
-:class:`SlidingWindowAttention`, the linear models of chapter 2 with TTT-Linear, and the state
-space models. Every layer they build answers ``state_size(seq_len)``, the number of elements one
+:class:`SlidingWindowAttention`, the linear models of chapter 2 with TTT-Linear, the state
+space models, and the two intra-layer hybrids of chapter 6.2 (:class:`ParallelHybrid`:
+attention and SSM heads side by side; :class:`LinearizedMixer`: a window plus a linear
+memory). Every layer they build answers ``state_size(seq_len)``, the number of elements one
 sequence's memory holds after ``seq_len`` tokens (each layer states its own formula);
 :func:`mixer_state_size` asks any module for it, the x-axis of the recall-memory trade-off
 (Arora et al., 2023, *Zoology*).
@@ -22,6 +24,7 @@ from torch import nn
 from .._checks import check_positive_int, check_positive_number
 from ..attention.grouped import MultiHeadAttention, WindowKVCache
 from ..attention.naive import naive_attention
+from ..linear import LinearizedAttention
 from ..linear.layers import (
     GLA,
     HGRN,
@@ -38,6 +41,7 @@ from ..ssm.layers import S4D, Mamba, Mamba2
 
 __all__ = [
     "MIXERS",
+    "LinearizedMixer",
     "MixerFactory",
     "ParallelHybrid",
     "SlidingWindowAttention",
@@ -185,6 +189,40 @@ class ParallelHybrid(nn.Module):
         return f"window={self.window}, combine={self.combine!r}"
 
 
+class LinearizedMixer(nn.Module):
+    r"""Sliding-window softmax plus a linear memory of older keys, as a mixer with a state.
+
+    The sequence-wise intra-layer hybrid (LoLCATs' window + linear attention; LoLA adds a
+    sparse cache beside it, Liger mixes the two parts' outputs instead of sharing one
+    normalisation): a :class:`~effarch.linear.LinearizedAttention` (``self.attn``) with
+    ``window=w``, whose query ``i`` scores the last ``w`` keys by softmax and every older
+    key through Hedgehog features, in one normalisation. ``window=None`` is linear attention
+    alone. Arguments as :class:`~effarch.linear.LinearizedAttention`.
+
+    ``forward(x [B, T, d], state=None) -> (y, state)`` is the layer's
+    :meth:`~effarch.linear.LinearizedAttention.step`: the last ``min(T, w)`` keys and
+    values and the linear state ``(S, z)``, so decoding holds ``state_size(T)`` numbers,
+    constant once ``T >= w``.
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
+        window: int | None = 16, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.attn = LinearizedAttention(d_model, n_heads, n_kv_heads, window=window, **kwargs)
+
+    def forward(
+        self, x: torch.Tensor, state: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.attn.step(x, state)
+
+    def state_size(self, seq_len: int) -> int:
+        """:meth:`~effarch.linear.LinearizedAttention.state_size`: ``G (F' D + F')`` plus
+        ``2 min(T, w) G D``."""
+        return self.attn.state_size(seq_len)
+
+
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
@@ -278,6 +316,7 @@ MIXERS: dict[str, MixerFactory] = {
     "mamba2": _mamba2,
     "s4d": S4D,
     "parallel_hybrid": _headed(ParallelHybrid),
+    "linearized": _headed(LinearizedMixer),
 }
 
 
@@ -300,13 +339,15 @@ def mixer_state_size(mixer: nn.Module, seq_len: int) -> int:
     HGRN                            ``expand_ratio d``                          ``expand_ratio``
     Mamba, Mamba-2                  ``expand d N``                              ``d_state``
     S4D                             ``d N`` (``N / 2`` complex per channel)     ``d_state``
+    parallel hybrid                 its attention's plus its SSM's              both
+    linearized (window + linear)    ``G (F dh + F) + 2 min(T, w) G dh``         ``window``
     ==============================  ==========================================  ================
 
     (``T = seq_len``, ``G`` key/value heads of width ``dh``, ``H`` heads with key and value
-    widths ``K``, ``V``; at fixed ``d_model`` fewer heads mean a bigger state, ``H (d/H)^2 =
-    d^2 / H``.) Short-convolution caches, token shifts and position counters (the last few
-    inputs or a count, not a memory of the context) are not counted. The formulas live with
-    the layers; this table only gathers them.
+    widths ``K``, ``V``, ``F`` features per head; at fixed ``d_model`` fewer heads mean a
+    bigger state, ``H (d/H)^2 = d^2 / H``.) Short-convolution caches, token shifts and
+    position counters (the last few inputs or a count, not a memory of the context) are not
+    counted. The formulas live with the layers; this table only gathers them.
 
     Args:
         mixer: any module with a ``state_size(seq_len)`` method: a layer of :data:`MIXERS`, a
