@@ -110,3 +110,20 @@ def test_sweep_plus_fit_finds_linear_and_quadratic_work(monkeypatch):
     for column in ("flops", "time_s"):
         assert result.fit("linear", column).exponent == pytest.approx(1.0, abs=1e-9)
         assert result.fit("quadratic", column).exponent == pytest.approx(2.0, abs=1e-9)
+
+
+def test_cpu_sdpa_counted_like_its_matrix_products():
+    """PyTorch's counter skips the CPU SDPA kernel; measure_flops counts it as the two
+    products it stands for (naive attention's bmm count), grouped heads included."""
+    import torch.nn.functional as F
+
+    from effarch.attention import naive_attention
+    from effarch.bench import measure_flops
+
+    q, k = torch.randn(2, 4, 24, 8), torch.randn(2, 4, 40, 8)
+    v = torch.randn(2, 4, 40, 16)
+    sdpa = measure_flops(lambda: F.scaled_dot_product_attention(q, k, v)).total
+    naive = measure_flops(
+        lambda: naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    ).total
+    assert sdpa == naive == 2 * 2 * 4 * 24 * 40 * (8 + 16)

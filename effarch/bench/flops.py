@@ -3,9 +3,9 @@
 Convention (the one used by ``torch.utils.flop_counter`` and by FLOP counts in papers):
 a multiply-add is 2 FLOPs, so ``A @ B`` with ``A: [m, k]`` and ``B: [k, n]`` costs
 ``2 m k n``. ``FlopCounterMode`` counts the matrix products (mm, bmm, addmm, convolution,
-``scaled_dot_product_attention``); softmax, normalisation and elementwise work are not
-counted. The analytic formulas below follow the same convention, so the two agree exactly
-on the matmuls and a reader can see what each leaves out.
+``scaled_dot_product_attention``, on the CPU too); softmax, normalisation and elementwise
+work are not counted. The analytic formulas below follow the same convention, so the two
+agree exactly on the matmuls and a reader can see what each leaves out.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ def format_flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
+def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    """Forward FLOPs of softmax attention from the shapes ``[B, H, Tq, D]``, ``[B, Hkv, Tk, D]``
+    and ``[B, Hkv, Tk, Dv]``: ``2 B H Tq Tk (D + Dv)`` (the causal mask not discounted, as
+    PyTorch counts its GPU kernels)."""
+    b, h, tq, d = query
+    tk, dv = key[-2], value[-1]
+    return 2 * b * h * tq * tk * (d + dv)
+
+
 def measure_flops(fn: Callable[[], Any]) -> FlopCount:
     """Count the FLOPs of ``fn()`` with ``torch.utils.flop_counter.FlopCounterMode``.
 
@@ -46,9 +55,12 @@ def measure_flops(fn: Callable[[], Any]) -> FlopCount:
     check_callable("fn", fn)
     # imported here: torch.utils.flop_counter imports triton, and Triton must see
     # TRITON_INTERPRET before its first import (effarch.notebook.setup sets it on a CPU)
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    # PyTorch counts SDPA's GPU kernels but not the CPU one; the same formula covers it
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_flops})
     with counter:
         fn()
     whole_call = counter.get_flop_counts().get("Global", {})

@@ -9,6 +9,7 @@
     python -m effarch.experiments moe-vs-dense --out effarch/experiments/moe_vs_dense_cpu.json
     python -m effarch.experiments moe-upcycle --out effarch/experiments/moe_upcycle_cpu.json
     python -m effarch.experiments hybrid-recall --out effarch/experiments/hybrid_recall_cpu.json
+    python -m effarch.experiments every-family --out effarch/experiments/every_family_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -17,10 +18,20 @@ from __future__ import annotations
 
 import sys
 
-from . import bytelm, hybrid_recall, kv_budget, moe_balance, moe_training, recall, sparse_recall
+from . import (
+    bytelm,
+    every_family,
+    hybrid_recall,
+    kv_budget,
+    moe_balance,
+    moe_training,
+    recall,
+    sparse_recall,
+)
 
 EXPERIMENTS = {
     "bytelm": bytelm.main,
+    "every-family": every_family.main,
     "hybrid-recall": hybrid_recall.main,
     "kv-budget": kv_budget.main,
     "moe-balance": moe_balance.main,

@@ -1,7 +1,8 @@
 """Reference models: the transformer baseline and its analytic cost model, and the tiny
 language model with a pluggable token mixer (:mod:`effarch.models.tinylm`) and its mixer
 registry (:mod:`effarch.models.mixers`), hybrids of several mixers by a layer pattern
-(:mod:`effarch.models.hybrid`), and the small trained byte-level language model
+(:mod:`effarch.models.hybrid`), one measuring function for them all
+(:mod:`effarch.models.profile`), and the small trained byte-level language model
 (:mod:`effarch.models.bytelm`) that chapters 3, 6 and 7 stand on.
 
 ``train``, ``evaluate`` and ``TrainResult`` are re-exported from :mod:`effarch.train`, their
@@ -28,6 +29,7 @@ from .mixers import (
     SlidingWindowAttention,
     mixer_state_size,
 )
+from .profile import body_parameters, profile_models
 from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
 from .transformer import (
     LLAMA2_7B,
@@ -66,9 +68,11 @@ __all__ = [
     "TransformerConfig",
     "attention_crossover",
     "attention_share",
+    "body_parameters",
     "block_flops",
     "block_memory",
     "evaluate",
     "mixer_state_size",
+    "profile_models",
     "train",
 ]
