@@ -6,13 +6,21 @@
 True
 """
 
+from .claims import remeasured
 from .fit import PowerLawFit, fit_exponent
 from .flops import FlopCount, attention_flops, format_flops, matmul_flops, measure_flops
 from .memory import MemoryUsage, format_bytes, peak_memory
 from .plot import plot_kv_cache, plot_memory, plot_roofline, plot_scaling
 from .roofline import DEVICES, DeviceSpec, measure_device
 from .sweep import OK, OUT_OF_BUDGET, SweepResult, is_out_of_memory, sweep
-from .timing import Timing, benchmark, cpu_threads, format_seconds, synchronize
+from .timing import (
+    Timing,
+    benchmark,
+    best_of_rounds,
+    cpu_threads,
+    format_seconds,
+    synchronize,
+)
 
 __all__ = [
     "DEVICES",
@@ -26,6 +34,7 @@ __all__ = [
     "Timing",
     "attention_flops",
     "benchmark",
+    "best_of_rounds",
     "cpu_threads",
     "fit_exponent",
     "format_bytes",
@@ -40,6 +49,7 @@ __all__ = [
     "plot_memory",
     "plot_roofline",
     "plot_scaling",
+    "remeasured",
     "sweep",
     "synchronize",
 ]

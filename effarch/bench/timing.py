@@ -22,9 +22,9 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +35,7 @@ MIN_BLOCK_S = 1e-4
 #: The most calls in one timed block (reached only by calls faster than 0.1 ns).
 MAX_BLOCK_CALLS = 1_000_000
 METHODS = ("auto", "perf_counter", "do_bench")
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,59 @@ def cpu_threads(n: int = 1, device: torch.device | str | None = None) -> Iterato
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def best_of_rounds(
+    runs: Mapping[K, Callable[[], Callable[[], Any]]],
+    *,
+    repeats: int,
+    device: torch.device | str | None = None,
+    threads: int | None = None,
+) -> dict[K, float]:
+    """The smallest wall-clock time of each run over ``repeats`` interleaved rounds.
+
+    ``runs[key]()`` prepares one run, untimed (it may copy a cache, warm a step up, draw
+    inputs), and returns the call to time. Every round visits all keys in their order, so a
+    slow spell of a shared machine falls on all of them alike, and the minimum over the rounds
+    is kept because disturbances only ever add time. The garbage collector is off and
+    ``device`` is synchronised around each timed call, which runs on ``threads`` CPU threads
+    (:func:`cpu_threads`) when given; the preparation keeps PyTorch's own setting.
+
+    Use it where one call is long or stateful enough to time on its own (a prefill, a few
+    decoding steps from a copied cache); :func:`benchmark` times a repeatable call instead.
+
+    >>> best = best_of_rounds({"sum": lambda: lambda: sum(range(1000))}, repeats=3)
+    >>> best["sum"] > 0
+    True
+    """
+    if not isinstance(runs, Mapping) or not runs:
+        raise ValueError(f"runs must be a non-empty mapping key -> preparation, got {runs!r}")
+    for key, prepare in runs.items():
+        check_callable(f"runs[{key!r}]", prepare)
+    check_positive_int("repeats", repeats)
+    if threads is not None:
+        check_positive_int("threads", threads)
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeats):
+        for key, prepare in runs.items():
+            call = prepare()
+            on_threads = (
+                contextlib.nullcontext() if threads is None else cpu_threads(threads, device)
+            )
+            gc_was_on = gc.isenabled()
+            gc.disable()
+            try:
+                with on_threads:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    call()
+                    synchronize(device)
+                    elapsed = time.perf_counter() - start
+            finally:
+                if gc_was_on:
+                    gc.enable()
+            best[key] = min(best[key], elapsed)
+    return best
 
 
 def _has_triton() -> bool:

@@ -1,0 +1,69 @@
+"""`bench.remeasured`: a claim that fails on a disturbed measurement is measured again; a
+claim that fails every time is raised."""
+
+import pytest
+
+from effarch import bench
+
+
+def _series(*values):
+    it = iter(values)
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return next(it)
+
+    return measure, calls
+
+
+def _below_two(t):
+    assert t < 2, f"t = {t}"
+
+
+def test_a_disturbed_measurement_is_taken_again_and_the_clean_one_returned():
+    measure, calls = _series(5.0, 7.0, 1.5)
+    lines = []
+    assert bench.remeasured(measure, _below_two, attempts=3, log=lines.append) == 1.5
+    assert len(calls) == 3
+    assert len(lines) == 2 and "t = 5.0" in lines[0] and "t = 7.0" in lines[1]
+
+
+def test_a_clean_first_measurement_is_not_repeated():
+    measure, calls = _series(1.0, 5.0)
+    lines = []
+    assert bench.remeasured(measure, _below_two, log=lines.append) == 1.0
+    assert len(calls) == 1 and lines == []
+
+
+def test_a_claim_that_fails_every_time_is_raised_after_the_last_attempt():
+    measure, calls = _series(5.0, 6.0, 7.0, 1.0)
+    with pytest.raises(AssertionError, match="t = 6.0"):
+        bench.remeasured(measure, _below_two, attempts=2, log=lambda _: None)
+    assert len(calls) == 2
+
+
+def test_other_errors_are_not_retried():
+    measure, calls = _series(1.0, 1.0)
+
+    def broken(_):
+        raise KeyError("typo")
+
+    with pytest.raises(KeyError):
+        bench.remeasured(measure, broken, log=lambda _: None)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"measure": 3}, TypeError, "measure must be callable"),
+        ({"check": None}, TypeError, "check must be callable"),
+        ({"attempts": 0}, ValueError, "attempts must be a positive int, got 0"),
+        ({"attempts": 1.5}, TypeError, "attempts must be an int"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"measure": lambda: 1.0, "check": _below_two} | kwargs
+    with pytest.raises(error, match=match):
+        bench.remeasured(**args)
