@@ -33,7 +33,9 @@ export EFFARCH_SIZE="${EFFARCH_SIZE:-small}"
 # pytest exits 5 when extra arguments (-k ...) select nothing in one of the two runs
 run() { local rc=0; "$@" || rc=$?; [ "$rc" -eq 5 ] && return 0; return "$rc"; }
 echo "== pytest: tests/ (unit, reference, kernels under the interpreter, browser)"
-run python -m pytest tests --durations=15 "$@"
+# one worker per core (pytest-xdist), each file on one worker: the browser tests share one
+# book build, and nothing in tests/ times itself
+run python -m pytest tests -n auto --dist loadfile --durations=15 "$@"
 echo "== pytest: nbval over chapters/, with Triton made unimportable (as on a laptop)"
 PYTHONPATH="$ROOT/scripts/without_triton${PYTHONPATH:+:$PYTHONPATH}" \
     run python -m pytest chapters --nbval-lax --nbval-current-env --durations=15 "$@"

@@ -29,6 +29,11 @@ if not torch.cuda.is_available():
 
 matplotlib.use("Agg")
 
+# Under pytest-xdist (the test command runs one worker per core) every worker computes on one
+# thread: several workers each asking for every core would wait on one another.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 
