@@ -43,14 +43,27 @@ def test_a_claim_that_fails_every_time_is_raised_after_the_last_attempt():
     assert len(calls) == 2
 
 
-def test_other_errors_are_not_retried():
-    measure, calls = _series(1.0, 1.0)
+def test_a_fit_the_measurement_cannot_support_is_retried_too():
+    measure, calls = _series([1.0], [1.0, 2.0])  # the first series cut short
 
-    def broken(_):
-        raise KeyError("typo")
+    def fits(series):
+        if len(series) < 2:
+            raise ValueError("fit_exponent needs at least 2 points")
 
-    with pytest.raises(KeyError):
-        bench.remeasured(measure, broken, log=lambda _: None)
+    lines = []
+    assert bench.remeasured(measure, fits, log=lines.append) == [1.0, 2.0]
+    assert len(calls) == 2 and "ValueError: fit_exponent needs" in lines[0]
+
+
+def test_an_error_in_the_measurement_itself_is_not_retried():
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        bench.remeasured(broken, _below_two, log=lambda _: None)
     assert len(calls) == 1
 
 

@@ -36,10 +36,11 @@ def remeasured(
     """Return ``measure()`` once ``check`` accepts it, measuring afresh up to ``attempts`` times.
 
     ``check(result)`` states the page's claims about a measurement with ``assert`` (a fitted
-    exponent, an ordering, a speed-up with its margin). When it raises ``AssertionError``
-    the message is passed to ``log`` and the measurement is repeated from scratch; after
-    ``attempts`` failed measurements the last ``AssertionError`` is raised, so a real
-    regression still fails the page and its tests. Other exceptions propagate at once.
+    exponent, an ordering, a speed-up with its margin). When it raises (a failed claim, or a
+    fit that a series cut short by a time budget cannot support) the message is passed to
+    ``log`` and the measurement is repeated from scratch; after ``attempts`` rejected
+    measurements the last exception is raised, so a real regression still fails the page and
+    its tests. An exception from ``measure`` itself propagates at once.
 
     Args:
         measure: takes no argument and returns the measurement (a sweep, a dict of times).
@@ -51,7 +52,7 @@ def remeasured(
         The first measurement that ``check`` accepted.
 
     Raises:
-        AssertionError: the claims failed on every measurement.
+        AssertionError (or what ``check`` raised): the claims failed on every measurement.
         TypeError: ``measure``/``check``/``log`` is not callable.
         ValueError: ``attempts`` is not a positive integer.
     """
@@ -63,12 +64,13 @@ def remeasured(
         result = measure()
         try:
             check(result)
-        except AssertionError as err:
+        except Exception as err:
             if attempt == attempts:
                 raise
             log(
-                f"(measurement {attempt} of at most {attempts} broke a timing claim, "
-                f"{err!s:.120}; other work on the cores slows calls unevenly: measuring again)"
+                f"(measurement {attempt} of at most {attempts} broke a timing claim "
+                f"({type(err).__name__}: {err!s:.120}); other work on the cores slows calls "
+                "unevenly: measuring again)"
             )
         else:
             return result
