@@ -374,3 +374,24 @@ def check_selective_scan_args(
         dtype=False,
     )
     return Bg, Cg
+
+
+def check_initial_state(initial_state: object, u: torch.Tensor, A: torch.Tensor) -> None:
+    """The ``initial_state`` of a selective scan: a floating ``[B, D, N]`` tensor on ``u``'s
+    device (``u [B, T, D]``, ``A [D, N]``); a TypeError or ValueError names what is wrong."""
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError(
+            f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}"
+        )
+    expected = (u.shape[0], u.shape[2], A.shape[1])
+    if tuple(initial_state.shape) != expected:
+        raise ValueError(
+            f"initial_state must have shape [B, D, N] = {expected}, "
+            f"got {tuple(initial_state.shape)}"
+        )
+    if not initial_state.is_floating_point():
+        raise TypeError(f"initial_state must be a floating tensor, got {initial_state.dtype}")
+    if initial_state.device != u.device:
+        raise ValueError(
+            f"initial_state must be on u's device {u.device}, got {initial_state.device}"
+        )

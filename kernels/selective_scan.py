@@ -13,7 +13,8 @@ is the ungrouped case), ``D, delta_bias [D]``. For every channel ``d`` and state
 owns a block of ``BLOCK_D`` channels of one batch element and walks the sequence, keeping
 its ``h [BLOCK_D, N]`` in registers: the ``[B, T, D, N]`` tensors of the discretised
 ``exp(dt A)`` and ``dt B u``, which the PyTorch form materialises, never exist here. Per
-step it reads ``O(BLOCK_D + N)`` inputs and writes ``BLOCK_D`` outputs. Forward only;
+step it reads ``O(BLOCK_D + N)`` inputs and writes ``BLOCK_D`` outputs; an optional initial
+state ``h_{-1} [B, D, N]`` (a chunked prefill, a cache) is loaded once. Forward only;
 everything is computed in float32.
 """
 
@@ -39,9 +40,9 @@ def _softplus(x):
 
 @triton.jit
 def _selective_scan_kernel(
-    Up, DELTA, Ap, Bp, Cp, Dp, Zp, BIAS, Y, HT,
+    Up, DELTA, Ap, Bp, Cp, Dp, Zp, BIAS, H0, Y, HT,
     seq_len, dim, n_state, groups_b, groups_c, per_group_b, per_group_c,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, STORE_HT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -63,7 +64,11 @@ def _selective_scan_kernel(
     grp_b = offs_d // per_group_b
     grp_c = offs_d // per_group_c
 
-    h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    if HAS_H0:  # the state a previous call ended with
+        h = tl.load(H0 + (b * dim + offs_d[:, None]) * n_state + offs_n[None, :],
+                    mask=dn_mask, other=0.0).to(tl.float32)  # fmt: skip
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     for t in range(0, seq_len):
         row = b * seq_len + t  # index of step t in the [B, T] grid
         u = tl.load(Up + row * dim + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -110,10 +115,12 @@ def selective_scan_fwd(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel: ``y [B, T, D]`` (dtype of ``u``) and the float32 last state
     ``[B, D, N]`` (or None). ``B``, ``C`` are ``[B, T, G, N]`` with ``G`` dividing ``D``;
-    ``N <= MAX_STATE_DIM``. Shapes are checked by the caller.
+    ``N <= MAX_STATE_DIM``; the optional ``initial_state [B, D, N]`` is the state before
+    the first step (zero when None). Shapes are checked by the caller.
 
     The kernel loads any floating dtype and computes in float32; the small per-channel
     tensors ``A``, ``D`` and ``delta_bias`` are read from float32 copies."""
@@ -122,9 +129,11 @@ def selective_scan_fwd(
     batch, length, dim = u.shape
     n_state = A.shape[1]
     check(state_dim_reason(n_state))
-    A, D, delta_bias = (x.float() if x is not None else None for x in (A, D, delta_bias))
-    u, delta, A, B, C, D, z, delta_bias = contiguous(
-        *interpreter_cast(u, delta, A, B, C, D, z, delta_bias)
+    A, D, delta_bias, h0 = (
+        x.float() if x is not None else None for x in (A, D, delta_bias, initial_state)
+    )
+    u, delta, A, B, C, D, z, delta_bias, h0 = contiguous(
+        *interpreter_cast(u, delta, A, B, C, D, z, delta_bias, h0)
     )
     y = torch.empty_like(u)
     ht = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
@@ -135,9 +144,10 @@ def selective_scan_fwd(
     _selective_scan_kernel[(triton.cdiv(dim, block_d), batch)](
         u, delta, A, B, C,
         D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, y, ht,
+        delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, y, ht,
         length, dim, n_state, groups_b, groups_c, dim // groups_b, dim // groups_c,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_H0=h0 is not None,
         SOFTPLUS=delta_softplus, STORE_HT=return_last_state,
         BLOCK_D=block_d, BLOCK_N=block_n,
     )  # fmt: skip

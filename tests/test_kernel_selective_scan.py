@@ -9,13 +9,13 @@ pytestmark = pytest.mark.kernel
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, h0=None):
     """Mamba's recurrence, one step at a time, in float64 (shares nothing with the kernel)."""
     u, delta, A, B, C = (x.double() for x in (u, delta, A, B, C))
     b, t, d = u.shape
     B = B if B.ndim == 4 else B[:, :, None]
     C = C if C.ndim == 4 else C[:, :, None]
-    h = torch.zeros(b, d, A.shape[1], dtype=torch.float64)
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float64) if h0 is None else h0.double()
     ys = []
     for i in range(t):
         dt = delta[:, i] + (delta_bias.double() if delta_bias is not None else 0.0)
@@ -81,6 +81,25 @@ def test_forward_matches_the_step_loop(t, d, n, gb, gc, full, softplus):
     assert y.dtype == torch.float32 and h.dtype == torch.float32
     torch.testing.assert_close(y.cpu().double(), want_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.cpu().double(), want_h, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_state_is_loaded_and_backend_auto_wires_it():
+    from effarch.ssm.selective import selective_scan
+
+    args, kw = inputs(9, 20, 6, groups_b=2)
+    h0 = torch.randn(1, 20, 6)
+    want_y, want_h = loop(*args, **kw, delta_softplus=True, h0=h0)
+    y, h = kernel(args, kw, delta_softplus=True, return_last_state=True, initial_state=h0.to(DEV))
+    torch.testing.assert_close(y.cpu().double(), want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.cpu().double(), want_h, rtol=1e-5, atol=1e-5)
+    on = {n: x.to(DEV) for n, x in kw.items()}
+    y_t, h_t = selective_scan(*(x.to(DEV) for x in args), **on, delta_softplus=True,
+                              return_last_state=True, backend="triton",
+                              initial_state=h0.to(DEV))  # fmt: skip
+    torch.testing.assert_close(y_t, y)
+    torch.testing.assert_close(h_t, h)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        kernel(args, kw, initial_state=torch.zeros(1, 6, 20, device=DEV))
 
 
 def test_softplus_of_large_and_very_negative_steps():

@@ -224,6 +224,43 @@ def test_selective_scan_modes_agree(T):
     close(last, last_r)
 
 
+@pytest.mark.parametrize("mode", ["scan", "recurrent"])
+@pytest.mark.parametrize("split", [0, 1, 6, 11])
+def test_selective_scan_initial_state_continues_a_sequence(mode, split):
+    """Feeding a sequence in two pieces, the second from the first's last state, is one
+    pass over the whole (checked against the scalar loops of the brute force)."""
+    u, delta, A, B, C = selective_inputs(2, 11, 4, 3, 2, 1)
+    kw = dict(D=torch.randn(4, dtype=F64), delta_bias=torch.randn(4, dtype=F64),
+              delta_softplus=True)  # fmt: skip
+    y_ref, last_ref = brute_selective_scan(u, delta, A, B, C, kw["D"], None, kw["delta_bias"], True)
+    part = lambda t, lo, hi: t[:, lo:hi]
+    y1, h = selective_scan(*(part(t, 0, split) for t in (u, delta)), A,
+                           *(part(t, 0, split) for t in (B, C)), **kw,
+                           return_last_state=True, mode=mode)  # fmt: skip
+    y2, last = selective_scan(*(part(t, split, 11) for t in (u, delta)), A,
+                              *(part(t, split, 11) for t in (B, C)), **kw,
+                              return_last_state=True, mode=mode, initial_state=h)  # fmt: skip
+    close(torch.cat([y1, y2], dim=1), y_ref)
+    close(last, last_ref)
+    # an empty piece hands the state through unchanged
+    _, same = selective_scan(*(part(t, 0, 0) for t in (u, delta)), A,
+                             *(part(t, 0, 0) for t in (B, C)), return_last_state=True,
+                             mode=mode, initial_state=last)  # fmt: skip
+    close(same, last)
+
+
+def test_selective_scan_initial_state_errors():
+    u, delta, A, B, C = selective_inputs(2, 5, 4, 3)
+    with pytest.raises(
+        ValueError, match=r"initial_state must have shape \[B, D, N\] = \(2, 4, 3\)"
+    ):
+        selective_scan(u, delta, A, B, C, initial_state=torch.zeros(2, 3, 4, dtype=F64))
+    with pytest.raises(TypeError, match="initial_state must be a torch.Tensor or None"):
+        selective_scan(u, delta, A, B, C, initial_state=[0.0])
+    with pytest.raises(TypeError, match="initial_state must be a floating tensor"):
+        selective_scan(u, delta, A, B, C, initial_state=torch.zeros(2, 4, 3, dtype=torch.long))
+
+
 def test_selective_scan_float32_computes_in_float32():
     u, delta, A, B, C = (t.float() for t in selective_inputs(1, 9, 4, 2))
     y, last = selective_scan(u.bfloat16(), delta, A, B, C, return_last_state=True)

@@ -135,14 +135,8 @@ class Mamba(nn.Module):
         y, last = selective_scan(
             xs, dt, A, B, C, D=self.D, delta_bias=self.dt_proj.bias, delta_softplus=True,
             return_last_state=True, mode="recurrent" if t == 1 else "scan",
+            initial_state=st.get("ssm"),
         )  # fmt: skip
-        if st:  # the initial state's contribution, decayed step by step
-            h0 = st["ssm"].to(last.dtype)
-            step = F.softplus(dt + self.dt_proj.bias).to(last.dtype)  # [B, T, E]
-            decay = torch.exp(step.cumsum(1)[..., None] * A.to(last.dtype))  # [B, T, E, N]
-            extra = torch.einsum("bten,ben,btn->bte", decay, h0, C.to(last.dtype))
-            y = y + extra.to(y.dtype)
-            last = last + decay[:, -1] * h0
         y = y * F.silu(z)
         return self.out_proj(y), {"conv": conv, "ssm": last}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from effarch_kernels.limits import state_dim_reason
 
-from .._checks import check_bool, check_selective_scan_args
+from .._checks import check_bool, check_initial_state, check_selective_scan_args
 from .._kernels import grad_required, require_triton
 
 __all__ = ["launch_selective_scan", "selective_scan_kernel"]
@@ -29,13 +29,14 @@ def launch_selective_scan(
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
     return_last_state: bool,
+    initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`selective_scan_kernel` on arguments already checked (``B``, ``C`` grouped
     ``[B, T, G, N]``), on tensors the kernel can run, outside autograd: the kernel call."""
     from effarch_kernels.selective_scan import selective_scan_fwd
 
     y, last = selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
     )
     return (y, last) if return_last_state else y
 
@@ -51,6 +52,7 @@ def selective_scan_kernel(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Mamba's selective scan (S6) by the fused Triton kernel, forward only.
 
@@ -76,6 +78,8 @@ def selective_scan_kernel(
         delta_bias: optional ``[D]`` added to ``delta``.
         delta_softplus: apply softplus to ``delta (+ delta_bias)``.
         return_last_state: also return the float32 state after the last step.
+        initial_state: optional ``[B, D, N]`` state before the first step (zero when
+            omitted), read in float32.
 
     Returns:
         ``y [B, T, D]`` in the dtype of ``u``, and with ``return_last_state`` the state
@@ -96,7 +100,7 @@ def selective_scan_kernel(
     Bg, Cg = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_bool("delta_softplus", delta_softplus)
     check_bool("return_last_state", return_last_state)
-    if grad_required(u, delta, A, B, C, D, z, delta_bias):
+    if grad_required(u, delta, A, B, C, D, z, delta_bias, initial_state):
         raise ValueError(
             "selective_scan_kernel cannot run: the kernel is forward only and an input "
             "requires grad (use selective_scan(..., backend='torch') to train, or "
@@ -104,7 +108,9 @@ def selective_scan_kernel(
         )
     if (reason := state_dim_reason(A.shape[1])) is not None:
         raise ValueError(f"selective_scan_kernel cannot run: {reason}")
+    if initial_state is not None:
+        check_initial_state(initial_state, u, A)
     require_triton("selective_scan_kernel", u, delta, A, B, C)
     return launch_selective_scan(
-        u, delta, A, Bg, Cg, D, z, delta_bias, delta_softplus, return_last_state
+        u, delta, A, Bg, Cg, D, z, delta_bias, delta_softplus, return_last_state, initial_state
     )

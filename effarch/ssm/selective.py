@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from effarch_kernels.limits import state_dim_reason
 from einops import repeat
 
-from .._checks import check_choice, check_selective_scan_args
+from .._checks import check_choice, check_initial_state, check_selective_scan_args
 from .._kernels import BACKENDS, use_triton
 from ..scan import linear_recurrence
 from .scan_kernel import launch_selective_scan
@@ -51,6 +51,7 @@ def selective_scan(
     return_last_state: bool = False,
     mode: str = "scan",
     backend: str = "auto",
+    initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba's selective state space scan (S6), channels-last.
 
@@ -76,6 +77,11 @@ def selective_scan(
             kernel is forward only: it refuses inputs that require grad while grad mode is
             on, and it computes in float32, so float64 inputs stay on PyTorch. ``N`` must be
             at most 256 for the kernel.
+        initial_state: optional ``[B, D, N]`` state ``x_{-1}`` the scan starts from (zero
+            when omitted): the state a previous call returned, so that a sequence can be
+            fed in pieces (a prefill in chunks, a cache). mamba_ssm's ``selective_scan_fn``
+            has no such argument (its step function ``selective_state_update`` carries the
+            state one token at a time); the Triton kernel takes it too.
 
     Returns:
         ``y`` ``[B, T, D]`` in the dtype of ``u``, and with ``return_last_state`` the
@@ -89,14 +95,17 @@ def selective_scan(
     """
     Bg, Cg = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_choice("mode", mode, MODES)
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if initial_state is not None:
+        check_initial_state(initial_state, u, A)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     # The kernel computes in float32: it reads u, delta, A, B, C in half or single precision.
     if use_triton(
         backend, u, delta, A, B, C, limit=state_dim_reason(A.shape[1]), forward_only=inputs
     ):
         return launch_selective_scan(
-            u, delta, A, Bg, Cg, D, z, delta_bias, bool(delta_softplus), bool(return_last_state)
-        )
+            u, delta, A, Bg, Cg, D, z, delta_bias, bool(delta_softplus),
+            bool(return_last_state), initial_state,
+        )  # fmt: skip
     batch, length, dim = u.shape
     n_state = A.shape[1]
 
@@ -114,12 +123,18 @@ def selective_scan(
     dA = torch.exp(dt.unsqueeze(-1) * Ac)  # [B, T, D, N]
     dBu = (dt * uc).unsqueeze(-1) * Bd  # [B, T, D, N]
 
+    h0 = None if initial_state is None else initial_state.to(compute)
     if mode == "scan":
-        states = linear_recurrence(dA, dBu)  # [B, T, D, N]
+        states = linear_recurrence(dA, dBu, h0=h0)  # [B, T, D, N]
         y = (states * Cd).sum(-1)
-        last = states[:, -1] if length > 0 else dA.new_zeros(batch, dim, n_state)
+        if length > 0:
+            last = states[:, -1]
+        else:
+            last = dA.new_zeros(batch, dim, n_state) if h0 is None else h0.clone()
     else:
         x = torch.zeros(batch, dim, n_state, dtype=compute, device=u.device)
+        if h0 is not None:
+            x = x + h0
         ys = []
         for t in range(length):
             x = dA[:, t] * x + dBu[:, t]
