@@ -214,17 +214,35 @@ def test_hybrid_recall_experiment_command_line(tmp_path):
 
     out = tmp_path / "recall.json"
     experiments_main(["hybrid-recall", "--steps", "2", "--runs", "1/8 attention",
-                      "Mamba + window 8", "--out", str(out)])  # fmt: skip
+                      "Mamba + window 8", "--seeds", "3", "--out", str(out)])  # fmt: skip
     recs = {r["name"]: r for r in json.loads(out.read_text())["records"]}
     one, swa = recs["1/8 attention"], recs["Mamba + window 8"]
     assert one["attention_fraction"] == 1 / 8 and swa["window"] == 8
+    assert one["seed"] == swa["seed"] == 3
+    for r in (one, swa):  # every learning rate tried; the lower final training loss kept
+        assert set(r["final_loss_by_lr"]) == {str(lr) for lr in CONFIG["lrs"]}
+        assert r["final_loss"] == min(r["final_loss_by_lr"].values())
+        assert r["final_loss_by_lr"][str(r["lr"])] == r["final_loss"]
     assert 0 <= one["accuracy"] <= 1
     d, t = CONFIG["d_model"], CONFIG["seq_len"]
-    # memory at the task's length: one attention layer's keys and values (2 T d) and seven
+    dh = CONFIG["n_heads"] * CONFIG["head_dim"]
+    # memory at the task's length: one attention layer's keys and values (2 T H dh) and seven
     # Mamba states (2 d x d_state each); the windowed model: four windows of 8 instead
     mamba = 2 * d * CONFIG["d_state"]
-    assert one["state_numbers"] == 2 * t * d + 7 * mamba
-    assert swa["state_numbers"] == 4 * 2 * 8 * d + 4 * mamba
+    assert one["state_numbers"] == 2 * t * dh + 7 * mamba
+    assert swa["state_numbers"] == 4 * 2 * 8 * dh + 4 * mamba
+
+
+def test_hybrid_recall_runs_have_matched_parameters():
+    from effarch.experiments.hybrid_recall import RUNS, run_model
+
+    counts = {name: run_model(name).num_parameters() for name in RUNS}
+    lo, hi = min(counts.values()), max(counts.values())
+    assert hi - lo <= 0.003 * hi, counts  # every layout within 0.3%
+    pure = run_model("8/8 attention")
+    assert all(b.conv is not None and b.conv.kernel_size == 2 for b in pure.blocks)
+    with pytest.raises(ValueError, match="name must be one of"):
+        run_model("9/8 attention")
 
 
 def test_window_linear_mixer_decodes_like_its_full_forward_in_bounded_memory():
@@ -256,8 +274,9 @@ def test_decode_step_time_keeps_the_best_of_interleaved_rounds(monkeypatch):
     context, the smallest over the rounds of (run time / steps), and the runs visit the
     contexts and models in turn within each round, each from a cache holding T tokens, on
     the threads asked for (the untimed prefill and warm-up step on PyTorch's own setting)."""
+    import time
+
     from effarch.models import decode_step_time
-    from effarch.models import hybrid as hybrid_module
 
     torch.manual_seed(0)
     models = {name: HybridLM(V, D, "A", {"A": ("attention", {})}).eval() for name in "ab"}
@@ -283,7 +302,7 @@ def test_decode_step_time_keeps_the_best_of_interleaved_rounds(monkeypatch):
             ticks.extend([0.0, 10.0 + (k * 7) % 5])
         return ticks.pop(0)
 
-    monkeypatch.setattr(hybrid_module.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)
     threads = torch.get_num_threads()
     got = decode_step_time(models, [3, 6], steps=2, repeats=3, chunk=4, threads=1)
     order = [(t, name) for _ in range(3) for t in (3, 6) for name in "ab"]  # rounds, T, model
@@ -301,3 +320,93 @@ def test_decode_step_time_keeps_the_best_of_interleaved_rounds(monkeypatch):
         decode_step_time({}, [3])
     with pytest.raises(ValueError, match="'context'"):
         decode_step_time({"context": models["a"]}, [3])
+
+
+@pytest.mark.parametrize("name", [*CASES, "yoco", "samba+conv"])
+def test_a_cache_of_one_sequence_with_its_rows_repeated_decodes_like_a_batch_prefill(name):
+    """decode_step_time fills one row and repeats it: every tensor of every kind of cache
+    (KV, window, recurrent states, short convolutions, YOCO's shared cache) must follow."""
+    import copy
+
+    from effarch.models import YOCOLM
+    from effarch.models.hybrid import _repeat_rows
+
+    if name == "yoco":
+        torch.manual_seed(0)
+        m = YOCOLM(V, D, 4, n_heads=2, n_kv_heads=2,
+                   self_mixer=("sliding_window", {"window": 4})).double().eval()  # fmt: skip
+    elif name == "samba+conv":
+        m = model("samba", **CASES["samba"], short_conv=3)
+    else:
+        m = model(name, **CASES[name])
+    prompt, new = (
+        ids(9)[:1],
+        torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(1)),
+    )
+    with torch.no_grad():
+        one = m.new_cache(1, 13)
+        m(prompt, one)
+        repeated = _repeat_rows(copy.deepcopy(one), 3)
+        batch = m.new_cache(3, 13)
+        m(prompt.repeat(3, 1), batch)
+        for s in range(4):
+            a, b = m(new[:, s : s + 1], repeated), m(new[:, s : s + 1], batch)
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert cache_bytes(repeated) == cache_bytes(batch)
+    with pytest.raises(ValueError, match="1 row"):
+        _repeat_rows(batch, 2)
+
+
+@pytest.mark.parametrize("name", ["minimax", "samba", "zamba"])
+def test_short_convolution_before_mixers_without_one_decodes_like_the_full_forward(name):
+    m = model(name, **CASES[name], short_conv=4)
+    with_conv = [b.conv is not None for b in m.blocks]
+    # only the mixers that do not mix neighbours already get one (Mamba has its own)
+    assert with_conv == [c in "ALS" for c in m.pattern], (m.pattern, with_conv)
+    x = ids(11)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 11)
+        parts = [m(x[:, :5], cache)] + [m(x[:, t : t + 1], cache) for t in range(5, 11)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+    # each convolution keeps its last W - 1 = 3 inputs of width D, counted with its layer
+    plain = model(name, **CASES[name])
+    with torch.no_grad():
+        plain_cache = plain.new_cache(2, 11)
+        plain(x, plain_cache)
+    extra = [a - b for a, b in zip(cache_bytes(cache), cache_bytes(plain_cache), strict=True)]
+    assert extra == [3 * D * 2 * 8 if c else 0 for c in with_conv]
+
+
+def test_short_convolution_is_a_causal_depthwise_filter_of_the_normalised_input():
+    torch.manual_seed(0)
+    m = HybridLM(V, D, "A", {"A": ("attention", {})}, short_conv=3).double().eval()
+    block = m.blocks[0]
+    u = torch.randn(2, 7, D, dtype=torch.float64)
+    w = block.conv.conv.weight[:, 0]  # [D, 3]
+    want = torch.zeros_like(u)
+    for t in range(7):  # y_t = sum_i w[i] u_{t-2+i}, zero before the start
+        for i in range(3):
+            if t - 2 + i >= 0:
+                want[:, t] += w[:, i] * u[:, t - 2 + i]
+    got, kept = block.conv(u)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kept, u[:, -2:])
+    with pytest.raises(ValueError, match="short_conv must be a non-negative int, got -1"):
+        HybridLM(V, D, "A", {"A": ("attention", {})}, short_conv=-1)
+
+
+def test_mla_layers_decode_from_their_latent_cache_like_the_full_forward():
+    torch.manual_seed(0)
+    mixers = {"L": ("mla", {"n_heads": 2}), "M": ("mamba", {})}
+    m = HybridLM(V, D, "MLML", mixers, short_conv=2).double().eval()
+    x = ids(9)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 9)
+        parts = [m(x[:, :3], cache)] + [m(x[:, t : t + 1], cache) for t in range(3, 9)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+    # an MLA layer holds T (d_c + d_r) numbers per sequence: d/2 + d_h/2 per token
+    mla = m.blocks[1].mixer
+    assert isinstance(cache[1], KVCache) and cache[1].length == 9
+    assert m.state_sizes(9)[1] == 9 * (mla.d_c + mla.d_r) == 9 * (D // 2 + D // 4)

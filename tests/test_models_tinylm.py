@@ -94,6 +94,11 @@ def test_state_size_knobs():
     assert size("mamba", d_state=4) == 2 * D * 4
     assert size("mamba2", d_state=8) == 2 * D * 8
     assert size("hgrn", expand_ratio=2) == 2 * D
+    # MLA: the latent and the shared RoPE key of every token, whatever the heads
+    assert size("mla", n_heads=2, kv_lora_rank=8, qk_rope_head_dim=4) == 64 * (8 + 4)
+    # its defaults: DeepSeek-V2's proportions at this width (d_c = d/2, d_r = d_h/2)
+    mla = _model("mla").blocks[0].mixer.layer
+    assert (mla.d_c, mla.d_n, mla.d_r, mla.d_v) == (D // 2, D, D // 2, D)
 
 
 def test_custom_mixer_and_options():

@@ -27,7 +27,9 @@ from .mixers import (
     LinearizedMixer,
     ParallelHybrid,
     SlidingWindowAttention,
+    carries_state,
     mixer_state_size,
+    mixes_neighbours,
 )
 from .profile import body_parameters, profile_models
 from .tinylm import TinyLM, TokenMixer, upcycle_tinylm
@@ -50,6 +52,8 @@ __all__ = [
     "HybridLM",
     "RecurrentState",
     "cache_bytes",
+    "carries_state",
+    "mixes_neighbours",
     "decode_memory",
     "decode_step_time",
     "load_bytelm",

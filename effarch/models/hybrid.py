@@ -40,11 +40,8 @@ step takes as the context grows (chapters 6.1 and 6.2).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,10 +50,10 @@ from torch import nn
 
 from .._checks import check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope, sdpa_attention
-from ..bench import cpu_threads, synchronize
+from ..bench import best_of_rounds
 from ..moe import MoELayer
-from ..nn import SwiGLU
-from .mixers import MIXERS, carries_state, mixer_state_size
+from ..nn import ShortConvolution, SwiGLU
+from .mixers import MIXERS, carries_state, mixer_state_size, mixes_neighbours
 
 __all__ = [
     "HYBRIDS",
@@ -110,9 +107,15 @@ def _nbytes(value: Any) -> int:
 
 class HybridCache(list):
     """Per layer, the memory decoding needs (:meth:`HybridLM.new_cache`); ``started`` turns
-    true after the first call (meta tokens are prepended once, before it)."""
+    true after the first call (meta tokens are prepended once, before it). ``conv`` holds,
+    per layer, the last inputs of the short convolution before its mixer (``None`` where
+    the layer has none, or before the first call)."""
 
     started: bool = False
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.conv: list[torch.Tensor | None] = []
 
 
 def _repeat(letters: str, n: int, name: str) -> str:
@@ -122,15 +125,22 @@ def _repeat(letters: str, n: int, name: str) -> str:
 
 
 class _Block(nn.Module):
-    def __init__(self, d_model: int, mixer: nn.Module, ffn: nn.Module | None, eps: float) -> None:
+    def __init__(
+        self, d_model: int, mixer: nn.Module, ffn: nn.Module | None, eps: float, conv: int = 0
+    ) -> None:
         super().__init__()
         self.mixer_norm = nn.RMSNorm(d_model, eps=eps)
+        self.conv = ShortConvolution(d_model, conv, activation=False) if conv else None
         self.mixer = mixer
         self.mlp_norm = nn.RMSNorm(d_model, eps=eps) if ffn is not None else None
         self.mlp = ffn
 
-    def forward(self, h: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, cache: Any = None, conv_cache: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         u = self.mixer_norm(h)
+        if self.conv is not None:
+            u, conv_cache = self.conv(u, conv_cache)
         if isinstance(cache, RecurrentState):
             y, cache.state = self.mixer(u, state=cache.state)
             cache.length += u.shape[1]
@@ -142,7 +152,7 @@ class _Block(nn.Module):
         h = h + y
         if self.mlp is not None:
             h = h + self.mlp(self.mlp_norm(h))
-        return h
+        return h, conv_cache
 
 
 class HybridLM(nn.Module):
@@ -165,6 +175,12 @@ class HybridLM(nn.Module):
             dropped from the output (Hymba's meta tokens: a learned prefix that attention can
             rest on and that primes the recurrent states); 0 for none.
         tie_embeddings: the head reuses the embedding matrix.
+        short_conv: width ``W`` of a causal depthwise convolution over the last ``W`` tokens
+            put before every mixer that does not already mix neighbouring tokens
+            (:func:`~effarch.models.mixes_neighbours`: attention, sliding windows, MLA, linear
+            attention, RetNet, GLA), as :class:`~effarch.models.TinyLM` does and as
+            fla's layers do with ``use_short_conv``; ``0`` (the default) for none. Its last
+            ``W - 1`` inputs are part of the decoding cache (``HybridCache.conv``).
 
     ``forward(input_ids [B, T], cache=None) -> logits [B, T, V]``; with a cache from
     :meth:`new_cache` the tokens continue the cached ones.
@@ -185,9 +201,11 @@ class HybridLM(nn.Module):
         tie_embeddings: bool = True,
         norm_eps: float = 1e-5,
         meta_tokens: int = 0,
+        short_conv: int = 0,
     ) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
+        check_positive_int("short_conv", short_conv, allow_zero=True)
         check_positive_int("d_model", d_model)
         n = len(pattern) if n_layers is None else check_positive_int("n_layers", n_layers)
         self.pattern = _repeat(pattern, n, "pattern")
@@ -230,7 +248,8 @@ class HybridLM(nn.Module):
                 mlp = MoELayer(d_model, moe.get("d_ff", d_ff), **expert_kw)
             else:
                 mlp = None
-            blocks.append(_Block(d_model, mixer, mlp, norm_eps))
+            conv = 0 if mixes_neighbours(mixer) else short_conv
+            blocks.append(_Block(d_model, mixer, mlp, norm_eps, conv))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
@@ -258,6 +277,7 @@ class HybridLM(nn.Module):
                 caches.append(RecurrentState())
             else:
                 raise ValueError(f"mixer {type(mixer).__name__} cannot decode with a cache")
+        caches.conv = [None] * len(self.blocks)
         return caches
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
@@ -276,7 +296,10 @@ class HybridLM(nn.Module):
         if prefix:
             h = torch.cat([self.meta.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
         for i, block in enumerate(self.blocks):
-            h = block(h, None if cache is None else cache[i])
+            if cache is None:
+                h = block(h)[0]
+            else:
+                h, cache.conv[i] = block(h, cache[i], cache.conv[i])
         if cache is not None:
             cache.started = True
         if prefix:
@@ -297,8 +320,10 @@ class HybridLM(nn.Module):
 
 
 def cache_bytes(cache: Sequence[Any]) -> list[int]:
-    """Bytes each layer's cache holds now (``nbytes()`` of each entry)."""
-    return [c.nbytes() for c in cache]
+    """Bytes each layer's cache holds now: ``nbytes()`` of each entry, plus the inputs its
+    short convolution keeps (``HybridCache.conv``)."""
+    conv = getattr(cache, "conv", [])
+    return [c.nbytes() + (_nbytes(conv[i]) if i < len(conv) else 0) for i, c in enumerate(cache)]
 
 
 class _CrossLayer(nn.Module):
@@ -404,7 +429,10 @@ class YOCOLM(nn.Module):
         check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long, torch.int32))
         h = sd.embed(input_ids)
         for i, block in enumerate(sd.blocks):
-            h = block(h, None if cache is None else cache[i])
+            if cache is None:
+                h = block(h)[0]
+            else:
+                h, cache.conv[i] = block(h, cache[i], cache.conv[i])
         b, t, _ = h.shape
         u = self.kv_norm(h)
         start = 0 if cache is None else cache[-1].length
@@ -450,6 +478,26 @@ def decode_memory(
     return {"context": lengths, "per_layer": per_layer, "total": [sum(b) for b in per_layer]}
 
 
+def _repeat_rows(obj: Any, n: int) -> Any:
+    """``obj`` (a cache of one sequence: its tensors ``[1, ...]``, held in lists, dicts and
+    attributes) with every tensor's single row repeated ``n`` times; lists, dicts and objects
+    are changed in place, so pass a copy."""
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim == 0 or obj.shape[0] != 1:
+            raise ValueError(f"a cache tensor of one sequence has 1 row, got {tuple(obj.shape)}")
+        return obj.repeat(n, *([1] * (obj.ndim - 1)))
+    if isinstance(obj, tuple):
+        return tuple(_repeat_rows(x, n) for x in obj)
+    if isinstance(obj, list):
+        obj[:] = [_repeat_rows(x, n) for x in obj]
+    elif isinstance(obj, dict):
+        obj.update({k: _repeat_rows(v, n) for k, v in obj.items()})
+    if hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):
+        for key, value in list(vars(obj).items()):
+            setattr(obj, key, _repeat_rows(value, n))
+    return obj
+
+
 @torch.no_grad()
 def decode_step_time(
     models: Mapping[str, HybridLM | YOCOLM],
@@ -465,16 +513,20 @@ def decode_step_time(
     """Seconds per decoding step after each context length, for several models, measured.
 
     A step feeds one new token to each of ``batch`` sequences (``input_ids [batch, 1]``).
-    Each model's cache is filled with random tokens up to each context ``T`` in turn (a
-    prefill in chunks of ``chunk`` tokens, not timed) and copied at every ``T``. A run
-    decodes one token from a fresh copy of the cache at ``T`` untimed (it brings the model
-    and the copy into the processor's caches, which the previous run may have evicted),
+    Each model's cache is filled for one sequence of random tokens up to each context ``T``
+    in turn (a prefill in chunks of ``chunk`` tokens, not timed) and copied at every ``T``.
+    A run repeats that copy's rows into a fresh cache of ``batch`` rows (a step reads and
+    writes the same sizes whatever the values held, and the new tokens differ from row to
+    row, so a router still sees distinct tokens; the prefill costs one row instead of
+    ``batch``), decodes one token untimed (it brings the model and the cache into the
+    processor's caches, which the previous run may have evicted),
     then ``steps`` tokens timed (tokens ``T + 2 .. T + steps + 1``); one sample is
     ``elapsed / steps``, and the result for a model and a context is
     ``min over the repeats of elapsed / steps``. Every round visits all contexts and all
     models in turn, so a slow spell of a shared machine falls on all of them alike, and the
-    minimum is kept because disturbances only ever add time. The garbage collector is off
-    inside a run, and the device is synchronised around it.
+    minimum is kept because disturbances only ever add time
+    (:func:`~effarch.bench.best_of_rounds`). The garbage collector is off inside a run, and
+    the device is synchronised around it.
 
     Args:
         models: name -> :class:`HybridLM` or :class:`YOCOLM` (in eval mode, on one device).
@@ -512,35 +564,28 @@ def decode_step_time(
         gen = torch.Generator().manual_seed(seed)
         size = (batch, lengths[-1] + steps + 1)
         ids = torch.randint(0, model.vocab_size, size, generator=gen).to(device)
-        cache, done = model.new_cache(batch, lengths[-1] + steps + 1), 0
+        cache, done = model.new_cache(1, lengths[-1] + steps + 1), 0
         for t in lengths:
             for lo in range(done, t, chunk):
-                model(ids[:, lo : min(t, lo + chunk)], cache)
+                model(ids[:1, lo : min(t, lo + chunk)], cache)
             done = t
             filled[name, t] = copy.deepcopy(cache), ids[:, t : t + steps + 1]
-    best = {name: [float("inf")] * len(lengths) for name in models}
-    for _ in range(repeats):
-        for i, t in enumerate(lengths):
-            for name, model in models.items():
-                cache, new = filled[name, t]
-                cache = copy.deepcopy(cache)
-                model(new[:, :1], cache)  # untimed: warms the caches
-                device = new.device
-                on_threads = (
-                    contextlib.nullcontext() if threads is None else cpu_threads(threads, device)
-                )
-                gc_was_on = gc.isenabled()
-                gc.disable()
-                try:
-                    with on_threads:
-                        synchronize(device)
-                        start = time.perf_counter()
-                        for s in range(1, steps + 1):
-                            model(new[:, s : s + 1], cache)
-                        synchronize(device)
-                        elapsed = time.perf_counter() - start
-                finally:
-                    if gc_was_on:
-                        gc.enable()
-                best[name][i] = min(best[name][i], elapsed / steps)
-    return {"context": lengths, **best}
+
+    def prepare(name: str, t: int) -> Callable[[], Callable[[], None]]:
+        def setup() -> Callable[[], None]:
+            model, (cache, new) = models[name], filled[name, t]
+            cache = _repeat_rows(copy.deepcopy(cache), batch)
+            model(new[:, :1], cache)  # untimed: warms the caches
+
+            def run() -> None:
+                for s in range(1, steps + 1):
+                    model(new[:, s : s + 1], cache)
+
+            return run
+
+        return setup
+
+    device = next(next(iter(models.values())).parameters()).device
+    runs = {(name, t): prepare(name, t) for t in lengths for name in models}
+    best = best_of_rounds(runs, repeats=repeats, device=device, threads=threads)
+    return {"context": lengths, **{n: [best[n, t] / steps for t in lengths] for n in models}}

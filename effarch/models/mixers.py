@@ -23,6 +23,7 @@ from torch import nn
 
 from .._checks import check_positive_int, check_positive_number
 from ..attention.grouped import MultiHeadAttention, WindowKVCache
+from ..attention.mla import MultiHeadLatentAttention
 from ..attention.naive import naive_attention
 from ..linear import LinearizedAttention
 from ..linear.layers import (
@@ -35,7 +36,7 @@ from ..linear.layers import (
     RetNet,
     TTTLinear,
 )
-from ..nn import init_dt_bias
+from ..nn import ShortConvolution, init_dt_bias
 from ..sparse import NativeSparseAttention
 from ..ssm.layers import S4D, Mamba, Mamba2
 
@@ -47,6 +48,7 @@ __all__ = [
     "SlidingWindowAttention",
     "carries_state",
     "mixer_state_size",
+    "mixes_neighbours",
 ]
 
 MixerFactory = Callable[..., nn.Module]
@@ -94,6 +96,14 @@ class SlidingWindowAttention(MultiHeadAttention):
 
     def extra_repr(self) -> str:
         return f"window={self.window}"
+
+
+def mixes_neighbours(layer: nn.Module) -> bool:
+    """Whether a mixer already mixes each token with its predecessors before its recurrence
+    (a short convolution of its own, or RWKV's token shift): models put a short convolution
+    before the mixers that do not (:class:`~effarch.models.TinyLM`,
+    :class:`~effarch.models.HybridLM`)."""
+    return isinstance(layer, RWKV7) or any(isinstance(m, ShortConvolution) for m in layer.modules())
 
 
 def carries_state(layer: nn.Module) -> bool:
@@ -258,6 +268,25 @@ def _mamba2(d_model: int, **kwargs: Any) -> nn.Module:
     return Mamba2(d_model, **kwargs)
 
 
+def _mla(d_model: int, **kwargs: Any) -> nn.Module:
+    """Build a MultiHeadLatentAttention with DeepSeek-V2's proportions at this width.
+
+    ``n_heads`` defaults to ``d_model / 32``, ``qk_nope_head_dim = v_head_dim`` to the head
+    width ``d_model / n_heads`` and ``qk_rope_head_dim`` to half of it (DeepSeek-V2: 128 and
+    64), and ``kv_lora_rank`` to ``d_model / 2`` (DeepSeek-V2's 512 is 4 head widths; at
+    small widths that would exceed the model's own width). The cache then holds
+    ``d/2 + d_h/2`` numbers per token where multi-head attention holds ``2 d``.
+    """
+    check_positive_int("d_model", d_model)
+    kwargs.setdefault("n_heads", _default_heads(d_model))
+    head = d_model // check_positive_int("n_heads", kwargs["n_heads"])
+    kwargs.setdefault("qk_nope_head_dim", head)
+    kwargs.setdefault("v_head_dim", head)
+    kwargs.setdefault("qk_rope_head_dim", max(2, head // 4 * 2))  # even, for RoPE
+    kwargs.setdefault("kv_lora_rank", max(1, d_model // 2))
+    return MultiHeadLatentAttention(d_model, **kwargs)
+
+
 def _gated_deltanet(
     d_model: int,
     *,
@@ -302,6 +331,7 @@ def _gated_deltanet(
 #: ``"gated_deltanet"`` also takes Mamba-2's ``A_init_range``, ``dt_min``, ``dt_max``.
 MIXERS: dict[str, MixerFactory] = {
     "attention": _headed(MultiHeadAttention),
+    "mla": _mla,
     "sliding_window": _headed(SlidingWindowAttention, window=16),
     "nsa": _headed(NativeSparseAttention, block=8, top_n=2, window=16),
     "linear_attention": _headed(LinearAttention),
@@ -330,6 +360,7 @@ def mixer_state_size(mixer: nn.Module, seq_len: int) -> int:
     mixer                           elements                                    knob
     ==============================  ==========================================  ================
     attention (KV cache)            ``2 T G dh``                                ``T``, ``dh``
+    MLA (latent cache)              ``T (d_c + d_r)``                           ``kv_lora_rank``
     sliding-window attention        ``2 min(T, w) G dh``                        ``window``
     linear attention                ``H K K`` (+ ``H K`` normaliser)            ``n_heads``
     RetNet, GLA, Gated DeltaNet     ``H K V``                                   ``n_heads``,

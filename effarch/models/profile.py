@@ -22,16 +22,14 @@ fixed overheads): the exponents that say which family scales how.
 
 from __future__ import annotations
 
-import gc
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from ..bench import fit_exponent, measure_flops, synchronize
+from ..bench import best_of_rounds, fit_exponent, measure_flops
 from .hybrid import YOCOLM, HybridLM, decode_memory, decode_step_time
 
 __all__ = ["profile_models", "body_parameters"]
@@ -64,25 +62,22 @@ def _fit(sizes: Sequence[int], values: Sequence[float]) -> float:
 def _prefill_times(
     models: Mapping[str, nn.Module], lengths: list[int], repeats: int, batch: int, seed: int
 ) -> dict[str, list[float]]:
-    """Seconds of one forward over ``T`` tokens, smallest of ``repeats`` rounds; every round
-    visits all lengths and models in turn, so a slow spell of the machine falls on all."""
+    """Seconds of one forward over ``T`` tokens, smallest of ``repeats`` interleaved rounds
+    (:func:`~effarch.bench.best_of_rounds`); fresh random tokens for every run."""
     gen = torch.Generator().manual_seed(seed)
-    best = {name: [float("inf")] * len(lengths) for name in models}
-    for _ in range(repeats):
-        for i, t in enumerate(lengths):
-            for name, model in models.items():
-                device = next(model.parameters()).device
-                ids = torch.randint(0, model.vocab_size, (batch, t), generator=gen).to(device)
-                gc.disable()
-                try:
-                    synchronize(device)
-                    start = time.perf_counter()
-                    model(ids)
-                    synchronize(device)
-                    best[name][i] = min(best[name][i], time.perf_counter() - start)
-                finally:
-                    gc.enable()
-    return best
+
+    def prepare(model: nn.Module, t: int) -> Callable[[], Callable[[], Any]]:
+        def setup() -> Callable[[], Any]:
+            device = next(model.parameters()).device
+            ids = torch.randint(0, model.vocab_size, (batch, t), generator=gen).to(device)
+            return lambda: model(ids)
+
+        return setup
+
+    device = next(next(iter(models.values())).parameters()).device
+    runs = {(name, t): prepare(m, t) for t in lengths for name, m in models.items()}
+    best = best_of_rounds(runs, repeats=repeats, device=device)
+    return {name: [best[name, t] for t in lengths] for name in models}
 
 
 def profile_models(

@@ -37,10 +37,15 @@ from .._checks import (
     check_positive_number,
     check_tensor,
 )
-from ..linear.layers import RWKV7
 from ..moe import MoELayer, upcycle
 from ..nn import ShortConvolution, SwiGLU
-from .mixers import MIXERS, MixerFactory, SlidingWindowAttention, mixer_state_size
+from .mixers import (
+    MIXERS,
+    MixerFactory,
+    SlidingWindowAttention,
+    mixer_state_size,
+    mixes_neighbours,
+)
 
 # MIXERS, SlidingWindowAttention and mixer_state_size live in .mixers; listed here too so that
 # their old import path, effarch.models.tinylm, keeps working.
@@ -57,12 +62,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # The mixer, wrapped
 # --------------------------------------------------------------------------------------------
-
-
-def _mixes_neighbours(layer: nn.Module) -> bool:
-    """Whether a mixer already mixes each token with its predecessors before its recurrence
-    (a short convolution, or RWKV's token shift)."""
-    return isinstance(layer, RWKV7) or any(isinstance(m, ShortConvolution) for m in layer.modules())
 
 
 class TokenMixer(nn.Module):
@@ -235,7 +234,7 @@ class TinyLM(nn.Module):
             mixer_module = TokenMixer(factory(d_model, **mixer_kwargs), name)
             width = short_conv
             if width is None:
-                width = 0 if _mixes_neighbours(mixer_module.layer) else 2
+                width = 0 if mixes_neighbours(mixer_module.layer) else 2
             blocks.append(_Block(d_model, mixer_module, d_ff, mlp, norm_eps, width, moe))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
