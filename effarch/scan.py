@@ -52,6 +52,7 @@ __all__ = [
     "linear_recurrence",
     "plot_scan_schedule",
     "scan_depth",
+    "scan_work",
     "segsum",
     "sequential_scan",
 ]
@@ -139,6 +140,28 @@ def scan_depth(T: int, method: str = "blelloch") -> int:
         depth += 1 + (1 if (T + 1) // 2 > 1 else 0)  # pair step, then (maybe) fill step
         T //= 2
     return depth
+
+
+def scan_work(T: int, method: str = "blelloch") -> int:
+    """Combine operations ``(a, b) then (a', b')`` that :func:`linear_recurrence` performs
+    for length ``T``, summed over its steps (each is one multiply-add per element).
+
+    ``"sequential"``: ``T - 1``. ``"hillis_steele"``: ``T - 2^k`` in round ``k``, so
+    ``T log2 T - T + 1`` for ``T`` a power of two: ``O(T log T)``. ``"blelloch"``: ``T // 2``
+    pair combines, the half-length scan, then ``ceil(T / 2) - 1`` fills, so ``2T - 2 - log2 T``
+    for ``T`` a power of two: ``O(T)``, work-efficient.
+    """
+    check_positive_int("T", T)
+    check_choice("method", method, METHODS)
+    if method == "sequential":
+        return T - 1
+    if method == "hillis_steele":
+        return sum(T - shift for shift in (2**k for k in range(scan_depth(T, method))))
+    work = 0
+    while T > 1:
+        work += T // 2 + (T + 1) // 2 - 1  # pair up, then fill the even positions
+        T //= 2
+    return work
 
 
 def sequential_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:

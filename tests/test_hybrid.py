@@ -20,6 +20,18 @@ def ids(t, seed=0):
     return torch.randint(0, V, (2, t), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_decodes_like_the_full_forward(m, x, prompt):
+    """Prefill ``prompt`` tokens, then one token at a time: the logits of the full forward.
+    Returns the filled cache."""
+    T = x.shape[1]
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(x.shape[0], T)
+        parts = [m(x[:, :prompt], cache)] + [m(x[:, t : t + 1], cache) for t in range(prompt, T)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+    return cache
+
+
 CASES = {
     "jamba": dict(n_layers=8, moe_kwargs={"n_experts": 4, "k": 2}),
     "samba": dict(
@@ -364,11 +376,7 @@ def test_short_convolution_before_mixers_without_one_decodes_like_the_full_forwa
     # only the mixers that do not mix neighbours already get one (Mamba has its own)
     assert with_conv == [c in "ALS" for c in m.pattern], (m.pattern, with_conv)
     x = ids(11)
-    with torch.no_grad():
-        full = m(x)
-        cache = m.new_cache(2, 11)
-        parts = [m(x[:, :5], cache)] + [m(x[:, t : t + 1], cache) for t in range(5, 11)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+    cache = assert_decodes_like_the_full_forward(m, x, prompt=5)
     # each convolution keeps its last W - 1 = 3 inputs of width D, counted with its layer
     plain = model(name, **CASES[name])
     with torch.no_grad():
@@ -400,12 +408,7 @@ def test_mla_layers_decode_from_their_latent_cache_like_the_full_forward():
     torch.manual_seed(0)
     mixers = {"L": ("mla", {"n_heads": 2}), "M": ("mamba", {})}
     m = HybridLM(V, D, "MLML", mixers, short_conv=2).double().eval()
-    x = ids(9)
-    with torch.no_grad():
-        full = m(x)
-        cache = m.new_cache(2, 9)
-        parts = [m(x[:, :3], cache)] + [m(x[:, t : t + 1], cache) for t in range(3, 9)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+    cache = assert_decodes_like_the_full_forward(m, ids(9), prompt=3)
     # an MLA layer holds T (d_c + d_r) numbers per sequence: d/2 + d_h/2 per token
     mla = m.blocks[1].mixer
     assert isinstance(cache[1], KVCache) and cache[1].length == 9

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from effarch.linear.hgrn import hgrn
-from effarch.scan import blelloch_scan, hillis_steele_scan, linear_recurrence, scan_depth
+from effarch.scan import (
+    blelloch_scan,
+    hillis_steele_scan,
+    hillis_steele_schedule,
+    linear_recurrence,
+    scan_depth,
+    scan_work,
+)
 from effarch.ssm.s4 import discretize, fft_conv, s4d_init, ssm_kernel, ssm_recurrence
 from effarch.ssm.selective import selective_scan
 from effarch.ssm.ssd import segsum, ssd, ssd_matrix, ssd_recurrent
@@ -67,6 +74,20 @@ def test_scan_depth_counts_the_steps_taken():
             if T & (T - 1) == 0:  # powers of two: up and down sweeps of log2 T levels
                 assert depth == 2 * log - 1
         assert scan_depth(T, "sequential") == T - 1
+
+
+def test_scan_work_counts_the_combines():
+    for T in range(1, 300):
+        # Hillis-Steele: one combine per arrow of its schedule
+        assert scan_work(T, "hillis_steele") == sum(map(len, hillis_steele_schedule(T)))
+        assert scan_work(T, "sequential") == T - 1
+        assert T - 1 <= scan_work(T, "blelloch") < 2 * T
+        if T > 1 and T & (T - 1) == 0:  # powers of two: the closed forms
+            log = int(math.log2(T))
+            assert scan_work(T, "blelloch") == 2 * T - 2 - log
+            assert scan_work(T, "hillis_steele") == T * log - T + 1
+    with pytest.raises(ValueError, match="method must be one of"):
+        scan_work(8, "fast")
 
 
 def test_linear_recurrence_decays_underflow_without_nan():

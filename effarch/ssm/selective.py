@@ -132,9 +132,11 @@ def selective_scan(
         else:
             last = dA.new_zeros(batch, dim, n_state) if h0 is None else h0.clone()
     else:
-        x = torch.zeros(batch, dim, n_state, dtype=compute, device=u.device)
-        if h0 is not None:
-            x = x + h0
+        x = (
+            torch.zeros(batch, dim, n_state, dtype=compute, device=u.device)
+            if h0 is None
+            else h0.clone()
+        )
         ys = []
         for t in range(length):
             x = dA[:, t] * x + dBu[:, t]
