@@ -334,7 +334,7 @@ def test_decode_step_time_keeps_the_best_of_interleaved_rounds(monkeypatch):
         decode_step_time({"context": models["a"]}, [3])
 
 
-@pytest.mark.parametrize("name", [*CASES, "yoco", "samba+conv"])
+@pytest.mark.parametrize("name", [*CASES, "yoco", "samba+conv", "ttt"])
 def test_a_cache_of_one_sequence_with_its_rows_repeated_decodes_like_a_batch_prefill(name):
     """decode_step_time fills one row and repeats it: every tensor of every kind of cache
     (KV, window, recurrent states, short convolutions, YOCO's shared cache) must follow."""
@@ -349,6 +349,9 @@ def test_a_cache_of_one_sequence_with_its_rows_repeated_decodes_like_a_batch_pre
                    self_mixer=("sliding_window", {"window": 4})).double().eval()  # fmt: skip
     elif name == "samba+conv":
         m = model("samba", **CASES["samba"], short_conv=3)
+    elif name == "ttt":  # its state holds a 0-dim position counter every row shares
+        torch.manual_seed(0)
+        m = HybridLM(V, D, "A", {"A": ("ttt_linear", {})}, n_layers=2).double().eval()
     else:
         m = model(name, **CASES[name])
     prompt, new = (

@@ -481,9 +481,12 @@ def decode_memory(
 def _repeat_rows(obj: Any, n: int) -> Any:
     """``obj`` (a cache of one sequence: its tensors ``[1, ...]``, held in lists, dicts and
     attributes) with every tensor's single row repeated ``n`` times; lists, dicts and objects
-    are changed in place, so pass a copy."""
+    are changed in place, so pass a copy. A 0-dim tensor (a position counter that every row
+    shares, as TTT's ``pos``) stays as it is."""
     if isinstance(obj, torch.Tensor):
-        if obj.ndim == 0 or obj.shape[0] != 1:
+        if obj.ndim == 0:
+            return obj
+        if obj.shape[0] != 1:
             raise ValueError(f"a cache tensor of one sequence has 1 row, got {tuple(obj.shape)}")
         return obj.repeat(n, *([1] * (obj.ndim - 1)))
     if isinstance(obj, tuple):
