@@ -175,6 +175,7 @@ def train(
     desc: str | None = None,
     aux_loss: Callable[[nn.Module], torch.Tensor] | None = None,
     after_step: Callable[[nn.Module, int], None] | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     r"""Train ``model`` on next-token targets with AdamW, warmup + cosine decay and clipping.
 
@@ -205,6 +206,9 @@ def train(
             recorded losses stay the cross-entropy alone.
         after_step: ``(model, step) -> None`` called after each optimiser step (for example
             the auxiliary-loss-free bias update of an MoE router).
+        loss_fn: ``(model, inputs, targets) -> scalar`` replacing the forward pass and the
+            next-token cross-entropy (for example a masked diffusion model's weighted loss,
+            :func:`effarch.diffusion.masked_diffusion_loss`); recorded as the loss.
 
     Returns:
         A :class:`TrainResult` with the loss history, final accuracy and throughput.
@@ -220,6 +224,8 @@ def train(
     )
     check_positive_number("grad_clip", grad_clip, allow_none=True)
     check_positive_int("seed", seed, allow_zero=True)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
     if eval_every is not None:
         check_positive_int("eval_every", eval_every)
     if eval_data is not None:
@@ -262,11 +268,14 @@ def train(
     for step in bar:
         inputs, targets = next_batch(step)
         inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )  # fmt: skip
+        if loss_fn is None:
+            logits = model(inputs)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )  # fmt: skip
+        else:
+            loss = loss_fn(model, inputs, targets)
         total = loss if aux_loss is None else loss + aux_loss(model)
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -3,6 +3,8 @@
 * :func:`mqar`: multi-query associative recall (Arora et al., 2023), the task behind the
   recall-memory trade-off: keys bound to values early in a sequence, asked for later.
 * :func:`memory_stream`: a stream of key-value bindings for memories trained at test time.
+* :func:`perm_copy`: a permutation then its copy, whose validity and likelihood are exact
+  (the diffusion chapter's parallel-decoding test);
 * :func:`recall_accuracy`: the fraction of queries answered right.
 * :func:`stdlib_corpus`: real text every machine has (the standard library's sources),
   split into training and held-out files; :func:`byte_batches` cuts windows from it.
@@ -13,6 +15,7 @@ it from the command line.
 """
 
 from .mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
+from .permutation import perm_copy, perm_copy_oracle, perm_copy_valid
 from .stream import MemoryStream, memory_stream
 from .text import BOS, TextCorpus, byte_batches, heldout_windows, stdlib_corpus
 
@@ -26,6 +29,9 @@ __all__ = [
     "heldout_windows",
     "memory_stream",
     "mqar",
+    "perm_copy",
+    "perm_copy_oracle",
+    "perm_copy_valid",
     "recall_accuracy",
     "stdlib_corpus",
 ]
