@@ -10,6 +10,7 @@
     python -m effarch.experiments moe-upcycle --out effarch/experiments/moe_upcycle_cpu.json
     python -m effarch.experiments hybrid-recall --out effarch/experiments/hybrid_recall_cpu.json
     python -m effarch.experiments every-family --out effarch/experiments/every_family_cpu.json
+    python -m effarch.experiments diffusion-lm --out-dir effarch/experiments
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -20,6 +21,7 @@ import sys
 
 from . import (
     bytelm,
+    diffusion_lm,
     every_family,
     hybrid_recall,
     kv_budget,
@@ -31,6 +33,7 @@ from . import (
 
 EXPERIMENTS = {
     "bytelm": bytelm.main,
+    "diffusion-lm": diffusion_lm.main,
     "every-family": every_family.main,
     "hybrid-recall": hybrid_recall.main,
     "kv-budget": kv_budget.main,
