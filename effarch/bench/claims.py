@@ -68,9 +68,8 @@ def remeasured(
             if attempt == attempts:
                 raise
             log(
-                f"(measurement {attempt} of at most {attempts} broke a timing claim "
-                f"({type(err).__name__}: {err!s:.120}); other work on the cores slows calls "
-                "unevenly: measuring again)"
+                f"(measurement {attempt} of at most {attempts} broke a timing claim, "
+                f"{err!s:.120}; other work on the cores slows calls unevenly: measuring again)"
             )
         else:
             return result
