@@ -342,3 +342,22 @@ def test_learning_path_finds_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(learning_path, "ROOT", tmp_path)
     with pytest.raises(ValueError, match="cycle"):
         learning_path.graph()
+
+
+def test_checked_cells_start_with_the_marker():
+    """nbval compares a cell's whole output when NBVAL_CHECK_OUTPUT appears anywhere in it,
+    so a marker below printed measurements would compare those to the last digit (and fail
+    on another CPU). A checked cell starts with the marker; what is not checked is its own
+    cell."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    late = []
+    for path in sorted((root / "chapters").glob("*/*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            lines = "".join(cell["source"]).split("\n")
+            if cell["cell_type"] == "code" and any(
+                line.strip() == "# NBVAL_CHECK_OUTPUT" for line in lines[1:]
+            ):
+                late.append(f"{path.relative_to(root)}: cell {i}")
+    assert not late, "move the marker to the first line (split the cell): " + ", ".join(late)
