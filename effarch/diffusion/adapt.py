@@ -16,6 +16,8 @@ to logits for ``x_0`` like any denoiser.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -78,8 +80,6 @@ def from_autoregressive(ar: DiffusionLM, bos_id: int) -> ShiftedDenoiser:
     """
     if not isinstance(ar, DiffusionLM) or not ar.cfg.causal:
         raise TypeError("ar must be a causal DiffusionLM (an autoregressive model)")
-    from dataclasses import replace
-
     bi = DiffusionLM(replace(ar.cfg, causal=False)).to(ar.embed_tokens.weight)
     bi.load_state_dict(ar.state_dict())
     out = ShiftedDenoiser(bi, bos_id)
