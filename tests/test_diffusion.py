@@ -586,3 +586,25 @@ def test_stored_diffusion_models_load_and_reject_bad_kinds():
         diffusion_lm.load_diffusion_model("perm", "block4")
     with pytest.raises(ValueError, match="task must be one of"):
         diffusion_lm.load_diffusion_model("music", "ar")
+
+
+def test_judge_bits_is_the_byte_model_s_cross_entropy_and_byte_entropy_the_histogram_s():
+    from effarch.experiments import diffusion_lm
+    from effarch.models import load_bytelm
+
+    x = diffusion_lm.heldout("text")[:3, :24]
+    judge, _ = load_bytelm()
+    with torch.no_grad():  # a loop over positions, from BOS (256)
+        total = 0.0
+        for r in range(len(x)):
+            seq = torch.cat([torch.tensor([256]), x[r, :-1]])
+            logp = judge(seq[None]).double().log_softmax(-1)[0]
+            total -= sum(logp[i, x[r, i]].item() for i in range(x.shape[1]))
+    expected = total / x.numel() / math.log(2)
+    assert diffusion_lm.judge_bits(x) == pytest.approx(expected, rel=1e-4)
+    assert diffusion_lm.byte_entropy(torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])) == 2.0
+    assert diffusion_lm.byte_entropy(torch.tensor([7, 7, 7])) == 0.0
+    with pytest.raises(ValueError, match=r"bytes in \[0, 255\]"):
+        diffusion_lm.judge_bits(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="tokens"):
+        diffusion_lm.judge_bits(torch.tensor([1, 2]))

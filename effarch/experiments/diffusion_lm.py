@@ -33,6 +33,7 @@ model's exact cross-entropy, the diffusion model's ELBO bound from LLaDA's estim
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_tensor
 from ..diffusion import (
     DiffusionLM,
     DiffusionLMConfig,
@@ -55,13 +57,14 @@ from ..diffusion import (
     from_autoregressive,
     masked_diffusion_loss,
 )
+from ..models.bytelm import bits_per_byte, load_bytelm
 from ..tasks import perm_copy
 from ..tasks.text import byte_batches, heldout_windows, stdlib_corpus
 from ..train import train
 
-__all__ = ["CONFIG", "KINDS", "STORED", "diffusion_lm_experiment", "heldout", "heldout_nll",
-           "load_diffusion_model", "main", "stored_diffusion_lm", "task_kinds",
-           "task_vocab"]  # fmt: skip
+__all__ = ["CONFIG", "KINDS", "STORED", "byte_entropy", "diffusion_lm_experiment", "heldout",
+           "heldout_nll", "judge_bits", "load_diffusion_model", "main", "stored_diffusion_lm",
+           "task_kinds", "task_vocab"]  # fmt: skip
 
 HERE = Path(__file__).resolve().parent
 STORED = HERE / "diffusion_lm_cpu.json"
@@ -155,6 +158,40 @@ def heldout_nll(model: nn.Module, task: str, *, block_size: int | None = None,
                                    generator=g)  # fmt: skip
         total += e.mean(0).sum().item()
     return total / x.numel()
+
+
+@functools.cache
+def _judge() -> nn.Module:
+    return load_bytelm()[0]
+
+
+@torch.no_grad()
+def judge_bits(tokens: torch.Tensor) -> float:
+    """How plausible byte sequences are to a third model: bits per byte.
+
+    ``tokens [N, L]`` int64 bytes (0..255) are scored by chapter 3's trained byte model
+    (:func:`~effarch.models.load_bytelm`), which reads ``[BOS, x_0 .. x_{L-2}]`` and
+    predicts ``x``: ``-(1 / (N L)) sum_i log2 p(x_i | x_{<i})``. Neither model of this
+    experiment was trained against it, so it judges both kinds of samples alike. Lower is
+    more plausible; report :func:`byte_entropy` beside it, since a sampler that collapses
+    onto a few frequent bytes also scores well.
+    """
+    check_tensor("tokens", tokens, ndim=2, dtypes=(torch.long,))
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < 256):
+        raise ValueError(
+            f"tokens must be bytes in [0, 255], got values in [{int(tokens.min())}, "
+            f"{int(tokens.max())}]"
+        )
+    inputs = torch.cat([torch.full((len(tokens), 1), 256), tokens[:, :-1]], 1)
+    return bits_per_byte(_judge(), inputs, tokens)
+
+
+def byte_entropy(tokens: torch.Tensor) -> float:
+    """Entropy in bits of the byte histogram of ``tokens`` (any shape), ``-sum_b p_b log2 p_b``:
+    how varied a set of samples is (English text: about 4.5 bits)."""
+    p = torch.bincount(tokens.flatten(), minlength=256).double()
+    p = p[p > 0] / p.sum()
+    return -(p * p.log2()).sum().item()
 
 
 def _train_one(
