@@ -9,6 +9,8 @@ r"""Diffusion language models (survey section 7): masked diffusion and block dif
   sampler with a KV cache over the committed blocks;
 * :mod:`~effarch.diffusion.adapt`: an autoregressive model turned into a diffusion model
   (DiffuLLaMA's shift and attention-mask annealing);
+* :mod:`~effarch.diffusion.multimodal`: one model over image and text tokens (a noise level
+  per modality, :func:`joint_diffusion_loss`), sampled by :func:`infill`;
 * :class:`DiffusionLM`: the book's Llama-style decoder, bidirectional (the denoiser) or
   causal (the autoregressive baseline of the same size).
 """
@@ -22,6 +24,7 @@ from .block import (
     block_generate,
 )
 from .model import DiffusionLM, DiffusionLMConfig
+from .multimodal import PerPositionVocab, joint_diffusion_loss
 from .process import (
     SCHEDULES,
     elbo_samples,
@@ -37,6 +40,7 @@ from .sampling import (
     add_gumbel_noise,
     confidence,
     generate,
+    infill,
     num_transfer_tokens,
     unmask_step,
 )
@@ -47,6 +51,7 @@ __all__ = [
     "DiffusionLM",
     "DiffusionLMConfig",
     "DiffusionSample",
+    "PerPositionVocab",
     "ShiftedDenoiser",
     "add_gumbel_noise",
     "annealed_mask",
@@ -60,6 +65,8 @@ __all__ = [
     "forward_process",
     "from_autoregressive",
     "generate",
+    "infill",
+    "joint_diffusion_loss",
     "logits_of",
     "loss_weight",
     "mask_prob",

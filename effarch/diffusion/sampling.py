@@ -21,6 +21,10 @@ masked position, and *commits* some of them; the rest stay masked for later step
   ``entropy``).
 * Classifier-free guidance: ``logits = u + (s + 1) (c - u)``, ``c`` from the sequence and
   ``u`` from the same sequence with the prompt masked.
+
+:func:`infill` runs the same steps on masks placed anywhere: every conditional of the joint
+distribution, with no prompt/generation split (chapter 7.3 generates an image's text and a
+text's image with it).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "add_gumbel_noise",
     "confidence",
     "generate",
+    "infill",
     "num_transfer_tokens",
     "unmask_step",
 ]
@@ -285,4 +290,71 @@ def generate(
             step_of[commit] = len(per_step)
             per_step.append(int(commit.sum()))
             i += 1
+    return DiffusionSample(tokens=x, step_of=step_of, nfe=len(per_step), per_step=per_step)
+
+
+@torch.no_grad()
+def infill(
+    model: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    *,
+    mask_id: int,
+    steps: int | None = None,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    threshold: float | None = None,
+    gumbel_dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
+) -> DiffusionSample:
+    """Fill every ``mask_id`` position of ``x``, wherever it lies, by iterative unmasking.
+
+    A masked diffusion model conditions on whatever is left unmasked, so one sampler serves
+    every conditional: a prompt before the masks (:func:`generate` with one block equals
+    ``infill`` of ``[prompt, M, ..., M]``), a suffix, an image's missing half, the text of an
+    image (chapter 7.3). Each step runs the model on the whole of ``x`` and commits
+    :func:`num_transfer_tokens` of the masked positions (or, with ``threshold``, those above
+    it and at least one) by the ``remasking`` rule, as :func:`unmask_step`.
+
+    Args:
+        model: ``[B, T] -> [B, T, V]`` logits (or ``.logits``).
+        x: ``[B, T]`` int64, ``mask_id`` where a token is to be generated (rows may hold
+            different numbers of masks).
+        steps: steps to fill the most-masked row (default: that row's mask count, one token
+            per step); ignored with ``threshold``.
+        temperature, remasking, threshold, gumbel_dtype, generator: as :func:`generate`.
+
+    Returns:
+        A :class:`DiffusionSample` with ``tokens [B, T]`` (unmasked positions untouched) and
+        ``step_of`` (``-1`` where ``x`` was given).
+    """
+    check_tensor("x", x, ndim=2, dtypes=(torch.long,))
+    check_positive_int("mask_id", mask_id, allow_zero=True)
+    check_choice("remasking", remasking, REMASKING)
+    check_positive_number("temperature", temperature, allow_zero=True)
+    masks = x == mask_id
+    most = int(masks.sum(1).max()) if x.numel() else 0
+    if threshold is None:
+        steps = max(most, 1) if steps is None else check_positive_int("steps", steps)
+        counts = num_transfer_tokens(masks, steps)
+    elif check_positive_number("threshold", threshold) > 1:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    x = x.clone()
+    step_of = torch.full_like(x, -1)
+    per_step: list[int] = []
+    i = 0
+    while bool((x == mask_id).any()):
+        if threshold is None and i >= counts.shape[1]:
+            break
+        if threshold is None and not bool((counts[:, i] > 0).any()):
+            i += 1
+            continue
+        logits = logits_of(model(x))
+        x, commit = unmask_step(
+            logits, x, x == mask_id, k=None if threshold is not None else counts[:, i],
+            threshold=threshold, remasking=remasking, temperature=temperature,
+            gumbel_dtype=gumbel_dtype, generator=generator, mask_id=mask_id,
+        )  # fmt: skip
+        step_of[commit] = len(per_step)
+        per_step.append(int(commit.sum()))
+        i += 1
     return DiffusionSample(tokens=x, step_of=step_of, nfe=len(per_step), per_step=per_step)

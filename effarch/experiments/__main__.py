@@ -11,6 +11,7 @@
     python -m effarch.experiments hybrid-recall --out effarch/experiments/hybrid_recall_cpu.json
     python -m effarch.experiments every-family --out effarch/experiments/every_family_cpu.json
     python -m effarch.experiments diffusion-lm --out-dir effarch/experiments
+    python -m effarch.experiments multimodal-diffusion --out-dir effarch/experiments
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -27,6 +28,7 @@ from . import (
     kv_budget,
     moe_balance,
     moe_training,
+    multimodal_diffusion,
     recall,
     sparse_recall,
 )
@@ -40,6 +42,7 @@ EXPERIMENTS = {
     "moe-balance": moe_balance.main,
     "moe-upcycle": moe_training.main_upcycle,
     "moe-vs-dense": moe_training.main_vs_dense,
+    "multimodal-diffusion": multimodal_diffusion.main,
     "recall": recall.main,
     "sparse-recall": sparse_recall.main,
 }

@@ -5,6 +5,8 @@
 * :func:`memory_stream`: a stream of key-value bindings for memories trained at test time.
 * :func:`perm_copy`: a permutation then its copy, whose validity and likelihood are exact
   (the diffusion chapter's parallel-decoding test);
+* :func:`load_digits`: scikit-learn's bundled 8x8 digits, as floats or grey-level tokens,
+  with :data:`DIGIT_NAMES` and a fixed :func:`digits_split`;
 * :func:`recall_accuracy`: the fraction of queries answered right.
 * :func:`stdlib_corpus`: real text every machine has (the standard library's sources),
   split into training and held-out files; :func:`byte_batches` cuts windows from it.
@@ -14,6 +16,7 @@ The experiment that trains small models on it is
 it from the command line.
 """
 
+from .digits import DIGIT_NAMES, digits_split, load_digits, quantize
 from .mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
 from .permutation import perm_copy, perm_copy_oracle, perm_copy_valid
 from .stream import MemoryStream, memory_stream
@@ -21,17 +24,21 @@ from .text import BOS, TextCorpus, byte_batches, heldout_windows, stdlib_corpus
 
 __all__ = [
     "BOS",
+    "DIGIT_NAMES",
     "IGNORE_INDEX",
     "MQARBatch",
     "MemoryStream",
     "TextCorpus",
     "byte_batches",
+    "digits_split",
     "heldout_windows",
+    "load_digits",
     "memory_stream",
     "mqar",
     "perm_copy",
     "perm_copy_oracle",
     "perm_copy_valid",
+    "quantize",
     "recall_accuracy",
     "stdlib_corpus",
 ]
