@@ -62,11 +62,17 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _as_pair(batch: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_pair(
+    batch: Any, name: str, *, any_shape: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, MQARBatch):
         return batch.inputs, batch.targets
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
+        if any_shape:  # a loss_fn reads them: images and labels, say
+            check_tensor(f"{name} inputs", inputs)
+            check_tensor(f"{name} targets", targets)
+            return inputs, targets
         check_tensor(f"{name} inputs", inputs, ndim=2)
         check_tensor(f"{name} targets", targets, ndim=2, dtypes=(torch.long,))
         if inputs.shape != targets.shape:
@@ -208,7 +214,9 @@ def train(
             the auxiliary-loss-free bias update of an MoE router).
         loss_fn: ``(model, inputs, targets) -> scalar`` replacing the forward pass and the
             next-token cross-entropy (for example a masked diffusion model's weighted loss,
-            :func:`effarch.diffusion.masked_diffusion_loss`); recorded as the loss.
+            :func:`effarch.diffusion.masked_diffusion_loss`, or an image classifier's
+            cross-entropy); recorded as the loss. With it, a callable ``data`` may return
+            tensors of any shape.
 
     Returns:
         A :class:`TrainResult` with the loss history, final accuracy and throughput.
@@ -250,7 +258,7 @@ def train(
     elif callable(data):
 
         def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return _as_pair(data(step), "data(step)")
+            return _as_pair(data(step), "data(step)", any_shape=loss_fn is not None)
 
     else:
         raise TypeError(f"data must be an MQARBatch or a callable step -> batch, got {type(data)}")

@@ -12,6 +12,7 @@
     python -m effarch.experiments every-family --out effarch/experiments/every_family_cpu.json
     python -m effarch.experiments diffusion-lm --out-dir effarch/experiments
     python -m effarch.experiments multimodal-diffusion --out-dir effarch/experiments
+    python -m effarch.experiments vision-scans --out effarch/experiments/vision_scans_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -31,6 +32,7 @@ from . import (
     multimodal_diffusion,
     recall,
     sparse_recall,
+    vision_scans,
 )
 
 EXPERIMENTS = {
@@ -45,6 +47,7 @@ EXPERIMENTS = {
     "multimodal-diffusion": multimodal_diffusion.main,
     "recall": recall.main,
     "sparse-recall": sparse_recall.main,
+    "vision-scans": vision_scans.main,
 }
 
 

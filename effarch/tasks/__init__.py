@@ -7,6 +7,8 @@
   (the diffusion chapter's parallel-decoding test);
 * :func:`load_digits`: scikit-learn's bundled 8x8 digits, as floats or grey-level tokens,
   with :data:`DIGIT_NAMES` and a fixed :func:`digits_split`;
+* :func:`planted_lines`: a 2-D task whose answer lies along columns (or rows), for scan
+  orders over images;
 * :func:`recall_accuracy`: the fraction of queries answered right.
 * :func:`stdlib_corpus`: real text every machine has (the standard library's sources),
   split into training and held-out files; :func:`byte_batches` cuts windows from it.
@@ -17,6 +19,7 @@ it from the command line.
 """
 
 from .digits import DIGIT_NAMES, digits_split, load_digits, quantize
+from .grid import longest_run, planted_lines
 from .mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
 from .permutation import perm_copy, perm_copy_oracle, perm_copy_valid
 from .stream import MemoryStream, memory_stream
@@ -33,11 +36,13 @@ __all__ = [
     "digits_split",
     "heldout_windows",
     "load_digits",
+    "longest_run",
     "memory_stream",
     "mqar",
     "perm_copy",
     "perm_copy_oracle",
     "perm_copy_valid",
+    "planted_lines",
     "quantize",
     "recall_accuracy",
     "stdlib_corpus",
