@@ -13,12 +13,12 @@ Training masks each modality (a ``segment`` of the sequence) with its own noise 
     loss = (1 / (B L)) sum_m sum_{masked i in m} w(t_m) CE_i,   w(t) = 1 / t (linear)
 
 With one shared ``t`` this is :func:`~effarch.diffusion.masked_diffusion_loss` on the joint
-sequence, the ELBO of the joint distribution (MMaDA, UniDisc). Independent levels (as
-UniDiffuser does for continuous diffusion) put weight on the ends that the conditional tasks
-use: at ``t_image -> 0`` the text term is the masked-diffusion ELBO of
-``p(text | image)``, at ``t_text -> 0`` the image term that of ``p(image | text)``; the
-shared level reaches those corners only through rows that happen to mask one modality
-almost fully and the other not at all.
+sequence, the ELBO of the joint distribution (UniDisc; MMaDA instead masks one modality per
+task). Independent levels (as UniDiffuser does for continuous diffusion) put weight on
+the ends that the conditional tasks use: at ``t_image -> 0`` the text term is the
+masked-diffusion ELBO of ``p(text | image)``, at ``t_text -> 0`` the image term that of
+``p(image | text)``; the shared level almost never draws a row that masks one modality
+fully and the other not at all.
 
 :class:`PerPositionVocab` restricts each position to its modality's tokens at sampling time
 (grey levels in the image, letters in the text), as UniDisc restricts each position to its

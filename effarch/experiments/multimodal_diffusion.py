@@ -11,7 +11,7 @@ row by row (:func:`~effarch.tasks.load_digits`). A bidirectional
 initialisation on the same batches:
 
 - ``independent``: a noise level per modality (the default of the loss);
-- ``shared``: one level for the whole sequence (the joint ELBO, as MMaDA and UniDisc train).
+- ``shared``: one level for the whole sequence (the joint ELBO, as UniDisc trains).
 
 The held-out images (:func:`~effarch.tasks.digits_split`) measure the two directions:
 :func:`caption` (the text from the image: mask the name, :func:`~effarch.diffusion.infill`)
