@@ -171,6 +171,39 @@ def unmask_step(
     return torch.where(commit, x0, x), commit
 
 
+def _run_steps(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    until: torch.Tensor,
+    region: torch.Tensor,
+    counts: torch.Tensor | None,
+    step_of: torch.Tensor,
+    per_step: list[int],
+    *,
+    mask_id: int,
+    **step_kw: Any,
+) -> torch.Tensor:
+    """Reverse steps (:func:`unmask_step`) until ``until [B, T]`` holds no mask: each step
+    commits among the masks inside ``region``, ``counts[:, i]`` per row (or by threshold
+    when ``counts`` is None); records the step of each commit in ``step_of`` and the count
+    in ``per_step``. A step with nothing to commit in any row is skipped (LLaDA still calls
+    the model; the tokens are the same). The loop of :func:`generate` and :func:`infill`."""
+    i = 0
+    while bool((x[until] == mask_id).any()):
+        if counts is not None and i >= counts.shape[1]:
+            break
+        if counts is not None and not bool((counts[:, i] > 0).any()):
+            i += 1
+            continue
+        x, commit = unmask_step(logits_fn(x), x, (x == mask_id) & region,
+                                k=None if counts is None else counts[:, i], mask_id=mask_id,
+                                **step_kw)  # fmt: skip
+        step_of[commit] = len(per_step)
+        per_step.append(int(commit.sum()))
+        i += 1
+    return x
+
+
 @dataclass
 class DiffusionSample:
     """What :func:`generate` returns.
@@ -261,35 +294,24 @@ def generate(
     prompt_index[:, :p] = True
     step_of = torch.full_like(x, -1)
     per_step: list[int] = []
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        if cfg_scale > 0:
+            un_x = torch.where(prompt_index, torch.full_like(x, mask_id), x)
+            cond, uncond = logits_of(model(torch.cat([x, un_x]))).chunk(2)
+            return uncond + (cfg_scale + 1) * (cond - uncond)
+        return logits_of(model(x))
+
+    pos = torch.arange(x.shape[1], device=x.device)
     for blk in range(blocks):
         lo, hi = p + blk * block_length, p + (blk + 1) * block_length
+        block = ((pos >= lo) & (pos < hi)).expand_as(x)
+        counts = None
         if threshold is None:
             counts = num_transfer_tokens(x[:, lo:hi] == mask_id, steps // blocks)
-        i = 0
-        while bool((x[:, lo:hi] == mask_id).any()):
-            if threshold is None and i >= counts.shape[1]:
-                break
-            if threshold is None and not bool((counts[:, i] > 0).any()):
-                i += 1  # a step with nothing to commit: LLaDA calls the model anyway
-                continue
-            mask_index = x == mask_id
-            if cfg_scale > 0:
-                un_x = torch.where(prompt_index, torch.full_like(x, mask_id), x)
-                both = logits_of(model(torch.cat([x, un_x])))
-                cond, uncond = both.chunk(2)
-                logits = uncond + (cfg_scale + 1) * (cond - uncond)
-            else:
-                logits = logits_of(model(x))
-            allowed = mask_index.clone()
-            allowed[:, hi:] = False
-            x, commit = unmask_step(
-                logits, x, allowed, k=None if threshold is not None else counts[:, i],
-                threshold=threshold, remasking=remasking, temperature=temperature,
-                gumbel_dtype=gumbel_dtype, generator=generator, mask_id=mask_id,
-            )  # fmt: skip
-            step_of[commit] = len(per_step)
-            per_step.append(int(commit.sum()))
-            i += 1
+        x = _run_steps(logits_fn, x, block, (pos < hi).expand_as(x), counts, step_of, per_step,
+                       threshold=threshold, remasking=remasking, temperature=temperature,
+                       gumbel_dtype=gumbel_dtype, generator=generator, mask_id=mask_id)  # fmt: skip
     return DiffusionSample(tokens=x, step_of=step_of, nfe=len(per_step), per_step=per_step)
 
 
@@ -338,23 +360,11 @@ def infill(
         counts = num_transfer_tokens(masks, steps)
     elif check_positive_number("threshold", threshold) > 1:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-    x = x.clone()
     step_of = torch.full_like(x, -1)
     per_step: list[int] = []
-    i = 0
-    while bool((x == mask_id).any()):
-        if threshold is None and i >= counts.shape[1]:
-            break
-        if threshold is None and not bool((counts[:, i] > 0).any()):
-            i += 1
-            continue
-        logits = logits_of(model(x))
-        x, commit = unmask_step(
-            logits, x, x == mask_id, k=None if threshold is not None else counts[:, i],
-            threshold=threshold, remasking=remasking, temperature=temperature,
-            gumbel_dtype=gumbel_dtype, generator=generator, mask_id=mask_id,
-        )  # fmt: skip
-        step_of[commit] = len(per_step)
-        per_step.append(int(commit.sum()))
-        i += 1
+    everywhere = torch.ones_like(x, dtype=torch.bool)
+    x = _run_steps(lambda z: logits_of(model(z)), x.clone(), everywhere, everywhere,
+                   counts if threshold is None else None, step_of, per_step,
+                   threshold=threshold, remasking=remasking, temperature=temperature,
+                   gumbel_dtype=gumbel_dtype, generator=generator, mask_id=mask_id)  # fmt: skip
     return DiffusionSample(tokens=x, step_of=step_of, nfe=len(per_step), per_step=per_step)
