@@ -9,7 +9,7 @@ True
 from .claims import remeasured
 from .fit import PowerLawFit, fit_exponent
 from .flops import FlopCount, attention_flops, format_flops, matmul_flops, measure_flops
-from .memory import MemoryUsage, format_bytes, peak_memory
+from .memory import MemoryUsage, format_bytes, peak_memory, tensor_bytes
 from .plot import plot_kv_cache, plot_memory, plot_roofline, plot_scaling
 from .roofline import DEVICES, DeviceSpec, measure_device
 from .sweep import OK, OUT_OF_BUDGET, SweepResult, is_out_of_memory, sweep
@@ -52,4 +52,5 @@ __all__ = [
     "remeasured",
     "sweep",
     "synchronize",
+    "tensor_bytes",
 ]

@@ -49,6 +49,25 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors a value holds: a tensor's ``numel * element_size``, summed through
+    dicts, lists and tuples; an object with an ``nbytes()`` method (a KV cache) answers for
+    itself; anything else (``None``, numbers) counts 0. The memory a decoder's state or
+    cache holds between calls.
+
+    >>> tensor_bytes({"s": torch.zeros(2, 3), "conv": [torch.zeros(4, dtype=torch.float16)]})
+    32
+    """
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    nbytes = getattr(value, "nbytes", None)
+    return int(nbytes()) if callable(nbytes) else 0
+
+
 def _cuda_peak(fn: Callable[[], Any], device: torch.device) -> tuple[MemoryUsage, Any]:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -50,7 +50,7 @@ from torch import nn
 
 from .._checks import check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope, sdpa_attention
-from ..bench import best_of_rounds
+from ..bench import best_of_rounds, tensor_bytes
 from ..moe import MoELayer
 from ..nn import ShortConvolution, SwiGLU
 from .mixers import MIXERS, carries_state, mixer_state_size, mixes_neighbours
@@ -92,17 +92,7 @@ class RecurrentState:
     def nbytes(self) -> int:
         """Bytes of the tensors held (recurrent and convolution states, and the key/value
         buffers of mixers that carry one in their state)."""
-        return _nbytes(self.state)
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return value.nbytes() if hasattr(value, "nbytes") else 0
+        return tensor_bytes(self.state)
 
 
 class HybridCache(list):
@@ -323,7 +313,9 @@ def cache_bytes(cache: Sequence[Any]) -> list[int]:
     """Bytes each layer's cache holds now: ``nbytes()`` of each entry, plus the inputs its
     short convolution keeps (``HybridCache.conv``)."""
     conv = getattr(cache, "conv", [])
-    return [c.nbytes() + (_nbytes(conv[i]) if i < len(conv) else 0) for i, c in enumerate(cache)]
+    return [
+        c.nbytes() + (tensor_bytes(conv[i]) if i < len(conv) else 0) for i, c in enumerate(cache)
+    ]
 
 
 class _CrossLayer(nn.Module):

@@ -9,6 +9,8 @@
   with :data:`DIGIT_NAMES` and a fixed :func:`digits_split`;
 * :func:`planted_lines`: a 2-D task whose answer lies along columns (or rows), for scan
   orders over images;
+* :func:`touch_tones`: telephone key presses on raw 16 kHz audio, labelled per sample,
+  scored per press by :func:`tone_accuracy` (chapter 8.2's streaming task);
 * :func:`recall_accuracy`: the fraction of queries answered right.
 * :func:`stdlib_corpus`: real text every machine has (the standard library's sources),
   split into training and held-out files; :func:`byte_batches` cuts windows from it.
@@ -24,8 +26,26 @@ from .mqar import IGNORE_INDEX, MQARBatch, mqar, recall_accuracy
 from .permutation import perm_copy, perm_copy_oracle, perm_copy_valid
 from .stream import MemoryStream, memory_stream
 from .text import BOS, TextCorpus, byte_batches, heldout_windows, stdlib_corpus
+from .tones import (
+    DTMF_COLS,
+    DTMF_KEYS,
+    DTMF_ROWS,
+    SAMPLE_RATE,
+    ToneBatch,
+    dtmf_frequencies,
+    tone_accuracy,
+    touch_tones,
+)
 
 __all__ = [
+    "DTMF_COLS",
+    "DTMF_KEYS",
+    "DTMF_ROWS",
+    "SAMPLE_RATE",
+    "ToneBatch",
+    "dtmf_frequencies",
+    "tone_accuracy",
+    "touch_tones",
     "BOS",
     "DIGIT_NAMES",
     "IGNORE_INDEX",
