@@ -23,6 +23,7 @@ from effarch.scan import linear_recurrence
 from effarch.tasks import (
     DTMF_KEYS,
     dtmf_frequencies,
+    keys_from_labels,
     tone_accuracy,
     touch_tones,
 )
@@ -90,6 +91,16 @@ def test_guard_hides_the_first_samples_after_every_change():
             hidden[t : t + g] = True
         assert torch.equal(guarded.labels[i] == -100, hidden)
         assert torch.equal(guarded.labels[i][~hidden], lab[~hidden])
+
+
+def test_keys_from_labels_spells_the_presses():
+    b = touch_tones(5, 1.0, seed=6)
+    for i in range(5):
+        assert keys_from_labels(b.labels[i]) == b.keys(i)
+    lab = torch.tensor([3] * 200 + [0] * 20 + [3] * 200 + [0] * 300 + [3] * 200)
+    assert keys_from_labels(lab) == "33"  # a 20-sample gap is flicker, a 300-sample one a pause
+    with pytest.raises(ValueError, match="labels must have 1"):
+        keys_from_labels(b.labels)
 
 
 def test_tone_accuracy_votes_per_press():

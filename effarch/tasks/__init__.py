@@ -33,6 +33,7 @@ from .tones import (
     SAMPLE_RATE,
     ToneBatch,
     dtmf_frequencies,
+    keys_from_labels,
     tone_accuracy,
     touch_tones,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "SAMPLE_RATE",
     "ToneBatch",
     "dtmf_frequencies",
+    "keys_from_labels",
     "tone_accuracy",
     "touch_tones",
     "BOS",

@@ -39,6 +39,7 @@ __all__ = [
     "SAMPLE_RATE",
     "ToneBatch",
     "dtmf_frequencies",
+    "keys_from_labels",
     "tone_accuracy",
     "touch_tones",
 ]
@@ -201,3 +202,30 @@ def tone_accuracy(predictions: torch.Tensor, batch: ToneBatch) -> float:
     if total == 0:
         raise ValueError("batch holds no scored key press")
     return right / total
+
+
+def keys_from_labels(labels: torch.Tensor, *, min_run: int = 160) -> str:
+    """The keys a per-sample label track spells: every run of at least ``min_run`` equal
+    non-zero labels (10 ms at 16 kHz by default) is one press; shorter runs (a decoder's
+    flicker) and silence are dropped, and consecutive runs of one key separated only by
+    flicker count once.
+
+    Args:
+        labels: ``[T]`` int64 (``0`` silence, ``k`` key ``DTMF_KEYS[k - 1]``; negative
+            values are treated as silence).
+        min_run: samples a run needs to count.
+
+    >>> keys_from_labels(torch.tensor([0] * 5 + [6] * 200 + [0] * 9 + [16] * 300), min_run=100)
+    '5D'
+    """
+    check_tensor("labels", labels, ndim=1)
+    check_positive_int("min_run", min_run)
+    values, counts = torch.unique_consecutive(labels.clamp_min(0), return_counts=True)
+    keys, last = [], 0
+    for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+        if c < min_run:
+            continue  # flicker: neither a press nor a pause
+        if v != 0 and v != last:
+            keys.append(DTMF_KEYS[v - 1])
+        last = v
+    return "".join(keys)
