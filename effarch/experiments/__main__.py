@@ -13,6 +13,7 @@
     python -m effarch.experiments diffusion-lm --out-dir effarch/experiments
     python -m effarch.experiments multimodal-diffusion --out-dir effarch/experiments
     python -m effarch.experiments vision-scans --out effarch/experiments/vision_scans_cpu.json
+    python -m effarch.experiments multimodal-moe --out effarch/experiments/multimodal_moe_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
 """
@@ -30,6 +31,7 @@ from . import (
     moe_balance,
     moe_training,
     multimodal_diffusion,
+    multimodal_moe,
     recall,
     sparse_recall,
     vision_scans,
@@ -45,6 +47,7 @@ EXPERIMENTS = {
     "moe-upcycle": moe_training.main_upcycle,
     "moe-vs-dense": moe_training.main_vs_dense,
     "multimodal-diffusion": multimodal_diffusion.main,
+    "multimodal-moe": multimodal_moe.main,
     "recall": recall.main,
     "sparse-recall": sparse_recall.main,
     "vision-scans": vision_scans.main,

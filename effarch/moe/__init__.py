@@ -13,6 +13,8 @@ layer (5.2)                   :class:`MoELayer`: SwiGLU experts, shared experts,
                               Triton grouped-GEMM kernel (``effarch_kernels.grouped_gemm``)
 variants (5.2)                :class:`SoftMoE`, :class:`MixtureOfDepths` (with its causal
                               predictor), :class:`MoEPlusPlus` (zero, copy, constant experts)
+modality (8.3)                :class:`ModalityMoE` (one expert pool for all tokens, or one per
+                              modality), :func:`modality_load` (which experts each modality uses)
 conversion (5.3)              :func:`upcycle` (experts copied from a dense FFN), :func:`split_ffn`
                               and :func:`neuron_groups` (MoEfication), :func:`moefied_ffn`
 ============================  ==============================================================
@@ -44,6 +46,7 @@ from .layer import (
     route_tokens,
     row_tiles,
 )
+from .modality import ModalityMoE, modality_load
 from .routing import (
     apply_capacity,
     balanced_assignment,
@@ -57,6 +60,8 @@ from .routing import (
 from .variants import MixtureOfDepths, MoEPlusPlus, SoftMoE
 
 __all__ = [
+    "ModalityMoE",
+    "modality_load",
     "add_shared",
     "route_tokens",
     "Experts",
