@@ -188,3 +188,15 @@ def test_train_takes_images_with_a_loss_fn():
     res = train(model, lambda step: (x, y), steps=3, progress=False,
                 loss_fn=lambda m, i, t: F.cross_entropy(m(i), t))  # fmt: skip
     assert len(res.losses) == 3
+
+
+def test_resolution_sweep_card():
+    from effarch.experiments import vision_scans
+
+    card = vision_scans.resolution_sweep([4, 6], kinds=("attention", "raster"), repeats=1)
+    assert card["tokens"] == [16, 36]
+    for key in ("time", "memory"):
+        assert set(card[key]) == {"attention", "raster"}
+        assert all(len(v) == 2 and min(v) > 0 for v in card[key].values())
+    stored = vision_scans.stored_resolution()
+    assert stored["tokens"] == [g * g for g in stored["grids"]]

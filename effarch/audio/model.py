@@ -15,7 +15,9 @@ its pooling. The mixer decides what the model must hold while it streams:
 * ``"attention"``: causal :class:`~effarch.attention.MultiHeadAttention` with RoPE, whose
   key/value cache grows by one entry per sample;
 * ``"window"``: the same attention restricted to the last ``window`` samples (Mistral's
-  sliding window), a cache of ``window - 1`` entries.
+  sliding window), a cache of ``window - 1`` entries. It runs
+  :func:`~effarch.attention.naive_attention` with a window mask (PyTorch's fused attention
+  has no window), so its constant per key is larger than full attention's.
 
 ``forward(audio [B, T], state=None) -> (logits [B, T, C], state)``: ``state`` is the list of
 per-layer memories (``None`` before the first call); feeding a stream in consecutive chunks

@@ -13,6 +13,7 @@
     python -m effarch.experiments diffusion-lm --out-dir effarch/experiments
     python -m effarch.experiments multimodal-diffusion --out-dir effarch/experiments
     python -m effarch.experiments vision-scans --out effarch/experiments/vision_scans_cpu.json
+    python -m effarch.experiments vision-resolution --out effarch/experiments/vision_grid_cpu.json
     python -m effarch.experiments multimodal-moe --out effarch/experiments/multimodal_moe_cpu.json
 
 The first argument names the experiment; the rest are its own (``recall --help``).
@@ -50,6 +51,7 @@ EXPERIMENTS = {
     "multimodal-moe": multimodal_moe.main,
     "recall": recall.main,
     "sparse-recall": sparse_recall.main,
+    "vision-resolution": vision_scans.main_resolution,
     "vision-scans": vision_scans.main,
 }
 

@@ -2,6 +2,7 @@
 
     python -m effarch.experiments vision-scans --out effarch/experiments/vision_scans_cpu.json
     python -m effarch.experiments vision-scans --steps 50 --out /tmp/v.json
+    python -m effarch.experiments vision-resolution --out effarch/experiments/vision_grid_cpu.json
 
 Two parts, every model a :func:`~effarch.vision.vision_classifier` of about ``params``
 parameters (the width chosen to match), trained with the book's trainer from the same seed:
@@ -15,6 +16,11 @@ parameters (the width chosen to match), trained with the book's trainer from the
   ``bidirectional``, ``cross``), for both axes, accuracy on 1000 fresh images.
 
 The card (JSON, kilobytes) holds the loss curves, accuracies, parameters and seconds.
+
+:func:`resolution_sweep` measures one mixer layer's forward time and peak memory against
+the grid side, up to grids larger than a notebook can afford (``vision-resolution``; its
+stored card is :data:`RESOLUTION_STORED`), so that the resolution where the scans overtake
+attention is measured rather than extrapolated.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..bench import best_of_rounds, peak_memory
 from ..tasks import digits_split, load_digits, planted_lines
 from ..train import train
-from ..vision import vision_classifier
+from ..vision import GridMixer, vision_classifier
 
-__all__ = ["CONFIG", "STORED", "digits_data", "main", "stored_vision_scans",
+__all__ = ["CONFIG", "RESOLUTION_STORED", "STORED", "digits_data", "main", "main_resolution",
+           "resolution_sweep", "stored_resolution", "stored_vision_scans",
            "vision_scans_experiment"]  # fmt: skip
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +54,10 @@ CONFIG: dict[str, Any] = {
               "axes": ["vertical", "horizontal"], "eval": 1000},
 }  # fmt: skip
 """Sizes of the stored CPU run."""
+RESOLUTION_STORED = HERE / "vision_grid_cpu.json"
+"""The card of the stored CPU resolution sweep."""
+RESOLUTION_GRIDS = [16, 32, 64, 96, 128, 160, 192, 256]
+"""Grid sides of the stored CPU resolution sweep."""
 
 
 def digits_data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -117,6 +129,69 @@ def vision_scans_experiment(*, steps: int | None = None, seed: int = 0) -> dict[
             print(f"\nlines {axis} {scan}: {rec['accuracy']:.3f}")
     card["seconds"] = time.perf_counter() - t0
     return card
+
+
+def resolution_sweep(
+    grids: list[int],
+    *,
+    kinds: tuple[str, ...] = ("attention", "bidirectional", "cross"),
+    d_model: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Forward time and peak memory of one :class:`~effarch.vision.GridMixer` of each kind,
+    batch 1, on a ``g x g`` grid for each ``g`` in ``grids``, on the CPU.
+
+    Times are the best of ``repeats`` interleaved rounds (:func:`~effarch.bench.best_of_rounds`),
+    memory :func:`~effarch.bench.peak_memory`'s peak, both under ``torch.no_grad()``.
+    Returns the card: ``grids``, ``tokens`` (``g^2``), ``time`` and ``memory`` (per kind, one
+    value per grid), ``d_model``, ``repeats``, ``seconds`` and the torch version.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    layers = {k: GridMixer(d_model, k).eval() for k in kinds}
+
+    def prepare(k: str, g: int) -> Any:
+        def setup() -> Any:
+            x = torch.randn(1, g, g, d_model)
+
+            def run() -> None:
+                with torch.no_grad():
+                    layers[k](x)
+
+            return run
+
+        return setup
+
+    best = best_of_rounds({(k, g): prepare(k, g) for k in kinds for g in grids}, repeats=repeats)
+    memory = {k: [peak_memory(prepare(k, g)()).peak for g in grids] for k in kinds}
+    return {
+        "grids": list(grids),
+        "tokens": [g * g for g in grids],
+        "time": {k: [best[k, g] for g in grids] for k in kinds},
+        "memory": memory,
+        "d_model": d_model,
+        "repeats": repeats,
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
+
+
+def stored_resolution() -> dict[str, Any]:
+    """The stored resolution sweep (:data:`RESOLUTION_STORED`)."""
+    return json.loads(RESOLUTION_STORED.read_text())
+
+
+def main_resolution(argv: list[str] | None = None) -> None:
+    """Command line of the resolution sweep (module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m effarch.experiments vision-resolution")
+    p.add_argument("--grids", type=int, nargs="+", default=RESOLUTION_GRIDS)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    card = resolution_sweep(args.grids, repeats=args.repeats)
+    args.out.write_text(json.dumps(card, indent=1) + "\n")
+    print(f"wrote {args.out} in {card['seconds']:.0f} s")
 
 
 def stored_vision_scans() -> dict[str, Any]:

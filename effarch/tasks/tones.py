@@ -112,8 +112,8 @@ def touch_tones(
     .. math:: x_t = a_r \sin(2\pi f_r t / f_s + \phi_r) + a_c \sin(2\pi f_c t / f_s + \phi_c)
 
     with amplitudes uniform in [0.3, 1] and uniform phases; Gaussian noise of standard
-    deviation ``noise`` covers the whole clip. The defaults follow the standard's timing
-    (tones and pauses of at least 40 ms are required to be detected).
+    deviation ``noise`` covers the whole clip. By default tones last 40-100 ms (a receiver
+    is expected to recognise tones of 40 ms) and pauses 30-80 ms.
 
     Returns:
         A :class:`ToneBatch`.
