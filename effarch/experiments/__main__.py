@@ -8,6 +8,7 @@
     python -m effarch.experiments moe-balance --out effarch/experiments/moe_balance_cpu.json
     python -m effarch.experiments moe-vs-dense --out effarch/experiments/moe_vs_dense_cpu.json
     python -m effarch.experiments moe-upcycle --out effarch/experiments/moe_upcycle_cpu.json
+    python -m effarch.experiments hybrid-decode --out effarch/experiments/hybrid_decode_cpu.json
     python -m effarch.experiments hybrid-recall --out effarch/experiments/hybrid_recall_cpu.json
     python -m effarch.experiments every-family --out effarch/experiments/every_family_cpu.json
     python -m effarch.experiments diffusion-lm --out-dir effarch/experiments
@@ -27,6 +28,7 @@ from . import (
     bytelm,
     diffusion_lm,
     every_family,
+    hybrid_decode,
     hybrid_recall,
     kv_budget,
     moe_balance,
@@ -42,6 +44,7 @@ EXPERIMENTS = {
     "bytelm": bytelm.main,
     "diffusion-lm": diffusion_lm.main,
     "every-family": every_family.main,
+    "hybrid-decode": hybrid_decode.main,
     "hybrid-recall": hybrid_recall.main,
     "kv-budget": kv_budget.main,
     "moe-balance": moe_balance.main,
