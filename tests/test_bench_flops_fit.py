@@ -127,3 +127,21 @@ def test_cpu_sdpa_counted_like_its_matrix_products():
         lambda: naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     ).total
     assert sdpa == naive == 2 * 2 * 4 * 24 * 40 * (8 + 16)
+
+
+def test_fit_line_recovers_intercept_and_slope():
+    from effarch.bench import fit_line
+
+    xs = [1.0, 3.0, 10.0, 30.0]
+    line = fit_line(xs, [0.25 + 1.5 * x for x in xs])
+    assert line.intercept == pytest.approx(0.25) and line.slope == pytest.approx(1.5)
+    assert line.predict(2.0) == pytest.approx(3.25)
+    # noisy: least squares against numpy's polyfit, an independent implementation
+    ys = [2.0, 2.9, 6.1, 12.2]
+    b, a = np.polyfit(xs, ys, 1)
+    got = fit_line(xs, ys)
+    assert got.slope == pytest.approx(b) and got.intercept == pytest.approx(a)
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_line([1.0], [2.0])
+    with pytest.raises(ValueError, match="same length"):
+        fit_line([1.0, 2.0], [2.0])

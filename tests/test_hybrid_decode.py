@@ -27,3 +27,17 @@ def test_step_time_slopes_recover_a_line():
     assert fits["flat"][1] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="two contexts"):
         hd.step_time_slopes({"context": [10], "x": [1.0]})
+
+
+def test_every_family_decode_card():
+    from effarch.experiments import every_family
+
+    card = every_family.decode_experiment(
+        ["MHA", "Mamba-2"], {"contexts": [16, 48], "batch": 2, "repeats": 1, "steps": 1}
+    )
+    mha, mamba = card["records"]["MHA"], card["records"]["Mamba-2"]
+    # bytes held per token of context: keys and values of every layer for MHA, none for a state
+    cfg = card["config"]
+    assert mha["bytes_per_token"] == cfg["n_layers"] * 2 * cfg["profile_d_model"] * 4
+    assert mamba["bytes_per_token"] == 0
+    assert len(mha["decode_seconds"]) == 2 and min(mha["decode_seconds"]) > 0

@@ -7,7 +7,7 @@ True
 """
 
 from .claims import remeasured
-from .fit import PowerLawFit, fit_exponent
+from .fit import LineFit, PowerLawFit, fit_exponent, fit_line
 from .flops import FlopCount, attention_flops, format_flops, matmul_flops, measure_flops
 from .memory import MemoryUsage, format_bytes, peak_memory, tensor_bytes
 from .plot import plot_kv_cache, plot_memory, plot_roofline, plot_scaling
@@ -29,6 +29,7 @@ __all__ = [
     "DeviceSpec",
     "FlopCount",
     "MemoryUsage",
+    "LineFit",
     "PowerLawFit",
     "SweepResult",
     "Timing",
@@ -37,6 +38,7 @@ __all__ = [
     "best_of_rounds",
     "cpu_threads",
     "fit_exponent",
+    "fit_line",
     "format_bytes",
     "format_flops",
     "format_seconds",

@@ -67,3 +67,35 @@ def fit_exponent(
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
     return PowerLawFit(float(slope), float(math.exp(intercept)), r2, len(pts))
+
+
+@dataclass(frozen=True)
+class LineFit:
+    """``y ~ intercept + slope * x`` by ordinary least squares."""
+
+    intercept: float
+    slope: float
+
+    def predict(self, x: float | np.ndarray) -> float | np.ndarray:
+        return self.intercept + self.slope * np.asarray(x, dtype=float)
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit:
+    """Fit ``y = a + b x`` by least squares: the model of a cost with a fixed part and a part
+    proportional to ``x`` (a decoding step's call overhead plus the bytes it reads), where a
+    pure power law would report a misleading exponent below 1.
+
+    >>> fit_line([1, 2, 4], [3, 5, 9]).slope
+    2.0
+
+    Raises:
+        ValueError: fewer than two points, or lengths that differ.
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"xs and ys must have the same length, got {len(xs)} and {len(ys)}")
+    if len(xs) < 2:
+        raise ValueError(f"fit_line needs at least 2 points, got {len(xs)}")
+    x = np.asarray(xs, dtype=np.float64)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, np.asarray(ys, dtype=np.float64), rcond=None)
+    return LineFit(float(round(a, 12)), float(round(b, 12)))

@@ -11,6 +11,7 @@
     python -m effarch.experiments hybrid-decode --out effarch/experiments/hybrid_decode_cpu.json
     python -m effarch.experiments hybrid-recall --out effarch/experiments/hybrid_recall_cpu.json
     python -m effarch.experiments every-family --out effarch/experiments/every_family_cpu.json
+    python -m effarch.experiments every-family-decode
     python -m effarch.experiments diffusion-lm --out-dir effarch/experiments
     python -m effarch.experiments multimodal-diffusion --out-dir effarch/experiments
     python -m effarch.experiments vision-scans --out effarch/experiments/vision_scans_cpu.json
@@ -44,6 +45,7 @@ EXPERIMENTS = {
     "bytelm": bytelm.main,
     "diffusion-lm": diffusion_lm.main,
     "every-family": every_family.main,
+    "every-family-decode": every_family.main_decode,
     "hybrid-decode": hybrid_decode.main,
     "hybrid-recall": hybrid_recall.main,
     "kv-budget": kv_budget.main,

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ..models.hybrid import HybridLM
+from ..bench import fit_line
+from ..models.hybrid import HybridLM, decode_memory, decode_step_time
 from ..models.profile import profile_models
 from ..models.tinylm import TinyLM
 from ..tasks import mqar
@@ -36,15 +37,21 @@ from ..train import evaluate, train
 
 __all__ = [
     "CONFIG",
+    "DECODE_CONFIG",
+    "DECODE_STORED",
     "FAMILIES",
+    "decode_experiment",
     "every_family_experiment",
     "family_model",
     "main",
+    "main_decode",
     "recall_model",
     "stored",
+    "stored_decode",
 ]
 
-STORED = Path(__file__).resolve().parent / "every_family_cpu.json"
+HERE = Path(__file__).resolve().parent
+STORED = HERE / "every_family_cpu.json"
 
 CONFIG: dict[str, Any] = {
     "seq_len": 32, "n_pairs": 8, "vocab_size": 64, "d_model": 32, "n_layers": 2,
@@ -169,6 +176,66 @@ def every_family_experiment(
         records[name].update(prof["models"][name])
     return {"config": c, "records": records, "seconds": time.perf_counter() - start,
             "device": device, "torch": torch.__version__}  # fmt: skip
+
+
+DECODE_STORED = HERE / "every_family_decode_cpu.json"
+"""The card of the stored CPU decode run (:func:`decode_experiment`)."""
+DECODE_CONFIG: dict[str, Any] = {"contexts": [1024, 4096, 16384], "batch": 32, "steps": 4,
+                                 "repeats": 3}  # fmt: skip
+"""Sizes of the stored decode run (the profile's width and depth, :data:`CONFIG`)."""
+
+
+def decode_experiment(
+    names: list[str] | None = None, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Decode step time where the bytes read dominate, for every family.
+
+    Each representative (:func:`family_model` at the profile's width) decodes a batch of
+    ``batch`` sequences after each context (:func:`~effarch.models.decode_step_time`), and
+    holds :func:`~effarch.models.decode_memory`'s bytes per sequence there. Per family, the
+    card keeps the step times, the bytes held, the fit ``t(T) = a + b T``
+    (:func:`~effarch.bench.fit_line`) and the bytes held per token of context (the slope of
+    memory in ``T``): a step that must read all it holds has ``b`` proportional to them.
+    """
+    c = {**CONFIG, **DECODE_CONFIG, **(config or {})}
+    names = names or list(FAMILIES)
+    start = time.perf_counter()
+    models = {
+        n: family_model(n, c["vocab_size"], c["profile_d_model"], c["n_layers"], c["seed"]).eval()
+        for n in names
+    }
+    times = decode_step_time(models, c["contexts"], steps=c["steps"], repeats=c["repeats"],
+                             batch=c["batch"], seed=c["seed"])  # fmt: skip
+    records = {}
+    for n, m in models.items():
+        held = decode_memory(m, c["contexts"])["total"]
+        line = fit_line(c["contexts"], times[n])
+        records[n] = {
+            "family": FAMILIES[n]["family"],
+            "decode_seconds": times[n],
+            "memory_bytes": held,
+            "intercept": line.intercept,
+            "slope": line.slope,
+            "bytes_per_token": (held[-1] - held[0]) / (c["contexts"][-1] - c["contexts"][0]),
+        }
+    return {"config": c, "records": records, "seconds": time.perf_counter() - start,
+            "torch": torch.__version__}  # fmt: skip
+
+
+def stored_decode() -> dict[str, Any]:
+    """The stored CPU decode run (:data:`DECODE_STORED`)."""
+    return json.loads(DECODE_STORED.read_text())
+
+
+def main_decode(argv: list[str] | None = None) -> None:
+    """``python -m effarch.experiments every-family-decode --out FILE``."""
+    p = argparse.ArgumentParser(prog="python -m effarch.experiments every-family-decode")
+    p.add_argument("--out", type=Path, default=DECODE_STORED)
+    p.add_argument("--names", nargs="+", default=None, choices=list(FAMILIES))
+    args = p.parse_args(argv)
+    card = decode_experiment(args.names)
+    args.out.write_text(json.dumps(card, indent=1) + "\n")
+    print(f"wrote {args.out} ({card['seconds']:.0f} s)")
 
 
 def stored() -> dict[str, Any]:

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from ..bench import fit_line
 from ..models import YOCOLM, HybridLM, decode_step_time
 
 __all__ = [
@@ -74,18 +74,16 @@ def decode_layouts(d_model: int = 64, vocab: int = 256) -> dict[str, torch.nn.Mo
 
 
 def step_time_slopes(times: dict[str, list[Any]]) -> dict[str, tuple[float, float]]:
-    """Least-squares ``t(T) = a + b T`` per layout of a :func:`decode_step_time` result:
-    ``{name: (a seconds, b seconds per token of context)}``."""
-    ctx = np.asarray(times["context"], dtype=np.float64)
-    if ctx.size < 2:
-        raise ValueError(f"need at least two contexts to fit a slope, got {list(ctx)}")
-    design = np.stack([np.ones_like(ctx), ctx], axis=1)
+    """Least-squares ``t(T) = a + b T`` per layout of a :func:`decode_step_time` result
+    (:func:`~effarch.bench.fit_line`): ``{name: (a seconds, b seconds per token of
+    context)}``."""
+    if len(times["context"]) < 2:
+        raise ValueError(f"need at least two contexts to fit a slope, got {times['context']}")
     fits = {}
     for name, values in times.items():
-        if name == "context":
-            continue
-        (a, b), *_ = np.linalg.lstsq(design, np.asarray(values, dtype=np.float64), rcond=None)
-        fits[name] = (float(a), float(b))
+        if name != "context":
+            line = fit_line(times["context"], values)
+            fits[name] = (line.intercept, line.slope)
     return fits
 
 
