@@ -108,9 +108,10 @@ RECALL_CPU = RecallConfig(
     vocab_size=64,
     d_model=32,
     n_layers=2,
-    steps=300,
+    steps=1200,
     batch_size=32,
     lr=1e-2,
+    lr_by_mixer={"gla": 3e-3},  # at 1e-2 the one-head GLA does not learn in 1200 steps
     n_eval=1000,
     mixers={
         "attention": [{"n_heads": 1}],
