@@ -188,3 +188,23 @@ def test_modality_losses_against_a_loop():
             counts[m] += 1
     assert got["image"] == pytest.approx(sums[0] / counts[0], rel=1e-5)
     assert got["text"] == pytest.approx(sums[1] / counts[1], rel=1e-5)
+
+
+def test_routing_summary_against_its_definitions():
+    torch.manual_seed(0)
+    held = mm.digit_sequences("heldout")
+    for ffn in ("shared", "separate"):
+        model = mm.MultimodalLM(ffn, d_model=16, n_heads=2, n_experts=4, k=1, d_ff=8)
+        for layer, s in zip(model.moe_layers(), mm.routing_summary(model, held), strict=True):
+            load = s["load"]
+            want_sep = (
+                sum(abs(a - b) for a, b in zip(load[0].tolist(), load[1].tolist(), strict=True)) / 2
+            )
+            assert s["separation"] == pytest.approx(want_sep)
+            for m, key in ((0, "cv_image"), (1, "cv_text")):
+                row = [load[m, e].item() for e in layer.pool(m)]
+                mean = sum(row) / len(row)
+                std = (sum((v - mean) ** 2 for v in row) / len(row)) ** 0.5
+                assert s[key] == pytest.approx(std / mean, rel=1e-5)
+            if ffn == "separate":
+                assert s["separation"] == pytest.approx(1.0)

@@ -193,7 +193,7 @@ def test_train_takes_images_with_a_loss_fn():
 def test_resolution_sweep_card():
     from effarch.experiments import vision_scans
 
-    card = vision_scans.resolution_sweep([4, 6], kinds=("attention", "raster"), repeats=1)
+    card = vision_scans.resolution_sweep([4, 6], kinds=("attention", "raster"))
     assert card["tokens"] == [16, 36]
     for key in ("time", "memory"):
         assert set(card[key]) == {"attention", "raster"}

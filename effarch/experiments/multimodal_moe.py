@@ -36,9 +36,9 @@ from torch import nn
 
 from .._checks import check_choice, check_positive_int, check_tensor
 from ..attention import MultiHeadAttention
-from ..moe import ModalityMoE, modality_load
+from ..moe import ModalityMoE, coefficient_of_variation, modality_load
 from ..nn import SwiGLU
-from ..tasks import DIGIT_NAMES, digits_split, load_digits
+from ..tasks import DIGIT_NAMES, IGNORE_INDEX, digits_split, load_digits
 from ..train import train
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "multimodal_moe_experiment",
     "patch_tokens",
     "routing_by_modality",
+    "routing_summary",
     "stored_multimodal_moe",
     "train_multimodal",
 ]
@@ -125,8 +126,8 @@ def digit_sequences(split: str) -> dict[str, torch.Tensor]:
         [torch.cat([boi, patches, bot, names], 1), torch.cat([bot, names, boi, patches], 1)]
     )
     modality = torch.where(tokens < N_CODES, IMAGE, TEXT)
-    targets = torch.cat([tokens[:, 1:], torch.full((2 * n, 1), -100)], 1)
-    targets = targets.masked_fill(targets >= BOI, -100)  # markers are given, not predicted
+    targets = torch.cat([tokens[:, 1:], torch.full((2 * n, 1), IGNORE_INDEX)], 1)
+    targets = targets.masked_fill(targets >= BOI, IGNORE_INDEX)  # markers are given, not predicted
     target_modality = torch.where(targets < N_CODES, IMAGE, TEXT)
     return {
         "tokens": tokens,
@@ -223,7 +224,7 @@ def modality_losses(model: MultimodalLM, data: dict[str, torch.Tensor]) -> dict[
         logits.flatten(0, 1), data["targets"].flatten().clamp_min(0), reduction="none"
     )
     nll = nll.view_as(data["targets"]) / math.log(2)
-    scored = data["targets"] != -100
+    scored = data["targets"] != IGNORE_INDEX
     out = {}
     for name, m in (("image", IMAGE), ("text", TEXT)):
         mask = scored & (data["target_modality"] == m)
@@ -258,6 +259,27 @@ def routing_by_modality(model: MultimodalLM, data: dict[str, torch.Tensor]) -> l
         modality_load(m.routing.experts, m.modality, m.n_experts, m.n_modalities)
         for m in model.moe_layers()
     ]
+
+
+def routing_summary(model: MultimodalLM, data: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per MoE layer, over ``data``: ``load`` (:func:`routing_by_modality`'s ``[2, E]``),
+    ``separation``, the total-variation distance between the image and the text rows
+    (``0.5 sum_e |l_image,e - l_text,e|``: 0 when both use the experts alike, 1 when they
+    use disjoint ones), and ``cv_image`` / ``cv_text``, the coefficient of variation of each
+    modality's load over the experts of its pool (:meth:`~effarch.moe.ModalityMoE.pool`)."""
+    out = []
+    for layer, load in zip(model.moe_layers(), routing_by_modality(model, data), strict=True):
+        cv = [
+            coefficient_of_variation(load[m, layer.pool(m).start : layer.pool(m).stop]).item()
+            for m in (IMAGE, TEXT)
+        ]
+        out.append({
+            "load": load,
+            "separation": 0.5 * (load[IMAGE] - load[TEXT]).abs().sum().item(),
+            "cv_image": cv[IMAGE],
+            "cv_text": cv[TEXT],
+        })  # fmt: skip
+    return out
 
 
 def train_multimodal(
@@ -298,7 +320,7 @@ def train_multimodal(
     def loss_fn(m: MultimodalLM, idx: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
         logits = m(data["tokens"][idx], data["modality"][idx])
         ce = F.cross_entropy(
-            logits.flatten(0, 1), data["targets"][idx].flatten(), ignore_index=-100
+            logits.flatten(0, 1), data["targets"][idx].flatten(), ignore_index=IGNORE_INDEX
         )
         return ce + cfg["balance"] * m.balance_loss()
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..bench import best_of_rounds, peak_memory
+from ..bench import sweep
 from ..tasks import digits_split, load_digits, planted_lines
 from ..train import train
 from ..vision import GridMixer, vision_classifier
@@ -150,42 +150,28 @@ def resolution_sweep(
     *,
     kinds: tuple[str, ...] = ("attention", "bidirectional", "cross"),
     d_model: int = 32,
-    repeats: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Forward time and peak memory of one :class:`~effarch.vision.GridMixer` of each kind,
     batch 1, on a ``g x g`` grid for each ``g`` in ``grids``, on the CPU.
 
-    Times are the best of ``repeats`` interleaved rounds (:func:`~effarch.bench.best_of_rounds`),
-    memory :func:`~effarch.bench.peak_memory`'s peak, both under ``torch.no_grad()``.
-    Returns the card: ``grids``, ``tokens`` (``g^2``), ``time`` and ``memory`` (per kind, one
-    value per grid), ``d_model``, ``repeats``, ``seconds`` and the torch version.
+    Measured by :func:`~effarch.bench.sweep` (time: the median of repeated calls; memory:
+    :func:`~effarch.bench.peak_memory`), under ``torch.no_grad()``. Returns the card:
+    ``grids``, ``tokens`` (``g^2``), ``time`` and ``memory`` (per kind, one value per grid),
+    ``d_model``, ``seconds`` and the torch version.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
     layers = {k: GridMixer(d_model, k).eval() for k in kinds}
-
-    def prepare(k: str, g: int) -> Any:
-        def setup() -> Any:
-            x = torch.randn(1, g, g, d_model)
-
-            def run() -> None:
-                with torch.no_grad():
-                    layers[k](x)
-
-            return run
-
-        return setup
-
-    best = best_of_rounds({(k, g): prepare(k, g) for k in kinds for g in grids}, repeats=repeats)
-    memory = {k: [peak_memory(prepare(k, g)()).peak for g in grids] for k in kinds}
+    with torch.no_grad():
+        result = sweep(layers, grids, lambda g: torch.randn(1, g, g, d_model),
+                       size_name="grid", progress=False)  # fmt: skip
     return {
         "grids": list(grids),
         "tokens": [g * g for g in grids],
-        "time": {k: [best[k, g] for g in grids] for k in kinds},
-        "memory": memory,
+        "time": {k: result.series(k, "time_s")[1] for k in kinds},
+        "memory": {k: result.series(k, "peak_bytes")[1] for k in kinds},
         "d_model": d_model,
-        "repeats": repeats,
         "seconds": time.perf_counter() - start,
         "torch": torch.__version__,
     }
@@ -200,10 +186,9 @@ def main_resolution(argv: list[str] | None = None) -> None:
     """Command line of the resolution sweep (module docstring)."""
     p = argparse.ArgumentParser(prog="python -m effarch.experiments vision-resolution")
     p.add_argument("--grids", type=int, nargs="+", default=RESOLUTION_GRIDS)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    card = resolution_sweep(args.grids, repeats=args.repeats)
+    card = resolution_sweep(args.grids)
     args.out.write_text(json.dumps(card, indent=1) + "\n")
     print(f"wrote {args.out} in {card['seconds']:.0f} s")
 

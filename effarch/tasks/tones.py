@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_positive_number, check_tensor
+from .mqar import IGNORE_INDEX
 
 __all__ = [
     "DTMF_COLS",
@@ -52,7 +53,6 @@ DTMF_COLS = (1209.0, 1336.0, 1477.0, 1633.0)
 """The four high (column) frequencies in Hz."""
 DTMF_KEYS = "123A456B789C*0#D"
 """The 16 keys, row by row; label ``k`` (1..16) is ``DTMF_KEYS[k - 1]``, label 0 silence."""
-IGNORE = -100
 
 
 def dtmf_frequencies(key: str) -> tuple[float, float]:
@@ -172,7 +172,7 @@ def touch_tones(
         recent = torch.zeros_like(changes)
         for lag in range(guard):
             recent[:, lag:] |= changes[:, : length - lag]
-        labels = labels.masked_fill(recent, IGNORE)
+        labels = labels.masked_fill(recent, IGNORE_INDEX)
     return ToneBatch(audio, labels, presses, sample_rate)
 
 
@@ -193,7 +193,7 @@ def tone_accuracy(predictions: torch.Tensor, batch: ToneBatch) -> float:
     right = total = 0
     for b, clip in enumerate(batch.presses):
         for start, end, label in clip:
-            scored = batch.labels[b, start:end] != IGNORE
+            scored = batch.labels[b, start:end] != IGNORE_INDEX
             votes = predictions[b, start:end][scored]
             if votes.numel() == 0:
                 continue
