@@ -272,7 +272,7 @@ def test_glue_hands_values_to_myst_nb_or_passes_them_through(monkeypatch):
     fake = type(sys)("myst_nb")
     fake.glue = lambda name, value, display=True: shown.append((name, value, display))
     monkeypatch.setitem(sys.modules, "myst_nb", fake)
-    assert glue("speedup", 3.5) == 3.5
+    assert glue("speedup", 3.5) is None  # a cell ending in glue(...) prints nothing
     assert shown == [("speedup", 3.5, False)]
     # NumPy and torch scalars arrive as Python numbers, so `{glue:text}`x:.2f`` formats them
     import numpy as np
@@ -283,7 +283,7 @@ def test_glue_hands_values_to_myst_nb_or_passes_them_through(monkeypatch):
     assert type(shown[1][1]) is float and type(shown[2][1]) is int
     shown[1:] = []
     monkeypatch.setitem(sys.modules, "myst_nb", None)  # not installed: a plain pass-through
-    assert glue("speedup", 4.0) == 4.0 and len(shown) == 1
+    assert glue("speedup", 4.0) is None and len(shown) == 1
     with pytest.raises(ValueError, match="name must be"):
         glue("not a name", 1)
 

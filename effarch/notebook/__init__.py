@@ -193,12 +193,13 @@ def kernel_source(module: str, kernel: str, *, start: str | None = None) -> str:
     return text
 
 
-def glue(name: str, value: Any, *, display: bool = False) -> Any:
+def glue(name: str, value: Any, *, display: bool = False) -> None:
     """Hand a computed value to the page's prose: ``{glue:text}`name:.2f``` in a markdown
     cell shows it, so the numbers in the text are the ones the cell just computed.
 
     myst-nb's ``glue`` where myst-nb is installed (building the book); elsewhere (Colab, a
-    plain Jupyter) it only shows ``value`` when ``display`` is set. Returns ``value``.
+    plain Jupyter) it only shows ``value`` when ``display`` is set. Like myst-nb's, it
+    returns nothing, so a cell that ends in ``glue(...)`` prints no stray value.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be an identifier-like string, got {name!r}")
@@ -211,9 +212,8 @@ def glue(name: str, value: Any, *, display: bool = False) -> Any:
             from IPython.display import display as show
 
             show(value)
-        return value
+        return
     myst_glue(name, value, display=display)
-    return value
 
 
 def _to_image(obj: Any) -> Any:
