@@ -55,7 +55,9 @@ def _recurrent_state_numel(layer: nn.Module, seq_len: int) -> int:
         cache.update = lambda k, v: read.append(update(k, v)) or read[-1]
         layer(x[:, :-1], cache)
         layer(x[:, -1:], cache)
-        return read[-1][0].numel() + read[-1][1].numel()
+        # NSA's cache also keeps the block means its compressed branch attends
+        pooled = sum(p.numel() for p in cache.pooled()) if hasattr(cache, "pooled") else 0
+        return read[-1][0].numel() + read[-1][1].numel() + pooled
     return _state_numel(layer(x)[1])
 
 

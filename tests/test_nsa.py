@@ -5,10 +5,12 @@ import torch
 
 from effarch.sparse import (
     NativeSparseAttention,
+    NSACache,
     expert_choice_attention,
     future_leaks,
     masked_attention,
     nsa_attention,
+    nsa_decode,
     nsa_reference,
     nsa_select,
 )
@@ -64,6 +66,79 @@ def test_decoding_with_a_cache_equals_the_full_pass():
     cache = layer.new_cache(2, 23)
     steps = [layer(x[:, :6], cache)] + [layer(x[:, i : i + 1], cache) for i in range(6, 23)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def block_means(x, block):
+    means = [x[:, j * block : (j + 1) * block].mean(1) for j in range(x.shape[1] // block)]
+    return torch.stack(means, 1) if means else x[:, :0]
+
+
+@pytest.mark.parametrize(("hq", "g", "block", "top_n", "window"), [
+    (4, 2, 4, 2, 5), (2, 1, 8, 3, 64), (2, 2, 4, 8, 1), (4, 4, 16, 1, 3),
+])  # fmt: skip
+def test_decode_step_equals_the_loop_reference_at_every_length(hq, g, block, top_n, window):
+    # every cache length: shorter than a block, a multiple of it, inside one
+    q, k, v, gates = inputs(37, hq, g)
+    kw = dict(block=block, top_n=top_n, window=window)
+    for tk in range(1, 38):
+        kk, vv = k[:, :tk], v[:, :tk]
+        got = nsa_decode(q[:, tk - 1 : tk], kk, vv, block_means(kk, block),
+                         block_means(vv, block), gates[:, tk - 1 : tk], **kw)  # fmt: skip
+        want = nsa_reference(q[:, :tk], kk, vv, gates[:, :tk], **kw)[:, -1:]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_nsa_cache_pools_each_block_once_as_it_completes():
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 30, 2, 4, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 30, 2, 6, generator=gen, dtype=torch.float64)
+    cache = NSACache(2, 30, 2, 4, 4, head_dim_v=6, dtype=torch.float64)
+    for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 17), (17, 30)):  # prefill, steps, a chunk
+        cache.update(k[:, lo:hi], v[:, lo:hi])
+        kp, vp = cache.pooled()
+        assert kp.shape[1] == hi // 4
+        torch.testing.assert_close(kp, block_means(k[:, :hi], 4), rtol=0, atol=1e-15)
+        torch.testing.assert_close(vp, block_means(v[:, :hi], 4), rtol=0, atol=1e-15)
+        # bytes held: 8 bytes x B x G x (D + Dv) per token and per pooled block
+        assert cache.nbytes() == 8 * 2 * 2 * (4 + 6) * (hi + hi // 4)
+    cache.truncate(10)  # forget all but 10 tokens: 2 complete blocks; refilling re-pools
+    assert cache.pooled()[0].shape[1] == 2
+    cache.update(k[:, 10:30] * 2, v[:, 10:30] * 2)
+    torch.testing.assert_close(
+        cache.pooled()[0][:, 2], (k[:, 8:10].sum(1) + 2 * k[:, 10:12].sum(1)) / 4
+    )
+
+
+def test_layer_decodes_through_the_sparse_step_and_holds_its_state_size():
+    torch.manual_seed(1)
+    layer = NativeSparseAttention(32, 4, 2, block=4, top_n=2, window=5).double()
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    cache = layer.new_cache(2, 19)
+    assert isinstance(cache, NSACache)
+    layer(x[:, :3], cache)
+    calls = []
+    import effarch.sparse.nsa as nsa
+
+    real = nsa.nsa_decode
+    try:
+        nsa.nsa_decode = lambda *a, **kw: calls.append(a[1].shape[1]) or real(*a, **kw)
+        for i in range(3, 19):
+            layer(x[:, i : i + 1], cache)
+    finally:
+        nsa.nsa_decode = real
+    assert calls == list(range(4, 20))  # every one-token step took the sparse path
+    assert cache.nbytes() == 2 * 8 * layer.state_size(19)
+
+
+def test_nsa_decode_bad_input():
+    q, k, v, gates = inputs(16, 2, 1)
+    kp, vp = block_means(k, 4), block_means(v, 4)
+    with pytest.raises(ValueError, match="q must hold one query"):
+        nsa_decode(q[:, -2:], k, v, kp, vp, gates[:, -2:], block=4)
+    with pytest.raises(ValueError, match=r"k_pooled must be \[2, >= 4, 1, 8\]"):
+        nsa_decode(q[:, -1:], k, v, kp[:, :3], vp, gates[:, -1:], block=4)
+    with pytest.raises(ValueError, match="v_pooled must be"):
+        nsa_decode(q[:, -1:], k, v, kp, kp, gates[:, -1:], block=4)
 
 
 def leaks(fn, t=32, seed=0, g=1):

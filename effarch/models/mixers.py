@@ -362,6 +362,7 @@ def mixer_state_size(mixer: nn.Module, seq_len: int) -> int:
     attention (KV cache)            ``2 T G dh``                                ``T``, ``dh``
     MLA (latent cache)              ``T (d_c + d_r)``                           ``kv_lora_rank``
     sliding-window attention        ``2 min(T, w) G dh``                        ``window``
+    NSA (KV cache + block means)    ``2 (T + T // l) G dh``                     ``block``
     linear attention                ``H K K`` (+ ``H K`` normaliser)            ``n_heads``
     RetNet, GLA, Gated DeltaNet     ``H K V``                                   ``n_heads``,
                                                                                 ``expand_k/v``

@@ -65,8 +65,10 @@ from .masks import (
 )
 from .nsa import (
     NativeSparseAttention,
+    NSACache,
     nsa_attention,
     nsa_compress,
+    nsa_decode,
     nsa_reference,
     nsa_select,
 )
@@ -111,8 +113,10 @@ __all__ = [
     "routing_attention",
     "routing_reference",
     "NativeSparseAttention",
+    "NSACache",
     "nsa_attention",
     "nsa_compress",
+    "nsa_decode",
     "nsa_reference",
     "nsa_select",
     "H2O",

@@ -19,8 +19,11 @@ queries and keys up to ``t`` only, so NSA is causal (tested by changing future t
 :func:`nsa_attention` is the vectorised form (the selected branch key-block major, per
 query, or on block-sparse tiles; the window through
 :func:`~effarch.sparse.block_sparse_attention`); :func:`nsa_reference` computes the same
-thing one query at a time in plain loops, as the check. :class:`NativeSparseAttention` is the
-layer (a TinyLM mixer).
+thing one query at a time in plain loops, as the check. :func:`nsa_decode` is the one-token
+step, which reads what NSA's decoding reads: the pooled blocks (kept in a
+:class:`NSACache`), the ``top_n`` selected blocks and the window, about
+``T / l + top_n l + window`` keys and values instead of all ``T``.
+:class:`NativeSparseAttention` is the layer (a TinyLM mixer).
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from .masks import sliding_window
 _GATHER_ELEMENTS = 1 << 23
 
 __all__ = [
+    "NSACache",
     "NativeSparseAttention",
     "nsa_attention",
     "nsa_compress",
+    "nsa_decode",
     "nsa_reference",
     "nsa_select",
 ]
@@ -326,6 +331,152 @@ def nsa_reference(
     return out
 
 
+def nsa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pooled: torch.Tensor,
+    v_pooled: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    block: int = 16,
+    top_n: int = 4,
+    window: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    r"""One NSA decoding step: the newest query against a cache, reading only what NSA reads.
+
+    The query sits at position ``t = Tk - 1``. With ``n_c = Tk // l`` complete blocks pooled
+    beforehand (``kc_j = mean(k_{jl..jl+l-1})``, kept by :class:`NSACache`):
+
+    .. math::
+        p^{cmp} = \mathrm{softmax}_j(q \cdot kc_j / \sqrt d),\ j < n_c;\quad
+        \mathcal S = \mathrm{top}_{n}\big(\textstyle\sum_r p^{cmp}_r\big) \cup \{t // l\};\quad
+        o = g^{cmp} \textstyle\sum_j p^{cmp}_j vc_j + g^{slc}\,\mathrm{attn}(q, K_{\mathcal S})
+            + g^{win}\,\mathrm{attn}(q, K_{t-w+1..t})
+
+    It gathers the ``top_n`` selected blocks in place and slices the window, so a step reads
+    ``n_c + top_n l + window`` of the ``Tk`` cached keys and values (and the scores of the
+    ``n_c`` pooled blocks), where :func:`nsa_attention` re-pools and scores the whole cache.
+    It equals ``nsa_attention(q, k, v, gates, ...)`` with ``Tq = 1`` (tested), as NSA's
+    decoding kernels equal its training kernels.
+
+    Args:
+        q: ``[B, 1, Hq, D]``, the newest query.
+        k, v: ``[B, Tk, Hkv, D]`` and ``[B, Tk, Hkv, Dv]``, every cached key and value, the
+            newest included.
+        k_pooled, v_pooled: ``[B, >= Tk // block, Hkv, D]``, the block means of ``k`` and
+            ``v`` (rows past ``Tk // block`` are ignored); any strides, and read in place
+            when stored head-major (:meth:`NSACache.pooled`'s views), else copied per step.
+        gates: ``[B, 1, Hq, 3]`` in (0, 1): compressed, selected, window.
+        block, top_n, window, scale: as in :func:`nsa_attention`.
+
+    Returns:
+        ``o [B, 1, Hq, Dv]``.
+    """
+    _check(q, k, v, gates, block, top_n, window)
+    if q.shape[1] != 1:
+        raise ValueError(f"q must hold one query [B, 1, Hq, D] to decode, got {tuple(q.shape)}")
+    b, _, hq, d = q.shape
+    tk, g = k.shape[1], k.shape[2]
+    n_c, n_all = tk // block, -(-tk // block)
+    for name, x, like in (("k_pooled", k_pooled, k), ("v_pooled", v_pooled, v)):
+        if (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] < n_c
+                or (x.shape[0], *x.shape[2:]) != (b, *like.shape[2:])):  # fmt: skip
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be [{b}, >= {n_c}, {g}, {like.shape[-1]}] (the "
+                             f"block means of {tk} tokens), got {got}")  # fmt: skip
+    sc = d**-0.5 if scale is None else float(scale)
+    qg = q[:, 0].view(b, g, hq // g, d)  # [B, G, R, D]
+    # compressed: every complete block, pooled beforehand; head-major views [B, G, n_c, D]
+    # (free when the means are stored head-major, as NSACache does: no copy of the cache)
+    kc, vc = (x[:, :n_c].transpose(1, 2) for x in (k_pooled, v_pooled))
+    p = torch.softmax(torch.einsum("bgrd,bgjd->bgrj", qg, kc) * sc, -1)
+    o_cmp = torch.einsum("bgrj,bgjd->bgrd", p, vc)
+    # selected: the own block first, then the best-scored, ties to the earlier block (as
+    # nsa_select's stable sort), found in O(n_all) by a threshold instead of a sort
+    score = F.pad(p.sum(2), (0, n_all - n_c))  # [B, G, n_all]; an incomplete block scores 0
+    score[..., (tk - 1) // block] = float("inf")
+    n = min(top_n, n_all)
+    kth = torch.topk(score, n, dim=-1).values[..., -1:]  # the n-th best score
+    above, tied = score > kth, score == kth
+    room = n - above.sum(-1, keepdim=True)  # places left for blocks tied at the threshold
+    chosen = above | (tied & (tied.cumsum(-1) <= room))  # exactly n blocks
+    chosen = torch.topk(chosen.to(score.dtype), n, dim=-1).indices  # their indices [B, G, n]
+    cols = (chosen[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)
+    bi = torch.arange(b, device=q.device)[:, None, None]
+    gi = torch.arange(g, device=q.device)[None, :, None]
+    valid = cols < tk  # the own block may be incomplete: its later slots are not keys yet
+    cols = cols.clamp(max=tk - 1)
+    k_sel, v_sel = k[bi, cols, gi], v[bi, cols, gi]  # [B, G, n l, D]: only these are read
+    s = torch.einsum("bgrd,bgjd->bgrj", qg, k_sel) * sc
+    p_slc = torch.softmax(s.masked_fill(~valid[:, :, None], float("-inf")), -1)
+    o_slc = torch.einsum("bgrj,bgjd->bgrd", p_slc, v_sel)
+    # window: the last `window` keys, a slice
+    w = min(window, tk)
+    s = torch.einsum("bgrd,bjgd->bgrj", qg, k[:, tk - w :]) * sc
+    o_win = torch.einsum("bgrj,bjgd->bgrd", torch.softmax(s, -1), v[:, tk - w :])
+    branches = torch.stack([o_cmp, o_slc, o_win], -1).flatten(1, 2)  # [B, Hq, Dv, 3]
+    return (branches * gates[:, 0, :, None, :]).sum(-1)[:, None]
+
+
+class NSACache(KVCache):
+    """A :class:`~effarch.attention.KVCache` that also keeps the block means NSA's
+    compressed branch attends; :meth:`pooled` returns them as ``[B, n, G, D]`` views.
+
+    ``update(k, v)`` appends as a KV cache does and pools every block the new tokens
+    complete, so a decoding step reads ``T / block`` pooled keys instead of re-pooling all
+    ``T`` (NSA's decoding keeps its compressed keys the same way; fla's and the paper's
+    kernels store them beside the cache). It holds ``2 G D (T + T // block)`` numbers.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        block: int,
+        *,
+        head_dim_v: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(batch, max_len, n_kv_heads, head_dim, head_dim_v=head_dim_v,
+                         dtype=dtype, device=device)  # fmt: skip
+        self.block = check_positive_int("block", block)
+        # stored head-major, [B, G, max_len // block, D], so a step's scores read them in place
+        self._k_pooled = self.k.new_zeros(batch, n_kv_heads, max_len // block, head_dim)
+        self._v_pooled = self.v.new_zeros(batch, n_kv_heads, max_len // block, self.v.shape[-1])
+        self.n_pooled = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(k, v)
+        done = self.length // self.block
+        if done > self.n_pooled:  # the blocks the new tokens completed
+            lo, hi = self.n_pooled * self.block, done * self.block
+            for x, pooled in ((keys, self._k_pooled), (values, self._v_pooled)):
+                means = x[:, lo:hi].unflatten(1, (-1, self.block)).mean(2)  # [B, n, G, D]
+                pooled[:, :, self.n_pooled : done] = means.transpose(1, 2)
+            self.n_pooled = done
+        return keys, values
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the block means of every complete block held, ``[B, length // block, G, D]``
+        (the book's layout, as views of head-major storage)."""
+        n = self.n_pooled
+        return self._k_pooled[:, :, :n].transpose(1, 2), self._v_pooled[:, :, :n].transpose(1, 2)
+
+    def truncate(self, length: int) -> None:
+        super().truncate(length)
+        self.n_pooled = min(self.n_pooled, length // self.block)
+
+    def nbytes(self) -> int:
+        """Bytes held by the filled part: keys and values plus their block means."""
+        k_pooled, v_pooled = self.pooled()
+        return super().nbytes() + (k_pooled.numel() + v_pooled.numel()) * self.k.element_size()
+
+
 class NativeSparseAttention(nn.Module):
     """An NSA layer: projections, RoPE, per-head sigmoid gates, :func:`nsa_attention`.
 
@@ -355,17 +506,18 @@ class NativeSparseAttention(nn.Module):
         self.g_proj = nn.Linear(d_model, n_heads * 3)
         self.o_proj = nn.Linear(n_heads * dh, d_model, bias=False)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty :class:`~effarch.attention.KVCache` for decoding with this layer."""
+    def new_cache(self, batch: int, max_len: int) -> NSACache:
+        """An empty :class:`NSACache` (keys, values and their block means) for decoding."""
         w = self.k_proj.weight
-        return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, dtype=w.dtype,
-                       device=w.device)  # fmt: skip
+        return NSACache(batch, max_len, self.n_kv_heads, self.head_dim, self.block,
+                        dtype=w.dtype, device=w.device)  # fmt: skip
 
     def state_size(self, seq_len: int) -> int:
-        """Cached numbers after ``seq_len`` tokens: the full KV cache, ``2 T G d_h`` (NSA reads
-        sparsely but keeps every key and value; the pooled blocks are recomputed from it)."""
+        """Cached numbers after ``seq_len`` tokens: every key and value and the block means of
+        the complete blocks, ``2 G d_h (T + T // l)`` (NSA reads sparsely but keeps every key
+        and value, since any block may be selected later)."""
         check_positive_int("seq_len", seq_len)
-        return 2 * seq_len * self.n_kv_heads * self.head_dim
+        return 2 * (seq_len + seq_len // self.block) * self.n_kv_heads * self.head_dim
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -378,7 +530,9 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         gates = torch.sigmoid(self.g_proj(x)).view(b, t, self.n_heads, 3)
-        o = nsa_attention(
-            q, k, v, gates, block=self.block, top_n=self.top_n, window=self.window_len
-        )
+        kw = dict(block=self.block, top_n=self.top_n, window=self.window_len)
+        if t == 1 and isinstance(cache, NSACache) and cache.block == self.block:
+            o = nsa_decode(q, k, v, *cache.pooled(), gates, **kw)  # reads what NSA reads
+        else:
+            o = nsa_attention(q, k, v, gates, **kw)
         return self.o_proj(o.reshape(b, t, -1))
