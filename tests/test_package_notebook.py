@@ -165,6 +165,12 @@ def test_notebook_first_cell_is_the_shared_block(path):
     for c in code:
         for out in c["outputs"]:
             assert out["output_type"] != "error", f"{path.name} holds an error output"
+            # a page shows what it means to (print, display, plt.show): a cell's trailing
+            # expression leaves a stray repr on the website (a glued number, Text(...))
+            assert out["output_type"] != "execute_result", (
+                f"{path.name}, cell {c.get('id')}: its last line's value is shown; end it "
+                "with a statement, or print or display what it should show"
+            )
 
 
 def test_sync_check_reports_and_fixes_a_stale_notebook(tmp_path):
