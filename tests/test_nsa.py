@@ -88,6 +88,20 @@ def test_decode_step_equals_the_loop_reference_at_every_length(hq, g, block, top
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_decode_step_breaks_ties_as_the_reference_and_reads_head_major_views():
+    # identical keys: every complete block scores the same, so the tie rule picks the blocks
+    q, k, v, gates = inputs(29, 4, 2)
+    k = k[:, :1].expand_as(k).contiguous()
+    for tk in (8, 13, 29):
+        kk, vv = k[:, :tk], v[:, :tk]
+        kc, vc = (block_means(x, 4).transpose(1, 2).contiguous().transpose(1, 2) for x in (kk, vv))
+        assert kc.stride(1) == kc.shape[-1]  # head-major storage, read as [B, n, G, D] views
+        got = nsa_decode(q[:, tk - 1 : tk], kk, vv, kc, vc, gates[:, tk - 1 : tk], block=4,
+                         top_n=3, window=2)  # fmt: skip
+        want = nsa_reference(q[:, :tk], kk, vv, gates[:, :tk], block=4, top_n=3, window=2)
+        torch.testing.assert_close(got, want[:, -1:], rtol=1e-12, atol=1e-12)
+
+
 def test_nsa_cache_pools_each_block_once_as_it_completes():
     gen = torch.Generator().manual_seed(3)
     k = torch.randn(2, 30, 2, 4, generator=gen, dtype=torch.float64)
@@ -101,6 +115,8 @@ def test_nsa_cache_pools_each_block_once_as_it_completes():
         torch.testing.assert_close(vp, block_means(v[:, :hi], 4), rtol=0, atol=1e-15)
         # bytes held: 8 bytes x B x G x (D + Dv) per token and per pooled block
         assert cache.nbytes() == 8 * 2 * 2 * (4 + 6) * (hi + hi // 4)
+    cache.truncate(12)  # a multiple of the block keeps its 3 means
+    assert cache.pooled()[0].shape[1] == 3
     cache.truncate(10)  # forget all but 10 tokens: 2 complete blocks; refilling re-pools
     assert cache.pooled()[0].shape[1] == 2
     cache.update(k[:, 10:30] * 2, v[:, 10:30] * 2)
@@ -139,6 +155,10 @@ def test_nsa_decode_bad_input():
         nsa_decode(q[:, -1:], k, v, kp[:, :3], vp, gates[:, -1:], block=4)
     with pytest.raises(ValueError, match="v_pooled must be"):
         nsa_decode(q[:, -1:], k, v, kp, kp, gates[:, -1:], block=4)
+    with pytest.raises(ValueError, match="k_pooled must be torch.float64"):
+        nsa_decode(q[:, -1:], k, v, kp.float(), vp, gates[:, -1:], block=4)
+    with pytest.raises(ValueError, match="gates must be torch.float64"):
+        nsa_decode(q[:, -1:], k, v, kp, vp, gates[:, -1:].float(), block=4)
 
 
 def leaks(fn, t=32, seed=0, g=1):

@@ -20,7 +20,7 @@ queries and keys up to ``t`` only, so NSA is causal (tested by changing future t
 query, or on block-sparse tiles; the window through
 :func:`~effarch.sparse.block_sparse_attention`); :func:`nsa_reference` computes the same
 thing one query at a time in plain loops, as the check. :func:`nsa_decode` is the one-token
-step, which reads what NSA's decoding reads: the pooled blocks (kept in a
+step, which reads only what its three branches need: the pooled blocks (kept in a
 :class:`NSACache`), the ``top_n`` selected blocks and the window, about
 ``T / l + top_n l + window`` keys and values instead of all ``T``.
 :class:`NativeSparseAttention` is the layer (a TinyLM mixer).
@@ -63,6 +63,9 @@ def _check(q, k, v, gates, block, top_n, window) -> None:
     if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != want:
         got = tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__
         raise ValueError(f"gates must be [B, T, Hq, 3] = {list(want)}, got {got}")
+    if gates.dtype != q.dtype or gates.device != q.device:
+        raise ValueError(f"gates must be {q.dtype} on {q.device} like q, got {gates.dtype} "
+                         f"on {gates.device}")  # fmt: skip
 
 
 def nsa_compress(
@@ -355,11 +358,12 @@ def nsa_decode(
         o = g^{cmp} \textstyle\sum_j p^{cmp}_j vc_j + g^{slc}\,\mathrm{attn}(q, K_{\mathcal S})
             + g^{win}\,\mathrm{attn}(q, K_{t-w+1..t})
 
-    It gathers the ``top_n`` selected blocks in place and slices the window, so a step reads
-    ``n_c + top_n l + window`` of the ``Tk`` cached keys and values (and the scores of the
-    ``n_c`` pooled blocks), where :func:`nsa_attention` re-pools and scores the whole cache.
-    It equals ``nsa_attention(q, k, v, gates, ...)`` with ``Tq = 1`` (tested), as NSA's
-    decoding kernels equal its training kernels.
+    It copies out only the ``top_n`` selected blocks and slices the window, so a step reads
+    ``n_c + top_n l + window`` of the ``Tk`` cached keys and values (plus ``O(n_c)`` work to
+    score and rank the blocks), where :func:`nsa_attention` re-pools and scores the whole
+    cache. It equals ``nsa_attention(q, k, v, gates, ...)`` with ``Tq = 1`` (tested against
+    :func:`nsa_reference`). The means must have been pooled with the same ``block``: their
+    shape cannot tell.
 
     Args:
         q: ``[B, 1, Hq, D]``, the newest query.
@@ -386,6 +390,9 @@ def nsa_decode(
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be [{b}, >= {n_c}, {g}, {like.shape[-1]}] (the "
                              f"block means of {tk} tokens), got {got}")  # fmt: skip
+        if x.dtype != like.dtype or x.device != like.device:
+            raise ValueError(f"{name} must be {like.dtype} on {like.device} like the cache, "
+                             f"got {x.dtype} on {x.device}")  # fmt: skip
     sc = d**-0.5 if scale is None else float(scale)
     qg = q[:, 0].view(b, g, hq // g, d)  # [B, G, R, D]
     # compressed: every complete block, pooled beforehand; head-major views [B, G, n_c, D]
@@ -426,8 +433,9 @@ class NSACache(KVCache):
 
     ``update(k, v)`` appends as a KV cache does and pools every block the new tokens
     complete, so a decoding step reads ``T / block`` pooled keys instead of re-pooling all
-    ``T`` (NSA's decoding keeps its compressed keys the same way; fla's and the paper's
-    kernels store them beside the cache). It holds ``2 G D (T + T // block)`` numbers.
+    ``T``. It holds ``2 G D (T + T // block)`` numbers. (The paper's NSA gives each branch
+    its own keys and values and pools overlapping blocks with a learned MLP; this layer
+    shares one set and mean-pools disjoint blocks.)
     """
 
     def __init__(
@@ -532,7 +540,7 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.g_proj(x)).view(b, t, self.n_heads, 3)
         kw = dict(block=self.block, top_n=self.top_n, window=self.window_len)
         if t == 1 and isinstance(cache, NSACache) and cache.block == self.block:
-            o = nsa_decode(q, k, v, *cache.pooled(), gates, **kw)  # reads what NSA reads
+            o = nsa_decode(q, k, v, *cache.pooled(), gates, **kw)  # reads a fraction
         else:
             o = nsa_attention(q, k, v, gates, **kw)
         return self.o_proj(o.reshape(b, t, -1))
