@@ -14,6 +14,7 @@ from effarch.attention import (
     mha_to_gqa,
     naive_attention,
     project_qkv,
+    sdpa_attention,
     tiled_attention,
 )
 
@@ -184,6 +185,30 @@ def test_mla_naive_absorbed_and_cached_paths_agree(cfg):
             n_layers=1, seq_len=11, batch=2, kv_lora_rank=cfg["kv_lora_rank"],
             rope_head_dim=cfg["qk_rope_head_dim"], bytes_per_element=8,
         )  # fmt: skip
+
+
+def test_mla_decode_impl_picks_the_path_of_cached_calls():
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return sdpa_attention(*args, **kwargs)
+
+    torch.manual_seed(0)
+    m = MultiHeadLatentAttention(64, 4, kv_lora_rank=16, qk_nope_head_dim=16,
+                                 qk_rope_head_dim=8, v_head_dim=16, attention=counted,
+                                 decode_impl="absorb").double()  # fmt: skip
+    x = torch.randn(2, 9, 64, dtype=torch.float64)
+    full = m(x)  # no cache: the naive path, one call of `attention`
+    assert calls == [9]
+    cache = m.new_cache(2, 9)
+    steps = torch.cat([m(x[:, :3], cache)] + [m(x[:, i : i + 1], cache) for i in range(3, 9)], 1)
+    assert calls == [9]  # every cached call went through the latents
+    torch.testing.assert_close(steps, full, rtol=1e-10, atol=1e-10)
+    m(x[:, :2], m.new_cache(2, 2), absorb=False)  # an explicit argument wins
+    assert calls == [9, 2]
+    with pytest.raises(ValueError, match=r"decode_impl must be one of \['naive', 'absorb'\]"):
+        MultiHeadLatentAttention(64, 4, decode_impl="fast")
 
 
 def test_mla_cache_is_smaller_than_mha_by_the_expected_factor():

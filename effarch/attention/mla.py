@@ -31,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .._checks import check_positive_int, check_tensor
+from .._checks import check_choice, check_positive_int, check_tensor
 from .grouped import KVCache
 from .naive import attention_mask, sdpa_attention
 from .rope import apply_rope
@@ -43,10 +43,13 @@ class MultiHeadLatentAttention(nn.Module):
     ``attention`` (default :func:`sdpa_attention`) computes the naive path; the absorbed
     path writes its multi-query attention over the latents out directly.
 
-    ``forward(x [B, T, d], cache=None, absorb=False) -> [B, T, d]``. ``cache`` is a
+    ``forward(x [B, T, d], cache=None, absorb=None) -> [B, T, d]``. ``cache`` is a
     :class:`KVCache` from :meth:`new_cache` holding ``c_kv`` as its keys and the shared
     RoPE key as its values. ``absorb=True`` computes the same output through the latent
-    space (see the module docstring).
+    space (see the module docstring); left as ``None``, a call with a cache takes the path
+    ``decode_impl`` names (``"naive"`` or ``"absorb"``, the values of DeepSeek-V3's
+    ``attn_impl``, which its inference code sets to ``"absorb"``) and a call without one the
+    naive path, so a model decodes absorbed through the generic ``layer(x, cache)`` call.
     """
 
     def __init__(
@@ -62,8 +65,10 @@ class MultiHeadLatentAttention(nn.Module):
         rope_base: float = 10000.0,
         causal: bool = True,
         attention: Callable[..., torch.Tensor] = sdpa_attention,
+        decode_impl: str = "naive",
     ) -> None:
         super().__init__()
+        self.decode_impl = check_choice("decode_impl", decode_impl, ("naive", "absorb"))
         sizes = dict(d_model=d_model, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
                      qk_nope_head_dim=qk_nope_head_dim, v_head_dim=v_head_dim)  # fmt: skip
         for name, v in sizes.items():
@@ -112,9 +117,11 @@ class MultiHeadLatentAttention(nn.Module):
         return w[:, : self.d_n], w[:, self.d_n :]
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, *, absorb: bool = False
+        self, x: torch.Tensor, cache: KVCache | None = None, *, absorb: bool | None = None
     ) -> torch.Tensor:
         check_tensor("x", x, ndim=3, floating=True)
+        if absorb is None:
+            absorb = cache is not None and self.decode_impl == "absorb"
         if x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have d_model={self.d_model} features in dim 2, got {tuple(x.shape)}"

@@ -67,7 +67,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "MHA": {"family": "softmax attention", "pattern": "A", "mixers": {"A": ("attention", {})}},
     "GQA": {"family": "efficient full attention", "pattern": "A",
             "mixers": {"A": ("attention", {"n_heads": 4, "n_kv_heads": 1})}},
-    "MLA": {"family": "efficient full attention", "pattern": "A", "mixers": {"A": ("mla", {})}},
+    "MLA": {"family": "efficient full attention", "pattern": "A",
+            "mixers": {"A": ("mla", {"decode_impl": "absorb"})}},  # decodes as DeepSeek does
     "sliding window": {"family": "sparse attention", "pattern": "A",
                        "mixers": {"A": ("sliding_window", {"window": 16})}},
     "NSA": {"family": "sparse attention", "pattern": "A",
