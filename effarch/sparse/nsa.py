@@ -347,7 +347,7 @@ def nsa_decode(
     window: int = 64,
     scale: float | None = None,
 ) -> torch.Tensor:
-    r"""One NSA decoding step: the newest query against a cache, reading only what NSA reads.
+    r"""One NSA decoding step: the newest query against a cache, reading only what it needs.
 
     The query sits at position ``t = Tk - 1``. With ``n_c = Tk // l`` complete blocks pooled
     beforehand (``kc_j = mean(k_{jl..jl+l-1})``, kept by :class:`NSACache`):
