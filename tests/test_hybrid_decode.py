@@ -33,11 +33,14 @@ def test_every_family_decode_card():
     from effarch.experiments import every_family
 
     card = every_family.decode_experiment(
-        ["MHA", "Mamba-2"], {"contexts": [16, 48], "batch": 2, "repeats": 1, "steps": 1}
+        ["MHA", "Mamba-2", "NSA"], {"contexts": [16, 48], "batch": 2, "repeats": 1, "steps": 1}
     )
     mha, mamba = card["records"]["MHA"], card["records"]["Mamba-2"]
     # bytes held per token of context: keys and values of every layer for MHA, none for a state
     cfg = card["config"]
     assert mha["bytes_per_token"] == cfg["n_layers"] * 2 * cfg["profile_d_model"] * 4
     assert mamba["bytes_per_token"] == 0
+    # NSA: every key and value plus one mean per block of 8 (contexts of whole blocks)
+    assert card["records"]["NSA"]["bytes_per_token"] == mha["bytes_per_token"] * (1 + 1 / 8)
+    assert cfg["device"] == "cpu"
     assert len(mha["decode_seconds"]) == 2 and min(mha["decode_seconds"]) > 0

@@ -182,8 +182,8 @@ def every_family_experiment(
 DECODE_STORED = HERE / "every_family_decode_cpu.json"
 """The card of the stored CPU decode run (:func:`decode_experiment`)."""
 DECODE_CONFIG: dict[str, Any] = {"contexts": [1024, 4096, 16384], "batch": 32, "steps": 4,
-                                 "repeats": 3}  # fmt: skip
-"""Sizes of the stored decode run (the profile's width and depth, :data:`CONFIG`)."""
+                                 "repeats": 3, "device": "cpu"}  # fmt: skip
+"""Sizes and device of the stored decode run (the profile's width and depth, :data:`CONFIG`)."""
 
 
 def decode_experiment(
@@ -202,7 +202,9 @@ def decode_experiment(
     names = names or list(FAMILIES)
     start = time.perf_counter()
     models = {
-        n: family_model(n, c["vocab_size"], c["profile_d_model"], c["n_layers"], c["seed"]).eval()
+        n: family_model(n, c["vocab_size"], c["profile_d_model"], c["n_layers"], c["seed"])
+        .to(c["device"])
+        .eval()
         for n in names
     }
     times = decode_step_time(models, c["contexts"], steps=c["steps"], repeats=c["repeats"],
@@ -233,8 +235,12 @@ def main_decode(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m effarch.experiments every-family-decode")
     p.add_argument("--out", type=Path, default=DECODE_STORED)
     p.add_argument("--names", nargs="+", default=None, choices=list(FAMILIES))
+    p.add_argument("--contexts", type=int, nargs="+", default=DECODE_CONFIG["contexts"])
+    p.add_argument("--batch", type=int, default=DECODE_CONFIG["batch"])
+    p.add_argument("--device", default=DECODE_CONFIG["device"])
     args = p.parse_args(argv)
-    card = decode_experiment(args.names)
+    card = decode_experiment(args.names, {"contexts": args.contexts, "batch": args.batch,
+                                          "device": args.device})  # fmt: skip
     args.out.write_text(json.dumps(card, indent=1) + "\n")
     print(f"wrote {args.out} ({card['seconds']:.0f} s)")
 

@@ -45,9 +45,9 @@ STORED = HERE / "hybrid_decode_cpu.json"
 
 CONFIG: dict[str, Any] = {
     "d_model": 64, "vocab": 256, "contexts": [1024, 4096, 16384], "batch": 64, "steps": 4,
-    "repeats": 3,
+    "repeats": 3, "device": "cpu",
 }  # fmt: skip
-"""Sizes of the stored CPU run (the page's layouts at its CPU width)."""
+"""Sizes of the stored CPU run (the page's layouts at its CPU width) and its device."""
 
 READERS = {"all attention": 8, "all Mamba": 0, "jamba": 1, "samba": 0, "minimax": 1, "yoco": 4}
 """Layers that read a cache growing with the context in each step, per layout (YOCO: the
@@ -93,7 +93,9 @@ def hybrid_decode_experiment(config: dict[str, Any] | None = None) -> dict[str, 
     them, the fitted slopes, the readers per layout, seconds and the torch version)."""
     cfg = {**CONFIG, **(config or {})}
     start = time.perf_counter()
-    models = decode_layouts(cfg["d_model"], cfg["vocab"])
+    models = {
+        n: m.to(cfg["device"]) for n, m in decode_layouts(cfg["d_model"], cfg["vocab"]).items()
+    }
     times = decode_step_time(models, cfg["contexts"], steps=cfg["steps"],
                              repeats=cfg["repeats"], batch=cfg["batch"])  # fmt: skip
     return {
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=STORED)
     parser.add_argument("--contexts", type=int, nargs="+", default=CONFIG["contexts"])
     parser.add_argument("--batch", type=int, default=CONFIG["batch"])
+    parser.add_argument("--device", default=CONFIG["device"])
     args = parser.parse_args(argv)
-    card = hybrid_decode_experiment({"contexts": args.contexts, "batch": args.batch})
+    card = hybrid_decode_experiment({"contexts": args.contexts, "batch": args.batch,
+                                     "device": args.device})  # fmt: skip
     args.out.write_text(json.dumps(card, indent=1) + "\n")
     print(f"wrote {args.out} ({card['seconds']:.0f} s)")
