@@ -170,3 +170,31 @@ def test_bad_input_is_named():
         lasp(linear.gla, q, q, q, q, initial_state=None)
     with pytest.raises(ValueError, match="normalize"):
         lasp(linear.linear_attention, q, q, q, normalize=True)
+
+
+def test_sixteen_bit_inputs_send_what_the_models_say():
+    # keys and values travel in float16, their gradients and LASP's states in float32
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (H, HKV, HKV))
+    kn = F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    vv, do = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, D, generator=g)
+    gk = F.logsigmoid(torch.randn(B, T, H, D, generator=g))
+    half = [x.half() for x in (q, k, v)]
+    cases = [
+        dict(kind="ring", inputs=half, dout=do.half(), kwargs={"causal": True}, layout="zigzag"),
+        dict(kind="lasp", op=linear.gla, inputs=[x.half() for x in (q, kn, vv, gk)],
+             dout=do.half(), kwargs={"chunk_size": 2}),
+    ]  # fmt: skip
+    saved = spawn(check_context_parallel, 2, {"cases": cases})
+    ranks = [saved[f"rank{r}"] for r in range(2)]
+    ring_want = ring_attention_bytes(T, 2, HKV, D, bytes_per=2, batch=B)
+    _, state = linear.gla(*cases[1]["inputs"], chunk_size=2, output_final_state=True)
+    lasp_want = lasp_bytes("gla", 2, H, D, D, bytes_per=state.element_size(), batch=B)
+    assert state.dtype == torch.float32  # the state of 16-bit inputs
+    for r in ranks:
+        assert r[0]["bytes"]["forward"] == ring_want["forward"]
+        assert r[0]["bytes"]["backward"] == ring_want["backward"]
+        assert r[1]["bytes"]["forward"] == lasp_want["forward"]
+    got = unshard_sequence([r[0]["out"] for r in ranks], "zigzag").double()
+    want = naive_attention(q.half().double(), k.half().double(), v.half().double(), causal=True)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)

@@ -191,16 +191,17 @@ class _RingAttention(torch.autograd.Function):
         mine = shard_chunks(world, rank, layout)
         o = torch.zeros_like(qg)
         lse = torch.full(qg.shape[:-1], float("-inf"), dtype=work, device=q.device)
-        kv = torch.stack([k, v]).to(work)
+        kv = torch.stack([k, v])  # travels in the inputs' dtype, as ring-flash-attn's does
         for step in range(world):
             src = (rank - step) % world
             pending = ring.start(kv, "forward") if ring and step < world - 1 else None
             for qs, ks, diagonal in _pairs(mine, shard_chunks(world, src, layout), causal, c):
                 if stats is not None:
                     stats["products"] = stats.get("products", 0) + 1
-                s = _scores(qg[:, qs], kv[0][:, ks], scale, diagonal)
+                k_b, v_b = kv[0][:, ks].to(work), kv[1][:, ks].to(work)
+                s = _scores(qg[:, qs], k_b, scale, diagonal)
                 l_b = torch.logsumexp(s, -1)  # [B, Hkv, G, c]
-                o_b = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(s - l_b[..., None]), kv[1][:, ks])
+                o_b = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(s - l_b[..., None]), v_b)
                 l_b = rearrange(l_b, "b h g q -> b q h g")
                 l_a = lse[:, qs]
                 new = torch.logaddexp(l_a, l_b)
@@ -233,19 +234,20 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros_like(qg)
         c = q.shape[1] // 2
         mine = shard_chunks(world, rank, layout)
-        kv = torch.stack([k, v]).to(work)
-        dkv = torch.zeros_like(kv)  # travels with the block it belongs to
+        kv = torch.stack([k, v])  # in the inputs' dtype, as forward sent it
+        dkv = torch.zeros(kv.shape, dtype=work, device=kv.device)  # travels with its block
         for step in range(world):
             src = (rank - step) % world
             pending = ring.start(kv, "backward") if ring and step < world - 1 else None
             for qs, ks, diagonal in _pairs(mine, shard_chunks(world, src, layout), causal, c):
-                s = _scores(qg[:, qs], kv[0][:, ks], scale, diagonal)
+                k_b, v_b = kv[0][:, ks].to(work), kv[1][:, ks].to(work)
+                s = _scores(qg[:, qs], k_b, scale, diagonal)
                 lse_q = rearrange(lse[:, qs], "b q h g -> b h g q")
                 p = torch.exp(s - lse_q[..., None])  # the final softmax weights
                 dkv[1][:, ks] += torch.einsum("bhgqk,bqhgd->bkhd", p, dog[:, qs])
-                dp = torch.einsum("bqhgd,bkhd->bhgqk", dog[:, qs], kv[1][:, ks])
+                dp = torch.einsum("bqhgd,bkhd->bhgqk", dog[:, qs], v_b)
                 ds = p * (dp - rearrange(delta[:, qs], "b q h g -> b h g q")[..., None]) * scale
-                dq[:, qs] += torch.einsum("bhgqk,bkhd->bqhgd", ds, kv[0][:, ks])
+                dq[:, qs] += torch.einsum("bhgqk,bkhd->bqhgd", ds, k_b)
                 dkv[0][:, ks] += torch.einsum("bhgqk,bqhgd->bkhd", ds, qg[:, qs])
             if ring:  # the gradients follow their block; after P hops they are home
                 dkv = _Ring.wait(ring.start(dkv, "backward"))
@@ -273,7 +275,9 @@ def ring_attention(
     reads key/value head ``h // (Hq / Hkv)``), and receives its shard of
     ``O = softmax(scale Q K^T + M) V`` over the whole sequence, ``[B, T/P, Hq, D]``. Backward
     (by autograd) returns each rank's shard of ``dQ, dK, dV``. Partial results are kept in
-    float32 (float64 inputs stay float64). Without a process group it is plain attention.
+    float32 (float64 inputs stay float64); keys and values travel in their own dtype, their
+    gradients in that float32 (ring-flash-attn's choices). Without a process group it is
+    plain attention.
 
     ring-flash-attn: ``zigzag_ring_flash_attn_func(q, k, v, softmax_scale=..., causal=...)`` for
     ``layout="zigzag"`` and ``ring_flash_attn_func`` for ``"contiguous"``; flash-attn's
@@ -295,12 +299,14 @@ def ring_attention_bytes(
     seq_len: int, world: int, n_kv_heads: int, head_dim: int, bytes_per: int = 2, batch: int = 1
 ) -> dict[str, int]:
     """Bytes one rank sends in :func:`ring_attention`, modelled: forward ``(P - 1)`` blocks of
-    keys and values (``2 B (T / P) Hkv D`` numbers each); backward the same blocks plus their
-    gradients, which make ``P`` hops."""
-    block = 2 * batch * (seq_len // world) * n_kv_heads * head_dim * bytes_per
+    keys and values (``2 B (T / P) Hkv D`` numbers each, ``bytes_per`` bytes: the inputs'
+    dtype); backward the same blocks plus their gradients, which make ``P`` hops in the
+    accumulation dtype (float32 for 16-bit inputs: ``max(bytes_per, 4)`` bytes)."""
+    numbers = 2 * batch * (seq_len // world) * n_kv_heads * head_dim
+    block, grads = numbers * bytes_per, numbers * max(bytes_per, 4)
     if world == 1:
         return {"forward": 0, "backward": 0}
-    return {"forward": (world - 1) * block, "backward": (world - 1) * block + world * block}
+    return {"forward": (world - 1) * block, "backward": (world - 1) * block + world * grads}
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,12 +422,15 @@ def lasp(
 
 
 def lasp_bytes(
-    op_name: str, world: int, n_heads: int, key_dim: int, value_dim: int, bytes_per: int = 2,
+    op_name: str, world: int, n_heads: int, key_dim: int, value_dim: int, bytes_per: int = 4,
     batch: int = 1,
 ) -> dict[str, int]:  # fmt: skip
     """Bytes one rank sends in :func:`lasp`, modelled: ``(P - 1)`` copies of its state
     ``B H K V`` plus its transition (``0``, ``B H K`` or ``B H K^2`` numbers) forward, and as
-    many in the backward reduce-scatter. Independent of the sequence length."""
+    many in the backward reduce-scatter. Independent of the sequence length. ``bytes_per``
+    is the state's element size: 4 by default, since the book's linear ops (as fla's) return
+    float32 states for 16-bit inputs. The payload is what a rank hands the all-gather; the
+    ``P - 1`` copies are the factor of a ring all-gather, which forwards each shard once."""
     kind = check_choice("op_name", op_name, sorted(TRANSITIONS))
     extra = {"identity": 0, "diagonal": key_dim, "full": key_dim * key_dim}[TRANSITIONS[kind]]
     n = (world - 1) * batch * n_heads * (key_dim * value_dim + extra) * bytes_per
