@@ -25,8 +25,9 @@ SnapKV (Li et al., 2024) compresses the prompt once, at the end of prefill:
 :func:`snapkv_select` votes with the attention of the last ``window`` prompt queries (pooled
 over neighbouring positions) and keeps the winners plus the window.
 
-Eviction is shared by the heads of a layer (H2O and TOVA originally decide per head; one
-decision per layer keeps one cache length per layer and the bookkeeping short), batch size 1.
+Eviction is shared by the heads of a layer (H2O originally decides per head; TOVA, like this
+module, per layer, from the attention averaged over heads; one decision per layer keeps one
+cache length per layer and the bookkeeping short), batch size 1.
 
 :func:`decode` runs a Llama-family model token by token under a policy and returns the
 negative log-likelihood of every next token, the tokens held and read at every step and,
