@@ -87,10 +87,12 @@ class PerformerFeatureMap(nn.Module):
         phi(x) = exp(W x - ||x||^2 / 2) / sqrt(M)          # [..., D] -> [..., M], all > 0
 
     and ``E_W[phi(q) . phi(k)] = exp(q . k)`` because
-    ``E_w[exp(w . (q + k))] = exp(||q + k||^2 / 2)``. The relative error falls as
-    ``1 / sqrt(M)`` and grows with ``||q + k||``. With ``orthogonal=True`` the rows come in
-    blocks of ``D`` mutually orthogonal directions with Gaussian-like (chi-distributed) norms,
-    which keeps the estimate unbiased and lowers its variance.
+    ``E_w[exp(w . (q + k))] = exp(||q + k||^2 / 2)``. With independent rows the relative
+    variance is ``(exp(||q + k||^2) - 1) / M``: the typical error falls as ``1 / sqrt(M)`` only
+    once ``M`` is large against ``exp(||q + k||^2)`` (chapter 2.1 measures slower rates). With
+    ``orthogonal=True`` the rows come in blocks of ``D`` mutually orthogonal directions with
+    Gaussian-like (chi-distributed) norms, which keeps the estimate unbiased and lowers its
+    variance.
 
     The projection is drawn once from ``seed`` and stored as a buffer (not a parameter), so
     ``q`` and ``k`` see the same ``W``. To approximate the softmax kernel
