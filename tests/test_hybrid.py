@@ -416,3 +416,26 @@ def test_mla_layers_decode_from_their_latent_cache_like_the_full_forward():
     mla = m.blocks[1].mixer
     assert isinstance(cache[1], KVCache) and cache[1].length == 9
     assert m.state_sizes(9)[1] == 9 * (mla.d_c + mla.d_r) == 9 * (D // 2 + D // 4)
+
+
+def test_parallel_hybrid_from_a_falcon_h1_config():
+    transformers = pytest.importorskip("transformers")
+    from effarch.models import ParallelHybrid
+
+    cfg = transformers.FalconH1Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, mamba_d_ssm=64, mamba_n_heads=4,
+        mamba_d_head=16, mamba_d_state=8, attention_out_multiplier=0.5, ssm_out_multiplier=0.25,
+    )  # fmt: skip
+    layer = ParallelHybrid.from_falcon_h1(cfg)
+    # the shapes transformers' Falcon-H1 layer builds from the same config
+    assert (layer.attn.n_heads, layer.attn.n_kv_heads, layer.attn.head_dim) == (4, 2, 8)
+    assert (layer.ssm.nheads, layer.ssm.headdim, layer.ssm.d_inner, layer.ssm.d_state) == (
+        cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_ssm, cfg.mamba_d_state)  # fmt: skip
+    assert (layer.combine, layer.attn_multiplier, layer.ssm_multiplier) == ("sum", 0.5, 0.25)
+    cfg.head_dim = 16  # set apart from hidden_size / heads, as released checkpoints do
+    with pytest.raises(ValueError, match="head_dim 16 x 4 heads must be hidden_size 32"):
+        ParallelHybrid.from_falcon_h1(cfg)
+    cfg.head_dim, cfg.mamba_d_ssm = None, 48
+    with pytest.raises(ValueError, match="mamba_d_ssm 48 must be mamba_expand"):
+        ParallelHybrid.from_falcon_h1(cfg)

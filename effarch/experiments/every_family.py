@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from ..bench import fit_line
 from ..models.hybrid import HybridLM, decode_memory, decode_step_time
 from ..models.profile import profile_models
 from ..models.tinylm import TinyLM
 from ..tasks import mqar
 from ..train import evaluate, train
+from .hybrid_decode import step_time_slopes
 
 __all__ = [
     "CONFIG",
@@ -195,8 +195,9 @@ def decode_experiment(
     ``batch`` sequences after each context (:func:`~effarch.models.decode_step_time`), and
     holds :func:`~effarch.models.decode_memory`'s bytes per sequence there. Per family, the
     card keeps the step times, the bytes held, the fit ``t(T) = a + b T``
-    (:func:`~effarch.bench.fit_line`) and the bytes held per token of context (the slope of
-    memory in ``T``): a step that must read all it holds has ``b`` proportional to them.
+    (:func:`~effarch.experiments.hybrid_decode.step_time_slopes`) and the bytes held per
+    token of context (the slope of memory in ``T``): a step that must read all it holds has
+    ``b`` proportional to them.
     """
     c = {**CONFIG, **DECODE_CONFIG, **(config or {})}
     names = names or list(FAMILIES)
@@ -209,16 +210,16 @@ def decode_experiment(
     }
     times = decode_step_time(models, c["contexts"], steps=c["steps"], repeats=c["repeats"],
                              batch=c["batch"], seed=c["seed"])  # fmt: skip
+    fits = step_time_slopes(times)  # t(T) = a + b T per family
     records = {}
     for n, m in models.items():
         held = decode_memory(m, c["contexts"])["total"]
-        line = fit_line(c["contexts"], times[n])
         records[n] = {
             "family": FAMILIES[n]["family"],
             "decode_seconds": times[n],
             "memory_bytes": held,
-            "intercept": line.intercept,
-            "slope": line.slope,
+            "intercept": fits[n][0],
+            "slope": fits[n][1],
             "bytes_per_token": (held[-1] - held[0]) / (c["contexts"][-1] - c["contexts"][0]),
         }
     return {"config": c, "records": records, "seconds": time.perf_counter() - start,

@@ -195,6 +195,36 @@ class ParallelHybrid(nn.Module):
         """The attention branch's cache plus the SSM's state (each layer's own formula)."""
         return self.attn.state_size(seq_len) + self.ssm.state_size(seq_len)
 
+    @classmethod
+    def from_falcon_h1(cls, cfg: Any) -> ParallelHybrid:
+        """The ``combine="sum"`` layer a ``transformers`` ``FalconH1Config`` describes: its
+        widths, heads, Mamba-2 fields and output multipliers (the input multipliers fold into
+        the projections' weights when a checkpoint is loaded).
+
+        Raises:
+            ValueError: the configuration's attention head width (``head_dim``, which the
+                modelling code reads when present) is not ``hidden_size / num_attention_heads``,
+                or ``mamba_d_ssm`` is not ``mamba_expand * hidden_size``: this layer derives
+                both from ``d_model`` and would build other shapes.
+        """
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+            raise ValueError(f"head_dim {head_dim} x {cfg.num_attention_heads} heads must be "
+                             f"hidden_size {cfg.hidden_size} here")  # fmt: skip
+        if cfg.mamba_d_ssm != cfg.mamba_expand * cfg.hidden_size:
+            raise ValueError(f"mamba_d_ssm {cfg.mamba_d_ssm} must be mamba_expand x hidden_size "
+                             f"= {cfg.mamba_expand * cfg.hidden_size} here")  # fmt: skip
+        ssm = {"d_state": cfg.mamba_d_state, "headdim": cfg.mamba_d_head,
+               "expand": cfg.mamba_expand, "ngroups": cfg.mamba_n_groups,
+               "d_conv": cfg.mamba_d_conv, "chunk_size": cfg.mamba_chunk_size,
+               "conv_bias": cfg.mamba_conv_bias}  # fmt: skip
+        return cls(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            ssm="mamba2", ssm_kwargs=ssm, combine="sum", norm_eps=cfg.rms_norm_eps,
+            attn_multiplier=cfg.attention_out_multiplier,
+            ssm_multiplier=cfg.ssm_out_multiplier,
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         return f"window={self.window}, combine={self.combine!r}"
 

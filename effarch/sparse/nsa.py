@@ -68,6 +68,13 @@ def _check(q, k, v, gates, block, top_n, window) -> None:
                          f"on {gates.device}")  # fmt: skip
 
 
+def _block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The mean of every complete block of ``block`` positions: ``[B, T, ...] -> [B, T // block,
+    ...]`` (a trailing incomplete block is left out)."""
+    nb = x.shape[1] // block
+    return x[:, : nb * block].unflatten(1, (nb, block)).mean(2)
+
+
 def nsa_compress(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float,
     qpos: torch.Tensor,
@@ -76,9 +83,8 @@ def nsa_compress(
     attended by queries at positions ``qpos``. Returns ``o [B, Tq, Hq, Dv]`` and the
     probabilities ``p [B, G, R, Tq, n_blocks]`` that :func:`nsa_select` ranks blocks by."""
     g = k.shape[2]
-    nb = k.shape[1] // block  # complete blocks only
-    kc = k[:, : nb * block].unflatten(1, (nb, block)).mean(2)  # [B, nb, G, D]
-    vc = v[:, : nb * block].unflatten(1, (nb, block)).mean(2)
+    kc, vc = _block_means(k, block), _block_means(v, block)  # [B, nb, G, D], complete blocks
+    nb = kc.shape[1]
     qg = rearrange(q, "b t (g r) d -> b g r t d", g=g)
     s = torch.einsum("bgrtd,bjgd->bgrtj", qg, kc) * scale
     ends = (torch.arange(nb, device=q.device) + 1) * block - 1
@@ -464,7 +470,7 @@ class NSACache(KVCache):
         if done > self.n_pooled:  # the blocks the new tokens completed
             lo, hi = self.n_pooled * self.block, done * self.block
             for x, pooled in ((keys, self._k_pooled), (values, self._v_pooled)):
-                means = x[:, lo:hi].unflatten(1, (-1, self.block)).mean(2)  # [B, n, G, D]
+                means = _block_means(x[:, lo:hi], self.block)  # [B, n, G, D]
                 pooled[:, :, self.n_pooled : done] = means.transpose(1, 2)
             self.n_pooled = done
         return keys, values
