@@ -10,6 +10,7 @@ from effarch import linear
 from effarch.attention import naive_attention
 from effarch.dist import (
     check_context_parallel,
+    context_parallel_errors,
     lasp,
     lasp_bytes,
     ring_attention,
@@ -89,6 +90,21 @@ def test_equal_to_one_process_forward_and_backward(run):
         for j, want in enumerate(want_grads):
             got = unshard_sequence([r[i]["grads"][j] for r in ranks], layout)
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"{i} grad {j}")
+
+
+def test_errors_helper_matches_and_catches_a_wrong_shard(run):
+    # the helper chapter 9.2 calls: rounding-small on the real run, and a corrupted shard of
+    # one gradient on one rank shows up at its true size in that case only
+    world, cases, ranks = run
+    errors = context_parallel_errors(cases, ranks)
+    assert len(errors) == len(cases) and max(errors) < 1e-10
+    bad = [[dict(c, grads=list(c["grads"])) for c in r] for r in ranks]
+    bad[-1][1]["grads"][2] = bad[-1][1]["grads"][2] + 0.5
+    errors = context_parallel_errors(cases, bad)
+    assert abs(errors[1] - 0.5) < 1e-9
+    assert max(errors[:1] + errors[2:]) < 1e-10
+    with pytest.raises(ValueError, match="one result per case"):
+        context_parallel_errors(cases, [r[:-1] for r in ranks])
 
 
 def test_bytes_sent_equal_the_models(run):

@@ -13,6 +13,7 @@ import them by name and cannot import a notebook's functions.
 
 from .context_parallel import (
     check_context_parallel,
+    context_parallel_errors,
     lasp,
     lasp_bytes,
     ring_attention,
@@ -34,6 +35,7 @@ __all__ = [
     "ExpertParallelMoE",
     "check_context_parallel",
     "check_expert_parallel",
+    "context_parallel_errors",
     "dispatch_bytes",
     "lasp",
     "lasp_bytes",

@@ -47,10 +47,12 @@ from einops import rearrange
 
 from .. import linear
 from .._checks import check_attention_qkv, check_choice, check_positive_int
+from ..attention import naive_attention
 from .launch import process_group
 
 __all__ = [
     "check_context_parallel",
+    "context_parallel_errors",
     "lasp",
     "lasp_bytes",
     "ring_attention",
@@ -471,3 +473,38 @@ def check_context_parallel(
                 {"out": out.detach(), "grads": [x.grad for x in mine], "bytes": dict(stats)}
             )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def context_parallel_errors(cases: list[dict[str, Any]], ranks: list[list[dict]]) -> list[float]:
+    """Compare a :func:`check_context_parallel` run with one process doing the whole sequence.
+
+    ``cases`` are the cases the workers ran, ``ranks[r]`` the list rank ``r`` saved (one
+    entry per case, in order). For each case the single process runs
+    :func:`~effarch.attention.naive_attention` (``"ring"``, with the case's ``causal`` and
+    ``softmax_scale``) or
+    the case's ``op`` (``"lasp"``) on the whole inputs and back-propagates
+    ``(out * dout).sum()``; the ranks' outputs and input gradients are put back in sequence
+    order with :func:`unshard_sequence`. Returns, per case, the largest absolute difference
+    over the output and every input's gradient (ring attention's merges and LASP's folded
+    states reorder sums, so expect rounding, ``~1e-15`` in float64).
+    """
+    if len(ranks) < 1 or any(len(r) != len(cases) for r in ranks):
+        got = [len(r) for r in ranks]
+        raise ValueError(
+            f"ranks must hold one result per case for each rank ({len(cases)} cases), got {got}"
+        )
+    errors = []
+    for i, case in enumerate(cases):
+        layout = case.get("layout", "zigzag") if case["kind"] == "ring" else "contiguous"
+        xs = [x.detach().clone().requires_grad_() for x in case["inputs"]]
+        if case["kind"] == "ring":
+            kw = case["kwargs"]
+            out = naive_attention(*xs, causal=kw.get("causal", True), scale=kw.get("softmax_scale"))
+        else:
+            out, _ = case["op"](*xs, **case["kwargs"])
+        (out * case["dout"]).sum().backward()
+        want = [out.detach()] + [x.grad for x in xs]
+        got = [unshard_sequence([r[i]["out"] for r in ranks], layout)]
+        got += [unshard_sequence([r[i]["grads"][j] for r in ranks], layout) for j in range(len(xs))]
+        errors.append(max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)))
+    return errors
