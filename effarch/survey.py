@@ -49,7 +49,8 @@ FAMILIES: tuple[Family, ...] = (
         "Efficient full attention",
         "04_efficient_full_attention",
         "token mixer",
-        "exact softmax attention with less memory traffic and smaller caches",
+        "full softmax attention kept, made cheaper: IO-aware kernels, fewer or compressed K/V "
+        "heads, routed heads or blocks, low precision",
     ),
     Family(
         5,
