@@ -68,9 +68,12 @@ def make_inputs(name, b, t, h, dk, dv, dtype=F64, log_decay=None):
 
 
 def rwkv7_like(b, t, h, dk):
-    """``a = -kappa``, ``b = kappa * rate`` with unit ``kappa``, and RWKV-7-like decays."""
+    """``a = -kappa``, ``b = kappa * rate`` with unit ``kappa``, and RWKV-7-like decays.
+
+    The in-context learning rate is a vector, one per key channel, as in RWKV-7: ``b`` is
+    then not parallel to ``a``, the case a scalar rate per head would never exercise."""
     kappa = F.normalize(torch.randn(b, t, h, dk), dim=-1)
-    rate = torch.sigmoid(torch.randn(b, t, h, 1))
+    rate = torch.sigmoid(torch.randn(b, t, h, dk))
     gk = -math.exp(-0.5) * torch.sigmoid(torch.randn(b, t, h, dk))
     return -kappa, kappa * rate, gk
 
