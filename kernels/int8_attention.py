@@ -56,7 +56,11 @@ def _int8_qk_kernel(
         other=0,
     )  # [BLOCK_M, BLOCK_D] int8
     # Each row reads the scale of its quantization block, which need not match BLOCK_M.
-    qs = tl.load(QS + b * sqsb + h * sqsh + (offs_m // quant_q) * sqsn, mask=m_ok, other=0.0)
+    qs = tl.load(
+        QS + b * sqsb + h * sqsh + (offs_m // quant_q) * sqsn,
+        mask=m_ok,
+        other=0.0,
+    )
 
     for start_n in range(0, seq_k, BLOCK_N):
         cols = start_n + offs_n
@@ -66,8 +70,13 @@ def _int8_qk_kernel(
             mask=n_ok[None, :] & d_ok[:, None],
             other=0,
         )  # [BLOCK_D, BLOCK_N] int8: K^T
-        ks = tl.load(KS + b * sksb + hk * sksh + (cols // quant_k) * sksn, mask=n_ok, other=0.0)
-        acc = tl.dot(q, kt, out_dtype=tl.int32)  # exact: |acc| <= 127^2 * BLOCK_D < 2^31
+        ks = tl.load(
+            KS + b * sksb + hk * sksh + (cols // quant_k) * sksn,
+            mask=n_ok,
+            other=0.0,
+        )
+        # exact: |acc| <= 127^2 * BLOCK_D < 2^31
+        acc = tl.dot(q, kt, out_dtype=tl.int32)
         s = acc.to(tl.float32) * qs[:, None] * ks[None, :]
         tl.store(
             S + b * ssb + h * ssh + offs_m[:, None] * sst + cols[None, :],
