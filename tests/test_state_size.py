@@ -196,7 +196,7 @@ def _heads(layer) -> tuple[int, int, int]:
         ("deltanet", lambda: DeltaNet(D_MODEL, 4)),
         ("gated_deltanet", lambda: GatedDeltaNet(D_MODEL, 2)),
         ("rwkv7", lambda: RWKV7(D_MODEL, 4)),
-        ("ttt_linear", lambda: TTTLinear(D_MODEL, 4, mini_batch_size=1)),
+        ("ttt_linear", lambda: TTTLinear(D_MODEL, 4)),  # the registry's mini-batch of 16
         ("mamba2", lambda: Mamba2(D_MODEL, d_state=8, headdim=16)),
     ],
 )
@@ -208,11 +208,14 @@ def test_registry_state_per_head_times_heads_is_the_layer_state(rule, make):
         assert h * RULES[rule].state_elements(dk, dv, t) == layer.state_size(t)
 
 
-def test_ttt_layer_keeps_an_anchor_beside_the_registry_memory():
-    """With mini-batches the layer also carries the anchor the mini-batch's gradients use."""
-    layer = TTTLinear(D_MODEL, 4, mini_batch_size=4)
-    per_head = RULES["ttt_linear"].state_elements(layer.head_dim, layer.head_dim, 10)
-    assert layer.state_size(10) == 2 * layer.n_heads * per_head
+def test_ttt_memory_is_s_and_the_anchor_of_its_mini_batch():
+    """With mini-batches the memory is ``S`` and the anchor the mini-batch's gradients are
+    taken at (the registry counts both); with one token per step the anchor is ``S``."""
+    per_head = RULES["ttt_linear"].state_elements(8, 8, 10)
+    assert per_head == 2 * 8 * 8
+    for m, matrices in ((4, 2), (16, 2), (1, 1)):
+        layer = TTTLinear(D_MODEL, 4, mini_batch_size=m)
+        assert layer.state_size(10) == matrices * layer.n_heads * layer.head_dim**2
 
 
 def test_registry_softmax_rows_are_the_attention_caches():

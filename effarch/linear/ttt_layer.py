@@ -42,9 +42,13 @@ class TTTLinear(nn.Module):
     layer norm ``LN_h`` and the GELU output gate are TTT's post-norm and gate. Departures
     from the paper, all deliberate: the inner model is ``S^T x`` without TTT's internal
     ``x + LN(.)`` (so that the op stays the delta-rule family of this chapter); keys are
-    L2-normalised instead, which keeps every step ``I - eta k k^T`` contracting for
-    ``eta <= 2``; and short convolutions on ``q, k, v`` as in
+    L2-normalised instead, which keeps each single-token step ``I - eta k k^T``
+    non-expansive for ``0 <= eta <= 2``; and short convolutions on ``q, k, v`` as in
     :class:`~effarch.linear.DeltaNet` stand in for the convolutions of TTT's Mamba backbone.
+    A whole mini-batch applies ``I - K^T diag(eta) K``, which stays non-expansive only while
+    the largest eigenvalue of ``K^T diag(eta) K`` is at most 2: guaranteed when the rates of
+    a mini-batch sum to at most 2, not by ``eta <= 2`` (the op sums a mini-batch's steps,
+    where TTT's code averages them; see :func:`~effarch.linear.ttt_linear`).
 
     Decoding: a mini-batch read in pieces still takes every gradient at the state it began
     from, so the state carries that ``anchor`` and the token count ``pos`` besides ``S``;
@@ -55,7 +59,9 @@ class TTTLinear(nn.Module):
     Args:
         d_model, n_heads: width and heads.
         mini_batch_size: ``m``, tokens per inner gradient step (TTT's default 16).
-        eta_base: the largest inner learning rate (with L2-normalised keys, stable up to 2).
+        eta_base: the largest inner learning rate. With L2-normalised keys one token's step
+            is non-expansive up to 2; a mini-batch of ``m`` tokens is guaranteed to be only
+            while its rates sum to at most 2 (``eta_base <= 2 / m``).
         conv_size: width of the short convolutions.
 
     State: ``{"S": [B, H, K, V], "anchor": [B, H, K, V], "pos": [] (int64), "conv_q",

@@ -29,6 +29,11 @@ __all__ = ["RULES"]
 # --------------------------------------------------------------------------------------------
 
 
+# The specialised ops run their chunkwise form (section 2.1) with short chunks, so that even
+# a short check crosses chunk boundaries and carries the state between chunks.
+_CHUNK = 16
+
+
 def _zeros(b: int, h: int, dk: int, dv: int, like: Tensor) -> Tensor:
     return like.new_zeros(b, h, dk, dv)
 
@@ -83,7 +88,7 @@ def _linear_attention_rule() -> UpdateRule:
 
     def specialised(q, k, v, scale, initial_state):
         return linear_attention(q, k, v, scale=scale, initial_state=initial_state,
-                                output_final_state=True, mode="recurrent")  # fmt: skip
+                                output_final_state=True, chunk_size=_CHUNK)  # fmt: skip
 
     return UpdateRule(
         key="linear_attention",
@@ -116,7 +121,7 @@ def _retnet_rule() -> UpdateRule:
         if not torch.allclose(log_gamma, want):
             raise ValueError("retention uses RetNet's fixed decays gamma_h = 1 - 2^(-5-h)")
         return retention(q, k, v, scale=scale, initial_state=initial_state,
-                         output_final_state=True, mode="recurrent")  # fmt: skip
+                         output_final_state=True, chunk_size=_CHUNK)  # fmt: skip
 
     return UpdateRule(
         key="retnet",
@@ -145,7 +150,7 @@ def _gla_rule() -> UpdateRule:
 
     def specialised(q, k, v, scale, initial_state, g):
         return gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                   output_final_state=True, mode="recurrent")  # fmt: skip
+                   output_final_state=True, chunk_size=_CHUNK)  # fmt: skip
 
     return UpdateRule(
         key="gla",
@@ -221,7 +226,7 @@ def _hgrn2_rule() -> UpdateRule:
         if not torch.allclose(k, 1 - torch.exp(g)):
             raise ValueError("HGRN2 ties its key to the forget gate: k must be 1 - exp(g)")
         return gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                   output_final_state=True, mode="recurrent")  # fmt: skip
+                   output_final_state=True, chunk_size=_CHUNK)  # fmt: skip
 
     return UpdateRule(
         key="hgrn2",
@@ -262,7 +267,7 @@ def _deltanet_rule() -> UpdateRule:
 
     def specialised(q, k, v, scale, initial_state, beta):
         return delta_rule(q, k, v, beta, scale=scale, initial_state=initial_state,
-                          output_final_state=True, mode="recurrent")  # fmt: skip
+                          output_final_state=True, chunk_size=_CHUNK)  # fmt: skip
 
     return UpdateRule(
         key="deltanet",
@@ -292,7 +297,7 @@ def _gated_deltanet_rule() -> UpdateRule:
 
     def specialised(q, k, v, scale, initial_state, g, beta):
         return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                output_final_state=True, mode="recurrent")  # fmt: skip
+                                output_final_state=True, chunk_size=_CHUNK)  # fmt: skip
 
     def step(s, k, v, x, t):
         return _delta_step(torch.exp(x["g"])[..., None, None] * s, k, v, x["beta"])
@@ -384,7 +389,7 @@ def _ttt_linear_rule(mini_batch: int = 16) -> UpdateRule:
         update=r"S_t = S_{t-1} - \eta_t k_t (S_0^\top k_t - v_t)^\top",
         objective=r"\tfrac12\lVert S^\top k_t - v_t\rVert^2"
         rf"\text{{, mini-batch GD}}\ (b={mini_batch})",
-        state=r"d_k d_v",
+        state=r"2 d_k d_v" if mini_batch > 1 else r"d_k d_v",
         train=r"O(T d_k d_v + T b d)",
         decode=r"O(d_k d_v)",
         inputs={"eta": "[B, T, H]"},
@@ -395,9 +400,11 @@ def _ttt_linear_rule(mini_batch: int = 16) -> UpdateRule:
         read=lambda mem, q: _read(mem[0], q),
         specialised=specialised,
         sample=sample,
-        state_elements=lambda dk, dv, t: dk * dv,
+        # S and the anchor S_0 of the mini-batch in progress (with m = 1 the anchor is S)
+        state_elements=lambda dk, dv, t: (2 if mini_batch > 1 else 1) * dk * dv,
         note=f"TTT-Linear: S_0 is the memory at the start of the token's mini-batch of "
-        f"{mini_batch}; with a mini-batch of 1 the rule is DeltaNet's.",
+        f"{mini_batch}; the memory carries S and the anchor S_0 of the mini-batch in "
+        "progress; with a mini-batch of 1 the rule is DeltaNet's.",
         cite="sun2024learning",
     )
 
@@ -456,7 +463,8 @@ def _ttt_mlp_rule(hidden_mult: int = 2) -> UpdateRule:
         specialised=specialised,
         sample=sample,
         state_elements=lambda dk, dv, t: hidden_mult * dk * (dk + dv),
-        note=f"TTT-MLP: f_W(x) = gelu(x W1) W2 with F = {hidden_mult} d_k hidden units.",
+        note=f"TTT-MLP: f_W(x) = gelu(x W1) W2 with F = {hidden_mult} d_k hidden units "
+        "(the paper uses 4 d_k).",
         cite="sun2024learning",
     )
 
