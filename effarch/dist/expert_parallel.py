@@ -6,20 +6,23 @@ expert); each rank routes its own tokens. One MoE layer is then
 
 1. **route** locally: ``(weights, experts) = route(gate(x))``, capacity applied per rank;
 2. **dispatch**: sort the ``N k`` assignments by expert, so those for rank ``r`` are
-   contiguous; exchange the counts, then the token rows, with one ``all_to_all``;
+   contiguous; exchange the counts, then the token rows, then their expert ids (three
+   ``all_to_all`` calls);
 3. **compute** the received rows with the local experts (the grouped path of 5.2);
-4. **combine**: a second ``all_to_all`` returns the outputs to the ranks that own the
-   tokens, which weight them and add them into their tokens.
+4. **combine**: the reverse ``all_to_all`` of the rows returns the outputs to the ranks
+   that own the tokens, which weight them and add them into their tokens.
 
 Both exchanges are ``dist.all_to_all_single`` inside an autograd function whose backward is
 the reverse exchange, so the same code trains. Bytes moved
-per token and layer: ``2 k d`` numbers out and back (minus the assignments that stay local).
-The code is the same on gloo (CPU) and NCCL (GPU).
+per token and layer: ``2 k d`` numbers out and back (minus the assignments that stay local),
+plus one expert id per row sent. The code is the same on gloo (CPU) and NCCL (GPU).
 
 DeepSpeed's ``deepspeed.moe.layer.MoE`` is the engine to compare with: its ``ep_size`` is the
 world size here, ``k`` is ``k``, ``capacity_factor`` / ``eval_capacity_factor`` are
 ``capacity_factor``, ``drop_tokens=False`` is ``capacity_factor=None``; its gate is top-1 or
-top-2 softmax (ours: any :func:`~effarch.moe.route` setting).
+top-2 softmax (ours: any :func:`~effarch.moe.route` setting). DeepSpeed dispatches a dense
+capacity-padded ``[E, C, d]`` tensor with equal-size exchanges, padding included; here each
+rank sends variable-size pieces, only the rows it has.
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ class ExpertParallelMoE(nn.Module):
         self.local_down = nn.Parameter(
             layer.experts.down_proj.detach()[lo : lo + self.per_rank].clone()
         )
-        self.bytes_sent = 0  # token rows sent to other ranks by the last forward (both ways)
+        # bytes of token rows sent to other ranks by the last forward, dispatch and combine
+        # (counted from the send counts; the expert ids and the counts are left out)
+        self.bytes_sent = 0
         # seconds spent in each phase, summed over forward calls (reset by assigning {})
         self.seconds: dict[str, float] = {}
 
@@ -133,7 +138,7 @@ class ExpertParallelMoE(nn.Module):
         t0 = self._tick("combine", t0)
         w = weights.flatten()[order, None].to(h.dtype)
         out = torch.zeros_like(h).index_add(0, order // self.k, back * w)
-        stay = send_l[self.rank]
+        stay = send_l[self.rank]  # off-rank rows from the send counts (ids excluded)
         self.bytes_sent = 2 * (sum(send_l) - stay) * d * h.element_size()
         out = add_shared(h, out, self.shared_experts, self.shared_expert_gate)
         self._tick("route", t0)  # un-permute and shared experts: local work, with routing
@@ -145,12 +150,15 @@ def time_expert_parallel(
 ) -> None:
     """Worker for ``torch.multiprocessing.spawn``: time ``config["repeats"]`` forward passes
     of an expert-parallel MoE layer (float32, one thread per rank) and save this rank's
-    seconds per phase and bytes sent to ``out_dir/time{rank}.pt``."""
+    seconds per phase and bytes of token rows sent to other ranks to ``out_dir/time{rank}.pt``.
+    Every rank builds the same layer from ``config["seed"]`` and draws its own
+    ``config["tokens"]`` tokens (rank ``r`` takes row ``r`` of one seeded draw), so the ranks
+    route different tokens."""
     with process_group(rank, world, port):
         torch.manual_seed(config["seed"])
         layer = MoELayer(config["d_model"], config["d_ff"], config["n_experts"], config["k"])
         ep = ExpertParallelMoE(layer)
-        x = torch.randn(config["tokens"], config["d_model"])
+        x = torch.randn(world, config["tokens"], config["d_model"])[rank]  # this rank's tokens
         with torch.no_grad():
             ep(x)  # warm up
             ep.seconds = {}
@@ -162,12 +170,24 @@ def time_expert_parallel(
         )
 
 
+def _shared_grad(layer: nn.Module) -> torch.Tensor | None:
+    """The gradients of a layer's shared experts (and shared gate), flattened into one
+    vector; ``None`` without shared experts."""
+    mods = [m for m in (layer.shared_experts, layer.shared_expert_gate) if m is not None]
+    if not mods:
+        return None
+    return torch.cat([p.grad.flatten() for m in mods for p in m.parameters()])
+
+
 def check_expert_parallel(
     rank: int, world: int, port: int, out_dir: str, config: dict[str, Any]
 ) -> None:
     """Worker for ``torch.multiprocessing.spawn``: run one MoE layer expert-parallel on gloo
     and save this rank's output and gradients (and, on rank 0, the single-process reference)
-    to ``out_dir``. Lives in the package because spawned processes import it by name."""
+    to ``out_dir``: ``y``, ``dx``, the local experts' ``dgate_up`` and ``ddown``, and the
+    replicated parts' ``dgate`` (router) and ``dshared`` (shared experts flattened, ``None``
+    without them), whose sums over the ranks equal the reference's. Lives in the package
+    because spawned processes import it by name."""
     with process_group(rank, world, port):
         torch.manual_seed(config["seed"])
         kw = {k: config[k] for k in ("n_shared", "capacity_factor") if k in config}
@@ -181,7 +201,8 @@ def check_expert_parallel(
         (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
         torch.save({"y": y.detach(), "dx": mine.grad, "dgate_up": ep.local_gate_up.grad,
                     "ddown": ep.local_down.grad, "dgate": layer.gate.weight.grad,
-                    "bytes": ep.bytes_sent}, os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+                    "dshared": _shared_grad(layer), "bytes": ep.bytes_sent},
+                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
         if rank == 0:  # the reference: one process, every expert, capacity per rank's tokens
             ref = MoELayer(
                 config["d_model"], config["d_ff"], config["n_experts"], config["k"], **kw
@@ -198,5 +219,6 @@ def check_expert_parallel(
                 "dgate_up": ref.experts.gate_up_proj.grad,
                 "ddown": ref.experts.down_proj.grad,
                 "dgate": ref.gate.weight.grad,
+                "dshared": _shared_grad(ref),
             }
             torch.save(saved, os.path.join(out_dir, "reference.pt"))

@@ -11,8 +11,8 @@ dense FFN: its ``d_ff`` hidden neurons are partitioned into ``E`` groups, expert
 the gate/up rows and down columns of group ``e``, and since the SwiGLU output is a sum over
 neurons, ``FFN(x) = sum_e expert_e(x)`` exactly. Computing only ``k`` groups per token
 approximates it; the error depends on how the neurons are grouped (:func:`neuron_groups`:
-at random, or by clustering neurons that fire together, so that a token's active neurons
-fall in few groups) and on how the groups are chosen per token (:func:`moefied_ffn`: here
+at random, or by balanced k-means on the neurons' firing patterns, so that neurons that fire
+together share a group) and on how the groups are chosen per token (:func:`moefied_ffn`: here
 the oracle, the groups with the largest activation mass, which a trained router imitates).
 """
 
@@ -81,7 +81,12 @@ def neuron_groups(
     median, on ``N`` sample tokens): neurons that fire on the same tokens share a group.
     Balance is kept at every iteration by assigning the neurons to the centroids with
     :func:`~effarch.moe.balanced_assignment` (the same problem as BASE's tokens and experts:
-    ``d_ff / E`` each, largest total affinity), MoEfication's balanced clustering.
+    ``d_ff / E`` each, largest total affinity).
+
+    MoEfication has two splits of its own: balanced k-means on the neurons' weight vectors
+    (its parameter-clustering split), and METIS partitioning of a graph whose edges count how
+    often two neurons fire together (its co-activation split). ``"cluster"`` runs balanced
+    k-means on the firing patterns instead, which aims at what the co-activation split does.
 
     Returns:
         ``groups [n_experts, d_ff / n_experts]`` int64 neuron indices.
