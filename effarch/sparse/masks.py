@@ -150,9 +150,14 @@ def block_local(block: int) -> MaskMod:
 
 
 def global_tokens(n: int) -> MaskMod:
-    """The first ``n`` positions see and are seen by every position (not causal by itself:
+    """The first ``n`` positions see and are seen by every position (not causal by itself).
+
+    Longformer and BigBird designed window + global (+ random) attention for bidirectional
+    encoders. Restricted to the past,
     ``and_masks(causal(), or_masks(sliding_window(w), global_tokens(n)))`` is the causal
-    Longformer pattern, where the global tokens are seen by all but see only the past)."""
+    version chapter 3.1 uses (:func:`bigbird` adds random blocks): every later position still
+    reads the global tokens, but they read only the past, so they cannot relay the sequence.
+    """
     check_positive_int("n", n)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -192,7 +197,8 @@ def random_blocks(block: int, r: int, seed: int = 0) -> MaskMod:
 
 
 def bigbird(window: int, n_global: int, r: int, block: int, seed: int = 0) -> MaskMod:
-    """BigBird's pattern (Zaheer et al., 2020), causal: a sliding window of ``window`` keys,
+    """BigBird's pattern (Zaheer et al., 2020), restricted to the past (BigBird's sparse
+    attention is its bidirectional encoder's): a sliding window of ``window`` keys,
     ``n_global`` global tokens, and ``r`` random key blocks of size ``block`` per query block."""
     return and_masks(
         causal(),
