@@ -1,20 +1,23 @@
 """What each form of (scalar-decay) linear attention costs: FLOPs, sequential steps and
-the largest intermediate, per batch element and head.
+the working set of one step, per batch element and head.
 
 With ``T`` tokens, key and value widths ``K`` and ``V``, chunk size ``C`` and 2 FLOPs per
 multiply-add:
 
-=========  ======================================  ================  ==================
-form       FLOPs                                   sequential steps  largest intermediate
-=========  ======================================  ================  ==================
-recurrent  ``4 T K V`` (write and read the state)  ``T``             ``K V`` (the state)
+=========  ========================================  ================  =======================
+form       FLOPs                                     sequential steps  working set of one step
+=========  ========================================  ================  =======================
+recurrent  ``4 T K V`` (write and read the state)    ``T``             ``K V`` (the state)
 parallel   ``2 T^2 (K + V)`` (masked QK^T, then PV)  ``1``             ``T^2`` (the scores)
 chunk      ``2 T C (K + V) + 4 T K V``               ``T / C``         ``C^2 + K V``
-=========  ======================================  ================  ==================
+=========  ========================================  ================  =======================
 
 The chunkwise form interpolates: ``C = 1`` is the recurrence (plus a negligible intra term),
 ``C = T`` the parallel form (plus one state product). Its FLOPs are all matrix products
-of sizes ``C x K x V``, which is what makes it fast in practice.
+with one side of length ``C`` (``C x K x C`` for ``QK^T``, ``C x C x V`` for the scores
+times ``V``, ``C x K x V`` for the state reads and writes), which is what makes it fast in
+practice. The working set is what one step holds; a two-pass chunk kernel also writes the
+state entering every chunk to memory, ``(T / C) K V`` elements, which is not counted here.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ def linear_attention_costs(
     seq_len: int, dim_k: int, dim_v: int, *, form: str = "chunk", chunk_size: int = 64
 ) -> dict[str, int]:
     """``{"flops", "sequential_steps", "intermediate"}`` of one form (see the module
-    docstring); ``intermediate`` counts elements. The chunk form also reports its two
-    parts, ``intra_flops = 2 T C (K + V)`` and ``state_flops = 4 T K V``."""
+    docstring). ``intermediate`` is the working set of one step, in elements (the state,
+    the score matrix, or one chunk's scores and the state); it leaves out the per-chunk
+    states that a two-pass chunk kernel stores, ``(T / C) K V``. The chunk form also
+    reports its two parts, ``intra_flops = 2 T C (K + V)`` and ``state_flops = 4 T K V``."""
     check_positive_int("seq_len", seq_len)
     check_positive_int("dim_k", dim_k)
     check_positive_int("dim_v", dim_v)
