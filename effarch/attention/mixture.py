@@ -117,7 +117,9 @@ class MixtureOfHeadsAttention(nn.Module):
     where ``S_t`` is the set of ``top_k`` routed heads with the largest logits ``W_r x_t``
     and ``softmax_{S_t}`` normalises over those heads only (the full softmax over the routed
     heads, zeroed outside ``S_t`` and renormalised, which is the same thing). The paper
-    writes the gates without the factors ``2 n_shared`` and ``2 top_k``; they only rescale,
+    writes the gates without the factors ``2 n_shared`` and ``2 top_k`` and with the routed
+    softmax over all routed heads, not renormalised over ``S_t``; the released code
+    renormalises and scales, and so does this module. The factors only rescale,
     and make a token with uniform router outputs give every active head the gate 1, so that
     MoH with all heads active and a zero router (:meth:`zero_router_`) is exactly
     multi-head attention. Within a group the gates therefore sum to
