@@ -49,8 +49,9 @@ FAMILIES: tuple[Family, ...] = (
         "Efficient full attention",
         "04_efficient_full_attention",
         "token mixer",
-        "full softmax attention kept, made cheaper: IO-aware kernels, fewer or compressed K/V "
-        "heads, routed heads or blocks, low precision",
+        "softmax attention kept and made cheaper: IO-aware kernels, fewer or compressed K/V "
+        "heads, low precision (all over every key), or routing heads and key blocks (MoH, "
+        "MoBA)",
     ),
     Family(
         5,

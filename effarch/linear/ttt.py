@@ -185,16 +185,18 @@ def ttt_linear(
     definition; the reference the dual form is tested against).
 
     The steps of a mini-batch are *summed*, as written above. TTT's released code scales
-    them differently: token ``i`` of a mini-batch divides its running sum by its position
-    ``i`` (plus a learned offset), a running mean of the steps, and its rate carries a
-    ``1 / K``. With the sum, a key seen ``r`` times in a mini-batch moves by ``r * eta``, so
-    the mini-batch size and the rate interact (larger ``m`` diverges at smaller ``eta``);
-    with the running mean it moves by at most ``eta``.
+    them differently: token ``i`` of a mini-batch multiplies its running sum of steps by
+    ``max(0, 1 / i + b_i)``, with ``b_i`` a learned per-position bias (initially zero, so a
+    running mean of the steps), and its rate carries a ``1 / K``. With the sum, a key seen
+    ``r`` times in a mini-batch moves by ``r * eta``, so the mini-batch size and the rate
+    interact (larger ``m`` diverges at smaller ``eta``); with the running mean it moves by
+    at most ``eta``.
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
         eta: ``[B, T, H]`` per-token learning rates (TTT: ``eta_base * sigmoid(W x_t) / K``,
-            then divided by the reading token's position in its mini-batch; see above).
+            then scaled by ``1 / i`` plus a learned bias, ``i`` the reading token's position
+            in its mini-batch; see above).
         scale: multiplies ``q``; default ``K ** -0.5``.
         mini_batch_size: ``m``, tokens per inner gradient step; ``T`` need not be a multiple.
         initial_state: ``[B, H, K, V]``, the inner model's starting weights (TTT learns it as a

@@ -298,7 +298,9 @@ def s4d_init(
     * ``"lin"`` (S4D-Lin): ``A_n = -1/2 + i pi n``, imaginary parts evenly spaced, as the
       frequencies of a Fourier basis;
     * ``"inv"`` (S4D-Inv): ``A_n = -1/2 + i (N / pi) (N / (2n + 1) - 1)``, an
-      approximation of the eigenvalues of S4's HiPPO-LegS matrix.
+      approximation of the eigenvalues of the normal part of S4's HiPPO-LegS matrix (the
+      matrix minus its low-rank term; S4D-LegS), whose real parts are all ``-1/2``. The
+      HiPPO-LegS matrix itself is lower triangular, with real eigenvalues ``-1 .. -N``.
 
     Returns:
         ``[N // 2]`` complex tensor, for use with ``conj_pairs=True``; with ``full=True``
