@@ -19,10 +19,11 @@ plus one expert id per row sent. The code is the same on gloo (CPU) and NCCL (GP
 
 DeepSpeed's ``deepspeed.moe.layer.MoE`` is the engine to compare with: its ``ep_size`` is the
 world size here, ``k`` is ``k``, ``capacity_factor`` / ``eval_capacity_factor`` are
-``capacity_factor``, ``drop_tokens=False`` is ``capacity_factor=None``; its gate is top-1 or
-top-2 softmax (ours: any :func:`~effarch.moe.route` setting). DeepSpeed dispatches a dense
-capacity-padded ``[E, C, d]`` tensor with equal-size exchanges, padding included; here each
-rank sends variable-size pieces, only the rows it has.
+``capacity_factor``, ``drop_tokens=False`` is ``capacity_factor=None``; its gate is a softmax,
+top-1 or top-2 and, since its ``topkgating`` (2024), any ``k`` (ours: any
+:func:`~effarch.moe.route` setting). DeepSpeed dispatches a dense capacity-padded
+``[E, C, d]`` tensor with equal-size exchanges, padding included; here each rank sends
+variable-size pieces, only the rows it has.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ __all__ = ["ExpertParallelMoE", "check_expert_parallel", "dispatch_bytes", "time
 
 
 def dispatch_bytes(k: int, d_model: int, world: int, bytes_per: int = 2) -> float:
-    """Expected bytes one token sends to other ranks per MoE layer, dispatch and combine:
-    ``2 k d bytes_per (P - 1) / P`` (each of its ``k`` rows leaves the rank unless its expert
-    is local, probability ``1 / P`` under balanced routing)."""
+    """Expected bytes one token's rows move between ranks per MoE layer, out in the
+    dispatch and back in the combine: ``2 k d bytes_per (P - 1) / P`` (each of its ``k``
+    rows leaves the rank unless its expert is local, probability ``1 / P`` under balanced
+    routing)."""
     return 2 * k * d_model * bytes_per * (world - 1) / world
 
 
@@ -100,8 +102,10 @@ class ExpertParallelMoE(nn.Module):
         self.local_down = nn.Parameter(
             layer.experts.down_proj.detach()[lo : lo + self.per_rank].clone()
         )
-        # bytes of token rows sent to other ranks by the last forward, dispatch and combine
-        # (counted from the send counts; the expert ids and the counts are left out)
+        # bytes of this rank's own token rows that crossed to other ranks and back in the
+        # last forward: out in the dispatch, back in the combine (where the rank sends the
+        # rows it received instead); counted from the send counts, expert ids and counts
+        # left out
         self.bytes_sent = 0
         # seconds spent in each phase, summed over forward calls (reset by assigning {})
         self.seconds: dict[str, float] = {}
@@ -138,7 +142,7 @@ class ExpertParallelMoE(nn.Module):
         t0 = self._tick("combine", t0)
         w = weights.flatten()[order, None].to(h.dtype)
         out = torch.zeros_like(h).index_add(0, order // self.k, back * w)
-        stay = send_l[self.rank]  # off-rank rows from the send counts (ids excluded)
+        stay = send_l[self.rank]  # own rows kept home; the others go out and come back
         self.bytes_sent = 2 * (sum(send_l) - stay) * d * h.element_size()
         out = add_shared(h, out, self.shared_experts, self.shared_expert_gate)
         self._tick("route", t0)  # un-permute and shared experts: local work, with routing
@@ -149,8 +153,9 @@ def time_expert_parallel(
     rank: int, world: int, port: int, out_dir: str, config: dict[str, Any]
 ) -> None:
     """Worker for ``torch.multiprocessing.spawn``: time ``config["repeats"]`` forward passes
-    of an expert-parallel MoE layer (float32, one thread per rank) and save this rank's
-    seconds per phase and bytes of token rows sent to other ranks to ``out_dir/time{rank}.pt``.
+    of an expert-parallel MoE layer (float32, one thread per rank) and save to
+    ``out_dir/time{rank}.pt`` this rank's seconds per phase and the bytes its own token rows
+    moved to other ranks and back (``ExpertParallelMoE.bytes_sent``).
     Every rank builds the same layer from ``config["seed"]`` and draws its own
     ``config["tokens"]`` tokens (rank ``r`` takes row ``r`` of one seeded draw), so the ranks
     route different tokens."""
