@@ -198,8 +198,9 @@ class ParallelHybrid(nn.Module):
     @classmethod
     def from_falcon_h1(cls, cfg: Any) -> ParallelHybrid:
         """The ``combine="sum"`` layer a ``transformers`` ``FalconH1Config`` describes: its
-        widths, heads, Mamba-2 fields and output multipliers (the input multipliers fold into
-        the projections' weights when a checkpoint is loaded).
+        widths, heads, Mamba-2 fields and output multipliers. The input multipliers scale
+        bias-free projections, so a checkpoint loader could fold them into the weights; this
+        reads only the configuration and ignores them (no checkpoint loader is provided).
 
         Raises:
             ValueError: the configuration's attention head width (``head_dim``, which the
