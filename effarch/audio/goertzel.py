@@ -74,13 +74,14 @@ def dtmf_receiver(
     r"""Per-sample key labels (``0`` silence, ``1..16`` as :func:`~effarch.tasks.touch_tones`)
     from a block-wise Goertzel receiver.
 
-    In each block of ``N = block`` samples, the strongest row frequency ``r`` and column
+    In each block of ``M = block`` samples, the strongest row frequency ``r`` and column
     frequency ``c`` are kept when they carry at least ``threshold`` of the block's energy,
-    ``2 (P_r + P_c) / (N sum_n x_n^2) >= threshold`` (a pure pair of tones gives about 1,
-    white noise about ``4 / N``); every sample of the block gets key ``4 r + c + 1``, or 0.
-    Samples after the last full block get 0. A decision is known only at the end of its
-    block: this receiver lags by up to ``N`` samples, which :func:`tone_accuracy`'s
-    majority vote forgives.
+    ``2 (P_r + P_c) / (M sum_n x_n^2) >= threshold`` (a pure pair of tones gives about 1,
+    white noise about ``4 / M``); every sample of the block gets key ``4 r + c + 1``, or 0.
+    Samples after the last full block get 0. The labels are not causal: each sample gets
+    the decision over its whole block, which is known only at the block's end (up to
+    ``M - 1`` samples of look-ahead; a live receiver would emit it up to ``M`` samples
+    late), which :func:`tone_accuracy`'s majority vote forgives.
     """
     check_positive_number("threshold", threshold)
     p = goertzel_power(audio, DTMF_ROWS + DTMF_COLS, sample_rate=sample_rate, block=block)
