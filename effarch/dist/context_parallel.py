@@ -444,6 +444,11 @@ def lasp_bytes(
 # --------------------------------------------------------------------------------------------
 
 
+def _case_layout(case: dict[str, Any]) -> str:
+    """How a case's sequence is sharded: its ``layout`` for the ring, contiguous for LASP."""
+    return case.get("layout", "zigzag") if case["kind"] == "ring" else "contiguous"
+
+
 def check_context_parallel(
     rank: int, world: int, port: int, out_dir: str, config: dict[str, Any]
 ) -> None:
@@ -458,7 +463,7 @@ def check_context_parallel(
     with process_group(rank, world, port):
         results = []
         for case in config["cases"]:
-            layout = case.get("layout", "zigzag") if case["kind"] == "ring" else "contiguous"
+            layout = _case_layout(case)
             mine = [
                 shard_sequence(x, world, rank, layout).clone().requires_grad_()
                 for x in case["inputs"]
@@ -495,7 +500,7 @@ def context_parallel_errors(cases: list[dict[str, Any]], ranks: list[list[dict]]
         )
     errors = []
     for i, case in enumerate(cases):
-        layout = case.get("layout", "zigzag") if case["kind"] == "ring" else "contiguous"
+        layout = _case_layout(case)
         xs = [x.detach().clone().requires_grad_() for x in case["inputs"]]
         if case["kind"] == "ring":
             kw = case["kwargs"]
