@@ -136,6 +136,41 @@ def test_short_convolution_matches_padded_conv1d():
     assert_close(cache, x[:, -2:])
 
 
+def test_building_blocks_reject_bad_input():
+    from effarch.nn import GatedRMSNorm, SwiGLU, split_heads
+    from effarch.ssm import selective_scan, ssd
+
+    norm, x = GatedRMSNorm(8), torch.randn(2, 3, 8)
+    for gate in (torch.randn(2, 3, 1), torch.randn(8)):  # would broadcast silently
+        with pytest.raises(ValueError, match="gate must have the shape of x"):
+            norm(x, gate)
+    with pytest.raises(ValueError, match=r"n_heads \(3\)"):
+        split_heads(torch.randn(1, 2, 8), 3)
+    with pytest.raises(ValueError, match="n_heads must be a positive int"):
+        split_heads(torch.randn(1, 2, 8), 0)
+    conv = ShortConvolution(6, 3)
+    with pytest.raises(TypeError, match="cache must be a torch.Tensor"):
+        conv(torch.randn(1, 4, 6), [[0.0] * 6] * 2)
+    for args in ((4, 0), (4.5, 8)):
+        with pytest.raises((TypeError, ValueError), match="d_model|d_ff"):
+            SwiGLU(*args)
+    b, t, d, n = 1, 4, 2, 3
+    u, delta, B, C = (
+        torch.randn(b, t, d),
+        torch.rand(b, t, d),
+        torch.randn(b, t, n),
+        torch.randn(b, t, n),
+    )
+    with pytest.raises(TypeError, match="delta_softplus must be a bool"):
+        selective_scan(u, delta, -torch.rand(d, n), B, C, delta_softplus="no")
+    xs, dt = torch.randn(1, 4, 2, 3), torch.rand(1, 4, 2)
+    Bs, Cs = torch.randn(1, 4, 1, 5), torch.randn(1, 4, 1, 5)
+    with pytest.raises(TypeError, match="dt_softplus must be a bool"):
+        ssd(xs, dt, -torch.rand(2), Bs, Cs, chunk_size=2, dt_softplus=1)
+    with pytest.raises(TypeError, match="return_final_states must be a bool"):
+        ssd(xs, dt, -torch.rand(2), Bs, Cs, chunk_size=2, return_final_states="yes")
+
+
 def _mamba_loop(m, x):
     """Mamba from its equations: one token at a time, explicit convolution window and state."""
     e, n, w = m.d_inner, m.d_state, m.d_conv

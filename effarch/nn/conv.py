@@ -46,10 +46,16 @@ class ShortConvolution(nn.Module):
         keep = self.kernel_size - 1
         if cache is None:
             cache = x.new_zeros(b, keep, c)
-        elif tuple(cache.shape) != (b, keep, c):
-            raise ValueError(
-                f"cache must have shape [B, W-1, C] = {(b, keep, c)}, got {tuple(cache.shape)}"
-            )
+        else:
+            check_tensor("cache", cache, floating=True)
+            if tuple(cache.shape) != (b, keep, c):
+                raise ValueError(
+                    f"cache must have shape [B, W-1, C] = {(b, keep, c)}, got {tuple(cache.shape)}"
+                )
+            if cache.device != x.device:
+                raise ValueError(
+                    f"cache must be on the device of x ({x.device}), got {cache.device}"
+                )
         full = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
         # no padding: W-1+T inputs give exactly T outputs
         y = rearrange(self.conv(rearrange(full, "b t c -> b c t")), "b c t -> b t c")

@@ -7,9 +7,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .._checks import check_divides, check_positive_int
+
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """``[B, T, H * D] -> [B, T, H, D]``."""
+    check_positive_int("n_heads", n_heads)
+    check_divides("the last dim of x", x.shape[-1], "n_heads", n_heads)
     return rearrange(x, "b t (h d) -> b t h d", h=n_heads)
 
 
@@ -19,5 +23,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / max(||x||_2, eps)`` along the last dim (fla's ``l2_norm`` of queries and keys)."""
+    """``x / max(||x||_2, eps)`` along the last dim (``F.normalize``), for queries and keys.
+
+    fla's ``l2_norm`` (and ``use_qk_l2norm_in_kernel``) computes ``x / sqrt(||x||^2 + eps)``
+    instead: the two agree to within ``eps / (2 ||x||^2)`` relative for vectors of norm well
+    above ``sqrt(eps)``, and differ only for vectors near zero, where ours scales to unit
+    norm and fla's shrinks towards zero.
+    """
     return F.normalize(x, dim=-1, eps=eps)

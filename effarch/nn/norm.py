@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_positive_int, check_positive_number
+from .._checks import check_positive_int, check_positive_number, check_tensor
 
 
 class GatedRMSNorm(nn.Module):
@@ -40,8 +40,17 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        check_tensor("x", x, floating=True)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must be [..., {self.dim}], got shape {tuple(x.shape)}")
+        if gate is not None:
+            check_tensor("gate", gate, floating=True)
+            if gate.shape != x.shape:
+                raise ValueError(
+                    f"gate must have the shape of x {tuple(x.shape)}, got {tuple(gate.shape)}"
+                )
+            if gate.device != x.device:
+                raise ValueError(f"gate must be on the device of x ({x.device}), got {gate.device}")
         if gate is not None and not self.norm_before_gate:
             x = x * F.silu(gate)
         g = self.group_size

@@ -61,9 +61,8 @@ class Mamba(nn.Module):
 
     with ``A = -exp(A_log)``, ``A_log[e, n] = log(n + 1)`` at init (S4D-Real), ``D = 1``, and
     ``b_dt`` chosen so that ``dt`` starts log-uniform in ``[dt_min, dt_max]``; ``W_dt`` starts
-    uniform in ``+-dt_scale R^-1/2``. The scan is :func:`~effarch.ssm.selective_scan`, which
-    starts from a zero state; a state carried in from an earlier call is added as its decayed
-    contribution ``C_t^T (exp(sum_{s<=t} dt_s A) * h_0)`` (the recurrence is linear in ``h``).
+    uniform in ``+-dt_scale R^-1/2``. The scan is :func:`~effarch.ssm.selective_scan`; a state
+    carried in from an earlier call is passed as its ``initial_state``.
 
     Args:
         d_model: width.
@@ -155,8 +154,15 @@ class Mamba2(nn.Module):
         out_t = W_out ( RMSNorm_G(y_t * silu(z_t)) )
 
     The gated RMSNorm normalises groups of ``E / G`` channels after gating
-    (``norm_before_gate=False``, mamba_ssm's ``RMSNormGated``). ``A`` starts uniform in
-    ``A_init_range``, ``softplus(dt_bias)`` log-uniform in ``[dt_min, dt_max]``, ``D = 1``.
+    (``norm_before_gate=False``, mamba_ssm's ``RMSNormGated``). ``-A`` starts uniform in
+    ``A_init_range`` (``A_log = log U(A_init_range)``), ``softplus(dt_bias)`` log-uniform in
+    ``[dt_min, dt_max]``, ``D = 1``.
+
+    Against mamba_ssm's ``Mamba2(d_model, d_state=128, d_conv=4, conv_init=None, expand=2,
+    headdim=64, ..., ngroups=1, ..., chunk_size=256)``: the arguments have the same names but
+    not the same positions (here ``headdim`` is third and ``d_conv`` fifth, so pass them by
+    name when swapping one for the other), and the defaults are smaller (``d_state=64``,
+    ``headdim=32``, ``chunk_size=64``), sized for the book's CPU models.
     Sequences run :func:`~effarch.ssm.ssd` (chunked), single tokens
     :func:`~effarch.ssm.ssd_recurrent` (the decode step).
 
@@ -254,6 +260,12 @@ class S4D(nn.Module):
         s_t = A_bar s_{t-1} + B_bar u_t                              # [H, N/2] complex
         y_t = 2 Re(C . s_t) + D u_t                                  # [H]
         out_t = W_out gelu(y_t)
+
+    on channels-last input ``[B, T, H]``. The kernel and its initialisation are those of the
+    reference ``S4D`` (state-spaces/s4, ``models/s4/s4d.py``); its layer differs around them:
+    it takes ``[B, H, L]`` by default (``transposed=True``), applies dropout after the GELU,
+    and its output map is ``Conv1d(H, 2H, 1)`` followed by a GLU, where ``W_out`` here is one
+    ``Linear(H, H)``.
 
     ``B = 1`` is fixed (S4D's minimal form, where ``C`` absorbs it), ``A`` starts at S4D-Lin
     (``-1/2 + i pi n``) or S4D-Inv, ``log_dt`` uniform in ``[log dt_min, log dt_max]`` and ``C``

@@ -96,8 +96,9 @@ def discretize(
         diagonal: whether ``A`` holds a diagonal or a full matrix.
 
     Returns:
-        ``A_bar`` and ``B_bar`` with the shapes of ``A`` and ``B`` (broadcast), in their
-        common dtype. In the diagonal case the formulas act elementwise (``(exp(z) - 1) / z``
+        ``A_bar`` and ``B_bar`` with the shapes of ``A`` and ``B`` (broadcast), in the
+        common dtype of ``A``, ``B`` and ``dt`` (a float64 ``dt`` promotes both). In the
+        diagonal case the formulas act elementwise (``(exp(z) - 1) / z``
         is evaluated with ``expm1`` and its limit 1 at ``z = 0``); the dense ZOH uses the
         exponential of the block matrix ``[[A, B], [0, 0]] dt``, whose top blocks are
         ``A_bar`` and ``B_bar`` even when ``A`` is singular. Matches S4D's ``zoh`` and

@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from effarch_kernels.limits import state_dim_reason
 from einops import repeat
 
-from .._checks import check_choice, check_initial_state, check_selective_scan_args
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_initial_state,
+    check_selective_scan_args,
+)
 from .._kernels import BACKENDS, use_triton
 from ..scan import linear_recurrence
 from .scan_kernel import launch_selective_scan
@@ -95,6 +100,8 @@ def selective_scan(
     """
     Bg, Cg = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_choice("mode", mode, MODES)
+    check_bool("delta_softplus", delta_softplus)
+    check_bool("return_last_state", return_last_state)
     if initial_state is not None:
         check_initial_state(initial_state, u, A)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .._checks import check_grouped, check_positive_int, check_same, check_tensor
+from .._checks import check_bool, check_grouped, check_positive_int, check_same, check_tensor
 from ..scan import linear_recurrence, segsum
 
 __all__ = ["segsum", "ssd", "ssd_matrix", "ssd_recurrent"]
@@ -51,6 +51,7 @@ def _prepare(
     initial_states: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
     """Validate SSD inputs; return x, dt, A, B, C (heads expanded) in the compute dtype."""
+    check_bool("dt_softplus", dt_softplus)
     check_tensor("x", x, ndim=4, floating=True)
     check_tensor("dt", dt, ndim=3, floating=True)
     check_tensor("A", A, ndim=1, floating=True)
@@ -171,6 +172,7 @@ def ssd(
     """
     check_positive_int("chunk_size", chunk_size)
     xc, dtc, Ac, Bh, Ch = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states)
+    check_bool("return_final_states", return_final_states)
     batch, length, heads, p = x.shape
     q = chunk_size
     chunks = math.ceil(length / q)
@@ -239,6 +241,7 @@ def ssd_recurrent(
     also the decoding step of Mamba-2 (``selective_state_update`` with scalar ``A``).
     """
     xc, dtc, Ac, Bh, Ch = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states)
+    check_bool("return_final_states", return_final_states)
     batch, length, heads, p = x.shape
     n = Bh.shape[-1]
     if initial_states is None:
