@@ -22,7 +22,10 @@ class ShortConvolution(nn.Module):
     returns ``(y [B, T, C], new_cache [B, W-1, C])``; the cache holds the last ``W - 1``
     inputs, so consecutive calls equal one call on the concatenation. The weight is stored as
     an ``nn.Conv1d(C, C, W, groups=C)`` (``self.conv``), the layout of fla's
-    ``ShortConvolution`` and of the ``conv1d`` of mamba_ssm's ``Mamba``.
+    ``ShortConvolution`` and of the ``conv1d`` of mamba_ssm's ``Mamba``. The cache differs
+    from fla's: fla keeps ``[B, C, W]`` (channels first, the last ``W`` inputs) and updates
+    it in place, here it is ``[B, W-1, C]`` and returned new (fla's ``cache[..., 1:]
+    .transpose(1, 2)`` is this one).
     """
 
     def __init__(

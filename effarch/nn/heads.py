@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .._checks import check_divides, check_positive_int
+from .._checks import check_divides, check_positive_int, check_tensor
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -19,6 +19,7 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, H, D] -> [B, T, H * D]``."""
+    check_tensor("x", x, ndim=4)
     return rearrange(x, "b t h d -> b t (h d)")
 
 
