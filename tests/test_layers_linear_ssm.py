@@ -123,6 +123,26 @@ def test_bad_constructor_arguments():
         HGRN(D_MODEL, lower_bound=1.0)
     with pytest.raises(ValueError, match="ngroups"):
         Mamba2(D_MODEL, headdim=16, ngroups=3)
+    # GLA's widths: int(d_model * expand) silently truncated 30 * 0.25 = 7.5 to 7
+    with pytest.raises(ValueError, match=r"d_model \* expand_k must be a whole number "
+                                         r"\(a layer width\), got 30 \* 0.25 = 7.5"):  # fmt: skip
+        GLA(30, 1, expand_k=0.25)
+    with pytest.raises(ValueError, match=r"d_model \* expand_v must be a whole number"):
+        GLA(D_MODEL, 4, expand_v=1.1)
+    # a whole width up to rounding (100 * 1.1 = 110.00000000000001) is that width
+    assert GLA(100, 2, expand_v=1.1).value_dim == 110
+
+
+def test_retnet_state_needs_its_offset():
+    layer = RetNet(D_MODEL, 4, chunk_size=4).double()
+    x = torch.randn(BATCH, T, D_MODEL, dtype=torch.float64)
+    _, state = layer(x[:, :SPLIT])
+    assert state["offset"] == SPLIT
+    # without the offset RoPE restarted at position 0 and decoding went silently wrong
+    with pytest.raises(ValueError, match=r"state of RetNet must hold .*missing \['offset'\]"):
+        layer(x[:, SPLIT:], {"S": state["S"]})
+    with pytest.raises(ValueError, match="offset"):
+        layer(x[:, SPLIT:], {**state, "offset": -1})
 
 
 def test_short_convolution_matches_padded_conv1d():

@@ -185,3 +185,16 @@ def test_kernel_limits_have_one_source():
     q, k, v, g = qkv()
     with pytest.raises(ValueError, match=limits.chunk_size_reason(48)):
         chunk_kernel.chunk_scalar_decay(q, k, v, g, scale=None, chunk_size=48)
+
+
+def test_chunk_scalar_decay_scale_defaults_to_none():
+    """``scale`` had no default although None means ``K ** -0.5``: leaving it out raised a
+    TypeError before any check; now the call reaches the checks."""
+    import inspect
+
+    from effarch.linear import chunk_kernel
+
+    assert inspect.signature(chunk_kernel.chunk_scalar_decay).parameters["scale"].default is None
+    q, k, v, g = qkv()
+    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        chunk_kernel.chunk_scalar_decay(q, k, v, g, chunk_size=48)

@@ -18,6 +18,7 @@ from effarch.linear.feature_maps import (
     relu,
     taylor_feature_map,
 )
+from effarch.linear.hgrn import hgrn
 from effarch.linear.ops import (
     delta_rule,
     dplr_delta_rule,
@@ -319,6 +320,25 @@ def test_dplr_reduces_to_the_delta_rules(gated):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
+def test_rwkv7_transition_is_the_decay_minus_a_kappa_kappa_transposed():
+    """RWKV7's docstring: S_1 = (diag(exp(w)) - (a * kappa) kappa^T) S_0 + k v^T, the op
+    called with a = -kappa, b = kappa * a (one step, one batch element and head)."""
+    gen = torch.Generator().manual_seed(0)
+    r, k = (torch.randn(1, 1, 1, 5, generator=gen, dtype=F64) for _ in range(2))
+    v = torch.randn(1, 1, 1, 3, generator=gen, dtype=F64)
+    kappa = F.normalize(torch.randn(1, 1, 1, 5, generator=gen, dtype=F64), dim=-1)
+    a, w = torch.rand(1, 1, 1, 5, generator=gen, dtype=F64), -torch.rand(1, 1, 1, 5, dtype=F64)
+    s0 = torch.randn(1, 1, 5, 3, generator=gen, dtype=F64)
+    _, s1 = dplr_delta_rule(r, k, v, -kappa, kappa * a, w, scale=1.0, initial_state=s0,
+                            output_final_state=True)  # fmt: skip
+    kp, aa = kappa.flatten(), a.flatten()
+    transition = torch.diag(w.flatten().exp()) - torch.outer(aa * kp, kp)
+    want = transition @ s0[0, 0] + torch.outer(k.flatten(), v.flatten())
+    torch.testing.assert_close(s1[0, 0], want, rtol=1e-12, atol=1e-12)
+    transposed = torch.diag(w.flatten().exp()) - torch.outer(kp, aa * kp)
+    assert not torch.allclose(transposed @ s0[0, 0], transition @ s0[0, 0])
+
+
 def test_normalized_linear_attention_with_taylor_features_is_a_normalised_kernel():
     t, d, dv = 33, 4, 3
     q, k = torch.randn(1, t, 1, d, dtype=F64), torch.randn(1, t, 1, d, dtype=F64)
@@ -462,6 +482,8 @@ BAD = [
      TypeError, r"initial_state must be a pair"),
     (lambda: linear_attention(_q, _k, _v, output_final_state=1), TypeError,
      r"output_final_state must be a bool"),
+    (lambda: hgrn(_v[:, :, 0], -_v[:, :, 0].abs(), output_final_state="yes"), TypeError,
+     r"output_final_state must be a bool, got str"),
     (lambda: dplr_delta_rule(_q, _k, _v, _k, _k, -_gk), ValueError, r"gk holds log decays"),
     (lambda: dplr_delta_rule(_q, _k, _v, _k[..., :2], _k, _gk), ValueError,
      r"a must have shape \[B, T, H, K\]"),

@@ -323,6 +323,52 @@ def test_bad_input_gets_clear_errors():
         memory_scan("ttt_mlp", q, k, v, eta=eta)
 
 
+def test_memory_scan_checks_the_initial_state_against_the_rules_layout():
+    q, k, v, eta, s0 = make()  # B, H, K, V = 2, 3, 8, 6
+    la = "linear_attention"
+    # a [1, H, K, V] state broadcast over the batch, and a bare [K, V] was accepted
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[B, H, K, V\] = "
+                                         r"\(2, 3, 8, 6\), got \(1, 3, 8, 6\)"):  # fmt: skip
+        memory_scan(la, q, k, v, initial_state=s0[:1])
+    with pytest.raises(ValueError, match="initial_state must have 4 dimensions, got 2"):
+        memory_scan(la, q, k, v, initial_state=s0[0, 0])
+    # a 1-tuple gave an AttributeError, a string a RecursionError
+    with pytest.raises(TypeError, match=r"rule 'linear_attention' must be a torch.Tensor "
+                                        r"\[B, H, K, V\] or None, got tuple"):  # fmt: skip
+        memory_scan(la, q, k, v, initial_state=(s0,))
+    with pytest.raises(TypeError, match="must be a torch.Tensor .* got str"):
+        memory_scan(la, q, k, v, initial_state="s0")
+    with pytest.raises(TypeError, match="initial_state must be a floating-point tensor"):
+        memory_scan("deltanet", q, k, v, beta=eta, initial_state=s0.long())
+    with pytest.raises(ValueError, match="initial_state must be on the device of q"):
+        memory_scan("ttt_linear", q, k, v, eta=eta, initial_state=s0.to("meta"))
+    zero = torch.zeros_like(eta)
+    titan = {"theta": eta, "eta": zero, "alpha": zero}
+    with pytest.raises(TypeError, match=r"rule 'titans' must be a tuple of 2 tensors "
+                                        r"\(\[B, H, K, V\], \[B, H, K, V\]\) or None, "
+                                        r"got tuple of 1"):  # fmt: skip
+        memory_scan("titans", q, k, v, initial_state=(s0,), **titan)
+    with pytest.raises(TypeError, match="got Tensor"):
+        memory_scan("titans", q, k, v, initial_state=s0, **titan)
+    with pytest.raises(TypeError, match=r"initial_state\[1\] must be a torch.Tensor"):
+        memory_scan("titans", q, k, v, initial_state=(s0, None), **titan)
+    with pytest.raises(ValueError, match=r"initial_state\[1\] must have shape"):
+        memory_scan("titans", q, k, v, initial_state=(s0, s0[:1]), **titan)
+    # TTT-MLP's hidden width F and a softmax prefix's length P are free but shared
+    w1 = torch.zeros(2, 3, 8, 4, dtype=F64)
+    with pytest.raises(ValueError, match=r"initial_state\[1\] must have shape \[B, H, F, V\] "
+                                         r"= \(2, 3, 4, 6\), got \(2, 3, 5, 6\)"):  # fmt: skip
+        memory_scan("ttt_mlp", q, k, v, eta=eta, initial_state=(w1, torch.zeros(2, 3, 5, 6)))
+    prefix = (torch.zeros(2, 5, 3, 8, dtype=F64), torch.zeros(2, 4, 3, 6, dtype=F64))
+    with pytest.raises(ValueError, match=r"initial_state\[1\] must have shape \[B, P, H, V\] "
+                                         r"= \(2, 5, 3, 6\)"):  # fmt: skip
+        memory_scan("softmax_attention", q, k, v, initial_state=prefix)
+    # a list is a tuple, any floating dtype is accepted, as by the specialised ops
+    o, _ = memory_scan("titans", q, k, v, initial_state=[s0.float(), s0], **titan)
+    want, _ = titans(q, k, v, **titan, initial_state=[s0.float(), s0])
+    torch.testing.assert_close(o, want)
+
+
 def test_retention_curves_follow_the_decay_when_later_keys_are_orthogonal():
     from effarch.unified import retention_curve
 
@@ -334,6 +380,12 @@ def test_retention_curves_follow_the_decay_when_later_keys_are_orthogonal():
     for rule in ("gla", "gated_deltanet", "titans"):
         got = retention_curve(rule, steps=50, log_decay=-0.1)
         torch.testing.assert_close(got, torch.exp(-0.1 * steps))
+    # right after the write the memory returns the write strength: 1, or beta for the rules
+    # that write with it
+    for rule in ("linear_attention", "retnet", "gla"):
+        assert retention_curve(rule, steps=3, beta=0.5)[0].item() == pytest.approx(1.0)
+    for rule in ("deltanet", "gated_deltanet", "titans"):
+        assert retention_curve(rule, steps=3, beta=0.5)[0].item() == pytest.approx(0.5)
     # overlapping later keys overwrite k_0 under the delta rule, not under linear attention
     assert retention_curve("deltanet", overlap=0.5)[-1] < 0.2
     with pytest.raises(ValueError, match="overlap must be a cosine"):

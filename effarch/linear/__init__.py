@@ -1,8 +1,12 @@
 """Linear sequence models (survey section 2): linear attention, its decays, gates and
 delta rules, and linear RNNs, each with its recurrent, parallel and chunkwise forms.
 
-Every op takes ``[batch, seq, heads, dim]`` tensors and returns ``(o, final_state)``
-with a state ``[batch, heads, K, V]``, following flash-linear-attention's conventions.
+The ops follow flash-linear-attention's conventions: the attention-like ops (those of
+:mod:`.ops` and :mod:`.ttt`) take ``[batch, seq, heads, dim]`` tensors and return
+``(o, final_state)``, with a matrix state ``[batch, heads, K, V]`` for the ops of :mod:`.ops`
+and :func:`ttt_linear` (the pair ``(S, z)`` for ``linear_attention(normalize=True)``), and a
+pair of tensors for :func:`ttt_mlp` (``(W1, W2)``) and :func:`titans` (``(M, U)``).
+:func:`hgrn` works per channel: ``x, g: [batch, seq, D]``, state ``[batch, D]``.
 
 Where each method lives (reference forms, fast path, layer), one hop from here:
 
@@ -12,14 +16,19 @@ method                       reference (PyTorch)       fast path (Triton)       
 linear attention, RetNet,    :mod:`.gated`             :mod:`.chunk_kernel`     :mod:`.layers`
 simple GLA, GLA
 delta rule, gated delta      :mod:`.delta`             :mod:`.delta_kernel`     :mod:`.layers`
+decoding, the rows above     ``mode="recurrent"``      :func:`fused_recurrent`  ``layer(x, s)``
 RWKV-7's generalised delta   :mod:`.dplr`              --                       :mod:`.layers`
-decoding, any of the above   ``mode="recurrent"``      :func:`fused_recurrent`  ``layer(x, s)``
 HGRN                         :mod:`.hgrn`              --                       :mod:`.layers`
 TTT-Linear, TTT-MLP, Titans  :mod:`.ttt`               --                       :mod:`.ttt_layer`
 feature maps (Performer,     :mod:`.feature_maps`      --                       --
 Hedgehog, Taylor)
 linearised softmax layer     :mod:`.linearize`         --                       same
 ===========================  ========================  =======================  =================
+
+:func:`fused_recurrent` runs the recurrent form of the rows above it only (linear attention
+without ``normalize``, RetNet, simple GLA, GLA and the two delta rules); RWKV-7
+(``dplr_delta_rule(mode="recurrent")``), HGRN and the TTT family decode in PyTorch only,
+through ``layer(x, s)``.
 
 The wrappers in ``chunk_kernel`` and ``delta_kernel`` launch ``effarch_kernels``'s
 ``chunk_scalar_decay``, ``chunk_delta_rule`` and ``fused_recurrent`` through the one backend

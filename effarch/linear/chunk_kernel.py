@@ -131,7 +131,7 @@ def chunk_scalar_decay(
     v: torch.Tensor,
     g: torch.Tensor | None = None,
     *,
-    scale: float | None,
+    scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
@@ -168,8 +168,9 @@ def chunk_scalar_decay(
             was imported (the interpreter runs float32 and float16; bfloat16 inputs are
             computed in float32 there).
 
-    fla: ``fla.ops.simple_gla.chunk_simple_gla(q, k, v, g, scale, initial_state,
-    output_final_state)``.
+    fla: ``fla.ops.simple_gla.chunk_simple_gla(q, k, v, g=g, scale=scale,
+    initial_state=initial_state, output_final_state=output_final_state)`` (keywords: fla's
+    signature is ``(q, k, v, g=None, g_gamma=None, scale=None, ...)``).
     """
     *_, scale = check_chunk_kernel_args(
         q, k, v, g, initial_state, output_final_state, chunk_size, scale

@@ -159,6 +159,12 @@ class HedgehogFeatureMap(nn.Module):
     softmax attention weights). ``W_h`` starts as the identity when ``F = D`` (a small random
     matrix otherwise) and ``b_h`` at zero.
 
+    This is LoLCATs' form (its ``FeatureMapMLP`` with the ``softmax_dim`` activation): a map
+    per head and two separate softmaxes. fla's ``fla.modules.feature_map.HedgehogFeatureMap``
+    differs: one ``nn.Linear(D, D)`` shared by all heads (identity at init), then a single
+    softmax over ``cat([2 z, -2 z])``, so its ``2 D`` features sum to one together, not per
+    half.
+
     Args:
         num_heads: ``H``; the input's second-to-last dimension.
         head_dim: ``D``; the input's last dimension.

@@ -245,15 +245,21 @@ def linear_attention(
         mode: ``"recurrent"``, ``"parallel"`` or ``"chunk"`` (see :mod:`effarch.linear.ops`).
         chunk_size: steps per chunk in ``"chunk"`` mode (``T`` need not be a multiple).
         backend: ``"torch"``, ``"triton"`` or ``"auto"``, as in :func:`simple_gla`; the
-            kernel does not normalise, so ``normalize=True`` always runs in PyTorch.
+            kernel does not normalise, so ``normalize=True`` runs in PyTorch under
+            ``"auto"`` and raises a ValueError under ``"triton"``.
 
     Returns:
         ``(o, final_state)``: ``o: [B, T, H, V]`` in the dtype of ``q``; ``final_state`` is
         ``None`` unless ``output_final_state``.
 
-    fla: ``fla.ops.linear_attn.chunk_linear_attn`` / ``fused_recurrent_linear_attn`` with the
-    same arguments, except that fla normalises by default and adds ``1e-10`` to the
-    denominator, and that its state does not carry ``z``.
+    fla: ``fla.ops.linear_attn.chunk_linear_attn`` / ``fused_chunk_linear_attn`` /
+    ``fused_recurrent_linear_attn`` with the same arguments (``scale``, ``initial_state``,
+    ``output_final_state``, ``normalize``; keywords only here), except that:
+    ``chunk_linear_attn`` and ``fused_chunk_linear_attn`` default to ``normalize=True``
+    (``fused_recurrent_linear_attn``, like this op, to ``False``); fla adds ``1e-10`` to the
+    denominator; and with ``normalize=True`` fla's states are also the pair ``(S, z)`` but
+    with ``z: [B, 1, H, K]`` (``z[:, 0]`` here), and fla returns ``(None, z)`` rather than
+    ``None`` when ``output_final_state=False``.
     """
     b, _, h, dk, dv = check_linear_qkv(q, k, v)
     _check_mode(mode, chunk_size)
@@ -360,8 +366,10 @@ def simple_gla(
     Returns:
         ``(o: [B, T, H, V], final_state: [B, H, K, V] or None)``.
 
-    fla: ``fla.ops.simple_gla.chunk_simple_gla(q, k, v, g, scale, initial_state,
-    output_final_state)`` and ``fused_recurrent_simple_gla``.
+    fla: ``fla.ops.simple_gla.chunk_simple_gla(q, k, v, g=g, scale=scale,
+    initial_state=initial_state, output_final_state=output_final_state)`` (keywords: fla's
+    signature is ``(q, k, v, g=None, g_gamma=None, scale=None, ...)``) and
+    ``fused_recurrent_simple_gla``.
     """
     b, t, h, dk, dv = check_linear_qkv(q, k, v)
     check_log_gate("g", g, (b, t, h), "[B, T, H]", q)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_choice, check_same, check_tensor
+from .._checks import check_bool, check_choice, check_same, check_tensor
 from ..scan import linear_recurrence
 
 MODES = ("scan", "recurrent")
@@ -41,8 +41,11 @@ def hgrn(
     Returns:
         ``(o, final_state)`` with ``o[:, t] = h_t`` where ``h_t = exp(g_t) * h_{t-1} + x_t``,
         ``o`` of shape ``[B, T, D]`` in the dtype of ``x``, and ``final_state`` ``[B, D]``
-        (float32, or float64 for float64 inputs) or ``None``. Same signature and result
-        as ``fla.ops.hgrn.fused_recurrent_hgrn(x, g, initial_state, output_final_state)``.
+        (float32, or float64 for float64 inputs) or ``None``. The same arguments (keywords
+        here) and result as ``fla.ops.hgrn.fused_recurrent_hgrn(x, g, initial_state,
+        output_final_state)``, except the dtype of the final state for half-precision
+        inputs: fla's ``fused_recurrent_hgrn`` returns it in the dtype of ``x``, this op (like
+        fla's ``chunk_hgrn``) in float32.
 
     Half-precision inputs are computed in float32. Two calls chained through
     ``initial_state`` give the same outputs as one call on the concatenated sequence.
@@ -51,6 +54,7 @@ def hgrn(
     check_tensor("g", g, ndim=3, floating=True)
     check_same(("x", "g"), (x, g))
     check_choice("mode", mode, MODES)
+    check_bool("output_final_state", output_final_state)
     if g.shape != x.shape:
         raise ValueError(f"g must have the shape of x {tuple(x.shape)}, got {tuple(g.shape)}")
     b, t, d = x.shape

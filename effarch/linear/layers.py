@@ -81,6 +81,18 @@ def _op_mode(t: int) -> str:
     return "recurrent" if t == 1 else "chunk"
 
 
+def _expanded_width(name: str, d_model: int, expand: float) -> int:
+    """``d_model * expand`` (the argument ``name``) as an int; a ValueError unless the product
+    is a whole number (``int()`` would silently truncate it)."""
+    width = d_model * expand
+    if not math.isclose(width, round(width), rel_tol=0.0, abs_tol=1e-9):
+        raise ValueError(
+            f"d_model * {name} must be a whole number (a layer width), got "
+            f"{d_model} * {expand!r} = {width!r}"
+        )
+    return round(width)
+
+
 # --------------------------------------------------------------------------------------------
 # Linear attention
 # --------------------------------------------------------------------------------------------
@@ -109,6 +121,11 @@ class LinearAttention(nn.Module):
     is only allowed with ``feature_map="elu"`` (``elu(x) + 1 > 0``). Without it the output is the
     raw, scaled sum, which fla's layer gets with ``do_feature_map_norm=False``; the per-head
     RMSNorm (fla's ``output_norm="rmsnorm"``) keeps its scale in check either way.
+
+    The defaults differ from fla's: here ``feature_map="elu"`` and ``normalize=True``
+    (Katharopoulos et al.'s layer); fla's ``LinearAttention`` defaults to
+    ``feature_map='elementwise_product'`` (a learned ``W_1 x * W_2 x``, which is not offered
+    here) and ``do_feature_map_norm=False`` (no normaliser).
 
     Args:
         d_model: model width; ``n_heads`` must divide it.
@@ -196,8 +213,10 @@ class RetNet(nn.Module):
     ``p_t`` is the absolute position (RoPE in the rotate-half layout of
     :mod:`effarch.attention.rope`; RetNet's xPos adds a length extrapolation factor on top of
     that rotation, fla uses plain RoPE, as here). ``GroupNorm_H`` normalises each head's ``V``
-    outputs separately (RetNet's group norm, one group per head) with a learned affine map over
-    all ``H V`` channels.
+    outputs separately (RetNet's group norm, one group per head: ``nn.GroupNorm(H, H V)``) with
+    a learned affine map over all ``H V`` channels. fla's ``MultiScaleRetention`` differs
+    here: it uses ``FusedRMSNormGated(head_v_dim)``, a per-head RMSNorm (no mean subtracted,
+    no bias) with one weight of ``V`` entries shared by all heads, fused with the swish gate.
 
     Args:
         d_model, n_heads: width and heads ``H`` (``H`` divides ``d_model``; with RoPE the head
@@ -250,6 +269,11 @@ class RetNet(nn.Module):
         b, t = check_layer_input(x, self.d_model)
         h = self.n_heads
         st = check_layer_state(state, {"S": (b, h, self.head_k, self.head_v)}, "RetNet")
+        if st and "offset" not in st:  # without it RoPE would restart at position 0
+            raise ValueError(
+                "state of RetNet must hold the keys ['S', 'offset'] (the dict RetNet.forward "
+                f"returns), missing ['offset']; got the keys {sorted(st)}"
+            )
         offset = st.get("offset", 0)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"state['offset'] must be a non-negative int, got {offset!r}")
@@ -286,13 +310,18 @@ class GLA(nn.Module):
         y_t = W_o ( RMSNorm(o_t) * swish(W_g x_t) )                   # per-head RMSNorm
 
     The key gates are data dependent and low rank (``gate_low_rank = r = 16``), and the
-    temperature ``tau = gate_logit_normalizer = 16`` keeps the decays ``exp(alpha)`` close to 1
-    (``alpha`` lies in ``(-inf, 0]`` and mostly in ``[-log(2)/16, 0]`` at init), as in the paper.
+    temperature ``tau = gate_logit_normalizer = 16`` keeps the decays ``exp(alpha)`` close to 1,
+    as in the paper: ``alpha`` lies in ``(-inf, 0]``, and at init, with unit-variance inputs,
+    the gate logits are small and centred at 0, so ``alpha`` is centred at ``-log(2)/16``
+    (about half of it in ``[-log(2)/16, 0]``) and nearly all of it lies in
+    ``[-log(2)/8, 0]``: decays between about 0.92 and 1.
 
     Args:
         d_model, n_heads: width and heads.
         gate_low_rank: ``r``.
-        expand_k, expand_v: key and value widths relative to ``d_model`` (fla: 0.5 and 1).
+        expand_k, expand_v: key and value widths relative to ``d_model`` (fla: 0.5 and 1);
+            ``d_model * expand_k`` and ``d_model * expand_v`` must be whole numbers (fla
+            truncates them with ``int``; a ValueError here).
         gate_logit_normalizer: ``tau``.
         chunk_size: chunk length of the op's chunk mode.
 
@@ -319,7 +348,8 @@ class GLA(nn.Module):
         check_positive_number("gate_logit_normalizer", gate_logit_normalizer)
         check_positive_int("chunk_size", chunk_size)
         self.d_model, self.n_heads = d_model, n_heads
-        self.key_dim, self.value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        self.key_dim = _expanded_width("expand_k", d_model, expand_k)
+        self.value_dim = _expanded_width("expand_v", d_model, expand_v)
         check_positive_int("key dim (d_model * expand_k)", self.key_dim)
         check_positive_int("value dim (d_model * expand_v)", self.value_dim)
         self.head_k = check_divides(
@@ -447,6 +477,8 @@ class GatedDeltaNet(nn.Module):
 
     ``A = exp(A_log)`` starts uniform in ``[1, 16]`` (Mamba-2's ``A_init_range``) and
     ``softplus(dt_bias)`` log-uniform in ``[0.001, 0.1]``, so ``exp(g)`` starts close to 1.
+    fla's ``GatedDeltaNet`` layer draws ``A`` with ``uniform_(0, 16)`` instead, which allows
+    values near 0 (heads that barely decay).
 
     Args:
         d_model, n_heads: width and heads.
@@ -611,7 +643,7 @@ class RWKV7(nn.Module):
         a_t = sigmoid(a0 + LoRA_a(x^a_t))                         # in-context learning rate
         kappa_t = L2norm(k~_t * k_k)                              # removal key, per head
         k_t = k~_t * (1 + (a_t - 1) k_a)                          # replacement key
-        S_t = (diag(exp(w_t)) - kappa_t (a_t * kappa_t)^T) S_{t-1} + k_t v_t^T   # [K, V]
+        S_t = (diag(exp(w_t)) - (a_t * kappa_t) kappa_t^T) S_{t-1} + k_t v_t^T   # [K, V]
         o_t = GroupNorm_H(S_t^T r_t) + ((r_t * k_t * r_k) . 1) v_t   # plus the "bonus"
         y_t = W_o ( o_t * LoRA_g(x^g_t) ),    LoRA_g = W_2 sigmoid(W_1 .)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_bool, check_choice, check_like, check_linear_qkv
+from .._checks import check_bool, check_choice, check_like, check_linear_qkv, check_tensor
 from ..linear.common import compute_dtype, from_heads, heads, resolve_scale
 from .rule import Tensor, UpdateRule
 from .rules import RULES
@@ -24,6 +24,40 @@ def _to_dtype(state: Any, dtype: torch.dtype) -> Any:
     if isinstance(state, torch.Tensor):
         return state.to(dtype)
     return tuple(_to_dtype(s, dtype) for s in state)
+
+
+def _check_initial_state(rule: UpdateRule, state: Any, dims: dict[str, int], q: Tensor) -> None:
+    """Check ``initial_state`` against ``rule.state_layout``: one tensor or a tuple (or list)
+    of tensors of those shapes, floating, on the device of ``q``; a letter that is not a
+    dimension of ``q, k, v`` is a free size, the same in every entry."""
+    layout = rule.state_layout
+    layouts = (layout,) if isinstance(layout, str) else layout
+    if isinstance(layout, str):
+        if not isinstance(state, Tensor):
+            raise TypeError(
+                f"initial_state of rule {rule.key!r} must be a torch.Tensor {layout} or None, "
+                f"got {type(state).__name__}"
+            )
+        entries = [("initial_state", state)]
+    else:
+        if not isinstance(state, (tuple, list)) or len(state) != len(layout):
+            got = type(state).__name__
+            if isinstance(state, (tuple, list)):
+                got += f" of {len(state)}"
+            raise TypeError(
+                f"initial_state of rule {rule.key!r} must be a tuple of {len(layout)} tensors "
+                f"({', '.join(layout)}) or None, got {got}"
+            )
+        entries = [(f"initial_state[{i}]", x) for i, x in enumerate(state)]
+    free: dict[str, int] = {}
+    for (name, x), lay in zip(entries, layouts, strict=True):
+        letters = lay.strip("[]").split(", ")
+        check_tensor(name, x, ndim=len(letters), floating=True)
+        for letter, size in zip(letters, x.shape, strict=True):
+            if letter not in dims:
+                free.setdefault(letter, size)
+        shape = tuple(dims[c] if c in dims else free[c] for c in letters)
+        check_like(name, x, shape, lay, q)
 
 
 def memory_scan(
@@ -48,8 +82,12 @@ def memory_scan(
         rule: an :class:`UpdateRule` or its key in :data:`RULES`.
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
         scale: multiplies ``q`` (rules with ``scaled=True``); default ``K ** -0.5``.
-        initial_state: the memory to start from, in the format of the rule's specialised op
-            (``[B, H, K, V]`` for the matrix memories).
+        initial_state: the memory to start from, in the format of the rule's specialised op,
+            ``rule.state_layout``: a tensor ``[B, H, K, V]`` for the matrix memories, a tuple
+            of tensors for TTT-MLP ``(W1 [B, H, K, F], W2 [B, H, F, V])``, Titans
+            ``(M, U)`` and softmax attention (a cached prefix ``(K [B, P, H, K],
+            V [B, P, H, V])``); any floating dtype, on the device of ``q``. A TypeError or
+            ValueError names what does not fit.
         output_final_state: also return the memory after the last token, in that format.
         **inputs: the rule's per-step inputs (``rule.inputs`` lists them and their layouts).
 
@@ -72,6 +110,8 @@ def memory_scan(
             f"rule {rule.key!r} takes the inputs {sorted(rule.inputs)}; missing {missing}, "
             f"unexpected {extra}"
         )
+    if initial_state is not None:
+        _check_initial_state(rule, initial_state, {"B": b, "H": h, "K": dk, "V": dv}, q)
     dims = {"B": b, "T": t, "H": h, "K": dk, "V": dv}
     dtype = compute_dtype(q.dtype)
     per_step: dict[str, Tensor] = {}

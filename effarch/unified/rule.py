@@ -33,6 +33,11 @@ class UpdateRule:
         inputs: the per-step inputs besides ``q, k, v`` and their layout (``"[B, T, H]"``,
             ``"[B, T, H, K]"`` or ``"[H]"`` for a constant per head).
         init: ``(b, h, dk, dv, like) -> memory``: the empty memory.
+        state_layout: the layout of the op's initial and final state: one tensor
+            (``"[B, H, K, V]"`` for the matrix memories) or a tuple of layouts for a tuple of
+            tensors; a letter other than ``B, H, K, V`` (``F``, ``P``) is a free size, the
+            same in every entry. :func:`~effarch.unified.memory_scan` checks ``initial_state``
+            against it.
         load: ``(initial_state, like) -> memory``: a memory from an op's initial state.
         step: ``(memory, k_t, v_t, inputs_t, t) -> memory``; tensors ``[B, H, ...]``.
         read: ``(memory, scaled q_t) -> o_t`` (``[B, H, V]``).
@@ -63,6 +68,7 @@ class UpdateRule:
     specialised: Callable[..., tuple[Tensor, Any]]
     sample: Callable[..., tuple[Tensor, Tensor, Tensor, dict[str, Tensor], Any]]
     state_elements: Callable[[int, int, int], int]
+    state_layout: str | tuple[str, ...] = "[B, H, K, V]"
     load: Callable[[Any, Tensor], Any] = field(default=lambda s, like: s.to(like.dtype))
     export: Callable[[Any], Any] = field(default=lambda s: s)
     scaled: bool = True

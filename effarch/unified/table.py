@@ -76,8 +76,9 @@ def retention_curve(
 
     Step 0 writes ``(k_0, v_0)``; steps ``1..steps`` write random pairs whose unit keys have
     cosine ``overlap`` with ``k_0``; every step reads ``k_0``. Returns ``[steps + 1]``, the
-    retained fraction ``<o_t, v_0> / ||v_0||^2`` (1 right after the write, in exact
-    arithmetic).
+    retained fraction ``<o_t, v_0> / ||v_0||^2``. Right after the write (step 0) it is, in
+    exact arithmetic, the write strength: 1 for ``"linear_attention"``, ``"retnet"`` and
+    ``"gla"``, ``beta`` for ``"deltanet"``, ``"gated_deltanet"`` and ``"titans"``.
 
     Rules: ``"linear_attention"`` and ``"retnet"`` (its head-0 decay ``1 - 2^-5``) take no
     parameter; ``"gla"`` decays every key row by ``exp(log_decay)``; ``"deltanet"`` writes
