@@ -156,10 +156,23 @@ def check_sequences(name: str, x: Any, d_model: int, *, min_batch: int = 1) -> t
     return x
 
 
-def check_layer_input(x: Any, d_model: int) -> tuple[int, int]:
+def check_layer_input(x: Any, d_model: int, layer: Any = None) -> tuple[int, int]:
     """Check a token mixer's input ``x: [B, T, d_model]`` (:func:`check_sequences`, an empty
-    batch allowed); return ``B, T``."""
+    batch allowed) and, given the ``layer`` (an ``nn.Module``), that ``x`` has the dtype and
+    device of its parameters (outside autocast, where the dtypes may differ); return ``B, T``."""
     check_sequences("x", x, d_model, min_batch=0)
+    p = next(layer.parameters(), None) if layer is not None else None
+    if p is not None:
+        name = type(layer).__name__
+        if x.device != p.device:
+            raise ValueError(
+                f"x must be on the device of the {name} layer's parameters ({p.device}), "
+                f"got {x.device}"
+            )
+        if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x must have the dtype of the {name} layer's parameters ({p.dtype}), got {x.dtype}"
+            )
     return x.shape[0], x.shape[1]
 
 

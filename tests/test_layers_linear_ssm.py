@@ -156,6 +156,13 @@ def test_short_convolution_matches_padded_conv1d():
     assert_close(cache, x[:, -2:])
 
 
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_rejects_input_of_another_dtype(name):
+    layer = LAYERS[name]()  # float32 parameters
+    with pytest.raises(TypeError, match="x must have the dtype of the .* layer's parameters"):
+        layer(torch.randn(BATCH, T, D_MODEL, dtype=torch.float64))
+
+
 def test_building_blocks_reject_bad_input():
     from effarch.nn import GatedRMSNorm, SwiGLU, split_heads
     from effarch.ssm import selective_scan, ssd

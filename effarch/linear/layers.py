@@ -173,7 +173,7 @@ class LinearAttention(nn.Module):
         return h * k * k + (h * k if self.normalize else 0)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h, d = self.n_heads, self.head_dim
         shapes = {"S": (b, h, d, d)}
         if self.normalize:
@@ -266,7 +266,7 @@ class RetNet(nn.Module):
         return self.n_heads * self.head_k * self.head_v
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h = self.n_heads
         st = check_layer_state(state, {"S": (b, h, self.head_k, self.head_v)}, "RetNet")
         if st and "offset" not in st:  # without it RoPE would restart at position 0
@@ -376,7 +376,7 @@ class GLA(nn.Module):
         return self.n_heads * self.head_k * self.head_v
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h = self.n_heads
         st = check_layer_state(state, {"S": (b, h, self.head_k, self.head_v)}, "GLA")
         q = split_heads(self.q_proj(x), h)
@@ -449,7 +449,7 @@ class DeltaNet(nn.Module):
         return self.n_heads * self.head_dim**2
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h, d = self.n_heads, self.head_dim
         st = check_layer_state(state, {"S": (b, h, d, d), **self.qkv.state_shapes(b)}, "DeltaNet")
         q, k, v, conv = self.qkv(x, st)
@@ -526,7 +526,7 @@ class GatedDeltaNet(nn.Module):
         return self.n_heads * self.head_k * self.head_v
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h = self.n_heads
         shapes = {"S": (b, h, self.head_k, self.head_v), **self.qkv.state_shapes(b)}
         st = check_layer_state(state, shapes, "GatedDeltaNet")
@@ -596,7 +596,7 @@ class HGRN(nn.Module):
         return self.hidden
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         st = check_layer_state(state, {"h": (b, self.hidden)}, "HGRN")
         f_logit = self.f_proj(x)
         if self.lower_bound is None:
@@ -702,7 +702,7 @@ class RWKV7(nn.Module):
         return self.n_heads * self.head_dim**2
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h, d = self.n_heads, self.head_dim
         st = check_layer_state(state, {"S": (b, h, d, d), "shift": (b, self.d_model)}, "RWKV7")
         prev = x.new_zeros(b, 1, self.d_model) if not st else st["shift"][:, None].to(x.dtype)

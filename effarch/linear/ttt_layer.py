@@ -94,7 +94,7 @@ class TTTLinear(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h, d, m = self.n_heads, self.head_dim, self.mini_batch_size
         shapes = {"S": (b, h, d, d), "anchor": (b, h, d, d), "pos": (), **self.qkv.state_shapes(b)}
         st = check_layer_state(state, shapes, "TTTLinear")

@@ -123,7 +123,7 @@ class Mamba(nn.Module):
         return self.d_inner * self.d_state
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         e, n = self.d_inner, self.d_state
         st = check_layer_state(state, {"conv": (b, self.d_conv - 1, e), "ssm": (b, e, n)}, "Mamba")
         xs, z = self.in_proj(x).chunk(2, dim=-1)
@@ -228,7 +228,7 @@ class Mamba2(nn.Module):
         return self.nheads * self.headdim * self.d_state
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         shapes = {"conv": (b, self.d_conv - 1, self.conv_dim), "ssm": (b, h, p, n)}
         st = check_layer_state(state, shapes, "Mamba2")
@@ -333,7 +333,7 @@ class S4D(nn.Module):
     def forward(
         self, x: torch.Tensor, state: State | None = None, *, mode: str | None = None
     ) -> tuple[torch.Tensor, State]:
-        b, t = check_layer_input(x, self.d_model)
+        b, t = check_layer_input(x, self.d_model, self)
         mode = ("conv" if t > 1 else "recurrent") if mode is None else mode
         check_choice("mode", mode, self.MODES)
         st = check_layer_state(state, {"s": (b, self.d_model, self.d_state // 2)}, "S4D")
