@@ -1,5 +1,7 @@
 """Chapter 3.3: KV-cache policies on a decoding loop, against full forwards and brute force."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,18 +153,98 @@ def test_quest_bound_and_pages():
     assert policy.read_mask(q, synthetic_cache(16)) is None  # within budget: read all
 
 
-def test_snapkv_vote_against_a_loop():
+@pytest.mark.parametrize("kernel", [1, 3, 4, 5])
+def test_snapkv_vote_against_a_loop(kernel):
     gen = torch.Generator().manual_seed(5)
-    t, window, budget, kernel = 40, 6, 16, 3
+    t, window, budget = 40, 6, 16
     s = torch.randn(2, 3, t, t, generator=gen, dtype=torch.float64)
     att = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
     keep = snapkv_select(att, budget, window=window, kernel=kernel)
     for g in range(2):
         votes = [sum(att[g, r, i, j].item() for r in range(3) for i in range(t - window, t))
                  for j in range(t - window)]  # fmt: skip
-        pooled = [max(votes[max(0, j - 1) : j + 2]) for j in range(t - window)]
+        lo, hi = kernel // 2, (kernel - 1) // 2  # pooled over j - lo .. j + hi
+        pooled = [max(votes[max(0, j - lo) : j + hi + 1]) for j in range(t - window)]
         best = sorted(range(t - window), key=lambda j: (-pooled[j], j))[: budget - window]
         assert keep[g].tolist() == sorted(best) + list(range(t - window, t))
+
+
+def test_snapkv_keeps_budget_distinct_tokens_with_an_even_kernel_on_the_input_device():
+    # every query attends to token 9, the last before the window: with kernel 4 the pooled
+    # votes had one entry too many (index 10, inside the window), so 10 was kept twice
+    t = 12
+    s = torch.zeros(1, 2, t, t, dtype=torch.float64)
+    s[..., 9] += 10
+    att = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    for kernel in (2, 4, 6):
+        keep = snapkv_select(att, 5, window=2, kernel=kernel)[0].tolist()
+        assert len(set(keep)) == 5 and keep == sorted(keep), (kernel, keep)
+        assert keep[-2:] == [10, 11] and 9 in keep
+    assert snapkv_select(att, 5, window=2, kernel=4).tolist() == [[0, 8, 9, 10, 11]]
+    # the indices live on the device of the attention (meta: no data, only the device)
+    meta = att.to("meta")
+    assert snapkv_select(meta, 5, window=2, kernel=4).device.type == "meta"
+    assert snapkv_select(meta, 20, window=2).device.type == "meta"  # budget >= T: everything
+    with pytest.raises(ValueError, match="attention must have 4 dimensions"):
+        snapkv_select(att[0], 5, window=2)
+
+
+class _TransformersLike(torch.nn.Module):
+    """A ByteLM's modules behind a transformers-style ``model.model`` / ``config`` /
+    ``lm_head``, the config as transformers 4.x writes it (``rope_theta``, ``rope_scaling``)."""
+
+    def __init__(self, inner, **config):
+        super().__init__()
+        self.model = inner
+        self.lm_head = torch.nn.Linear(TINY.d_model, inner.embed_tokens.num_embeddings,
+                                       bias=False, dtype=torch.float64)  # fmt: skip
+        self.lm_head.weight = inner.embed_tokens.weight  # tied, as ByteLM
+        self.config = SimpleNamespace(
+            num_attention_heads=TINY.n_heads, num_key_value_heads=TINY.n_kv_heads,
+            hidden_size=TINY.d_model, rope_theta=inner.cfg.rope_base, **config,
+        )  # fmt: skip
+
+
+def test_llama_view_rejects_a_scaled_rope_under_either_transformers_version(model):
+    plain = _TransformersLike(model, rope_scaling=None)
+    got, _ = decode_nll(plain, IDS[:20], FullCache())
+    torch.testing.assert_close(got, full_nll(model, IDS[:20]), rtol=1e-10, atol=1e-10)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    with pytest.raises(ValueError, match="config.rope_scaling must have rope_type 'default', "
+                                         "got 'llama3'"):  # fmt: skip
+        llama_view(_TransformersLike(model, rope_scaling=llama3))  # transformers 4.x
+    with pytest.raises(ValueError, match="config.rope_scaling .* got 'linear'"):
+        llama_view(_TransformersLike(model, rope_scaling={"type": "linear", "factor": 2.0}))
+    with pytest.raises(ValueError, match="config.rope_parameters .* got 'yarn'"):  # v5
+        llama_view(_TransformersLike(model, rope_parameters={"rope_type": "yarn"}))
+    llama_view(_TransformersLike(model, rope_scaling={"rope_type": "default"}))
+
+
+def test_llama_view_rejects_attention_weights_the_policies_do_not_apply(model):
+    model.layers[1].self_attn.q_norm = torch.nn.RMSNorm(8)
+    want = r"model.layers\[1\].self_attn must hold weights only in q_proj, k_proj, v_proj, "
+    with pytest.raises(TypeError, match=want + r"o_proj .*got q_norm"):
+        llama_view(model)
+    with pytest.raises(TypeError, match="got q_norm"):
+        llama_view(_TransformersLike(model))
+    del model.layers[1].self_attn.q_norm
+    model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))  # gpt-oss-like
+    with pytest.raises(TypeError, match=r"model.layers\[0\].* got sinks"):
+        llama_view(model)
+    del model.layers[0].self_attn.sinks
+    model.layers[0].self_attn.rotary = torch.nn.Module()  # no weights: accepted
+    llama_view(model)
+
+
+def test_llama_view_rejects_a_transformers_qwen3():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match=r"self_attn must hold .* got q_norm, k_norm"):
+        llama_view(transformers.Qwen3ForCausalLM(config))
 
 
 def test_bad_input(model):

@@ -10,6 +10,7 @@ from effarch.sparse import (
     future_leaks,
     masked_attention,
     nsa_attention,
+    nsa_compress,
     nsa_decode,
     nsa_reference,
     nsa_select,
@@ -190,6 +191,37 @@ def test_nsa_bad_input():
         nsa_attention(q, k, v, gates, top_n=0)
 
 
+def test_nsa_compress_and_select_bad_input():
+    q, k, v, _ = inputs(16, 2, 1)
+    qpos = torch.arange(16)
+    with pytest.raises(ValueError, match=r"qpos must have shape \[Tq\] = \[16\].* got \[1\]"):
+        nsa_compress(q, k, v, 4, 0.5, torch.tensor([15]))  # broadcast silently before
+    with pytest.raises(ValueError, match="qpos must have 1 dimensions"):
+        nsa_compress(q, k, v, 4, 0.5, qpos[None])
+    with pytest.raises(TypeError, match="qpos must be a torch.Tensor"):
+        nsa_compress(q, k, v, 4, 0.5, list(range(16)))
+    with pytest.raises(ValueError, match="k must have the head_dim of q"):
+        nsa_compress(q, k[..., :4], v, 4, 0.5, qpos)
+    with pytest.raises(ValueError, match="block must be a positive int, got 0"):
+        nsa_compress(q, k, v, 0, 0.5, qpos)
+    _, p = nsa_compress(q, k, v, 4, 0.5, qpos)  # [B, G, R, 16, 4]
+    assert nsa_select(p, 4, 2).shape == (2, 1, 16, 4)
+    with pytest.raises(ValueError, match="top_n must be a positive int, got 0"):
+        nsa_select(p, 4, 0)  # chose nothing before
+    with pytest.raises(ValueError, match="block must be a positive int, got 0"):
+        nsa_select(p, 0, 2)  # ZeroDivisionError before
+    with pytest.raises(ValueError, match=r"kv_len must be at least Tq=16 .*, got 8"):
+        nsa_select(p, 4, 2, kv_len=8)  # negative positions before
+    with pytest.raises(ValueError, match=r"p_cmp must score the kv_len // block = 16 // 8 = 2 "):
+        nsa_select(p, 8, 2)  # pooled with another block: cropped silently before
+    with pytest.raises(ValueError, match="p_cmp must have 5 dimensions"):
+        nsa_select(p[0], 4, 2)
+    # the queries as the last 16 of 20 positions: 20 // 4 = 5 complete blocks
+    _, p = nsa_compress(q, torch.cat([k, k[:, :4]], 1), torch.cat([v, v[:, :4]], 1), 4, 0.5,
+                        4 + qpos)  # fmt: skip
+    assert nsa_select(p, 4, 2, kv_len=20).shape == (2, 1, 16, 5)
+
+
 # ------------------------------------------------------------------------------------------
 # LSH (Reformer) and k-means routing
 # ------------------------------------------------------------------------------------------
@@ -218,6 +250,34 @@ def test_lsh_with_one_bucket_and_one_chunk_is_causal_attention_on_normalised_key
     keys = torch.nn.functional.normalize(qk, dim=-1)
     want = masked_attention(qk, keys, v, lambda b, h, i, j: j <= i)
     torch.testing.assert_close(lsh_attention(qk, v, rot, chunk=16), want, rtol=1e-12, atol=1e-12)
+    # scale=1: logits q . k / |k| with nothing more, as transformers' Reformer (which also
+    # masks the own key; this keeps it)
+    want = masked_attention(qk, keys, v, lambda b, h, i, j: j <= i, scale=1.0)
+    got = lsh_attention(qk, v, rot, chunk=16, scale=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_lsh_rotations_bad_input():
+    from effarch.sparse import lsh_attention, lsh_buckets
+
+    qk = torch.randn(1, 16, 2, 8, dtype=torch.float64)
+    v = torch.randn(1, 16, 2, 8, dtype=torch.float64)
+    rot = torch.randn(2, 8, 2, dtype=torch.float64)
+    assert lsh_buckets(qk, rot).shape == (2, 1, 16, 2)
+    with pytest.raises(ValueError, match="rotations must have 3 dimensions"):
+        lsh_buckets(qk, rot[0])
+    with pytest.raises(ValueError, match=r"rotations must be \[n_rounds >= 1, D = 8 .* got "
+                                         r"\(2, 7, 2\)"):  # fmt: skip
+        lsh_buckets(qk, rot[:, :7])
+    with pytest.raises(ValueError, match=r"rotations must be .* got \(2, 8, 0\)"):
+        lsh_buckets(qk, rot[..., :0])
+    with pytest.raises(TypeError, match="rotations must be a torch.Tensor"):
+        lsh_attention(qk, v, rot.tolist(), chunk=8)
+    with pytest.raises(ValueError, match=r"rotations must be \[n_rounds >= 1, D = 8 \(the "
+                                         r"head_dim of qk\)"):  # fmt: skip
+        lsh_attention(qk, v, rot[:, :4], chunk=8)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        lsh_buckets(qk[0], rot)
 
 
 def test_routing_attention_equals_its_loop_and_kmeans_moves_towards_members():

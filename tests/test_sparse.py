@@ -218,9 +218,14 @@ def test_layout_equals_flex_attentions_block_mask(i, tq, tk, bs):
          theirs.full_kv_indices),
     ]:  # fmt: skip
         assert torch.equal(n, their_n)
+        assert idx.shape == their_idx.shape
         for pos in itertools.product(*(range(s) for s in n.shape)):
             c = int(n[pos])
-            assert sorted(idx[pos][:c].tolist()) == sorted(their_idx[pos][:c].tolist())
+            # the first c entries: the same indices, ascending in both
+            assert idx[pos][:c].tolist() == their_idx[pos][:c].tolist()
+            assert idx[pos][:c].tolist() == sorted(idx[pos][:c].tolist())
+            # the unused slots differ: ours hold 0 (FlexAttention's the remaining indices)
+            assert not idx[pos][c:].any()
 
 
 # ------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class BlockLayout:
 
     ``EMPTY = 0`` (no pair attends), ``PARTIAL = 1`` (some do), ``FULL = 2`` (all do). The
     FlexAttention ``BlockMask`` fields are derived from it (indices ascending, unused slots
-    hold 0).
+    hold 0, where FlexAttention's hold the remaining block indices).
     """
 
     kind: torch.Tensor
@@ -121,9 +121,12 @@ def block_layout(
 ) -> BlockLayout:
     """Sort the tiles of ``mask_mod`` into empty, partial and full (see :class:`BlockLayout`).
 
-    Equals ``torch.nn.attention.flex_attention.create_block_mask(mask_mod, batch, heads,
-    q_len, kv_len, BLOCK_SIZE=(block_q, block_k))`` field by field (tested). The mask is
-    evaluated a band of query blocks at a time.
+    Matches ``torch.nn.attention.flex_attention.create_block_mask(mask_mod, batch, heads,
+    q_len, kv_len, BLOCK_SIZE=(block_q, block_k))`` (tested): ``kv_num_blocks`` and
+    ``full_kv_num_blocks`` are equal, and ``kv_indices`` / ``full_kv_indices`` (same shape)
+    are equal on the first ``kv_num_blocks`` / ``full_kv_num_blocks`` entries of each row,
+    ascending in both; the unused slots after them differ (0 here, the remaining block
+    indices in FlexAttention's). The mask is evaluated a band of query blocks at a time.
     """
     for name, val in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q),
                       ("block_k", block_k), ("batch", batch), ("heads", heads)):  # fmt: skip

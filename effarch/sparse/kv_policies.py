@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .._checks import check_positive_int, check_token_ids
+from .._checks import check_positive_int, check_tensor, check_token_ids
 from ..attention import apply_rope
 
 __all__ = [
@@ -88,6 +88,29 @@ class LlamaView:
     rope_base: float
 
 
+_ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _check_plain_attention(layers: list[nn.Module]) -> None:
+    """Reject attention layers with weights the policies would not apply (Qwen3's
+    ``q_norm``/``k_norm``, an attention-sink parameter, ...): the decoding loop uses only
+    ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``."""
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        extra = [name for name, _ in attn.named_parameters(recurse=False)]
+        extra += [
+            name
+            for name, child in attn.named_children()
+            if name not in _ATTENTION_MODULES and any(True for _ in child.parameters())
+        ]
+        if extra:
+            raise TypeError(
+                f"model.layers[{i}].self_attn must hold weights only in "
+                f"{', '.join(_ATTENTION_MODULES)} (the policies apply nothing else), got "
+                f"{', '.join(extra)} ({type(attn).__name__})"
+            )
+
+
 def llama_view(model: nn.Module) -> LlamaView:
     """Adapter: the modules of an :class:`~effarch.models.ByteLM` or of a ``transformers``
     Llama-family causal LM (``model.model.layers[i].self_attn.q_proj`` ..., rotate-half RoPE).
@@ -95,8 +118,15 @@ def llama_view(model: nn.Module) -> LlamaView:
     For ``transformers``, ``config.head_dim``, ``num_attention_heads``, ``num_key_value_heads``
     and ``rope_theta`` (or ``rope_parameters["rope_theta"]``) give the sizes; the LM head is
     ``lm_head``.
+
+    Only what the decoding loop reproduces is accepted: an attention layer whose weights lie
+    outside ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (Qwen3's ``q_norm``/``k_norm``)
+    raises ``TypeError``, and a scaled RoPE (any ``rope_type`` but ``"default"`` in
+    ``config.rope_parameters``, transformers v5, or ``config.rope_scaling``, transformers 4.x)
+    raises ``ValueError``. Llama and SmolLM2 (plain RoPE) pass.
     """
     if hasattr(model, "cfg") and hasattr(model, "embed_tokens"):  # ByteLM
+        _check_plain_attention(list(model.layers))
         attn = model.layers[0].self_attn
         return LlamaView(model.embed_tokens, list(model.layers), model.norm,
                          model.embed_tokens.weight, attn.n_heads, attn.n_kv_heads,
@@ -110,10 +140,16 @@ def llama_view(model: nn.Module) -> LlamaView:
         )
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    # transformers v5 keeps RoPE's settings in rope_parameters, 4.x its scaling in rope_scaling
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = getattr(config, key, None) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"only plain RoPE is supported: config.{key} must have rope_type "
+                             f"'default', got {kind!r}")  # fmt: skip
+    _check_plain_attention(list(inner.layers))
     rope = getattr(config, "rope_parameters", None) or {}
     base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"only plain RoPE is supported, got rope_type={rope['rope_type']!r}")
     return LlamaView(inner.embed_tokens, list(inner.layers), inner.norm, model.lm_head.weight,
                      n_heads, config.num_key_value_heads, head_dim, float(base))  # fmt: skip
 
@@ -425,30 +461,43 @@ def decode_nll(
 def snapkv_select(
     attention: torch.Tensor, budget: int, window: int = 16, kernel: int = 5
 ) -> torch.Tensor:
-    """SnapKV's vote: which prompt tokens to keep, per key/value head.
+    """SnapKV's selection: which prompt tokens to keep, per key/value head.
+
+    The last ``window`` queries vote with their attention on the earlier tokens, the votes
+    are max-pooled over ``kernel`` neighbouring positions, and the ``budget - window``
+    winners are kept with the window. Two differences from the reference code
+    (FasterDecoding/SnapKV, ``SnapKVCluster.update_kv``): it pools with ``avgpool`` by
+    default (``maxpool`` is its option), and it votes per *query* head (the keys are
+    expanded by ``repeat_kv`` before the vote, so each query head keeps its own tokens);
+    here the votes of the query heads of a group are summed, one choice per key/value head,
+    and the pooling is max-pooling.
 
     Args:
         attention: ``[G, R, T, T]`` causal attention probabilities of the prompt, query heads
             grouped by their key/value head.
         budget: tokens kept per head, the ``window`` last ones included.
         window: the observation window: the last queries, whose attention votes.
-        kernel: width of the max-pooling over positions that keeps neighbours of a winner.
+        kernel: width of the max-pooling over positions that keeps neighbours of a winner:
+            position ``j`` takes the largest vote of ``j - kernel // 2 .. j + (kernel - 1) //
+            2`` (centred for an odd ``kernel``, one more on the left for an even one).
 
     Returns:
-        ``keep [G, budget]`` sorted token indices per key/value head (equal votes: the
-        earlier token wins).
+        ``keep [G, budget]`` sorted, distinct token indices per key/value head (equal votes:
+        the earlier token wins), on the device of ``attention``.
     """
+    check_tensor("attention", attention, ndim=4, floating=True)
     check_positive_int("budget", budget)
     check_positive_int("window", window)
     check_positive_int("kernel", kernel)
-    t = attention.shape[-1]
+    t, dev = attention.shape[-1], attention.device
     if budget >= t:
-        return torch.arange(t).expand(attention.shape[0], t)
+        return torch.arange(t, device=dev).expand(attention.shape[0], t)
     if window >= budget:
         raise ValueError(f"window must be less than budget={budget}, got {window}")
     votes = attention[:, :, t - window :, : t - window].sum(dim=(1, 2))  # [G, T - window]
     votes = F.max_pool1d(votes[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    votes = votes[:, : t - window]  # an even kernel pools one position too many
     # max-pooling makes ties; a stable sort breaks them toward the earlier token
     chosen = torch.argsort(votes, dim=-1, descending=True, stable=True)[:, : budget - window]
-    recent = torch.arange(t - window, t).expand(attention.shape[0], window)
+    recent = torch.arange(t - window, t, device=dev).expand(attention.shape[0], window)
     return torch.cat([chosen, recent], dim=-1).sort(-1).values

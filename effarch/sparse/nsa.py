@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .._checks import check_attention_qkv, check_positive_int
+from .._checks import check_attention_qkv, check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope
 from .block import PARTIAL, BlockLayout, block_sparse_attention
 from .masks import sliding_window
@@ -68,6 +68,34 @@ def _check(q, k, v, gates, block, top_n, window) -> None:
                          f"on {gates.device}")  # fmt: skip
 
 
+def _check_compress(q, k, v, block, qpos) -> None:
+    check_attention_qkv(q, k, v)
+    check_positive_int("block", block)
+    check_tensor("qpos", qpos, ndim=1)
+    if qpos.shape[0] != q.shape[1]:
+        raise ValueError(f"qpos must have shape [Tq] = [{q.shape[1]}] (one position per "
+                         f"query), got {list(qpos.shape)}")  # fmt: skip
+    if qpos.device != q.device:
+        raise ValueError(f"qpos must be on the device of q ({q.device}), got {qpos.device}")
+
+
+def _check_select(p_cmp, block, top_n, kv_len) -> None:
+    check_tensor("p_cmp", p_cmp, ndim=5, floating=True)
+    check_positive_int("block", block)
+    check_positive_int("top_n", top_n)
+    t, nb = p_cmp.shape[3], p_cmp.shape[4]
+    if kv_len is not None:
+        check_positive_int("kv_len", kv_len)
+        if kv_len < t:
+            raise ValueError(f"kv_len must be at least Tq={t} (the queries are the last Tq of "
+                             f"kv_len positions), got {kv_len}")  # fmt: skip
+    kv = t if kv_len is None else kv_len
+    if nb != kv // block:
+        raise ValueError(f"p_cmp must score the kv_len // block = {kv} // {block} = "
+                         f"{kv // block} complete blocks in its last dimension, got {nb} "
+                         f"(shape {tuple(p_cmp.shape)})")  # fmt: skip
+
+
 def _block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     """The mean of every complete block of ``block`` positions: ``[B, T, ...] -> [B, T // block,
     ...]`` (a trailing incomplete block is left out)."""
@@ -81,7 +109,11 @@ def nsa_compress(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The compressed branch: every complete block of ``block`` keys and values mean-pooled,
     attended by queries at positions ``qpos``. Returns ``o [B, Tq, Hq, Dv]`` and the
-    probabilities ``p [B, G, R, Tq, n_blocks]`` that :func:`nsa_select` ranks blocks by."""
+    probabilities ``p [B, G, R, Tq, n_blocks]`` that :func:`nsa_select` ranks blocks by.
+
+    ``q [B, Tq, Hq, D]``, ``k [B, Tk, G, D]``, ``v [B, Tk, G, Dv]`` (``Hq`` a multiple of
+    ``G``), ``qpos [Tq]`` the position of every query, on the device of ``q``."""
+    _check_compress(q, k, v, block, qpos)
     g = k.shape[2]
     kc, vc = _block_means(k, block), _block_means(v, block)  # [B, nb, G, D], complete blocks
     nb = kc.shape[1]
@@ -104,8 +136,10 @@ def nsa_select(
     last ``Tq`` of ``kv_len`` positions (default ``Tq``: self-attention). A block is eligible
     for query ``t`` when it has started (``j l <= t``); the query's own block ``t // l`` is
     always chosen, then the ``top_n - 1`` eligible blocks with the largest group score
-    ``sum_r p_cmp`` (ties to the earlier block).
+    ``sum_r p_cmp`` (ties to the earlier block). ``nb`` must be ``kv_len // block``, the
+    complete blocks :func:`nsa_compress` pools; ``block``, ``top_n >= 1``; ``kv_len >= Tq``.
     """
+    _check_select(p_cmp, block, top_n, kv_len)
     b, g, _, t, nb = p_cmp.shape
     kv_len = t if kv_len is None else kv_len
     n_all = -(-kv_len // block)  # blocks that exist, the last possibly incomplete
@@ -360,9 +394,12 @@ def nsa_decode(
 
     .. math::
         p^{cmp} = \mathrm{softmax}_j(q \cdot kc_j / \sqrt d),\ j < n_c;\quad
-        \mathcal S = \mathrm{top}_{n}\big(\textstyle\sum_r p^{cmp}_r\big) \cup \{t // l\};\quad
+        \mathcal S = \{t // l\} \cup \mathrm{top}_{n-1}\big(\textstyle\sum_r p^{cmp}_r\big);\quad
         o = g^{cmp} \textstyle\sum_j p^{cmp}_j vc_j + g^{slc}\,\mathrm{attn}(q, K_{\mathcal S})
             + g^{win}\,\mathrm{attn}(q, K_{t-w+1..t})
+
+    with ``n = min(top_n, ceil(Tk / l))`` blocks in all: the own block ``t // l`` and the
+    ``n - 1`` best of the others (ties to the earlier block), as :func:`nsa_select`.
 
     It copies out only the ``top_n`` selected blocks and slices the window, so a step reads
     ``n_c + top_n l + window`` of the ``Tk`` cached keys and values (plus ``O(n_c)`` work to

@@ -7,7 +7,8 @@ token and its best matches tend to fall in the same bucket of a random-rotation 
 ``bucket(x) = argmax([x R; -x R])`` with ``R [D, n_buckets / 2]`` Gaussian, one ``R`` per
 round. Per round, tokens are sorted by ``(bucket, position)``, the sorted sequence is cut into
 chunks of ``chunk`` tokens, and each query reads the keys of its own chunk and the previous one
-that share its bucket and are not in its future. Rounds are merged by their log-sum-exp,
+that share its bucket and are not in its future, its own key included (Reformer masks it, and
+scales scores differently: see :func:`lsh_attention`). Rounds are merged by their log-sum-exp,
 
 .. math:: o_i = \sum_r \frac{e^{\mathrm{lse}_{r,i}}}{\sum_{r'} e^{\mathrm{lse}_{r',i}}}\, o_{r,i},
 
@@ -63,11 +64,30 @@ def _check_qv(qk: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"v must be [B, T, H, *] like qk {tuple(qk.shape)}, got {tuple(v.shape)}")
 
 
+def _check_rotations(rotations: torch.Tensor, x: torch.Tensor, x_name: str) -> None:
+    check_tensor("rotations", rotations, ndim=3)
+    d = x.shape[-1]
+    if rotations.shape[1] != d or rotations.shape[0] < 1 or rotations.shape[2] < 1:
+        raise ValueError(
+            f"rotations must be [n_rounds >= 1, D = {d} (the head_dim of {x_name}), "
+            f"n_buckets / 2 >= 1], got {tuple(rotations.shape)}"
+        )
+    if rotations.device != x.device:
+        raise ValueError(f"rotations must be on the device of {x_name} ({x.device}), got "
+                         f"{rotations.device}")  # fmt: skip
+
+
+def _hash(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    proj = torch.einsum("bthd,rdn->rbthn", x, rotations.to(x.dtype))
+    return torch.cat([proj, -proj], dim=-1).argmax(-1)
+
+
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Angular LSH: ``argmax([x R; -x R])`` per round. ``x [B, T, H, D]``, ``rotations
     [n_rounds, D, n_buckets / 2]``; returns ``int64 [n_rounds, B, T, H]``."""
-    proj = torch.einsum("bthd,rdn->rbthn", x, rotations.to(x.dtype))
-    return torch.cat([proj, -proj], dim=-1).argmax(-1)
+    check_tensor("x", x, ndim=4, floating=True)
+    _check_rotations(rotations, x, "x")
+    return _hash(x, rotations)
 
 
 def lsh_attention(
@@ -80,6 +100,17 @@ def lsh_attention(
 ) -> torch.Tensor:
     """Causal LSH attention with shared queries and keys (see the module docstring).
 
+    Two differences from Reformer as ``transformers`` implements it
+    (``LSHSelfAttention._attend`` and ``_len_and_dim_norm`` in ``modeling_reformer.py``):
+
+    * Reformer always masks a token's own key (with a finite ``-1e5`` in float32, so it is read
+      only when the token has no other key to attend to, as the first token), because with
+      shared queries and keys ``q . q / |q|`` is almost always the largest score; here the
+      own key keeps its full score.
+    * Reformer's logits are ``q . k / |k|`` (the key divided by its RMS, then by ``sqrt(D)``:
+      by its length) with no further scale, which is ``scale=1`` here; the default here
+      multiplies by ``D ** -0.5`` as well.
+
     Args:
         qk: ``[B, T, H, D]`` shared queries/keys (keys are ``qk / |qk|``).
         v: ``[B, T, H, Dv]``.
@@ -91,13 +122,14 @@ def lsh_attention(
         ``o [B, T, H, Dv]``.
     """
     _check_qv(qk, v)
+    _check_rotations(rotations, qk, "qk")
     check_positive_int("chunk", chunk)
     b, t, h, d = qk.shape
     if t % chunk:
         raise ValueError(f"T must be a multiple of chunk={chunk}, got T={t}")
     sc = d**-0.5 if scale is None else float(scale)
     keys = F.normalize(qk, dim=-1)
-    buckets = lsh_buckets(qk, rotations)  # [R, B, T, H]
+    buckets = _hash(qk, rotations)  # [R, B, T, H]
     pos = torch.arange(t, device=qk.device)
     outs, lses = [], []
     for bk in buckets:
