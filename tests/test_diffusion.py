@@ -135,6 +135,41 @@ def test_masked_diffusion_loss_is_llada_weighted_cross_entropy():
     torch.testing.assert_close(got.double(), plain)
 
 
+def test_masked_diffusion_loss_checks_t():
+    """t must be [B] floating: a [1] or [B, L] t would broadcast to a wrong loss."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, V, generator=g)
+    x0 = torch.randint(0, M, (3, 7), generator=g)
+    masked = torch.rand(3, 7, generator=g) < 0.5
+    for reduction in ("elbo", "masked_mean"):
+        with pytest.raises(ValueError, match=r"t must hold one time per row of x0 \(3\), got 1"):
+            masked_diffusion_loss(logits, x0, masked, torch.tensor([0.5]), reduction=reduction)
+        with pytest.raises(ValueError, match="t must have 1 dimensions, got 2"):
+            masked_diffusion_loss(logits, x0, masked, torch.full((3, 7), 0.5),
+                                  reduction=reduction)  # fmt: skip
+        with pytest.raises(TypeError, match="t must be a floating-point tensor"):
+            masked_diffusion_loss(logits, x0, masked, torch.ones(3, dtype=torch.long),
+                                  reduction=reduction)  # fmt: skip
+    with pytest.raises(TypeError, match="t must be a torch.Tensor"):
+        masked_diffusion_loss(logits, x0, masked, 0.5)
+    # what forward_process returns is accepted
+    xt, masked, t = forward_process(x0, M, generator=g)
+    assert masked_diffusion_loss(logits, x0, masked, t).isfinite()
+
+
+def test_perm_copy_oracle_checks_n_and_mask_id():
+    x = perm_copy(2, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"mask_id must not be one of the symbols .*got 3"):
+        perm_copy_oracle(x, 4, 3)  # 3 is a symbol: clean 3s would look masked
+    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+        perm_copy_oracle(x[:, :0], 0, 4)
+    with pytest.raises(TypeError, match="n must be an int"):
+        perm_copy_oracle(x, 4.0, 4)
+    with pytest.raises(ValueError, match="mask_id must be a non-negative int"):
+        perm_copy_oracle(x, 4, -1)
+    assert perm_copy_oracle(x, 4, 4).shape == (2, 8, 5)
+
+
 def test_the_exact_denoiser_of_the_permutation_task_gives_the_exact_likelihood():
     """With the true conditionals the ELBO is tight: both estimators average to log n!."""
     n = 5

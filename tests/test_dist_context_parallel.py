@@ -178,6 +178,13 @@ def test_bad_input_is_named():
         ring_attention(q, q, q, layout="spiral")
     with pytest.raises(ValueError, match="multiple of 2"):
         shard_sequence(q, 2, 0)
+    with pytest.raises(ValueError, match="world must be a positive int, got 0"):
+        shard_sequence(q, 0, 0)  # not a ZeroDivisionError
+    with pytest.raises(TypeError, match="world must be an int"):
+        shard_sequence(q, 2.0, 0)
+    v_wide = torch.randn(1, 6, 2, 6)  # Dv = 6 != D = 4: keys and values travel as one block
+    with pytest.raises(ValueError, match=r"v must have the head dim of q and k \(4\).*got 6"):
+        ring_attention(q, q, v_wide)
     with pytest.raises(ValueError, match="rank"):
         shard_chunks(2, 2)
     with pytest.raises(TypeError, match="op must be one of"):

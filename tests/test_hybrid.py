@@ -437,5 +437,65 @@ def test_parallel_hybrid_from_a_falcon_h1_config():
     with pytest.raises(ValueError, match="head_dim 16 x 4 heads must be hidden_size 32"):
         ParallelHybrid.from_falcon_h1(cfg)
     cfg.head_dim, cfg.mamba_d_ssm = None, 48
-    with pytest.raises(ValueError, match="mamba_d_ssm 48 must be mamba_expand"):
+    with pytest.raises(ValueError, match="mamba_d_ssm 48 must be None or mamba_expand"):
         ParallelHybrid.from_falcon_h1(cfg)
+
+
+def test_from_falcon_h1_reads_the_rope_base_and_a_mamba_d_ssm_of_none():
+    transformers = pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from effarch.models import ParallelHybrid
+
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4,
+              mamba_d_state=8)  # fmt: skip
+    # mamba_d_ssm=None means mamba_expand * hidden_size in FalconH1Config
+    cfg = transformers.FalconH1Config(mamba_d_ssm=None, **kw)
+    layer = ParallelHybrid.from_falcon_h1(cfg)
+    assert layer.ssm.d_inner == cfg.mamba_expand * cfg.hidden_size == 64
+    assert layer.attn.rope_base == cfg.rope_parameters["rope_theta"] == 10000.0
+    # the RoPE base of the configuration reaches the attention branch
+    cfg = transformers.FalconH1Config(mamba_d_ssm=64, rope_theta=1e6, **kw)
+    assert cfg.rope_parameters["rope_theta"] == 1e6
+    assert ParallelHybrid.from_falcon_h1(cfg).attn.rope_base == 1e6
+    # an older configuration with a top-level rope_theta
+    old = SimpleNamespace(**{k: getattr(cfg, k) for k in vars(cfg) if k != "rope_parameters"})
+    old.rope_parameters, old.rope_theta = None, 5e5
+    assert ParallelHybrid.from_falcon_h1(old).attn.rope_base == 5e5
+    # and the window branch takes it too
+    swa = ParallelHybrid(32, 4, 2, window=4, rope_base=123.0)
+    assert swa.attn.rope_base == 123.0
+    with pytest.raises(ValueError, match="rope_base"):
+        ParallelHybrid(32, 4, rope_base=0.0)
+
+
+def test_mamba2_headdim_default_is_the_largest_power_of_two_divisor_up_to_32():
+    from effarch.models import MIXERS
+
+    # expand d = 48: 16 (gcd with 32), not the largest divisor up to 32 (24)
+    assert MIXERS["mamba2"](24).headdim == 16
+    assert MIXERS["mamba2"](64).headdim == 32
+
+
+def test_presets_need_a_multiple_of_their_period():
+    for name, bad in [("jamba", 4), ("jamba", 12), ("samba", 3), ("minimax", 4), ("zamba", 8)]:
+        kw = {"moe_kwargs": {"n_experts": 4, "k": 2}} if name == "jamba" else {}
+        with pytest.raises(ValueError, match=rf"n_layers must be a positive multiple .*{name}"):
+            HybridLM.preset(name, V, D, bad, **kw)
+    with pytest.raises(ValueError, match="n_layers must be a positive int"):
+        HybridLM.preset("samba", V, D, 0)
+    m = HybridLM.preset("jamba", V, D, 16, moe_kwargs={"n_experts": 4, "k": 2})
+    assert m.pattern == "MMMMAMMM" * 2
+    assert HybridLM.preset("samba", V, D, 6).pattern == "MSMSMS"
+
+
+def test_n_layers_below_the_pattern_length_raises_and_a_partial_period_is_kept():
+    mixers = {"A": ("attention", {}), "M": ("mamba", {})}
+    with pytest.raises(ValueError, match=r"n_layers must be at least the length of pattern \(8"):
+        HybridLM(V, D, "MMMMAMMM", mixers, n_layers=4)
+    with pytest.raises(ValueError, match=r"n_layers must be at least the length of ffn \(2"):
+        HybridLM(V, D, "A", mixers, ffn="DE", moe_kwargs={"n_experts": 2, "k": 1})
+    # the documented repetition, cut to n_layers, stays
+    m = HybridLM(V, D, "MA", mixers, n_layers=3, ffn="D-")
+    assert (m.pattern, m.ffn_pattern) == ("MAM", "D-D")

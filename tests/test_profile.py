@@ -74,3 +74,15 @@ def test_every_family_experiment_runs():
         assert len(r["memory_bytes"]) == 2 and r["parameters"] > 0
     with pytest.raises(ValueError, match="name must be one of"):
         family_model("nope", V, D, 2, 0)
+
+
+def test_memory_is_per_sequence_whatever_the_batch():
+    """memory_bytes is what one sequence holds (module docstring), also at batch > 1;
+    decode_seconds stays one step of the batch."""
+    models = {"attention": _models()["attention"]}
+    kw = dict(lengths=[16, 32], contexts=[8, 16], repeats=1, steps=1)
+    one = profile_models(models, batch=1, **kw)["models"]["attention"]
+    three = profile_models(models, batch=3, **kw)["models"]["attention"]
+    assert one["memory_bytes"] == three["memory_bytes"] == [2 * t * D * 4 for t in (8, 16)]
+    assert one["flops_per_token"] == three["flops_per_token"]
+    assert len(three["decode_seconds"]) == 2

@@ -179,6 +179,15 @@ def test_line_labels_equal_a_loop_and_the_planted_line_is_there():
         assert 0.35 < y.float().mean() < 0.7
 
 
+def test_longest_run_needs_three_dimensional_images():
+    x, _ = planted_lines(4, generator=torch.Generator().manual_seed(0))  # [4, 1, 8, 8]
+    with pytest.raises(ValueError, match=r"images must have 3 dimensions, got 4"):
+        longest_run(x)
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        longest_run(x[:, 0].tolist())
+    assert longest_run(x[:, 0]).shape == (4,)
+
+
 def test_train_takes_images_with_a_loss_fn():
     from effarch.train import train
 

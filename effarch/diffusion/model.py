@@ -15,8 +15,16 @@ and the clean sequence, and ``positions`` that give both copies the same RoPE po
 and a KV cache over the committed blocks (one :class:`~effarch.attention.KVCache` per layer).
 
 Names follow ``transformers``' Llama (``embed_tokens``, ``self_attn.{q,k,v,o}_proj``,
-``input_layernorm``, ``post_attention_layernorm``, ``mlp``, ``norm``); LLaDA's own modelling
-code calls them ``wte``, ``att_proj``, ``ff_proj``, with the same arithmetic.
+``input_layernorm``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``, ``norm``).
+LLaDA's own modelling code (``modeling_llada.py``; LLaDA-8B's configuration has
+``block_type="llama"``, so its blocks are ``LLaDALlamaBlock``) names them, with the same
+arithmetic: ``transformer.wte`` (``embed_tokens``); per block ``attn_norm``
+(``input_layernorm``), ``q_proj``, ``k_proj``, ``v_proj``, ``attn_out`` (``o_proj``),
+``ff_norm`` (``post_attention_layernorm``), ``ff_proj`` (``gate_proj``: ``silu(ff_proj(x)) *
+up_proj(x)``), ``up_proj`` and ``ff_out`` (``down_proj``); ``transformer.ln_f`` (``norm``).
+Its fused ``att_proj`` (queries, keys and values in one projection) belongs to the
+OLMo-style ``LLaDASequentialBlock``, not to LLaDA-8B's blocks. The head here is tied to the
+embedding; LLaDA-8B unties it (``weight_tying=False``: a separate ``transformer.ff_out``).
 """
 
 from __future__ import annotations

@@ -149,18 +149,22 @@ def masked_diffusion_loss(
 
     Args:
         logits: ``[B, L, V]`` the model's predictions from ``x_t``.
-        x0: ``[B, L]`` the clean tokens; masked: ``[B, L]`` bool; t: ``[B]``.
+        x0: ``[B, L]`` the clean tokens; masked: ``[B, L]`` bool; t: ``[B]`` floating, one
+            time per row (checked, also for ``"masked_mean"``, which does not use it).
         schedule: one of :data:`SCHEDULES`; reduction: ``"elbo"`` or ``"masked_mean"``.
     """
     check_tensor("logits", logits, ndim=3, floating=True)
     check_tensor("x0", x0, ndim=2, dtypes=(torch.long,))
     check_tensor("masked", masked, ndim=2, dtypes=(torch.bool,))
+    check_tensor("t", t, ndim=1, floating=True)
     check_choice("reduction", reduction, ("elbo", "masked_mean"))
     if logits.shape[:2] != x0.shape or masked.shape != x0.shape:
         raise ValueError(
             f"logits [B, L, V], x0 and masked [B, L] must agree, got {tuple(logits.shape)}, "
             f"{tuple(x0.shape)} and {tuple(masked.shape)}"
         )
+    if t.shape[0] != x0.shape[0]:
+        raise ValueError(f"t must hold one time per row of x0 ({x0.shape[0]}), got {t.shape[0]}")
     ce = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none")
     ce = ce.view_as(x0) * masked
     if reduction == "masked_mean":

@@ -95,6 +95,7 @@ def shard_sequence(
     chunks of :func:`shard_chunks` concatenated; ``T`` must be a multiple of ``2 world``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    world = check_positive_int("world", world)
     n = x.shape[dim]
     if n % (2 * world):
         raise ValueError(f"x.shape[{dim}]={n} must be a multiple of 2 * world = {2 * world}")
@@ -274,7 +275,8 @@ def ring_attention(
 
     Each rank passes its own shard, cut by :func:`shard_sequence` with the same ``layout``:
     ``q [B, T/P, Hq, D]``, ``k, v [B, T/P, Hkv, D]`` (``Hkv`` divides ``Hq``: query head ``h``
-    reads key/value head ``h // (Hq / Hkv)``), and receives its shard of
+    reads key/value head ``h // (Hq / Hkv)``; ``v``'s head dim must equal ``D``: keys and
+    values travel as one block, so ``Dv != D`` raises ``ValueError``), and receives its shard of
     ``O = softmax(scale Q K^T + M) V`` over the whole sequence, ``[B, T/P, Hq, D]``. Backward
     (by autograd) returns each rank's shard of ``dQ, dK, dV``. Partial results are kept in
     float32 (float64 inputs stay float64); keys and values travel in their own dtype, their
@@ -283,10 +285,17 @@ def ring_attention(
 
     ring-flash-attn: ``zigzag_ring_flash_attn_func(q, k, v, softmax_scale=..., causal=...)`` for
     ``layout="zigzag"`` and ``ring_flash_attn_func`` for ``"contiguous"``; flash-attn's
-    arguments and layout. ``stats``, if given, gains the bytes this rank sent (``"forward"``,
-    ``"backward"``) and the chunk products it computed (``"products"``, forward).
+    arguments and layout, except the default of ``causal``: ``True`` here, ``False`` there
+    (as in flash-attn), so pass ``causal`` explicitly when porting a call. ``stats``, if
+    given, gains the bytes this rank sent (``"forward"``, ``"backward"``) and the chunk
+    products it computed (``"products"``, forward).
     """
     check_attention_qkv(q, k, v)
+    if v.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"v must have the head dim of q and k ({k.shape[3]}) in dim 3 (keys and values "
+            f"travel as one block), got {v.shape[3]} (shape {tuple(v.shape)})"
+        )
     if q.shape[1] != k.shape[1] or q.shape[1] % 2:
         raise ValueError(
             "q and k must hold the same shard (T/P tokens, an even number: two chunks), got "

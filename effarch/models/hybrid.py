@@ -26,8 +26,19 @@ and updates the cache in place; token-by-token decoding equals the full forward 
 - ``samba``: Mamba and sliding-window attention alternating, a dense FFN after each;
 - ``minimax``: lightning (linear, decayed) attention with softmax attention every eighth
   layer (MiniMax-01's ``layer_types``: ``linear_attention`` then ``full_attention``);
-- ``zamba``: Mamba-2 layers with one shared attention block every sixth layer (Zamba2's
-  ``hybrid_layer_ids``; Zamba2 adds a LoRA per use of the shared block, not modelled here).
+- ``zamba``: Mamba-2 layers with one shared (tied) attention layer every sixth layer, at
+  the places of Zamba2's ``hybrid_layer_ids`` (the layers its ``layers_block_type`` marks
+  ``"hybrid"``; Zamba's ``attn_layer_period=6``). A simplification of Zamba2: there, a
+  hybrid layer runs the shared transformer block (attention, then its own MLP, over
+  ``concat(hidden, original embeddings)``, ``2 d`` wide, RoPE off by default:
+  ``use_mem_rope=False``) and adds its output, through a per-layer linear, to the input of
+  that layer's own Mamba layer (not to the residual stream), and its Mamba layers have no
+  MLP. Here the ``S`` layer *replaces* the Mamba layer by the shared attention (with RoPE)
+  on the hidden state alone, and ``ffn="D"`` gives every layer, Mamba layers included, a
+  dense FFN of its own (the ``S`` layers' FFNs are not tied, only the mixer). The per-use
+  LoRA adapters are not modelled: those on the shared attention's ``q, k, v`` are off by
+  default (``use_shared_attention_adapter=False``), while ``transformers`` always builds the
+  ones on the shared MLP's gate and up projection.
 
 :class:`YOCOLM` is You Only Cache Once (Sun et al., 2024): a self-decoder of efficient layers
 (sliding-window attention, or any recurrent mixer), then one key/value projection of its
@@ -41,6 +52,7 @@ step takes as the context grows (chapters 6.1 and 6.2).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -75,11 +87,15 @@ HYBRIDS: dict[str, dict[str, Any]] = {
               "mixers": {"M": ("mamba", {}), "S": ("sliding_window", {"window": 16})}},
     "minimax": {"pattern": "LLLLLLLA", "ffn": "D",
                 "mixers": {"L": ("retnet", {}), "A": ("attention", {})}},
+    # Zamba2's hybrid layer adds the shared block to a Mamba layer's input, and its Mamba
+    # layers have no MLP; "S" replaces a Mamba layer and every layer has a dense FFN here
+    # (module docstring)
     "zamba": {"pattern": "MMMMMS", "ffn": "D", "tied": "S",
               "mixers": {"M": ("mamba2", {}), "S": ("attention", {})}},
 }  # fmt: skip
 """Published hybrid layouts: ``pattern``, ``ffn``, ``mixers`` (and ``tied``) for
-:class:`HybridLM`; the pattern repeats to the number of layers (module docstring)."""
+:class:`HybridLM`; the pattern repeats to the number of layers (module docstring), which
+:meth:`HybridLM.preset` requires to be a multiple of the layout's period."""
 
 
 class RecurrentState:
@@ -109,8 +125,15 @@ class HybridCache(list):
 
 
 def _repeat(letters: str, n: int, name: str) -> str:
+    """``letters`` repeated and cut to ``n`` layers; a cut inside a period is allowed (the
+    documented repetition), dropping letters of the first period is not."""
     if not isinstance(letters, str) or not letters:
         raise ValueError(f"{name} must be a non-empty string of letters, got {letters!r}")
+    if n < len(letters):
+        raise ValueError(
+            f"n_layers must be at least the length of {name} ({len(letters)}: {letters!r}), "
+            f"got {n}: layers of the {name} would be dropped"
+        )
     return (letters * n)[:n]
 
 
@@ -155,7 +178,10 @@ class HybridLM(nn.Module):
             ``n_layers`` repeats it.
         mixers: letter -> ``(name in MIXERS, keyword arguments)``.
         ffn: FFN letters (``D``, ``E``, ``-``), repeated to the number of layers.
-        n_layers: layers (default: ``len(pattern)``); the pattern repeats.
+        n_layers: layers (default: ``len(pattern)``); the pattern and ``ffn`` repeat and
+            are cut to ``n_layers`` (``"MA"`` over 3 layers is ``"MAM"``); ``n_layers``
+            smaller than ``len(pattern)`` or ``len(ffn)`` raises ``ValueError``, since
+            letters of the pattern would be dropped.
         d_ff: the dense FFN's width (default ``2 d``); also the experts' width unless
             ``moe_kwargs`` sets ``d_ff``.
         moe_kwargs: :class:`~effarch.moe.MoELayer` arguments for ``E`` layers (``n_experts``
@@ -246,10 +272,26 @@ class HybridLM(nn.Module):
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, d_model: int, n_layers: int, **kw: Any) -> HybridLM:
-        """The layout ``HYBRIDS[name]`` at this size; ``kw`` overrides its arguments."""
+        """The layout ``HYBRIDS[name]`` at this size; ``kw`` overrides its arguments.
+
+        ``n_layers`` must be a positive multiple of the layout's period (the least common
+        multiple of the lengths of its ``pattern`` and ``ffn``: 8 for Jamba, 2 for Samba, 8
+        for MiniMax, 6 for Zamba), or the model would not be the named layout (Jamba over
+        4 layers would have no attention layer): ``ValueError`` otherwise.
+        """
         if name not in HYBRIDS:
             raise ValueError(f"name must be one of {sorted(HYBRIDS)}, got {name!r}")
-        return cls(vocab_size, d_model, n_layers=n_layers, **{**HYBRIDS[name], **kw})
+        check_positive_int("n_layers", n_layers)
+        spec = {**HYBRIDS[name], **kw}
+        pattern, ffn = spec["pattern"], spec.get("ffn", "D")
+        if isinstance(pattern, str) and isinstance(ffn, str) and pattern and ffn:
+            period = math.lcm(len(pattern), len(ffn))
+            if n_layers % period:
+                raise ValueError(
+                    f"n_layers must be a positive multiple of the period of {name!r} "
+                    f"({period}: pattern {pattern!r}, ffn {ffn!r}), got {n_layers}"
+                )
+        return cls(vocab_size, d_model, n_layers=n_layers, **spec)
 
     def new_cache(self, batch: int, max_len: int) -> HybridCache:
         """Per layer, the memory decoding needs: the mixer's own cache when it has

@@ -133,6 +133,8 @@ class ParallelHybrid(nn.Module):
             ``None`` for global attention.
         ssm: the SSM branch, a name of :data:`MIXERS` (``"mamba"`` in Hymba, ``"mamba2"`` in
             Falcon-H1), with ``ssm_kwargs``.
+        rope_base: the attention branch's RoPE base (``theta``; Falcon-H1's
+            ``rope_parameters["rope_theta"]``).
 
     ``forward(x [B, T, d], state=None) -> (y, state)``: ``state`` holds the attention's
     key/value buffer (``"kv"``, a :class:`~effarch.attention.WindowKVCache`, growing without
@@ -152,16 +154,22 @@ class ParallelHybrid(nn.Module):
         attn_multiplier: float = 1.0,
         ssm_multiplier: float = 1.0,
         norm_eps: float = 1e-5,
+        rope_base: float = 10000.0,
     ) -> None:
         super().__init__()
         if combine not in ("mean", "sum"):
             raise ValueError(f"combine must be 'mean' or 'sum', got {combine!r}")
         if ssm not in MIXERS:
             raise ValueError(f"ssm must be a name of {sorted(MIXERS)}, got {ssm!r}")
+        rope_base = check_positive_number("rope_base", rope_base)
         if window is None:
-            self.attn: MultiHeadAttention = MultiHeadAttention(d_model, n_heads, n_kv_heads)
+            self.attn: MultiHeadAttention = MultiHeadAttention(
+                d_model, n_heads, n_kv_heads, rope_base=rope_base
+            )
         else:
-            self.attn = SlidingWindowAttention(d_model, n_heads, n_kv_heads, window=window)
+            self.attn = SlidingWindowAttention(
+                d_model, n_heads, n_kv_heads, window=window, rope_base=rope_base
+            )
         self.ssm = MIXERS[ssm](d_model, **(ssm_kwargs or {}))
         if not carries_state(self.ssm):
             raise ValueError(f"ssm must name a mixer that carries a state, got {ssm!r}")
@@ -198,23 +206,42 @@ class ParallelHybrid(nn.Module):
     @classmethod
     def from_falcon_h1(cls, cfg: Any) -> ParallelHybrid:
         """The ``combine="sum"`` layer a ``transformers`` ``FalconH1Config`` describes: its
-        widths, heads, Mamba-2 fields and output multipliers. The input multipliers scale
-        bias-free projections, so a checkpoint loader could fold them into the weights; this
-        reads only the configuration and ignores them (no checkpoint loader is provided).
+        widths, heads, Mamba-2 fields, output multipliers and RoPE base
+        (``rope_parameters["rope_theta"]``, or ``rope_theta`` on older configurations;
+        10000 when neither is set). The input multipliers scale bias-free projections, so a
+        checkpoint loader could fold them into the weights; this reads only the configuration
+        and ignores them (no checkpoint loader is provided). ``mamba_d_ssm=None`` means
+        ``mamba_expand * hidden_size``, as in ``transformers``.
+
+        Not modelled: Falcon-H1's Mamba-2 applies its gated RMSNorm only when
+        ``mamba_rms_norm`` is set (default ``False``: the scan output is only gated,
+        ``y * silu(z)``), normalising before the gate by default
+        (``mamba_norm_before_gate=True``); the Mamba-2 built here always applies its gated
+        RMSNorm after the gate (as ``norm_before_gate=False``), whatever these two fields say.
+        RoPE scaling types other than the default (``rope_parameters["rope_type"]``) and the
+        multipliers on the embeddings, the head and the FFN are not modelled either.
 
         Raises:
             ValueError: the configuration's attention head width (``head_dim``, which the
                 modelling code reads when present) is not ``hidden_size / num_attention_heads``,
-                or ``mamba_d_ssm`` is not ``mamba_expand * hidden_size``: this layer derives
-                both from ``d_model`` and would build other shapes.
+                or ``mamba_d_ssm`` is set and is not ``mamba_expand * hidden_size``: this
+                layer derives both from ``d_model`` and would build other shapes.
         """
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if head_dim * cfg.num_attention_heads != cfg.hidden_size:
             raise ValueError(f"head_dim {head_dim} x {cfg.num_attention_heads} heads must be "
                              f"hidden_size {cfg.hidden_size} here")  # fmt: skip
-        if cfg.mamba_d_ssm != cfg.mamba_expand * cfg.hidden_size:
-            raise ValueError(f"mamba_d_ssm {cfg.mamba_d_ssm} must be mamba_expand x hidden_size "
+        d_ssm = getattr(cfg, "mamba_d_ssm", None)
+        if d_ssm is not None and d_ssm != cfg.mamba_expand * cfg.hidden_size:
+            raise ValueError(f"mamba_d_ssm {d_ssm} must be None or mamba_expand x hidden_size "
                              f"= {cfg.mamba_expand * cfg.hidden_size} here")  # fmt: skip
+        rope = getattr(cfg, "rope_parameters", None)
+        if isinstance(rope, dict) and rope.get("rope_theta") is not None:
+            rope_base = rope["rope_theta"]
+        elif getattr(cfg, "rope_theta", None) is not None:
+            rope_base = cfg.rope_theta
+        else:
+            rope_base = 10000.0
         ssm = {"d_state": cfg.mamba_d_state, "headdim": cfg.mamba_d_head,
                "expand": cfg.mamba_expand, "ngroups": cfg.mamba_n_groups,
                "d_conv": cfg.mamba_d_conv, "chunk_size": cfg.mamba_chunk_size,
@@ -223,7 +250,7 @@ class ParallelHybrid(nn.Module):
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             ssm="mamba2", ssm_kwargs=ssm, combine="sum", norm_eps=cfg.rms_norm_eps,
             attn_multiplier=cfg.attention_out_multiplier,
-            ssm_multiplier=cfg.ssm_out_multiplier,
+            ssm_multiplier=cfg.ssm_out_multiplier, rope_base=float(rope_base),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -292,7 +319,8 @@ def _headed(cls: type[nn.Module], **defaults: Any) -> MixerFactory:
 
 
 def _mamba2(d_model: int, **kwargs: Any) -> nn.Module:
-    """Build a Mamba2; ``headdim`` defaults to the largest divisor of ``expand d`` up to 32."""
+    """Build a Mamba2; ``headdim`` defaults to ``gcd(expand d, 32)``: the largest power of
+    two up to 32 that divides ``expand d`` (for ``expand d = 48``: 16, not the divisor 24)."""
     check_positive_int("d_model", d_model)
     expand = check_positive_int("expand", kwargs.get("expand", 2))
     kwargs.setdefault("headdim", math.gcd(expand * d_model, 32))

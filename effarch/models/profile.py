@@ -11,10 +11,12 @@ measures, on one device, in one run:
   counted by ``FlopCounterMode``: attention's grow with ``T``, a recurrence's do not);
 - **prefill time** of a forward pass over ``T`` tokens (smallest of ``repeats`` runs, all
   models visited in turn each round);
-- **decode time** per token after a context of ``T`` tokens
-  (:func:`~effarch.models.decode_step_time`);
+- **decode time** per step after a context of ``T`` tokens: one new token for each of the
+  ``batch`` sequences (:func:`~effarch.models.decode_step_time`), so per token at the
+  default ``batch=1``;
 - **memory held** per sequence after ``T`` tokens: the bytes of every layer's cache or state
-  (:func:`~effarch.models.decode_memory`);
+  for one sequence (:func:`~effarch.models.decode_memory` with ``batch=1``, whatever
+  ``batch`` is);
 
 and fits ``value ~ T^p`` to the upper half of each curve (small sizes are dominated by
 fixed overheads): the exponents that say which family scales how.
@@ -95,18 +97,22 @@ def profile_models(
     Args:
         models: name -> model (eval mode, one device); each must decode with ``new_cache``.
         lengths: increasing prefill lengths ``T`` (time and FLOPs per token).
-        contexts: increasing context lengths (decode time per token, memory held).
+        contexts: increasing context lengths (decode time per step, memory held).
         repeats: timing rounds; the smallest time of each is kept.
         steps: single-token steps per timed decode run.
-        batch, seed: sequences per call and the seed of the random tokens.
+        batch, seed: sequences per call of the timed and counted runs (FLOPs are divided
+            by ``batch T``, so they stay per token) and the seed of the random tokens.
 
     Returns:
         ``{"lengths": [...], "contexts": [...], "models": {name: record}}`` with each record
         ``{"parameters", "flops_per_token": [per T], "prefill_seconds": [per T],
         "decode_seconds": [per context], "memory_bytes": [per context], "exponents":
-        {"prefill", "flops", "decode", "memory"}}``: exponents of the upper half of each
-        curve, ``"flops"`` of the whole prefill's (per token times ``T``); a constant curve
-        fits ``p`` = 0.
+        {"prefill", "flops", "decode", "memory"}}``: ``prefill_seconds`` is one forward over
+        ``batch`` sequences of ``T`` tokens, ``decode_seconds`` one decoding step of
+        ``batch`` tokens (one per sequence; per token only at ``batch=1``), and
+        ``memory_bytes`` what one sequence holds (measured with a cache of one sequence,
+        whatever ``batch`` is); exponents of the upper half of each curve, ``"flops"`` of
+        the whole prefill's (per token times ``T``); a constant curve fits ``p`` = 0.
     """
     if not isinstance(models, Mapping) or not models:
         raise ValueError(f"models must be a non-empty mapping name -> model, got {models!r}")
@@ -129,7 +135,7 @@ def profile_models(
             with torch.no_grad():
                 flops.append(measure_flops(lambda m=model, x=ids: m(x)).total / (batch * t))
         with torch.no_grad():
-            memory = decode_memory(model, cs, batch=batch, seed=seed)["total"]
+            memory = decode_memory(model, cs, batch=1, seed=seed)["total"]  # per sequence
         records[name] = {
             "parameters": body_parameters(model),
             "flops_per_token": flops,

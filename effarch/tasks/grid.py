@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_choice, check_positive_int, check_positive_number
+from .._checks import check_choice, check_positive_int, check_positive_number, check_tensor
 
 __all__ = ["longest_run", "planted_lines"]
 
 
 def longest_run(images: torch.Tensor, axis: str = "vertical") -> torch.Tensor:
     """``images [N, H, W]`` bool -> ``[N]`` int64, the longest run of set pixels along
-    ``axis`` (``"vertical"``: within a column; ``"horizontal"``: within a row)."""
+    ``axis`` (``"vertical"``: within a column; ``"horizontal"``: within a row).
+
+    ``images`` must be 3-D (``ValueError`` otherwise): pass :func:`planted_lines`' images
+    ``[N, 1, H, W]`` as ``images[:, 0]``."""
+    check_tensor("images", images, ndim=3)
     check_choice("axis", axis, ("vertical", "horizontal"))
     x = images.bool()
     if axis == "vertical":

@@ -46,12 +46,21 @@ def perm_copy_valid(x: torch.Tensor, n: int) -> torch.Tensor:
 def perm_copy_oracle(x: torch.Tensor, n: int, mask_id: int) -> torch.Tensor:
     """The exact denoiser of the task: ``log p(x_0^i | x_t)`` for every position, ``[B, 2 n, V]``.
 
-    ``V = max(n, mask_id + 1)``. A masked position whose twin is known takes the twin's
+    ``V = mask_id + 1``. A masked position whose twin is known takes the twin's
     symbol; otherwise it is uniform over the symbols the sequence does not show yet (over all
     ``n`` if it already shows an impossible state). An unmasked position is certain. Entries
     of impossible symbols are ``-inf``.
+
+    ``n`` must be a positive int and ``mask_id >= n``: a mask id among the symbols
+    ``0 .. n-1`` would make clean tokens look masked (``ValueError`` otherwise).
     """
     check_tensor("x", x, ndim=2, dtypes=(torch.long,))
+    check_positive_int("n", n)
+    check_positive_int("mask_id", mask_id, allow_zero=True)
+    if mask_id < n:
+        raise ValueError(
+            f"mask_id must not be one of the symbols 0 .. n-1 (mask_id >= n = {n}), got {mask_id}"
+        )
     b, length = x.shape
     if length != 2 * n:
         raise ValueError(f"x must have 2 n = {2 * n} columns, got {length}")
