@@ -163,6 +163,18 @@ def test_layer_rejects_input_of_another_dtype(name):
         layer(torch.randn(BATCH, T, D_MODEL, dtype=torch.float64))
 
 
+def test_repeat_kv_gives_each_query_head_its_group():
+    from effarch.nn import repeat_kv
+
+    x = torch.randn(2, 5, 3, 4)  # three key/value heads
+    y = repeat_kv(x, 6)
+    for h in range(6):  # query head h reads key/value head h // 2
+        assert torch.equal(y[:, :, h], x[:, :, h // 2])
+    assert torch.equal(y, x.repeat_interleave(2, dim=2))
+    with pytest.raises(ValueError, match="n_heads"):
+        repeat_kv(x, 4)
+
+
 def test_building_blocks_reject_bad_input():
     from effarch.nn import GatedRMSNorm, SwiGLU, split_heads
     from effarch.ssm import selective_scan, ssd

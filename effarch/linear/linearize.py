@@ -89,6 +89,7 @@ from .._checks import (
 )
 from ..attention.grouped import MultiHeadAttention, project_qkv
 from ..attention.quantized import attention_error
+from ..nn.heads import repeat_kv
 from ..nn.lora import ATTENTION_PROJECTIONS
 from .feature_maps import HedgehogFeatureMap, PerformerFeatureMap, elu_plus_one
 from .ops import linear_attention
@@ -150,11 +151,6 @@ def _make_feature_maps(
 # --------------------------------------------------------------------------------------------
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``[B, T, G, *] -> [B, T, H, *]``: query head ``h`` gets key/value head ``h // (H / G)``."""
-    return repeat(x, "b t g d -> b t (g r) d", r=n_heads // x.shape[2])
-
-
 def check_causal_attention_layer(layer: Any) -> MultiHeadAttention:
     """Check that ``layer`` is a causal :class:`~effarch.attention.MultiHeadAttention` (the
     teacher a linearised layer starts from); return it."""
@@ -175,7 +171,7 @@ def softmax_attention_weights(layer: MultiHeadAttention, x: torch.Tensor) -> tor
     check_causal_attention_layer(layer)
     check_sequences("x", x, layer.d_model)
     q, k, _ = project_qkv(layer, x)
-    k = _repeat_kv(k, layer.n_heads)
+    k = repeat_kv(k, layer.n_heads)
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * layer.head_dim**-0.5
     t = x.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
@@ -343,7 +339,7 @@ class LinearizedAttention(nn.Module):
         q, k, v = project_qkv(self, x)
         fq, fk = self.phi_q(q), self.phi_k(k)
         h = self.n_heads
-        return q, _repeat_kv(k, h), _repeat_kv(v, h), fq, _repeat_kv(fk, h)
+        return q, repeat_kv(k, h), repeat_kv(v, h), fq, repeat_kv(fk, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_sequences("x", x, self.d_model)
@@ -409,7 +405,7 @@ class LinearizedAttention(nn.Module):
         s0 = torch.cat([st["S"], st["z"][..., None]], dim=-1)  # [B, G, F', D + 1]
         h = self.n_heads
         lin, _ = linear_attention(
-            self.phi_q(q), _repeat_kv(fk_del, h), _repeat_kv(v_del, h), scale=1.0,
+            self.phi_q(q), repeat_kv(fk_del, h), repeat_kv(v_del, h), scale=1.0,
             initial_state=repeat(s0, "b g f e -> b (g r) f e", r=h // g),
             chunk_size=self.chunk_size, backend="torch",
         )  # fmt: skip
@@ -417,8 +413,8 @@ class LinearizedAttention(nn.Module):
         if w:
             # the window of query r: keys n + r - w + 1 .. n + r of k_all (absent ones masked)
             pad = (0, 0, 0, 0, w - n - 1, 0)
-            k_win = _repeat_kv(F.pad(k_all, pad), h).unfold(1, w, 1).transpose(-1, -2)
-            v_win = _repeat_kv(F.pad(v_all, pad), h).unfold(1, w, 1).transpose(-1, -2)
+            k_win = repeat_kv(F.pad(k_all, pad), h).unfold(1, w, 1).transpose(-1, -2)
+            v_win = repeat_kv(F.pad(v_all, pad), h).unfold(1, w, 1).transpose(-1, -2)
             slot = torch.arange(t, device=x.device)[:, None] + torch.arange(w, device=x.device)
             scores = torch.einsum("bthd,bthwd->bthw", q, k_win) * d**-0.5
             scores = scores.masked_fill((slot < w - n - 1)[None, :, None, :], float("-inf"))

@@ -6,8 +6,8 @@
   the whole channel dim or groups of it (fla's ``FusedRMSNormGated``, mamba_ssm's
   ``RMSNormGated``);
 * :func:`init_dt_bias` -- Mamba's step-size bias initialisation;
-* :func:`l2norm`, :func:`split_heads`, :func:`merge_heads` -- the small tensor moves
-  every multi-head layer makes;
+* :func:`l2norm`, :func:`split_heads`, :func:`merge_heads`, :func:`repeat_kv` -- the small
+  tensor moves every multi-head layer makes;
 * :class:`LoRALinear`, :func:`add_lora` -- a frozen linear layer plus a trainable low-rank
   update;
 * :class:`SwiGLU` -- the gated feed-forward block of Llama-family models (and of MoE experts).
@@ -17,7 +17,7 @@ these; a reader who meets one of them in a layer finds its definition here.
 """
 
 from .conv import ShortConvolution
-from .heads import l2norm, merge_heads, split_heads
+from .heads import l2norm, merge_heads, repeat_kv, split_heads
 from .init import init_dt_bias
 from .lora import LoRALinear, add_lora
 from .mlp import SwiGLU
@@ -32,5 +32,6 @@ __all__ = [
     "init_dt_bias",
     "l2norm",
     "merge_heads",
+    "repeat_kv",
     "split_heads",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 from .._checks import check_divides, check_positive_int, check_tensor
 
@@ -32,3 +32,14 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     norm and fla's shrinks towards zero.
     """
     return F.normalize(x, dim=-1, eps=eps)
+
+
+def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[B, T, G, D] -> [B, T, H, D]``: each of the ``G`` key/value heads repeated for its
+    ``H / G`` query heads (grouped-query attention), so query head ``h`` reads key/value head
+    ``h // (H / G)``. transformers' ``repeat_kv(x, n_rep)`` does the same on ``[B, G, T, D]``
+    with ``n_rep = H / G``."""
+    check_tensor("x", x, ndim=4)
+    check_positive_int("n_heads", n_heads)
+    r = check_divides("n_heads", n_heads, "the key/value heads of x", x.shape[2])
+    return repeat(x, "b t g d -> b t (g r) d", r=r)

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from .._checks import check_attention_qkv, check_positive_int, check_token_ids
 from ..attention import apply_rope
+from ..nn import repeat_kv
 from .block import block_sparse_attention
 from .kv_policies import llama_view
 from .masks import MaskMod, causal, dense_mask
@@ -56,11 +57,6 @@ __all__ = [
     "vertical_slash_tables",
     "xattention_tiles",
 ]
-
-
-def _expand_kv(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Repeat the key heads for their query heads (GQA): ``[B, T, H, D]``."""
-    return repeat(k, "b t g d -> b t (g r) d", r=q.shape[2] // k.shape[2])
 
 
 def _check_prefill(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -121,7 +117,10 @@ def vertical_slash_tables(
     m = min(last_q, t)
     sc = d**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = torch.einsum("bihd,bjhd->bhij", q[:, t - m :].to(acc), _expand_kv(q, k).to(acc)) * sc
+    s = (
+        torch.einsum("bihd,bjhd->bhij", q[:, t - m :].to(acc), repeat_kv(k, q.shape[2]).to(acc))
+        * sc
+    )
     rows = torch.arange(t - m, t, device=q.device)[:, None]
     cols = torch.arange(t, device=q.device)[None]
     a = s.masked_fill(cols > rows, float("-inf")).softmax(-1)  # [B, H, m, T]
@@ -174,7 +173,7 @@ def antidiagonal_scores(
         )
     acc = torch.promote_types(q.dtype, torch.float32)
     qs = rearrange(q.to(acc), "b (n s) h d -> b h n s d", s=stride).flip(-2)  # row S-1-s
-    ks = rearrange(_expand_kv(q, k).to(acc), "b (n s) h d -> b h n s d", s=stride)
+    ks = rearrange(repeat_kv(k, q.shape[2]).to(acc), "b (n s) h d -> b h n s d", s=stride)
     sc = d**-0.5 if scale is None else scale
     e = torch.einsum("bhasd,bhcsd->bhac", qs, ks) * sc / stride  # [B, H, T/S, T/S]
     n = t // stride
