@@ -97,7 +97,7 @@ def test_attention_backends_agree_inside_the_layer():
 
 
 def test_kv_cache_bounds_and_truncate():
-    cache = KVCache(1, 4, 2, 8)
+    cache = KVCache(1, 4, 2, 8, dtype=torch.float64)  # the dtype of the keys and values
     cache.update(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
     with pytest.raises(ValueError, match="at most max_len=4"):
         cache.update(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))
@@ -254,3 +254,104 @@ def test_project_qkv_rejects_bad_input():
         project_qkv(layer, torch.randn(3, 32))
     with pytest.raises(ValueError, match="start"):
         project_qkv(layer, torch.randn(1, 3, 32), start=-1)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_cache_updates_reject_broadcast_values_other_dtypes_and_devices(window):
+    """Regression: ``update`` checked only k, so a v of 1 token (or 1 head) broadcast into
+    every slot and a float64 k was cast into a float32 cache without a word."""
+    from effarch.attention import WindowKVCache
+
+    def new():
+        if window is None:
+            return KVCache(1, 8, 2, 4, dtype=torch.float32)
+        return WindowKVCache(1, window, 2, 4, dtype=torch.float32)
+
+    k = torch.randn(1, 3, 2, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"v must be \[B, T, G, Dv\] = \[1, 3, 2, 4\]"):
+        new().update(k, torch.randn(1, 1, 2, 4, dtype=torch.float32))  # one token for three
+    with pytest.raises(ValueError, match=r"v must be .* got \(1, 3, 1, 4\)"):
+        new().update(k, torch.randn(1, 3, 1, 4, dtype=torch.float32))  # one head for two
+    with pytest.raises(TypeError, match=r"k must have the cache's dtype \(torch.float32\)"):
+        new().update(k.double(), k.double())
+    with pytest.raises(TypeError, match=r"v must have the cache's dtype"):
+        new().update(k, k.double())
+    with pytest.raises(ValueError, match="k must be on the cache's device"):
+        new().update(k.to("meta"), k.to("meta"))
+    cache = new()
+    keys, values = cache.update(k, 2 * k)
+    torch.testing.assert_close(values, 2 * keys)
+    assert cache.length == 3
+
+
+def test_kv_cache_update_takes_a_value_width_of_its_own():
+    cache = KVCache(2, 5, 1, 6, head_dim_v=3, dtype=torch.float64)  # MLA's latent cache
+    k, v = torch.randn(2, 2, 1, 6), torch.randn(2, 2, 1, 3)
+    keys, values = cache.update(k, v)
+    torch.testing.assert_close(values, v)
+    with pytest.raises(ValueError, match=r"v must be \[B, T, G, Dv\] = \[2, 2, 1, 3\]"):
+        cache.update(k, torch.randn(2, 2, 1, 6))
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_mla_equals_transformers_deepseek_with_the_rope_rows_permuted(version):
+    """The module docstring's recipe: DeepSeek's weights, mapped by name, with the RoPE rows
+    of the query projection and of kv_a_proj_with_mqa permuted from interleaved pairs to
+    half-split, give our outputs; copied without the permutation they do not."""
+    pytest.importorskip("transformers")
+    if version == "v2":
+        from transformers import DeepseekV2Config as Config
+        from transformers.models.deepseek_v2 import modeling_deepseek_v2 as mod
+
+        attention, rotary, q_lora = mod.DeepseekV2Attention, mod.DeepseekV2RotaryEmbedding, None
+    else:
+        from transformers import DeepseekV3Config as Config
+        from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mod
+
+        attention, rotary, q_lora = mod.DeepseekV3Attention, mod.DeepseekV3RotaryEmbedding, 12
+    d, h, dc, dn, dr, dv = 32, 4, 16, 8, 8, 8
+    cfg = Config(hidden_size=d, num_attention_heads=h, num_key_value_heads=h, kv_lora_rank=dc,
+                 q_lora_rank=q_lora, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv,
+                 attention_bias=False)  # fmt: skip
+    cfg._attn_implementation = "eager"
+    if version == "v3":
+        assert cfg.rope_interleave  # the default: interleaved pairs
+    torch.manual_seed(0)
+    theirs = attention(cfg, 0).double()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 7, d)
+    emb = rotary(cfg)(x, torch.arange(7)[None].expand(2, -1))
+    if version == "v2":
+        want = theirs(x, None, position_embeddings=emb)[0]
+    else:
+        want = theirs(x, emb, None)[0]
+
+    ours = MultiHeadLatentAttention(d, h, kv_lora_rank=dc, q_lora_rank=q_lora, qk_nope_head_dim=dn,
+                                    qk_rope_head_dim=dr, v_head_dim=dv, causal=False)  # fmt: skip
+    perm = torch.cat([torch.arange(0, dr, 2), torch.arange(1, dr, 2)])  # interleaved -> half
+    sd = theirs.state_dict()
+    q_w = sd["q_proj.weight" if q_lora is None else "q_b_proj.weight"]
+    q_w = q_w.view(h, dn + dr, -1)
+    q_perm = torch.cat([q_w[:, :dn], q_w[:, dn:][:, perm]], dim=1).reshape(h * (dn + dr), -1)
+    kv_a = sd["kv_a_proj_with_mqa.weight"]
+    kv_perm = torch.cat([kv_a[:dc], kv_a[dc:][perm]])
+    with torch.no_grad():
+        if q_lora is None:
+            ours.q_proj.weight.copy_(q_perm)
+        else:
+            ours.q_proj[0].weight.copy_(sd["q_a_proj.weight"])
+            ours.q_proj[1].weight.copy_(sd["q_a_layernorm.weight"])
+            ours.q_proj[2].weight.copy_(q_perm)
+        ours.kv_down.weight.copy_(kv_perm)
+        ours.kv_norm.weight.copy_(sd["kv_a_layernorm.weight"])
+        ours.kv_up.weight.copy_(sd["kv_b_proj.weight"])
+        ours.o_proj.weight.copy_(sd["o_proj.weight"])
+    # their RoPE angles are float32, their RMSNorm eps 1e-6: equal up to that rounding
+    torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the same weights without the permutation: another function
+        (ours.q_proj if q_lora is None else ours.q_proj[2]).weight.copy_(
+            q_w.reshape(-1, q_w.shape[-1])
+        )
+        ours.kv_down.weight.copy_(kv_a)
+    assert (ours(x) - want).abs().max() > 1e-2

@@ -172,3 +172,21 @@ def test_mixed_devices_are_named():
         naive_attention(q, k, q)
     with pytest.raises(ValueError, match="v must be on the device of q"):
         sdpa_attention(q, q, k)
+
+
+def test_attention_mask_rejects_the_windows_naive_attention_rejects():
+    """Regression: attention_mask(window=(-5, 0)) was read as (-1, 0), an unbounded left side,
+    while naive_attention rejected it; both now check the window alike."""
+    for window in [(-5, 0), (0, -2), (2,), (1.5, 0), 3]:
+        with pytest.raises(ValueError, match="window must be a pair"):
+            attention_mask(4, 4, window=window)
+    assert (
+        attention_mask(3, 3, window=(-1, 0)).tolist() == attention_mask(3, 3, causal=True).tolist()
+    )
+
+
+def test_kv_cache_bytes_rejects_rope_head_dim_without_mla():
+    """Regression: rope_head_dim was silently ignored with n_kv_heads and head_dim."""
+    with pytest.raises(ValueError, match="rope_head_dim is for MLA.*got 64"):
+        kv_cache_bytes(n_layers=1, seq_len=1, n_kv_heads=2, head_dim=8, rope_head_dim=64)
+    assert kv_cache_bytes(n_layers=1, seq_len=1, n_kv_heads=2, head_dim=8, rope_head_dim=0) == 64

@@ -291,3 +291,34 @@ def test_hbm_traffic_model():
     assert attention_hbm_bytes(n, d, heads=8, batch=2) == 16 * std * 2
     with pytest.raises(ValueError, match="method"):
         attention_hbm_bytes(n, d, method="flash3")
+
+
+def test_hbm_traffic_rejects_a_non_positive_bytes_per_element():
+    """Regression: a negative bytes_per_element gave negative traffic."""
+    from effarch.attention import attention_hbm_bytes
+
+    for bad in (-2, 0, float("nan")):
+        with pytest.raises(ValueError, match="bytes_per_element"):
+            attention_hbm_bytes(64, 16, bytes_per_element=bad)
+    assert attention_hbm_bytes(64, 16, bytes_per_element=0.5) == attention_hbm_bytes(64, 16) / 4
+
+
+def test_online_softmax_update_merges_blocks_into_the_softmax():
+    """The merge tiled_attention and MoBA's gathered path share: block by block it ends at
+    softmax(s) @ v, and a row masked in every block stays at l = 0, acc = 0 (no NaN)."""
+    from effarch.attention import online_softmax_update
+
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    s[1] = float("-inf")  # a row that sees no key
+    s[2, :4] = float("-inf")  # a row whose first block is masked
+    v = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    m = torch.full((3,), float("-inf"), dtype=torch.float64)
+    l_sum, acc = torch.zeros(3, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.float64)
+    for lo in range(0, 10, 4):
+        m, l_sum, acc = online_softmax_update(m, l_sum, acc, s[:, lo : lo + 4], v[lo : lo + 4],
+                                              "qk,kd->qd")  # fmt: skip
+    seen = torch.tensor([True, False, True])
+    torch.testing.assert_close(acc[seen] / l_sum[seen, None], torch.softmax(s[seen], -1) @ v)
+    torch.testing.assert_close(m[seen], s[seen].amax(-1))
+    assert l_sum[1] == 0 and m[1] == float("-inf") and not acc.isnan().any() and (acc[1] == 0).all()

@@ -118,3 +118,27 @@ def test_bad_balance_input_is_named():
         update_bias(torch.zeros(E), torch.zeros(E), -1.0)
     with pytest.raises(ValueError, match="load must have"):
         update_bias(torch.zeros(E), torch.zeros(3), 0.1)
+
+
+def test_a_mask_of_another_shape_or_device_is_rejected():
+    """Regression: a [N, 1] mask broadcast against [N] and made the losses N times too large."""
+    x = logits((6,))
+    experts = route(x, 2)[1]
+    good = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    for bad in (good[:, None], good[:5], good.float()[None]):
+        with pytest.raises(ValueError, match=r"mask must have shape \[N\] = \(6,\)"):
+            load_balancing_loss(x, experts, bad)
+        with pytest.raises(ValueError, match=r"mask must have shape \[\.\.\.\] = \(6,\)"):
+            router_z_loss(x, bad)
+        with pytest.raises(ValueError, match=r"mask must have shape \[\.\.\.\] = \(6,\)"):
+            expert_load(experts, E, bad)
+    with pytest.raises(ValueError, match="mask must be on the device of logits"):
+        load_balancing_loss(x, experts, good.to("meta"))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        router_z_loss(x, [1, 1, 0, 1, 1, 1])
+    # the right shape: padding excluded, as if the token were absent
+    keep = good.nonzero()[:, 0]
+    torch.testing.assert_close(load_balancing_loss(x, experts, good),
+                               load_balancing_loss(x[keep], experts[keep]))  # fmt: skip
+    torch.testing.assert_close(router_z_loss(x, good), router_z_loss(x[keep]))
+    torch.testing.assert_close(expert_load(experts, E, good), expert_load(experts[keep], E))

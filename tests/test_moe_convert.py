@@ -84,3 +84,28 @@ def test_an_upcycled_tinylm_computes_the_dense_model_and_then_trains_apart():
         upcycle_tinylm(dense.blocks[0], 4, 2)
     with pytest.raises(ValueError, match="SwiGLU MLPs"):
         upcycle_tinylm(TinyLM(40, 16, 1, mlp="gelu"), 4, 2)
+
+
+def test_upcycle_leaves_the_callers_random_stream_untouched():
+    """Regression: upcycle reseeded the global RNG with torch.manual_seed(seed). The router
+    is still the one that seed gives, so upcycled layers stay as they were."""
+    ffn = dense()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    moe = upcycle(ffn, 4, 2, noise=0.05, seed=3)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(3)
+    router = MoELayer(D, F_, 4, 2).gate.weight.double()  # what reseeding gave before
+    torch.testing.assert_close(moe.gate.weight, router, rtol=0, atol=0)
+    again = upcycle(ffn, 4, 2, noise=0.05, seed=3)
+    for a, b in zip(moe.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_clustering_needs_at_least_one_iteration():
+    """Regression: iterations=0 raised a NameError instead of naming the argument."""
+    acts = torch.randn(20, F_, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="iterations must be a positive int, got 0"):
+        neuron_groups(4, F_, method="cluster", activations=acts, iterations=0)
+    assert neuron_groups(4, F_, method="cluster", activations=acts, iterations=1).shape == (4, 8)

@@ -215,3 +215,31 @@ def test_grouped_mm_on_the_gpu_equals_the_loop_forward_and_backward(dtype):
     torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
+
+
+@pytest.mark.parametrize("path", [experts_loop, experts_grouped])
+def test_paths_reject_indices_outside_0_to_E_and_mismatched_weights(path):
+    """Regression: experts_loop ran expert E - 1 for the index -1, experts_grouped failed in
+    bincount without naming the argument."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, D, generator=gen)
+    gu, dn = torch.randn(E, 2 * F_, D, generator=gen), torch.randn(E, D, F_, generator=gen)
+    experts = torch.randint(0, E, (5, 2), generator=gen)
+    weights = torch.rand(5, 2, generator=gen)
+    for bad in (-1, E + 1):
+        wrong = experts.clone()
+        wrong[2, 1] = bad
+        with pytest.raises(ValueError, match=rf"experts must hold indices in 0 \.\. {E}.*{bad}"):
+            path(x, wrong, weights, gu, dn)
+    with pytest.raises(ValueError, match=r"weights must have the shape of experts \(5, 2\)"):
+        path(x, experts, weights[:, :1], gu, dn)
+    with pytest.raises(ValueError, match=r"experts must be \[N, k\] with N = 5"):
+        path(x, experts[:4], weights[:4], gu, dn)
+    with pytest.raises(TypeError, match="experts must have dtype"):
+        path(x, experts.float(), weights, gu, dn)
+    # the sentinel E is a dropped slot; int32 indices give the same result as int64
+    sentinel = experts.clone()
+    sentinel[0] = E
+    torch.testing.assert_close(path(x, sentinel.int(), weights, gu, dn),
+                               path(x, sentinel, weights, gu, dn))  # fmt: skip
+    torch.testing.assert_close(path(x[:0], experts[:0], weights[:0], gu, dn), x[:0])

@@ -215,3 +215,22 @@ def test_bad_routing_input_is_named():
         route(x.long(), 2)
     with pytest.raises(ValueError, match="multiple"):
         balanced_assignment(logits(n=7, e=3))
+
+
+def test_balanced_assignment_needs_a_positive_temperature():
+    """Regression: temperature 0 gave NaN plans, a negative one minimised the affinity."""
+    for bad in (0, 0.0, -0.05, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+            balanced_assignment(logits(n=8, e=4), temperature=bad)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        balanced_assignment(logits(n=8, e=4), temperature="0.1")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(torch.float64, torch.float64), (torch.float32, torch.float32),
+     (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+)  # fmt: skip
+def test_route_weights_are_float32_or_float64_for_float64_logits(dtype, expected):
+    weights, experts = route(logits().to(dtype), 2)
+    assert weights.dtype == expected and experts.dtype == torch.int64

@@ -102,3 +102,21 @@ def test_bad_variant_input_is_named():
         SoftMoE(D, F_, 2)(torch.randn(4, D))
     with pytest.raises(RuntimeError, match="forward first"):
         MixtureOfDepths(torch.nn.Identity(), D).predictor_loss()
+
+
+def test_mixture_of_depths_predictor_loss_is_against_the_top_k_after_a_causal_call_too():
+    """Regression: after forward(x, causal=True), self.chosen is the predictor's own choice,
+    and predictor_loss measured the predictor against itself."""
+    torch.manual_seed(0)
+    mod = MixtureOfDepths(torch.nn.Linear(D, D), D, capacity=0.25).double()
+    x = torch.randn(3, 16, D, dtype=torch.float64)
+    mod(x)
+    top_k = mod.chosen.clone()
+    training_loss = mod.predictor_loss()
+    mod(x, causal=True)
+    by_predictor = mod.predictor(x)[..., 0] > 0
+    assert torch.equal(mod.chosen, by_predictor)  # the routing it used, as before
+    assert not torch.equal(by_predictor, top_k)  # untrained: the two routings differ
+    torch.testing.assert_close(mod.predictor_loss(), training_loss)  # the same target
+    self_loss = F.binary_cross_entropy_with_logits(mod.predictor(x)[..., 0], by_predictor.double())
+    assert mod.predictor_loss() > self_loss + 1e-3

@@ -22,7 +22,7 @@ from .quantized import (
     smooth_k,
 )
 from .rope import apply_rope
-from .tiled import online_softmax_steps, tiled_attention
+from .tiled import online_softmax_steps, online_softmax_update, tiled_attention
 
 __all__ = [
     "KVCache",
@@ -45,6 +45,7 @@ __all__ = [
     "moh_active_fraction",
     "naive_attention",
     "online_softmax_steps",
+    "online_softmax_update",
     "project_qkv",
     "quantize_per_block",
     "quantized_attention",

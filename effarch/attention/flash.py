@@ -75,7 +75,10 @@ def flash_attention(
     interpreter bfloat16 inputs are computed in float32.
 
     flash-attn: ``flash_attn_func(q, k, v, softmax_scale=scale, causal=causal,
-    return_attn_probs=return_lse)``.
+    return_attn_probs=return_lse)``; with ``return_attn_probs=True`` flash-attn returns three
+    values, ``(out, softmax_lse, S_dmask)`` (``S_dmask``: the dropout mask and probabilities,
+    meaningful only with dropout), where this function returns two, ``(o, lse)``, ``lse``
+    being flash-attn's ``softmax_lse`` (float32 ``[B, Hq, Tq]``).
     """
     check_attention_qkv(q, k, v)
     d = q.shape[-1]

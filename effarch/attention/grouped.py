@@ -25,6 +25,38 @@ from .naive import sdpa_attention
 from .rope import apply_rope
 
 
+def _check_cache_update(
+    cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> int:
+    """Check the new tokens of a cache update: ``k [B, T, G, D]`` and ``v [B, T, G, Dv]`` with
+    the batch, heads and widths of the cache's ``cache_k [B, *, G, D]`` and ``cache_v``, the
+    same ``T`` in both, and the cache's dtype and device (no silent broadcast or cast);
+    return ``T``."""
+    b, _, g, d = cache_k.shape
+    dv = cache_v.shape[3]
+    check_tensor("k", k, ndim=4, floating=True)
+    check_tensor("v", v, ndim=4, floating=True)
+    if k.shape[0] != b or k.shape[2:] != cache_k.shape[2:]:
+        raise ValueError(f"k must be [{b}, T, {g}, {d}] for this cache, got {tuple(k.shape)}")
+    t = k.shape[1]
+    if tuple(v.shape) != (b, t, g, dv):
+        raise ValueError(
+            f"v must be [B, T, G, Dv] = [{b}, {t}, {g}, {dv}] for this cache and k of shape "
+            f"{tuple(k.shape)}, got {tuple(v.shape)}"
+        )
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != cache_k.dtype:
+            raise TypeError(
+                f"{name} must have the cache's dtype ({cache_k.dtype}), got {x.dtype}; "
+                f"create the cache in the dtype of the keys and values"
+            )
+        if x.device != cache_k.device:
+            raise ValueError(
+                f"{name} must be on the cache's device ({cache_k.device}), got {x.device}"
+            )
+    return t
+
+
 class KVCache:
     """A preallocated key/value cache ``[B, max_len, G, D]``, filled left to right.
 
@@ -56,16 +88,13 @@ class KVCache:
         return self.k.shape[1]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = k.shape[1]
+        """Append ``k [B, T, G, D]`` and ``v [B, T, G, Dv]`` (the cache's batch, heads, widths,
+        dtype and device); return the keys and values of every token held."""
+        t = _check_cache_update(self.k, self.v, k, v)
         if self.length + t > self.max_len:
             raise ValueError(
                 f"the cache holds at most max_len={self.max_len} tokens; it has "
                 f"{self.length} and {t} more were given"
-            )
-        if k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
-            raise ValueError(
-                f"k must be [{self.k.shape[0]}, T, {self.k.shape[2]}, {self.k.shape[3]}] "
-                f"for this cache, got {tuple(k.shape)}"
             )
         self.k[:, self.length : self.length + t] = k
         self.v[:, self.length : self.length + t] = v
@@ -91,7 +120,10 @@ class WindowKVCache:
     for RoPE), ``update(k, v)`` returns the held tokens followed by the new ones, enough for
     each new query to see its last ``window`` keys under a bottom-right aligned window mask,
     and then forgets all but the last ``window - 1``. Memory is ``O(window)`` whatever the
-    context (Mistral's rolling buffer; ``transformers``' ``SlidingWindowLayer``).
+    context (Mistral's rolling buffer; ``transformers``' ``DynamicSlidingWindowLayer``, 5.x
+    ``cache_utils``, which likewise returns the held and new tokens, keeps the last
+    ``window - 1`` and grows until it holds that many; its ``StaticSlidingWindowLayer``, the
+    ``SlidingWindowLayer`` of 4.5x, instead preallocates a fixed buffer of ``window`` tokens).
     ``window=None`` keeps every token: a cache that grows without a preset ``max_len``.
     """
 
@@ -115,11 +147,9 @@ class WindowKVCache:
         self.length = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
-            raise ValueError(
-                f"k must be [{self.k.shape[0]}, T, {self.k.shape[2]}, {self.k.shape[3]}] "
-                f"for this cache, got {tuple(k.shape)}"
-            )
+        """Append ``k, v [B, T, G, D]`` (the cache's batch, heads, width, dtype and device);
+        return the held tokens followed by the new ones."""
+        _check_cache_update(self.k, self.v, k, v)
         k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
         # keep the last window - 1 (all of them without a window)
         first = 0 if self.window is None else max(0, k_all.shape[1] - (self.window - 1))

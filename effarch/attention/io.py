@@ -17,7 +17,7 @@ never writes it: the score matrix stays on chip.
 
 from __future__ import annotations
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_positive_int, check_positive_number
 
 
 def attention_hbm_bytes(
@@ -38,6 +38,7 @@ def attention_hbm_bytes(
     check_positive_int("heads", heads)
     check_positive_int("block_q", block_q)
     check_choice("method", method, ("standard", "tiled"))
+    check_positive_number("bytes_per_element", bytes_per_element)
     n, d = seq_len, head_dim
     if method == "standard":
         elements = 4 * n * d + 4 * n * n + (2 * n * n if masked else 0)

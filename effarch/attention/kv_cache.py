@@ -21,9 +21,9 @@ def kv_cache_bytes(
     * MHA / GQA / MQA (give ``n_kv_heads`` and ``head_dim``): every layer stores a key
       and a value per K/V head, ``2 * n_kv_heads * head_dim`` elements per token. MHA has
       ``n_kv_heads == n_heads``, MQA ``n_kv_heads == 1``.
-    * MLA (give ``kv_lora_rank``, optionally ``rope_head_dim``): every layer stores the
-      compressed latent ``c_kv`` and the shared RoPE key, ``kv_lora_rank + rope_head_dim``
-      elements per token (DeepSeek-V2/V3).
+    * MLA (give ``kv_lora_rank``, optionally ``rope_head_dim``, which only MLA takes): every
+      layer stores the compressed latent ``c_kv`` and the shared RoPE key,
+      ``kv_lora_rank + rope_head_dim`` elements per token (DeepSeek-V2/V3).
 
         bytes = n_layers * batch * seq_len * elements_per_token * bytes_per_element
     """
@@ -41,6 +41,11 @@ def kv_cache_bytes(
     else:
         if n_kv_heads is None or head_dim is None:
             raise ValueError("n_kv_heads and head_dim are required (or kv_lora_rank for MLA)")
+        if rope_head_dim != 0:
+            raise ValueError(
+                f"rope_head_dim is for MLA (with kv_lora_rank); MHA/GQA/MQA (n_kv_heads and "
+                f"head_dim) count RoPE inside head_dim: expected 0, got {rope_head_dim!r}"
+            )
         check_positive_int("n_kv_heads", n_kv_heads)
         check_positive_int("head_dim", head_dim)
         per_token = 2 * n_kv_heads * head_dim

@@ -40,6 +40,7 @@ from .._checks import (
     check_tensor,
 )
 from .naive import attention_mask, naive_attention
+from .tiled import online_softmax_update
 
 # --- mixture of heads ----------------------------------------------------------------------
 
@@ -413,13 +414,7 @@ def _moba_gather(q, k, v, sel, block_size, causal, scale) -> torch.Tensor:
         if causal:
             keep = keep & (key_pos <= pos)
         s = s.masked_fill(~keep, float("-inf"))
-        m_new = torch.maximum(m, s.amax(dim=-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - m_safe)
-        p = torch.exp(s - m_safe[..., None])
-        l_sum = alpha * l_sum + p.sum(dim=-1)
-        acc = alpha[..., None] * acc + torch.einsum("bhgts,bhgtsd->bhgtd", p, v_blk)
-        m = m_new
+        m, l_sum, acc = online_softmax_update(m, l_sum, acc, s, v_blk, "bhgts,bhgtsd->bhgtd")
     out = acc / torch.where(l_sum > 0, l_sum, torch.ones_like(l_sum))[..., None]
     return rearrange(out, "b h g t d -> b t (h g) d")
 

@@ -19,8 +19,32 @@ be mapped into the latent space once and attend to the cached ``c_kv`` directly;
 either. Decoding then is multi-query attention over the latent cache with head
 dimension ``d_c + d_r``. Both paths are implemented and equal.
 
-Parameter names follow DeepSeek-V2 in ``transformers`` (``kv_lora_rank``,
-``q_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``).
+The *constructor arguments* take the names of DeepSeek-V2/V3's configuration in
+``transformers`` (``kv_lora_rank``, ``q_lora_rank``, ``qk_nope_head_dim``,
+``qk_rope_head_dim``, ``v_head_dim``). The layer is not a drop-in for their checkpoints,
+for two reasons:
+
+* **Submodule names differ.** ``transformers``' ``DeepseekV2Attention`` and
+  ``DeepseekV3Attention`` hold ``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` (``q_proj``
+  without ``q_lora_rank``), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj`` and
+  ``o_proj``; here they are ``q_proj.0``, ``q_proj.1``, ``q_proj.2`` (``q_proj``, a
+  ``Linear``, without ``q_lora_rank``), ``kv_down``, ``kv_norm``, ``kv_up`` and ``o_proj``.
+  The shapes and row orders match (``kv_up``'s rows per head: ``d_n`` key rows, then ``d_v``
+  value rows, as ``kv_b_proj``; no biases, as ``attention_bias=False``), so the tensors map
+  one to one, except:
+* **RoPE layout differs.** This layer rotates the ``d_r`` RoPE channels in the rotate-half
+  layout (pairs ``(i, i + d_r/2)``, :func:`~effarch.attention.apply_rope`), DeepSeek in
+  interleaved pairs ``(2i, 2i + 1)``: DeepSeek-V2's ``apply_rotary_emb`` takes
+  ``view_as_complex`` of ``reshape(..., -1, 2)``, and DeepSeek-V3's
+  ``apply_rotary_pos_emb_interleave`` does the same when ``rope_interleave=True``, its
+  configuration's default (``False`` there selects rotate-half, as here). Loading DeepSeek
+  weights therefore needs the RoPE output rows permuted from interleaved to half-split,
+  ``perm = cat(arange(0, d_r, 2), arange(1, d_r, 2))`` (our row ``j`` is their row
+  ``perm[j]``), in each head's last ``d_r`` rows of the query projection (``q_b_proj``, or
+  ``q_proj``) and in the last ``d_r`` rows of ``kv_a_proj_with_mqa``. With the default,
+  unscaled RoPE the outputs then agree up to rounding (tested against both classes; their
+  RMSNorm ``eps`` is ``1e-6``, ours PyTorch's default). YaRN scaling, which their
+  ``rope_parameters`` may select, is not implemented here.
 """
 
 from __future__ import annotations

@@ -17,6 +17,19 @@ from .._checks import check_attention_qkv
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+def _check_window(window: object) -> None:
+    """Check a local window as flash-attn's ``window_size``: ``None`` or a pair
+    ``(left, right)`` of ints ``>= -1`` (``-1``: that side unbounded)."""
+    if window is None:
+        return
+    if (
+        not isinstance(window, (tuple, list))
+        or len(window) != 2
+        or not all(isinstance(w, int) and w >= -1 for w in window)
+    ):
+        raise ValueError(f"window must be a pair (left, right) of ints >= -1, got {window!r}")
+
+
 def attention_mask(
     seq_q: int,
     seq_k: int,
@@ -29,8 +42,10 @@ def attention_mask(
 
     Aligned to the bottom right as in flash-attn: with ``off = seq_k - seq_q``,
     ``causal`` keeps ``j <= i + off`` and ``window=(left, right)`` keeps
-    ``i + off - left <= j <= i + off + right`` (``-1`` leaves that side unbounded).
+    ``i + off - left <= j <= i + off + right`` (``-1`` leaves that side unbounded; ``window``
+    must be a pair of ints ``>= -1``, as in :func:`naive_attention`).
     """
+    _check_window(window)
     i = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
     j = torch.arange(seq_k, device=device)[None, :]
     mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
@@ -77,13 +92,7 @@ def naive_attention(
     window_size=window)``.
     """
     check_attention_qkv(q, k, v)
-    if window is not None:
-        if (
-            not isinstance(window, (tuple, list))
-            or len(window) != 2
-            or not all(isinstance(w, int) and w >= -1 for w in window)
-        ):
-            raise ValueError(f"window must be a pair (left, right) of ints >= -1, got {window!r}")
+    _check_window(window)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
     groups = q.shape[2] // k.shape[2]

@@ -86,14 +86,11 @@ def tiled_attention(
                 i = torch.arange(qs, qe, device=q.device)[:, None] + offset
                 j = torch.arange(ks, ke, device=q.device)[None, :]
                 s = s.masked_fill(j > i, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            # rows that have seen no key yet keep m = -inf; shift by 0 there to avoid nan
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            alpha = torch.exp(m - m_safe)  # rescales what was accumulated so far
-            p = torch.exp(s - m_safe[..., None])  # [B, Hkv, G, bq, bk]
-            l_sum = alpha * l_sum + p.sum(dim=-1)
-            acc = alpha[..., None] * acc + torch.einsum("bhgqk,bhkd->bhgqd", p, vh[:, :, ks:ke])
-            m = m_new
+            # the online softmax (online_softmax_update): m' = max(m, rowmax(s)),
+            # l' = e^(m - m') l + rowsum(e^(s - m')), acc' = e^(m - m') acc + e^(s - m') V
+            m, l_sum, acc = online_softmax_update(
+                m, l_sum, acc, s, vh[:, :, ks:ke], "bhgqk,bhkd->bhgqd"
+            )
         seen = l_sum > 0
         o_blk = acc / torch.where(seen, l_sum, torch.ones_like(l_sum))[..., None]
         out_blocks.append(o_blk)
@@ -104,6 +101,42 @@ def tiled_attention(
         return o
     lse = rearrange(torch.cat(lse_blocks, dim=3), "b h g t -> b (h g) t").to(torch.float32)
     return o, lse
+
+
+def online_softmax_update(
+    m: torch.Tensor,
+    l_sum: torch.Tensor,
+    acc: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    equation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge one block of scores into the running online-softmax state (module docstring).
+
+    Args:
+        m: ``[...]`` the largest score so far per row (``-inf`` before any key).
+        l_sum: ``[...]`` the softmax denominator so far, scaled by ``e^-m``.
+        acc: ``[..., Dv]`` the unnormalised output so far, scaled by ``e^-m``.
+        s: ``[..., n]`` the block's scaled scores (``-inf`` where masked).
+        v: the block's values, combined with ``p = e^(s - m')`` by
+            ``torch.einsum(equation, p, v)`` into ``[..., Dv]`` (for example
+            ``"bhgqk,bhkd->bhgqd"`` for one key block shared by the rows).
+        equation: that ``einsum`` equation.
+
+    Returns:
+        ``(m', l', acc')``. A row that has seen no key yet (``m' = -inf``) is shifted by 0
+        instead of ``m'``, so it stays at ``l = 0, acc = 0`` rather than turning NaN; divide
+        by ``l`` where ``l > 0`` at the end. Used by :func:`tiled_attention` and MoBA's
+        gathered path (:func:`~effarch.attention.moba_attention`).
+    """
+    m_new = torch.maximum(m, s.amax(dim=-1))
+    # rows that have seen no key yet keep m = -inf; shift by 0 there to avoid nan
+    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    alpha = torch.exp(m - m_safe)  # rescales what was accumulated so far
+    p = torch.exp(s - m_safe[..., None])
+    l_sum = alpha * l_sum + p.sum(dim=-1)
+    acc = alpha[..., None] * acc + torch.einsum(equation, p, v)
+    return m_new, l_sum, acc
 
 
 def online_softmax_steps(

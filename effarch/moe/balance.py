@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_positive_int, check_tensor
+from .._checks import check_positive_int, check_same, check_tensor
 from .routing import router_scores
 
 __all__ = [
@@ -45,6 +45,20 @@ __all__ = [
 ]
 
 
+def _check_mask(mask: torch.Tensor | None, ref_name: str, ref: torch.Tensor, layout: str) -> None:
+    """A token mask must have exactly the shape ``ref.shape[:-1]`` (``layout``) and ``ref``'s
+    device: broadcasting it (``[N, 1]`` against ``[N]``) would scale the losses silently."""
+    if mask is None:
+        return
+    check_tensor("mask", mask)
+    if mask.shape != ref.shape[:-1]:
+        raise ValueError(
+            f"mask must have shape {layout} = {tuple(ref.shape[:-1])} (that of {ref_name} "
+            f"without its last dim), got {tuple(mask.shape)}"
+        )
+    check_same((ref_name, "mask"), (ref, mask), dtype=False)
+
+
 def expert_load(
     experts: torch.Tensor, n_experts: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -52,6 +66,7 @@ def expert_load(
     weighted by a token ``mask [...]``; returns float ``[E]``."""
     check_tensor("experts", experts, dtypes=(torch.int64,))
     check_positive_int("n_experts", n_experts)
+    _check_mask(mask, "experts", experts, "[...]")
     w = torch.ones_like(experts, dtype=torch.float32)
     if mask is not None:
         w = w * mask.to(torch.float32).unsqueeze(-1)
@@ -77,6 +92,7 @@ def load_balancing_loss(
     n, e = logits.shape
     if experts.ndim != 2 or experts.shape[0] != n:
         raise ValueError(f"experts must be [N={n}, k], got shape {tuple(experts.shape)}")
+    _check_mask(mask, "logits", logits, "[N]")
     m = torch.ones(n, device=logits.device) if mask is None else mask.to(torch.float32)
     tokens = m.sum().clamp(min=1)
     f = expert_load(experts, e, m) / (tokens * experts.shape[1])
@@ -88,6 +104,7 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     """ST-MoE's z-loss: the mean over tokens of ``logsumexp(logits)^2`` (``transformers``'
     ``router_z_loss_func`` without a mask). ``logits [..., E]``, ``mask [...]``."""
     check_tensor("logits", logits, floating=True)
+    _check_mask(mask, "logits", logits, "[...]")
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1) ** 2
     if mask is None:
         return z.mean()

@@ -43,7 +43,8 @@ def upcycle(ffn: SwiGLU, n_experts: int, k: int, *, noise: float = 0.0, seed: in
         n_experts, k: experts and experts per token (Mixtral's router: softmax, top-k,
             renormalised, so the weights sum to one).
         noise: each copy's weights are multiplied by ``1 + noise * N(0, 1)`` (0: exact copies).
-        seed: of the noise and of the router's initialisation.
+        seed: of the noise and of the router's initialisation (the global RNG is seeded
+            inside ``torch.random.fork_rng``, so the caller's random stream is untouched).
 
     Returns:
         the MoE layer, on ``ffn``'s device and dtype; with ``noise=0`` it equals ``ffn``.
@@ -54,8 +55,10 @@ def upcycle(ffn: SwiGLU, n_experts: int, k: int, *, noise: float = 0.0, seed: in
     d_ff, d = ffn.gate_proj.weight.shape
     w = ffn.gate_proj.weight
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    moe = MoELayer(d, d_ff, n_experts, k).to(device=w.device, dtype=w.dtype)
+    with torch.random.fork_rng(devices=[]):  # seeds the router, leaves the caller's RNG as is
+        torch.manual_seed(seed)
+        moe = MoELayer(d, d_ff, n_experts, k)
+    moe = moe.to(device=w.device, dtype=w.dtype)
     gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])  # [2F, d], gate rows first
     down = ffn.down_proj.weight
     for e in range(n_experts):
@@ -94,6 +97,8 @@ def neuron_groups(
     check_positive_int("n_experts", n_experts)
     check_positive_int("d_ff", d_ff)
     check_choice("method", method, ("random", "cluster"))
+    if method == "cluster":
+        check_positive_int("iterations", iterations)
     if d_ff % n_experts:
         raise ValueError(f"n_experts must divide d_ff={d_ff}, got {n_experts}")
     size = d_ff // n_experts

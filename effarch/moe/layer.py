@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_positive_int, check_tensor
 from .._kernels import use_triton
 from ..nn import SwiGLU
 from .routing import apply_capacity, expert_capacity, route
@@ -92,15 +92,42 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=d_ff**-0.5)
 
 
+def _check_assignments(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                       n_experts: int) -> None:  # fmt: skip
+    """``experts [N, k]`` int32/int64 in ``0 .. E`` (``E``: a dropped slot, skipped) for the
+    ``N`` rows of ``x``, and ``weights`` of the same shape; one read back to the host."""
+    check_tensor("x", x, ndim=2, floating=True)
+    check_tensor("experts", experts, ndim=2, dtypes=(torch.int64, torch.int32))
+    check_tensor("weights", weights, floating=True)
+    if experts.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"experts must be [N, k] with N = {x.shape[0]} (the rows of x), "
+            f"got {tuple(experts.shape)}"
+        )
+    if weights.shape != experts.shape:
+        raise ValueError(
+            f"weights must have the shape of experts {tuple(experts.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+    if experts.numel():
+        low, high = torch.stack(experts.aminmax()).tolist()
+        if low < 0 or high > n_experts:
+            raise ValueError(
+                f"experts must hold indices in 0 .. {n_experts} (E = {n_experts}: a dropped "
+                f"slot), got values from {low} to {high}"
+            )
+
+
 def experts_loop(
     x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
     down: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
     """``sum_j weights[n, j] expert_{experts[n, j]}(x_n)`` one expert at a time.
 
-    ``x [N, d]``, ``experts``/``weights [N, k]`` (index ``E``: skipped), ``gate_up [E, 2F, d]``,
-    ``down [E, d, F]``; returns ``[N, d]``.
+    ``x [N, d]``, ``experts``/``weights [N, k]`` (indices ``0 .. E``, ``E``: skipped; any
+    other raises), ``gate_up [E, 2F, d]``, ``down [E, d, F]``; returns ``[N, d]``.
     """
+    _check_assignments(x, experts, weights, gate_up.shape[0])
     n_experts = gate_up.shape[0]
     out = torch.zeros_like(x)
     for e in experts[experts < n_experts].unique().tolist():
@@ -206,7 +233,9 @@ def experts_grouped(
     The ``N k`` assignments are sorted by expert (stably, so each expert's rows keep token
     order), ``offs[e]`` is the end row of expert ``e``, and ``grouped_mm`` multiplies each
     block of rows by its expert's matrix in one call. ``backend``: :func:`grouped_matmul`'s.
+    ``experts`` and ``weights`` are checked as in :func:`experts_loop`.
     """
+    _check_assignments(x, experts, weights, gate_up.shape[0])
     n_experts = gate_up.shape[0]
     k = experts.shape[1]
     flat = experts.flatten()

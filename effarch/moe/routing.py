@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from .._checks import check_choice, check_positive_int, check_tensor
+from .._checks import check_choice, check_positive_int, check_positive_number, check_tensor
 
 __all__ = [
     "apply_capacity",
@@ -97,7 +97,8 @@ def route(
         scaling: the routed scaling factor.
 
     Returns:
-        ``(weights [N, k] float32, experts [N, k] int64)``, experts in descending order of
+        ``(weights [N, k], experts [N, k] int64)``, the weights in float32, or float64 for
+        float64 logits (as :func:`router_scores`), experts in descending order of
         ``s + bias`` (ties to the lower index, as ``torch.topk``).
     """
     _check_logits(logits)
@@ -230,12 +231,16 @@ def balanced_assignment(
 
     Args:
         logits: ``[N, E]`` token-expert affinities, ``N`` a multiple of ``E``.
+        iterations: Sinkhorn iterations (positive).
+        temperature: the entropic temperature (a finite positive number; smaller is closer
+            to the exact assignment).
 
     Returns:
         ``experts [N]`` int64; each expert appears exactly ``N / E`` times.
     """
     _check_logits(logits)
     check_positive_int("iterations", iterations)
+    check_positive_number("temperature", temperature)
     n, e = logits.shape
     if n % e:
         raise ValueError(f"N must be a multiple of the {e} experts for an even split, got {n}")

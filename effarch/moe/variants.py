@@ -83,8 +83,11 @@ class MixtureOfDepths(nn.Module):
 
     ``forward(x [B, T, d]) -> [B, T, d]`` routes by top-``capacity`` of the sequence
     (training, not causal); ``forward(x, causal=True)`` routes each token by the predictor's
-    sign alone (decoding). After a forward pass, ``self.chosen [B, T]`` holds the routing and
-    :meth:`predictor_loss` the predictor's binary cross-entropy against the top-k choice.
+    sign alone (decoding). After a forward pass, ``self.chosen [B, T]`` holds the routing it
+    used (the predictor's in causal mode) and :meth:`predictor_loss` the predictor's binary
+    cross-entropy against the top-k choice over that ``x``'s sequences, in either mode (a
+    causal call on a single token has a top-k of that one token: train the predictor on
+    whole sequences).
     """
 
     def __init__(self, block: Callable[[torch.Tensor], torch.Tensor], d_model: int,
@@ -100,6 +103,7 @@ class MixtureOfDepths(nn.Module):
         )
         self.chosen: torch.Tensor | None = None
         self._pred_logits: torch.Tensor | None = None
+        self._topk: torch.Tensor | None = None  # the predictor's target, in both modes
 
     def forward(self, x: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
         if x.ndim != 3:
@@ -107,12 +111,11 @@ class MixtureOfDepths(nn.Module):
         b, t, d = x.shape
         r = self.router(x)[..., 0]  # [B, T]
         self._pred_logits = self.predictor(x.detach())[..., 0]
-        if causal:
-            chosen = self._pred_logits > 0
-        else:
-            n = max(1, int(round(self.capacity * t)))
-            chosen = torch.zeros_like(r, dtype=torch.bool)
-            chosen.scatter_(1, r.topk(n, dim=1).indices, True)
+        n = max(1, int(round(self.capacity * t)))
+        topk = torch.zeros_like(r, dtype=torch.bool)
+        topk.scatter_(1, r.topk(n, dim=1).indices, True)
+        self._topk = topk
+        chosen = self._pred_logits > 0 if causal else topk
         self.chosen = chosen
         out = x.clone()
         for i in range(b):  # the chosen tokens of each sequence, in their order, through f
@@ -123,10 +126,11 @@ class MixtureOfDepths(nn.Module):
         return out
 
     def predictor_loss(self) -> torch.Tensor:
-        """Binary cross-entropy of the predictor against the last top-k routing."""
-        if self._pred_logits is None or self.chosen is None:
+        """Binary cross-entropy of the predictor against the top-k routing of the last call's
+        input (also after ``forward(x, causal=True)``, which routes by the predictor)."""
+        if self._pred_logits is None or self._topk is None:
             raise RuntimeError("call forward first")
-        return F.binary_cross_entropy_with_logits(self._pred_logits, self.chosen.float())
+        return F.binary_cross_entropy_with_logits(self._pred_logits, self._topk.float())
 
 
 class MoEPlusPlus(nn.Module):
