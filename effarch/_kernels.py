@@ -66,6 +66,8 @@ def triton_unusable_reason(
     bfloat16 needs an Ampere or newer GPU (a T4 must use float16).
     """
     present = [t for t in tensors if t is not None]
+    if not present:
+        raise ValueError("triton_unusable_reason needs at least one tensor, got none")
     x = present[0]
     if not triton_available():
         return "triton is not installed (pip install 'effarch[kernels]')"
@@ -124,7 +126,10 @@ def use_triton(
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return False
-    if backend == "auto" and tensors[0].device.type != "cuda":
+    present = [t for t in tensors if t is not None]
+    if not present:
+        raise ValueError("use_triton needs at least one tensor to read the device from, got none")
+    if backend == "auto" and present[0].device.type != "cuda":
         return False
     reason = limit
     if reason is None and forward_only is not None and grad_required(*forward_only):

@@ -144,6 +144,10 @@ def mixer_state_elements(
     if d_model % n_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     dh = d_model // n_heads
+    if mixer in ("gqa", "hybrid") and (n_kv_heads > n_heads or n_heads % n_kv_heads):
+        raise ValueError(
+            f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads}) for mixer {mixer!r}"
+        )
     if mixer == "mha":
         return 2 * context * d_model
     if mixer == "gqa":

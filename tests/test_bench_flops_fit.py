@@ -145,3 +145,51 @@ def test_fit_line_recovers_intercept_and_slope():
         fit_line([1.0], [2.0])
     with pytest.raises(ValueError, match="same length"):
         fit_line([1.0, 2.0], [2.0])
+
+
+def test_cpu_sdpa_backward_is_counted_as_twice_its_forward():
+    import torch.nn.functional as F
+
+    from effarch.bench import measure_flops
+
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    forward = measure_flops(lambda: F.scaled_dot_product_attention(q, k, v)).total
+
+    def both():
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    def with_matmuls():  # the same attention as matmuls: forward 2 products, backward 4
+        s = (q @ k.transpose(-1, -2) * 8**-0.5).softmax(-1)
+        (s @ v).sum().backward()
+
+    assert measure_flops(both).total == 3 * forward == measure_flops(with_matmuls).total
+
+
+def test_fits_reject_degenerate_input_and_keep_small_slopes():
+    from effarch.bench import fit_exponent, fit_line
+
+    xs = [1e6, 2e6, 4e6]
+    assert fit_line(xs, [1e-3 + 3e-13 * x for x in xs]).slope == pytest.approx(3e-13, rel=1e-6)
+    with pytest.raises(ValueError, match="distinct"):
+        fit_line([1, 1, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match="finite"):
+        fit_line([1, 2, 3], [1, float("nan"), 3])
+    with pytest.raises(ValueError, match="distinct sizes"):
+        fit_exponent([2, 2, 2], [1, 2, 3])
+
+
+def test_measuring_helpers_name_bad_arguments():
+    from effarch._kernels import use_triton
+    from effarch.bench import measure_device, sweep
+    from effarch.survey import mixer_state_elements
+
+    with pytest.raises(ValueError, match="repeats"):
+        measure_device(repeats=0)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        mixer_state_elements("gqa", 10, n_heads=32, n_kv_heads=48)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        use_triton("auto", None)
+    # None is a valid single argument (it used to mean "out of memory")
+    r = sweep({"f": lambda x: x}, [1], lambda n: None, measure=("time",), progress=False,
+              min_run_time=1e-3)  # fmt: skip
+    assert [row["status"] for row in r.rows] == ["ok"]

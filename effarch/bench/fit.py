@@ -60,6 +60,11 @@ def fit_exponent(
             f"fit_exponent needs at least 2 points with positive finite values"
             f"{'' if min_size is None else f' and size >= {min_size}'}, got {len(pts)}"
         )
+    if len({p[0] for p in pts}) < 2:
+        raise ValueError(
+            f"fit_exponent needs at least 2 distinct sizes among its usable points, got "
+            f"{sorted({p[0] for p in pts})}"
+        )
     x = np.log([p[0] for p in pts])
     y = np.log([p[1] for p in pts])
     slope, intercept = np.polyfit(x, y, 1)
@@ -85,17 +90,27 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit:
     proportional to ``x`` (a decoding step's call overhead plus the bytes it reads), where a
     pure power law would report a misleading exponent below 1.
 
-    >>> fit_line([1, 2, 4], [3, 5, 9]).slope
+    >>> round(fit_line([1, 2, 4], [3, 5, 9]).slope, 9)
     2.0
 
+    The intercept and slope are returned as least squares gives them, unrounded (a slope in
+    seconds per byte can be 1e-12).
+
     Raises:
-        ValueError: fewer than two points, or lengths that differ.
+        ValueError: fewer than two points, lengths that differ, a non-finite ``x`` or ``y``,
+            or fewer than two distinct ``x``.
     """
     if len(xs) != len(ys):
         raise ValueError(f"xs and ys must have the same length, got {len(xs)} and {len(ys)}")
     if len(xs) < 2:
         raise ValueError(f"fit_line needs at least 2 points, got {len(xs)}")
     x = np.asarray(xs, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    for name, arr, given in (("xs", x, xs), ("ys", y, ys)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} must be finite, got {list(given)}")
+    if len(np.unique(x)) < 2:
+        raise ValueError(f"xs must hold at least 2 distinct values, got {list(xs)}")
     design = np.stack([np.ones_like(x), x], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, np.asarray(ys, dtype=np.float64), rcond=None)
-    return LineFit(float(round(a, 12)), float(round(b, 12)))
+    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+    return LineFit(float(a), float(b))

@@ -3,9 +3,10 @@
 Convention (the one used by ``torch.utils.flop_counter`` and by FLOP counts in papers):
 a multiply-add is 2 FLOPs, so ``A @ B`` with ``A: [m, k]`` and ``B: [k, n]`` costs
 ``2 m k n``. ``FlopCounterMode`` counts the matrix products (mm, bmm, addmm, convolution,
-``scaled_dot_product_attention``, on the CPU too); softmax, normalisation and elementwise
-work are not counted. The analytic formulas below follow the same convention, so the two
-agree exactly on the matmuls and a reader can see what each leaves out.
+``scaled_dot_product_attention``, forward and backward, on the CPU too); softmax,
+normalisation and elementwise work are not counted. The analytic formulas below follow the
+same convention, so the two agree exactly on the matmuls and a reader can see what each
+leaves out.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> 
     return 2 * b * h * tq * tk * (d + dv)
 
 
+def _sdpa_backward_flops(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any
+) -> int:
+    """Backward FLOPs of softmax attention: twice the forward's, PyTorch's convention for its
+    own SDPA backward kernels (``dQ, dK, dV`` and the recomputed scores)."""
+    return 2 * _sdpa_flops(query, key, value)
+
+
 def measure_flops(fn: Callable[[], Any]) -> FlopCount:
     """Count the FLOPs of ``fn()`` with ``torch.utils.flop_counter.FlopCounterMode``.
 
@@ -58,9 +67,11 @@ def measure_flops(fn: Callable[[], Any]) -> FlopCount:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    # PyTorch counts SDPA's GPU kernels but not the CPU one; the same formula covers it
+    # PyTorch counts SDPA's GPU kernels but not the CPU ones; the same formulas cover them
     cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_flops})
+    cpu_sdpa_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    mapping = {cpu_sdpa: _sdpa_flops, cpu_sdpa_bwd: _sdpa_backward_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
         fn()
     whole_call = counter.get_flop_counts().get("Global", {})

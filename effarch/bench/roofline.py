@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_positive_number
+from .._checks import check_positive_int, check_positive_number
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ def measure_device(
 
     These are what this process attains, a lower bound on the datasheet peak.
     """
+    check_positive_int("matmul_size", matmul_size)
+    check_positive_int("copy_bytes", copy_bytes)
+    check_positive_int("repeats", repeats)
     dev = torch.device(device)
 
     def best_of(fn) -> float:

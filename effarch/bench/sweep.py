@@ -137,6 +137,9 @@ def _empty_row(impl: str, size: int, status: str, note: str = "") -> dict[str, A
     return row
 
 
+_NO_INPUTS = object()  # make_inputs ran out of memory (None is a valid single argument)
+
+
 def sweep(
     impls: Mapping[str, Callable[..., Any]],
     sizes: Sequence[int],
@@ -203,7 +206,7 @@ def sweep(
     bar = tqdm(total=len(sizes) * len(impls), disable=not progress, desc="sweep", leave=False)
     for n in sizes:
         active = [name for name in impls if name not in stopped]
-        inputs: Any = None
+        inputs: Any = _NO_INPUTS
         if active:
             try:
                 inputs = make_inputs(n)
@@ -212,7 +215,7 @@ def sweep(
                     raise
                 for name in active:
                     stopped[name] = f"inputs for {size_name}={n} ran out of memory"
-        if inputs is not None and not isinstance(inputs, tuple):
+        if inputs is not _NO_INPUTS and not isinstance(inputs, tuple):
             inputs = (inputs,)
         for name, fn in impls.items():
             bar.set_postfix_str(f"{name} {size_name}={n}")

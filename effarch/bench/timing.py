@@ -11,7 +11,9 @@
   runs), otherwise the same loop, which synchronises the device around every block.
 
 Either way the call is warmed up first and the result is a :class:`Timing` with the median
-and the spread of the repeats, never a single number. ``grad_to_none`` resets gradients
+and the spread of the repeats. A call that alone lasts ``min_run_time`` or longer is timed
+once after its warm-up (``n = 1``, no spread): raise ``min_run_time`` to repeat it.
+``grad_to_none`` resets gradients
 before every call, outside the timed region, as ``triton.testing.do_bench`` does.
 """
 
@@ -67,7 +69,7 @@ class Timing:
 
 
 def format_seconds(s: float) -> str:
-    """Format a duration with a readable unit: ``0.0012 -> '1.20 ms'``."""
+    """Format a duration with a readable unit, 3 significant digits: ``0.0012 -> '1.2 ms'``."""
     if s != s:  # NaN
         return "n/a"
     for unit, factor in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):

@@ -253,7 +253,8 @@ def diffusion_lm_experiment(
     """Train every (task, kind), store the weights under ``out_dir``; return the card.
 
     ``kinds`` restricts the kinds (an ``adapted`` run loads the stored ``ar`` weights when it
-    does not train them)."""
+    does not train them). The card's ``config`` is :data:`CONFIG` as written; a ``steps``
+    override shows in each run's ``steps``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     card: dict[str, Any] = {"config": CONFIG, "seed": seed, "runs": []}

@@ -223,7 +223,9 @@ def _evaluate(model: nn.Module) -> dict[str, float]:
 def multimodal_experiment(
     out_dir: Path, *, variants: list[str] | None = None, steps: int | None = None, seed: int = 0
 ) -> dict[str, Any]:
-    """Train each variant, store its weights under ``out_dir``; return the card."""
+    """Train each variant, store its weights under ``out_dir``; return the card. Its
+    ``config`` is :data:`CONFIG` as written; a ``steps`` override shows in each run's
+    ``steps``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     v = vocab()

@@ -318,7 +318,9 @@ def _by_mixer(records: list[Mapping[str, Any]]) -> dict[str, list[Mapping[str, A
 def plot_recall_tradeoff(
     records: Sequence[Mapping[str, Any]], axes: Any = None, title: str = ""
 ) -> Any:
-    """Recall accuracy against state size (left) and against decoding throughput (right).
+    """Recall accuracy against state size (left) and against forward throughput (right):
+    ``infer_tokens_per_s``, held-out tokens per second of one timed, parallel
+    :func:`~effarch.train.evaluate` pass (batched forward passes, not token-by-token decoding).
 
     One line per mixer through its state sizes; softmax attention (whose "state" is its KV
     cache at the sequence length) is drawn as a star. Returns the matplotlib Figure.
@@ -345,7 +347,7 @@ def plot_recall_tradeoff(
     ax_s.set_xlabel("state per layer (elements, log scale)")
     ax_s.set_ylabel("MQAR recall accuracy (held out)")
     ax_s.set_title("Recall against memory")
-    ax_t.set_xlabel("inference throughput (tokens / s, log scale)")
+    ax_t.set_xlabel("forward throughput on the held-out set (tokens / s, log scale)")
     ax_t.set_title("Recall against speed")
     ax_t.legend(fontsize=8, loc="lower left")
     if title:

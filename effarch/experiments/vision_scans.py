@@ -118,7 +118,8 @@ def train_digits_classifier(
 
 
 def vision_scans_experiment(*, steps: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run both parts (``steps`` overrides every run's steps); return the card."""
+    """Run both parts (``steps`` overrides every run's steps); return the card. Its
+    ``config`` is :data:`CONFIG` as written; an override shows in each run's ``steps``."""
     card: dict[str, Any] = {"config": CONFIG, "seed": seed, "digits": [], "lines": []}
     t0 = time.perf_counter()
     bs = CONFIG["batch_size"]
@@ -155,7 +156,8 @@ def resolution_sweep(
     """Forward time and peak memory of one :class:`~effarch.vision.GridMixer` of each kind,
     batch 1, on a ``g x g`` grid for each ``g`` in ``grids``, on the CPU.
 
-    Measured by :func:`~effarch.bench.sweep` (time: the median of repeated calls; memory:
+    Measured by :func:`~effarch.bench.sweep` (time: the median of repeated calls, or one
+    call where a single call lasts ``min_run_time`` or longer; memory:
     :func:`~effarch.bench.peak_memory`), under ``torch.no_grad()``. Returns the card:
     ``grids``, ``tokens`` (``g^2``), ``time`` and ``memory`` (per kind, one value per grid),
     ``d_model``, ``seconds`` and the torch version.
