@@ -94,6 +94,9 @@ def report(records: list[dict[str, object]], card: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _checkout import use_source_checkout  # beside this script
+
+    use_source_checkout()  # the experiments' subprocesses import effarch without an install
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("gpu_runs"), help="folder for the cards")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")

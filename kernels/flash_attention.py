@@ -219,6 +219,13 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
         return 64, 64, block_d, precision  # large tiles keep the interpreter fast
     if block_d <= 64:
         return 128, 64, block_d, precision
+    # the forward's shared memory (Q tile, then K and V tiles over 3 stages), compiled for
+    # sm_90: 64 x 64 tiles need 336 KiB at float32 and head_dim 256 (32 x 32: 164 KiB) and
+    # 224 KiB at 16 bits (64 x 32: 128 KiB, which an A100's 164 KiB also holds)
+    if block_d >= 256:
+        return (
+            (32, 32, block_d, precision) if dtype == torch.float32 else (64, 32, block_d, precision)
+        )
     return 64, 64, block_d, precision
 
 
@@ -285,8 +292,13 @@ def flash_attention_backward(
     lse: torch.Tensor,
     causal: bool,
     scale: float,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels; returns ``dq, dk, dv`` shaped like ``q, k, v``.
+
+    ``dlse`` ``[B, Hq, Tq]``: the gradient reaching the log-sum-exp output, if any. Since
+    ``d lse_i / d S_ij = P_ij``, it enters as ``dS = P * (dP - (delta - dlse))``: the kernels
+    read ``delta - dlse`` where they read ``delta``.
 
     ``dk`` and ``dv`` are accumulated per query head in float32 and then summed over the
     query heads that share a key/value head (grouped-query attention).
@@ -297,6 +309,8 @@ def flash_attention_backward(
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, Hq, Tq]
+    if dlse is not None:
+        delta = (delta - dlse.float()).contiguous()
     dq = torch.empty_like(q)
     dk_h = torch.empty((b, tk, hq, d), device=q.device, dtype=torch.float32)
     dv_h = torch.empty_like(dk_h)

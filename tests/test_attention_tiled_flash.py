@@ -133,6 +133,22 @@ def test_kernel_gradients_match_autograd_through_the_reference(tq, tk, hq, hkv, 
         torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_gradients_include_a_loss_on_the_log_sum_exp(causal):
+    q, k, v = (rand(1, t, h, 16, device=DEV).requires_grad_() for t, h in ((9, 4), (9, 2), (9, 2)))
+    do, dl = rand(1, 9, 4, 16, device=DEV), rand(1, 4, 9, device=DEV)
+    o, lse = flash_attention(q, k, v, causal=causal, backend="triton", return_lse=True)
+    got = torch.autograd.grad((o * do).sum() + (lse * dl).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref_o, ref_lse = reference(q64, k64, v64, causal)
+    loss = (ref_o * do.cpu().double()).sum() + (ref_lse * dl.cpu().double()).sum()
+    want = torch.autograd.grad(loss, (q64, k64, v64))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5)
+
+
 def low_precision_attention(q, k, v, causal):
     """Attention computed with every operation in float16: the error a plain fp16 PyTorch
     run makes, against which the kernel's error is calibrated (as flash-attn does)."""

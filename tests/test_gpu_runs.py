@@ -33,3 +33,21 @@ def test_a_failed_run_is_reported_with_its_last_words(tmp_path):
     records = gpu_runs.run_all(tmp_path, {"broken": (["no-such-experiment"], 60)})
     assert records[0]["status"] != "0" and not records[0]["wrote"]
     assert "no-such-experiment" in gpu_runs.report(records, "cpu")
+
+
+def test_a_checkout_without_an_install_imports_the_kernels(monkeypatch):
+    import importlib.util
+
+    import _checkout
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # nothing installed
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    root, shim = _checkout.use_source_checkout()
+    assert root == str(ROOT) and sys.path[:2] == [root, shim]
+    assert (Path(shim) / "effarch_kernels" / "limits.py").is_file()  # kernels/ under its name
+    assert _checkout.os.environ["PYTHONPATH"].split(_checkout.os.pathsep) == [
+        root,
+        shim,
+        "elsewhere",
+    ]

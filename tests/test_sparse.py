@@ -287,3 +287,11 @@ def test_block_sparse_bad_input():
         block_sparse_attention(q, k, v, causal(), layout="x")
     with pytest.raises(ValueError, match="multiple of the number of k/v heads"):
         masked_attention(q, *qkv(1, 64, 64, 3, 3, 8)[1:], causal())
+
+
+def test_block_layout_fields_stay_on_its_device():
+    from effarch.sparse import block_layout, causal
+
+    layout = block_layout(causal(), 64, 64, block_q=16, block_k=16, device="meta")
+    for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert getattr(layout, field).device.type == "meta", field

@@ -29,11 +29,12 @@ class _FlashAttention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
-    def backward(ctx: Any, do, _dlse):  # type: ignore[override]
+    def backward(ctx: Any, do, dlse):  # type: ignore[override]
         from effarch_kernels.flash_attention import flash_attention_backward
 
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+        # a loss that reads lse too (d lse / d S = P) enters through delta
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, dlse=dlse)
         return dq, dk, dv, None, None
 
 

@@ -69,7 +69,8 @@ class BlockLayout:
         hit = self.kind == which
         n = hit.sum(-1).to(torch.int32)
         nk = hit.shape[-1]
-        order = torch.where(hit, torch.arange(nk, device=hit.device), nk + torch.arange(nk))
+        cols = torch.arange(nk, device=hit.device)
+        order = torch.where(hit, cols, nk + cols)
         idx = order.sort(-1).values
         idx = torch.where(idx < nk, idx, 0).to(torch.int32)
         return n, idx
