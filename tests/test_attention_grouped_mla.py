@@ -272,11 +272,11 @@ def test_cache_updates_reject_broadcast_values_other_dtypes_and_devices(window):
         new().update(k, torch.randn(1, 1, 2, 4, dtype=torch.float32))  # one token for three
     with pytest.raises(ValueError, match=r"v must be .* got \(1, 3, 1, 4\)"):
         new().update(k, torch.randn(1, 3, 1, 4, dtype=torch.float32))  # one head for two
-    with pytest.raises(TypeError, match=r"k must have the cache's dtype \(torch.float32\)"):
+    with pytest.raises(TypeError, match=r"k must have the dtype of the cache \(torch.float32\)"):
         new().update(k.double(), k.double())
-    with pytest.raises(TypeError, match=r"v must have the cache's dtype"):
+    with pytest.raises(TypeError, match=r"v must have the dtype of the cache"):
         new().update(k, k.double())
-    with pytest.raises(ValueError, match="k must be on the cache's device"):
+    with pytest.raises(ValueError, match="k must be on the device of the cache"):
         new().update(k.to("meta"), k.to("meta"))
     cache = new()
     keys, values = cache.update(k, 2 * k)

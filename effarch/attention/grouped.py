@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .._checks import check_positive_int, check_tensor
+from .._checks import check_positive_int, check_same, check_tensor
 from .naive import sdpa_attention
 from .rope import apply_rope
 
@@ -44,16 +44,7 @@ def _check_cache_update(
             f"v must be [B, T, G, Dv] = [{b}, {t}, {g}, {dv}] for this cache and k of shape "
             f"{tuple(k.shape)}, got {tuple(v.shape)}"
         )
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != cache_k.dtype:
-            raise TypeError(
-                f"{name} must have the cache's dtype ({cache_k.dtype}), got {x.dtype}; "
-                f"create the cache in the dtype of the keys and values"
-            )
-        if x.device != cache_k.device:
-            raise ValueError(
-                f"{name} must be on the cache's device ({cache_k.device}), got {x.device}"
-            )
+    check_same(("the cache", "k", "v"), (cache_k, k, v))
     return t
 
 
