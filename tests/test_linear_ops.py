@@ -351,6 +351,32 @@ def test_normalized_linear_attention_with_taylor_features_is_a_normalised_kernel
     torch.testing.assert_close(o[0, :, 0], (w @ v[0, :, 0]) / w.sum(-1, keepdim=True))
 
 
+def test_normalized_linear_attention_takes_a_state_with_a_missing_half():
+    """A missing half of ``(S, z)`` is a zero part, checked against the float64 formula
+    ``o_t = q_t (S0 + sum k v^T) / (q_t (z0 + sum k))`` with the other half given."""
+    t, d, dv = 7, 4, 3
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.rand(1, t, 1, d, generator=gen, dtype=F64) for _ in range(2))
+    v = torch.randn(1, t, 1, dv, generator=gen, dtype=F64)
+    s0 = torch.rand(1, 1, d, dv, generator=gen, dtype=F64)
+    z0 = torch.rand(1, 1, d, generator=gen, dtype=F64) + 1
+
+    def formula(s_init, z_init):
+        s = s_init[0, 0] + torch.cumsum(k[0, :, 0, :, None] * v[0, :, 0, None, :], 0)
+        z = z_init[0, 0] + torch.cumsum(k[0, :, 0], 0)
+        num = torch.einsum("tk,tkv->tv", q[0, :, 0], s)
+        return num / (q[0, :, 0] * z).sum(-1, keepdim=True)
+
+    for pair, want in (
+        ((None, z0), formula(torch.zeros_like(s0), z0)),
+        ((s0, None), formula(s0, torch.zeros_like(z0))),
+    ):
+        o, (s1, z1) = linear_attention(q, k, v, scale=1.0, normalize=True, initial_state=pair,
+                                       output_final_state=True)  # fmt: skip
+        torch.testing.assert_close(o[0, :, 0], want)
+        assert s1.shape == (1, 1, d, dv) and z1.shape == (1, 1, d)
+
+
 # --------------------------------------------------------------------------------------------
 # Precision and stability
 # --------------------------------------------------------------------------------------------

@@ -209,3 +209,9 @@ def test_resolution_sweep_card():
         assert all(len(v) == 2 and min(v) > 0 for v in card[key].values())
     stored = vision_scans.stored_resolution()
     assert stored["tokens"] == [g * g for g in stored["grids"]]
+
+
+def test_longest_run_works_on_the_images_device():
+    """Its working tensors follow the images (a meta tensor stands in for a GPU one)."""
+    out = longest_run(torch.zeros(2, 5, 5, dtype=torch.bool, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2,)

@@ -240,7 +240,7 @@ def linear_attention(
         scale: multiplies ``q``; default ``K ** -0.5``.
         normalize: divide by the running normaliser described above.
         initial_state: ``[B, H, K, V]``, or with ``normalize`` the pair ``(S, z)`` with
-            ``z: [B, H, K]``.
+            ``z: [B, H, K]`` (either half may be ``None``, a zero part).
         output_final_state: also return the state after the last step (same form).
         mode: ``"recurrent"``, ``"parallel"`` or ``"chunk"`` (see :mod:`effarch.linear.ops`).
         chunk_size: steps per chunk in ``"chunk"`` mode (``T`` need not be a multiple).
@@ -278,6 +278,10 @@ def linear_attention(
             )
         s_in, z_in = initial_state
         s_in = load_state(s_in, b, h, dk, dv, q, dtype)
+        if s_in is None:  # a missing half is zero, as fla reads it
+            s_in = q.new_zeros(b, h, dk, dv, dtype=dtype)
+        if z_in is None:
+            z_in = q.new_zeros(b, h, dk, dtype=dtype)
         check_like("initial_state z", z_in, (b, h, dk), "[B, H, K]", q)
         # The normaliser obeys the same recurrence with v_t = 1: one more column of S.
         s0 = torch.cat([s_in, z_in.to(dtype)[..., None]], dim=-1)

@@ -29,8 +29,8 @@ def longest_run(images: torch.Tensor, axis: str = "vertical") -> torch.Tensor:
     x = images.bool()
     if axis == "vertical":
         x = x.transpose(1, 2)  # runs along the last dimension
-    run = torch.zeros(x.shape[:2], dtype=torch.long)
-    best = torch.zeros(x.shape[0], dtype=torch.long)
+    run = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+    best = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for j in range(x.shape[2]):
         run = torch.where(x[:, :, j], run + 1, 0)
         best = torch.maximum(best, run.max(1).values)
