@@ -1,7 +1,8 @@
 """Reference models: the transformer baseline and its analytic cost model, and the tiny
 language model with a pluggable token mixer (:mod:`effarch.models.tinylm`) and its mixer
 registry (:mod:`effarch.models.mixers`), hybrids of several mixers by a layer pattern
-(:mod:`effarch.models.hybrid`), one measuring function for them all
+(:mod:`effarch.models.hybrid`), both stacking one pre-norm layer
+(:class:`~effarch.models.block.PreNormBlock`), one measuring function for them all
 (:mod:`effarch.models.profile`), and the small trained byte-level language model
 (:mod:`effarch.models.bytelm`) that chapters 3, 6 and 7 stand on.
 
@@ -11,13 +12,13 @@ home, for the code that imported them from here; the recall experiment lives in
 """
 
 from ..train import TrainResult, evaluate, train
+from .block import PreNormBlock, RecurrentState
 from .bytelm import ByteLM, ByteLMConfig, load_bytelm
 from .hybrid import (
     HYBRIDS,
     YOCOLM,
     HybridCache,
     HybridLM,
-    RecurrentState,
     cache_bytes,
     decode_memory,
     decode_step_time,
@@ -58,6 +59,7 @@ __all__ = [
     "decode_step_time",
     "load_bytelm",
     "LinearizedMixer",
+    "PreNormBlock",
     "LLAMA2_7B",
     "MISTRAL_7B",
     "MIXERS",

@@ -65,6 +65,7 @@ from ..attention import KVCache, apply_rope, sdpa_attention
 from ..bench import best_of_rounds, tensor_bytes
 from ..moe import MoELayer
 from ..nn import ShortConvolution, SwiGLU
+from .block import PreNormBlock, RecurrentState
 from .mixers import MIXERS, carries_state, mixer_state_size, mixes_neighbours
 
 __all__ = [
@@ -98,19 +99,6 @@ HYBRIDS: dict[str, dict[str, Any]] = {
 :meth:`HybridLM.preset` requires to be a multiple of the layout's period."""
 
 
-class RecurrentState:
-    """The state a recurrent mixer carries from call to call (``None`` before the first)."""
-
-    def __init__(self) -> None:
-        self.state: Any = None
-        self.length = 0
-
-    def nbytes(self) -> int:
-        """Bytes of the tensors held (recurrent and convolution states, and the key/value
-        buffers of mixers that carry one in their state)."""
-        return tensor_bytes(self.state)
-
-
 class HybridCache(list):
     """Per layer, the memory decoding needs (:meth:`HybridLM.new_cache`); ``started`` turns
     true after the first call (meta tokens are prepended once, before it). ``conv`` holds,
@@ -135,37 +123,6 @@ def _repeat(letters: str, n: int, name: str) -> str:
             f"got {n}: layers of the {name} would be dropped"
         )
     return (letters * n)[:n]
-
-
-class _Block(nn.Module):
-    def __init__(
-        self, d_model: int, mixer: nn.Module, ffn: nn.Module | None, eps: float, conv: int = 0
-    ) -> None:
-        super().__init__()
-        self.mixer_norm = nn.RMSNorm(d_model, eps=eps)
-        self.conv = ShortConvolution(d_model, conv, activation=False) if conv else None
-        self.mixer = mixer
-        self.mlp_norm = nn.RMSNorm(d_model, eps=eps) if ffn is not None else None
-        self.mlp = ffn
-
-    def forward(
-        self, h: torch.Tensor, cache: Any = None, conv_cache: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        u = self.mixer_norm(h)
-        if self.conv is not None:
-            u, conv_cache = self.conv(u, conv_cache)
-        if isinstance(cache, RecurrentState):
-            y, cache.state = self.mixer(u, state=cache.state)
-            cache.length += u.shape[1]
-        elif cache is not None:
-            y = self.mixer(u, cache)
-        else:
-            y = self.mixer(u)
-            y = y[0] if isinstance(y, tuple) else y
-        h = h + y
-        if self.mlp is not None:
-            h = h + self.mlp(self.mlp_norm(h))
-        return h, conv_cache
 
 
 class HybridLM(nn.Module):
@@ -264,8 +221,9 @@ class HybridLM(nn.Module):
                 mlp = MoELayer(d_model, moe.get("d_ff", d_ff), **expert_kw)
             else:
                 mlp = None
-            conv = 0 if mixes_neighbours(mixer) else short_conv
-            blocks.append(_Block(d_model, mixer, mlp, norm_eps, conv))
+            width = 0 if mixes_neighbours(mixer) else short_conv
+            conv = ShortConvolution(d_model, width, activation=False) if width else None
+            blocks.append(PreNormBlock(d_model, mixer, mlp, conv=conv, eps=norm_eps))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)

@@ -39,6 +39,7 @@ from .._checks import (
 )
 from ..moe import MoELayer, upcycle
 from ..nn import ShortConvolution, SwiGLU
+from .block import PreNormBlock
 from .mixers import (
     MIXERS,
     MixerFactory,
@@ -113,33 +114,6 @@ class _MLP(nn.Module):
             gate, up = self.up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x)))
-
-
-class _Block(nn.Module):
-    def __init__(
-        self, d_model: int, mixer: TokenMixer, d_ff: int, mlp: str, norm_eps: float,
-        short_conv: int, moe_kwargs: Mapping[str, Any],
-    ) -> None:  # fmt: skip
-        super().__init__()
-        self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.conv = ShortConvolution(d_model, short_conv, activation=False) if short_conv else None
-        self.mixer = mixer
-        self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps) if d_ff else None
-        if not d_ff:
-            self.mlp = None
-        elif mlp == "moe":
-            self.mlp = MoELayer(d_model, d_ff, **moe_kwargs)
-        else:
-            self.mlp = _MLP(d_model, d_ff, mlp)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        u = self.mixer_norm(h)
-        if self.conv is not None:
-            u = self.conv(u)[0]
-        h = h + self.mixer(u)
-        if self.mlp is not None:
-            h = h + self.mlp(self.mlp_norm(h))
-        return h
 
 
 class TinyLM(nn.Module):
@@ -235,7 +209,15 @@ class TinyLM(nn.Module):
             width = short_conv
             if width is None:
                 width = 0 if mixes_neighbours(mixer_module.layer) else 2
-            blocks.append(_Block(d_model, mixer_module, d_ff, mlp, norm_eps, width, moe))
+            # built in this order (convolution, then FFN) so that a seed gives the weights
+            # it always gave
+            conv = ShortConvolution(d_model, width, activation=False) if width else None
+            ffn: nn.Module | None = None
+            if d_ff and mlp == "moe":
+                ffn = MoELayer(d_model, d_ff, **moe)
+            elif d_ff:
+                ffn = _MLP(d_model, d_ff, mlp)
+            blocks.append(PreNormBlock(d_model, mixer_module, ffn, conv=conv, eps=norm_eps))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
@@ -254,7 +236,7 @@ class TinyLM(nn.Module):
             )
         h = self.embed(input_ids)
         for block in self.blocks:
-            h = block(h)
+            h = block(h)[0]
         h = self.norm(h)
         return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
 
