@@ -29,6 +29,7 @@ class Family:
     idea: str
 
 
+#: The seven families, in the survey's order, each with the book chapter that covers it.
 FAMILIES: tuple[Family, ...] = (
     Family(
         2,

@@ -42,7 +42,8 @@ class TrainResult:
         losses: training loss (cross-entropy over the query positions) at every step.
         accuracy: recall accuracy on ``eval_data`` after training (``None`` without it).
         eval_history: ``(step, accuracy)`` at every evaluation during training.
-        steps, tokens: optimiser steps taken and tokens processed (``steps * B * T``).
+        steps: optimiser steps taken.
+        tokens: tokens processed (``steps * B * T``).
         train_seconds: wall time of the training steps (data, forward, backward, update).
         tokens_per_s: training throughput, ``tokens / train_seconds`` (the first step,
             which pays one-time setup costs, is left out of both).
@@ -125,8 +126,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         weight_decay: the decay of the matrices (``>= 0``).
 
     Returns:
-        ``[{"params": matrices, "weight_decay": weight_decay}, {"params": rest,
-        "weight_decay": 0.0}]``, the second group only if there is a rest.
+        A list of the group ``{"params": matrices, "weight_decay": weight_decay}``, then
+        ``{"params": rest, "weight_decay": 0.0}`` if there is a rest.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -435,7 +435,7 @@ def moba_attention(
 
     The ``Tk`` keys are split into ``N = ceil(Tk / block_size)`` blocks ``I_n`` (the last
     may be shorter). For query ``q_i`` at key position ``p_i = i + Tk - Tq`` (bottom-right
-    aligned, as :func:`attention_mask`), in block ``c_i = floor(p_i / block_size)``:
+    aligned, as :func:`attention_mask`), in block ``c_i = floor(p_i / block_size)``::
 
         s_{i,n} = q_i . mean_{j in I_n} k_j               (parameter-free gate, unscaled)
         causal:  s_{i,n} = -inf for n > c_i (future),  s_{i,c_i} = +inf (always kept)

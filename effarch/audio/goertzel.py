@@ -81,7 +81,7 @@ def dtmf_receiver(
     Samples after the last full block get 0. The labels are not causal: each sample gets
     the decision over its whole block, which is known only at the block's end (up to
     ``M - 1`` samples of look-ahead; a live receiver would emit it up to ``M`` samples
-    late), which :func:`tone_accuracy`'s majority vote forgives.
+    late), which :func:`~effarch.tasks.tone_accuracy`'s majority vote forgives.
     """
     check_positive_number("threshold", threshold)
     p = goertzel_power(audio, DTMF_ROWS + DTMF_COLS, sample_rate=sample_rate, block=block)

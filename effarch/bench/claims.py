@@ -52,7 +52,8 @@ def remeasured(
         The first measurement that ``check`` accepted.
 
     Raises:
-        AssertionError (or what ``check`` raised): the claims failed on every measurement.
+        AssertionError: the claims failed on every measurement (or the exception that
+            ``check`` raised).
         TypeError: ``measure``/``check``/``log`` is not callable.
         ValueError: ``attempts`` is not a positive integer.
     """

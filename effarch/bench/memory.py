@@ -134,8 +134,8 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
             to record CPU allocations with the profiler.
 
     Returns:
-        MemoryUsage(peak, retained): bytes above the level at the start of the call, the
-        maximum during it and what is still held when it returns (its outputs).
+        MemoryUsage: bytes above the level at the start of the call, ``peak`` the maximum
+        during it and ``retained`` what is still held when it returns (its outputs).
     """
     check_callable("fn", fn)
     dev = torch.device(device) if device is not None else torch.device("cpu")

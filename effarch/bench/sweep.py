@@ -30,8 +30,10 @@ from .flops import format_flops, measure_flops
 from .memory import format_bytes, peak_memory
 from .timing import benchmark, format_seconds, synchronize
 
+#: The ``status`` of a measured point, and of one skipped because it would exceed the budget.
 OK = "ok"
 OUT_OF_BUDGET = "out of budget"
+#: The keys of every row of a :class:`SweepResult`, in the order its table prints them.
 COLUMNS = (
     "impl",
     "size",

@@ -61,12 +61,13 @@ __all__ = [
 class RecallConfig:
     """One size of the recall experiment (see :func:`recall_experiment`).
 
+    ``seq_len``, ``n_pairs`` and ``vocab_size`` size the MQAR task
+    (:func:`effarch.tasks.mqar`); ``d_model``, ``n_layers`` and ``d_ff`` the :class:`TinyLM`
+    around each mixer (``d_ff=None``: the model's default); ``steps``, ``batch_size``,
+    ``lr``, ``weight_decay`` and ``warmup`` the training (:func:`train`), where
+    ``lr_by_mixer`` may override ``lr`` per mixer.
+
     Attributes:
-        seq_len, n_pairs, vocab_size: the MQAR task (:func:`effarch.tasks.mqar`).
-        d_model, n_layers, d_ff: the :class:`TinyLM` around each mixer (``d_ff`` ``None``:
-            the model's default).
-        steps, batch_size, lr, weight_decay, warmup: training (:func:`train`); ``lr`` may
-            be overridden per mixer in ``lr_by_mixer``.
         n_train: training examples (default ``steps * batch_size``: every step sees new ones).
         n_eval: held-out examples for the accuracy.
         mixers: mixer name -> the ``mixer_kwargs`` of each state size to train.
@@ -194,10 +195,11 @@ def recall_experiment(
         **overrides: fields of the config to change, e.g. ``steps=100``.
 
     Returns:
-        One record (a dict) per run: ``mixer``, ``mixer_kwargs``, ``state_size`` (elements
-        per layer and sequence at ``seq_len``), ``params``, ``accuracy``, ``final_loss``,
-        ``train_tokens_per_s``, ``infer_tokens_per_s`` (forward passes over the held-out
-        set), ``wall_s`` (the whole run), and the task and model sizes.
+        One record (a dict) per run, with the keys ``mixer``, ``mixer_kwargs``,
+        ``state_size`` (elements per layer and sequence at ``seq_len``), ``params``,
+        ``accuracy``, ``final_loss``, ``train_tokens_per_s``, ``infer_tokens_per_s``
+        (forward passes over the held-out set), ``wall_s`` (the whole run), and the task and
+        model sizes.
     """
     if isinstance(config, str):
         check_choice("config", config, tuple(_SIZES))

@@ -415,24 +415,24 @@ def mixer_state_size(mixer: nn.Module, seq_len: int) -> int:
     The recurrent memory of one layer, per sequence (batch of one): the module's own
     ``state_size(seq_len)``. The layers of :data:`MIXERS` answer:
 
-    ==============================  ==========================================  ================
-    mixer                           elements                                    knob
-    ==============================  ==========================================  ================
-    attention (KV cache)            ``2 T G dh``                                ``T``, ``dh``
-    MLA (latent cache)              ``T (d_c + d_r)``                           ``kv_lora_rank``
-    sliding-window attention        ``2 min(T, w) G dh``                        ``window``
-    NSA (KV cache + block means)    ``2 (T + T // l) G dh``                     ``block``
-    linear attention                ``H K K`` (+ ``H K`` normaliser)            ``n_heads``
-    RetNet, GLA, Gated DeltaNet     ``H K V``                                   ``n_heads``,
-                                                                                ``expand_k/v``
-    DeltaNet, RWKV-7                ``H K K``                                   ``n_heads``
-    TTT-Linear                      ``2 H K K`` (weights and mini-batch anchor) ``n_heads``
-    HGRN                            ``expand_ratio d``                          ``expand_ratio``
-    Mamba, Mamba-2                  ``expand d N``                              ``d_state``
-    S4D                             ``d N`` (``N / 2`` complex per channel)     ``d_state``
-    parallel hybrid                 its attention's plus its SSM's              both
-    linearized (window + linear)    ``G (F dh + F) + 2 min(T, w) G dh``         ``window``
-    ==============================  ==========================================  ================
+    ==============================  ============================================  ================
+    mixer                           elements                                      knob
+    ==============================  ============================================  ================
+    attention (KV cache)            ``2 T G dh``                                  ``T``, ``dh``
+    MLA (latent cache)              ``T (d_c + d_r)``                             ``kv_lora_rank``
+    sliding-window attention        ``2 min(T, w) G dh``                          ``window``
+    NSA (KV cache + block means)    ``2 (T + T // l) G dh``                       ``block``
+    linear attention                ``H K K`` (+ ``H K`` normaliser)              ``n_heads``
+    RetNet, GLA, Gated DeltaNet     ``H K V``                                     ``n_heads``,
+                                                                                  ``expand_k/v``
+    DeltaNet, RWKV-7                ``H K K``                                     ``n_heads``
+    TTT-Linear                      ``2 H K K`` (weights and mini-batch anchor)   ``n_heads``
+    HGRN                            ``expand_ratio d``                            ``expand_ratio``
+    Mamba, Mamba-2                  ``expand d N``                                ``d_state``
+    S4D                             ``d N`` (``N / 2`` complex per channel)       ``d_state``
+    parallel hybrid                 its attention's plus its SSM's                both
+    linearized (window + linear)    ``G (F dh + F) + 2 min(T, w) G dh``           ``window``
+    ==============================  ============================================  ================
 
     (``T = seq_len``, ``G`` key/value heads of width ``dh``, ``H`` heads with key and value
     widths ``K``, ``V``, ``F`` features per head; at fixed ``d_model`` fewer heads mean a

@@ -9,15 +9,17 @@ weights and indices of these ``transformers`` modules (tested):
                                            (float32), top-k, renormalised to sum 1
 ``route(l, k, renormalize=False)``         ``Qwen2MoeTopKRouter`` / ``OlmoeTopKRouter`` with
                                            ``norm_topk_prob=False`` (True: the line above)
-``route(l, k, score="sigmoid",             ``DeepseekV3TopkRouter``: sigmoid scores; the
-n_group=G, topk_group=M, bias=b,           ``topk_group`` groups with the largest sum of
-scaling=s)``                               their top-2 scores (plus bias) are eligible; top-k
+``route(l, k, score="sigmoid", ...)``      ``DeepseekV3TopkRouter``, with ``n_group=G,
+                                           topk_group=M, bias=b, scaling=s``: sigmoid scores;
+                                           the ``topk_group`` groups with the largest sum of
+                                           their top-2 scores (plus bias) are eligible; top-k
                                            of ``score + bias`` among them; weights from the
                                            score *without* bias, renormalised
                                            (``norm_topk_prob``), times ``routed_scaling_factor``
-``route(l, 1, renormalize=False)`` +       ``SwitchTransformersTop1Router``: top-1 softmax
-:func:`apply_capacity`                     probability, tokens beyond an expert's capacity
-                                           dropped in position order within a group
+``route(l, 1, renormalize=False)``         ``SwitchTransformersTop1Router``, followed by
+                                           :func:`apply_capacity`: top-1 softmax probability,
+                                           tokens beyond an expert's capacity dropped in
+                                           position order within a group
 =========================================  ===================================================
 
 The bias of DeepSeek-V3 (``e_score_correction_bias``) only changes *which* experts are

@@ -4,22 +4,22 @@ A decoder that keeps every key and value grows its cache by ``2 L G d_h`` number
 A policy caps the cache at a ``budget`` of tokens per layer and decides, after every step,
 which cached tokens to drop (or, for Quest, which to read):
 
-=====================  ======================================================================
-:class:`FullCache`     keep everything (the reference)
-:class:`SlidingWindow` the ``budget`` most recent tokens
-:class:`StreamingLLM`  ``n_sink`` first tokens (the attention sinks) + the most recent; keys
-                       are rotated by their *slot in the cache*, not their original position,
-                       so the model never sees a distance larger than it was trained on
-                       (Xiao et al., 2024)
-:class:`H2O`           the ``recent`` newest tokens + the "heavy hitters" with the largest
-                       attention accumulated since they arrived (Zhang et al., 2023). Newcomers
-                       have had no time to gather score, hence the protected recent window;
-                       ties go to the newer token
-:class:`TOVA`          drop the token the current query attends to least, averaged over heads
-:class:`Quest`         keep everything, but read only the pages (``page_size`` tokens) whose
-                       upper bound ``sum_d max(q_d min_d, q_d max_d)`` on the score is largest,
-                       per query head (Tang et al., 2024): saves reads, not memory
-=====================  ======================================================================
+======================  ======================================================================
+:class:`FullCache`      keep everything (the reference)
+:class:`SlidingWindow`  the ``budget`` most recent tokens
+:class:`StreamingLLM`   ``n_sink`` first tokens (the attention sinks) + the most recent; keys
+                        are rotated by their *slot in the cache*, not their original position,
+                        so the model never sees a distance larger than it was trained on
+                        (Xiao et al., 2024)
+:class:`H2O`            the ``recent`` newest tokens + the "heavy hitters" with the largest
+                        attention accumulated since they arrived (Zhang et al., 2023). Newcomers
+                        have had no time to gather score, hence the protected recent window;
+                        ties go to the newer token
+:class:`TOVA`           drop the token the current query attends to least, averaged over heads
+:class:`Quest`          keep everything, but read only the pages (``page_size`` tokens) whose
+                        upper bound ``sum_d max(q_d min_d, q_d max_d)`` on the score is largest,
+                        per query head (Tang et al., 2024): saves reads, not memory
+======================  ======================================================================
 
 SnapKV (Li et al., 2024) compresses the prompt once, at the end of prefill:
 :func:`snapkv_select` votes with the attention of the last ``window`` prompt queries (pooled

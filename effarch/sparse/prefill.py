@@ -212,7 +212,7 @@ def xattention_tiles(
 
 class PrefillPattern:
     """Maps one layer's prompt ``q [B, T, H, D]``, ``k [B, T, G, D]`` (rotated) to a per-head
-    ``mask_mod``; subclasses implement :meth:`__call__`."""
+    ``mask_mod``; subclasses implement ``__call__``."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> MaskMod:
         raise NotImplementedError

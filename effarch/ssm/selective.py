@@ -1,7 +1,7 @@
 """Mamba's selective scan: a diagonal state space model whose parameters depend on the input.
 
 For every channel ``d`` and state index ``n`` (Gu & Dao, 2023, Algorithm 2), with the
-step size, input and output matrices ``delta_t``, ``B_t``, ``C_t`` computed from the input:
+step size, input and output matrices ``delta_t``, ``B_t``, ``C_t`` computed from the input::
 
     dA_t[d, n]  = exp(delta_t[d] * A[d, n])              (zero-order hold on A)
     dBu_t[d, n] = delta_t[d] * B_t[n] * u_t[d]            (Euler step on B)

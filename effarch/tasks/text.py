@@ -44,9 +44,11 @@ class TextCorpus:
     """A byte corpus split into training and held-out text.
 
     Attributes:
-        train, heldout: ``uint8`` tensors, the files of each split concatenated (each file
-            followed by a newline).
-        train_files, heldout_files: the relative paths in each split, sorted.
+        train: ``uint8`` tensor, the training files concatenated (each file followed by a
+            newline).
+        heldout: the held-out files, likewise.
+        train_files: the relative paths of the training files, sorted.
+        heldout_files: those of the held-out files, sorted.
         description: where the text came from (root, Python version, counts, digest).
     """
 

@@ -29,7 +29,8 @@ class UpdateRule:
         update: the update equation, LaTeX, in the package's ``S: [K, V]`` convention.
         objective: the loss of which ``update`` is one gradient step (the optimiser view).
         state: the memory per head, as a formula in ``d_k, d_v, t``.
-        train, decode: the cost of a length-``T`` sequence and of one decoded token.
+        train: the cost of a length-``T`` sequence.
+        decode: the cost of one decoded token.
         inputs: the per-step inputs besides ``q, k, v`` and their layout (``"[B, T, H]"``,
             ``"[B, T, H, K]"`` or ``"[H]"`` for a constant per head).
         init: ``(b, h, dk, dv, like) -> memory``: the empty memory.
