@@ -110,10 +110,12 @@ def _directive(module: str, members: bool) -> list[str]:
 def page(part: str) -> str:
     """The Markdown of one part's page."""
     modules = _modules(part)
-    body = _directive(f"effarch.{part}", members=not modules)
-    for module in modules:
-        body += ["", *_directive(module, members=True)]
-    return "\n".join([f"# effarch.{part}", "", "```{eval-rst}", *body, "```", ""])
+    lines = [f"# effarch.{part}", "", "```{eval-rst}"]
+    lines += [*_directive(f"effarch.{part}", members=not modules), "```", ""]
+    for module in modules:  # a section per module, so each has its place in the contents
+        lines += [f"## {module}", "", "```{eval-rst}"]
+        lines += [*_directive(module, members=True), "```", ""]
+    return "\n".join(lines)
 
 
 def pages() -> dict[Path, str]:
