@@ -388,7 +388,7 @@ def test_api_pages_document_a_name_once_at_its_home(monkeypatch):
 
     models = api_pages.page("models")
     # HybridLM's module re-exports RecurrentState from models.block: documented there only
-    hybrid = models.split(".. automodule:: effarch.models.hybrid")[1].split(".. automodule")[0]
+    hybrid = models.split(".. automodule:: effarch.models.hybrid")[1].split("```")[0]
     assert ":exclude-members: RecurrentState" in hybrid
     assert ".. automodule:: effarch.models.block" in models
     # a module without submodules documents its own members
@@ -411,3 +411,20 @@ def test_api_reference_links_resolve_re_exported_names():
     lines = ["Token mixers by name: the registry."]
     api_refs._no_inline_type(None, "data", "MIXERS", None, None, lines)
     assert lines[:2] == ["..", ""] and lines[2].startswith("Token mixers")
+
+
+def test_citation_file_agrees_with_the_package_and_the_book():
+    """CITATION.cff carries the release, the title and the repository of the package and the
+    book, and cites the survey."""
+    import yaml
+
+    import effarch
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    book = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert cff["version"] == effarch.__version__
+    assert cff["title"] == book["title"]
+    assert cff["repository-code"] == book["repository"]["url"]
+    survey = cff["references"][0]
+    assert "Speed Always Wins" in survey["title"] and survey["authors"][0]["family-names"] == "Sun"
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
