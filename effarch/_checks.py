@@ -210,6 +210,23 @@ def check_divides(name: str, total: int, parts_name: str, parts: int) -> int:
     return total // parts
 
 
+def check_heads(
+    d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None
+) -> tuple[int, int]:
+    """Check the head layout of an attention layer; return ``(n_kv_heads, head_dim)``.
+
+    ``n_kv_heads`` (default ``n_heads``) must divide ``n_heads``; ``head_dim`` defaults to
+    ``d_model / n_heads``, which must then be whole."""
+    check_positive_int("d_model", d_model)
+    check_positive_int("n_heads", n_heads)
+    g = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
+    if n_heads % g:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({g})")
+    if head_dim is None:
+        head_dim = check_divides("d_model", d_model, "n_heads", n_heads)
+    return g, check_positive_int("head_dim", head_dim)
+
+
 # ---------------------------------------------------------------------------------------------
 # Softmax attention: ``q [B, Tq, Hq, D]``, ``k [B, Tk, Hkv, D]``, ``v [B, Tk, Hkv, Dv]``
 # ---------------------------------------------------------------------------------------------

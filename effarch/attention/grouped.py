@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .._checks import check_positive_int, check_same, check_tensor
+from .._checks import check_heads, check_positive_int, check_same, check_tensor
 from .naive import sdpa_attention
 from .rope import apply_rope
 
@@ -220,17 +220,9 @@ class MultiHeadAttention(nn.Module):
         attention: Callable[..., torch.Tensor] = sdpa_attention,
     ) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("n_heads", n_heads)
-        g = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
-        if n_heads % g:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({g})")
-        if head_dim is None:
-            if d_model % n_heads:
-                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-            head_dim = d_model // n_heads
+        g, head_dim = check_heads(d_model, n_heads, n_kv_heads, head_dim)
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, g
-        self.head_dim = check_positive_int("head_dim", head_dim)
+        self.head_dim = head_dim
         self.rope, self.rope_base, self.causal, self.attention = rope, rope_base, causal, attention
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, g * head_dim, bias=bias)

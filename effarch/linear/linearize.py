@@ -81,6 +81,7 @@ from torch import nn
 
 from .._checks import (
     check_choice,
+    check_heads,
     check_layer_state,
     check_positive_int,
     check_positive_number,
@@ -231,16 +232,7 @@ class LinearizedAttention(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("n_heads", n_heads)
-        g = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
-        if n_heads % g:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({g})")
-        if head_dim is None:
-            if d_model % n_heads:
-                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-            head_dim = d_model // n_heads
-        check_positive_int("head_dim", head_dim)
+        g, head_dim = check_heads(d_model, n_heads, n_kv_heads, head_dim)
         if not isinstance(rope, bool):
             raise TypeError(f"rope must be a bool, got {type(rope).__name__} ({rope!r})")
         check_positive_number("rope_base", rope_base)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .._checks import check_positive_int, check_tensor
+from .._checks import check_heads, check_positive_int, check_tensor
 from ..attention import kv_cache_bytes, naive_attention
 from ..bench.flops import attention_flops
 
@@ -35,16 +35,9 @@ class TransformerConfig:
     gated_ffn: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_heads", "n_layers", "d_ff", "vocab_size"):
+        for name in ("n_layers", "d_ff", "vocab_size"):
             check_positive_int(name, getattr(self, name))
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
-        g = self.kv_heads
-        check_positive_int("n_kv_heads", g)
-        if self.n_heads % g:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({g})")
+        check_heads(self.d_model, self.n_heads, self.n_kv_heads)
 
     @property
     def kv_heads(self) -> int:
