@@ -415,7 +415,7 @@ def test_api_reference_links_resolve_re_exported_names():
 
 def test_citation_file_agrees_with_the_package_and_the_book():
     """CITATION.cff carries the release, the title and the repository of the package and the
-    book, and cites the survey."""
+    book, and cites the survey; the changelog has an entry for the release."""
     import yaml
 
     import effarch
@@ -428,3 +428,5 @@ def test_citation_file_agrees_with_the_package_and_the_book():
     survey = cff["references"][0]
     assert "Speed Always Wins" in survey["title"] and survey["authors"][0]["family-names"] == "Sun"
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert f"\n## {effarch.__version__}\n" in changelog, "CHANGELOG.md: no entry for the version"
