@@ -13,6 +13,10 @@ still reports it.
 docstring as ``type: description``, so "Token mixers by name: ..." would become a type
 named "Token mixers by name". The package gives types as annotations, never there: an empty
 comment is put before such a docstring, which napoleon then reads as a description only.
+
+**Values of constants.** A constant's value is shown beside its name when it is short
+(``MIN_CHUNK_SIZE = 16``); a long one (a registry of classes, a template) is left to its
+docstring, since its repr would fill the page and change from build to build.
 """
 
 from __future__ import annotations
@@ -23,9 +27,29 @@ from typing import Any
 from docutils import nodes
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
+from sphinx.ext.autodoc import AttributeDocumenter, DataDocumenter
+from sphinx.util.inspect import object_description
 from sphinx.util.nodes import make_refnode
 
 _MISSING = object()
+MAX_VALUE_CHARS = 80  # longer reprs of constants are not shown
+
+
+def _long_value(documenter: DataDocumenter | AttributeDocumenter) -> bool:
+    try:
+        return len(object_description(documenter.object)) > MAX_VALUE_CHARS
+    except ValueError:  # no repr
+        return True
+
+
+class _DataDocumenter(DataDocumenter):
+    def should_suppress_value_header(self) -> bool:
+        return super().should_suppress_value_header() or _long_value(self)
+
+
+class _AttributeDocumenter(AttributeDocumenter):
+    def should_suppress_value_header(self) -> bool:
+        return super().should_suppress_value_header() or _long_value(self)
 
 
 def _import(path: str) -> Any:
@@ -99,6 +123,9 @@ def _no_inline_type(
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.setup_extension("sphinx.ext.autodoc")
+    app.add_autodocumenter(_DataDocumenter, override=True)
+    app.add_autodocumenter(_AttributeDocumenter, override=True)
     app.connect("missing-reference", _resolve)
     # before napoleon's handler (priority 500)
     app.connect("autodoc-process-docstring", _no_inline_type, priority=400)
