@@ -18,7 +18,9 @@ the kernel independent of the pattern at the cost of ``BLOCK_M * BLOCK_N`` bytes
 tile. Everything else is FlashAttention-2 (see ``flash_attention.py``): online softmax in
 the forward pass, probabilities recomputed from the log-sum-exp in the backward pass. Layout
 ``[batch, seq, heads, head_dim]``, grouped-query heads by index; a query that sees no key
-gets output 0 and log-sum-exp ``-inf``.
+gets output 0 and log-sum-exp ``-inf``. A kernel computes a tile in pieces of ``TILE_M x
+TILE_N`` when the whole of it would not fit in shared memory (``_tiles``); the tiles, the
+layout and the masks stay those of the caller.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, contiguous, interpreter_cast, strides_bth
+from .common import (
+    check_interpreter_state,
+    contiguous,
+    interpreter_cast,
+    interpreting,
+    strides_bth,
+)
 
 __all__ = ["block_sparse_backward", "block_sparse_forward"]
 
@@ -38,52 +46,65 @@ def _fwd_kernel(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
     s_tid_b, s_tid_h, s_tid_i, s_cnt_b, s_cnt_h, s_lst_b, s_lst_h, s_lst_i,
     n_heads, group, seq_q, seq_k, head_dim, head_dim_v, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # One program: query block pid_m of one (batch, head); loops over its listed key blocks.
+    # One program: TILE_M query rows (of query block qb) of one (batch, head); loops over the
+    # block's listed key blocks, each in TILE_N-key steps (see _tiles).
+    # Addresses: the (batch, head), block and first-row terms are int64 (b * sqb or row * sqt
+    # pass 2^31 once a tensor has more than 2^31 elements); offsets inside a tile stay int32.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + offs_i
-    offs_n = tl.arange(0, BLOCK_N)
+    qb = pid_m // (BLOCK_M // TILE_M)
+    r0 = pid_m * TILE_M - qb * BLOCK_M  # the tile's first row inside its query block
+    offs_i = tl.arange(0, TILE_M)
+    offs_m = pid_m * TILE_M + offs_i
+    offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+    m0 = (pid_m * TILE_M).to(tl.int64)
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
                 mask=(offs_m[:, None] < seq_q) & d_ok[None, :], other=0.0)  # fmt: skip
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i = tl.full([TILE_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([TILE_M], tl.float32)
+    acc = tl.zeros([TILE_M, BLOCK_DV], tl.float32)
     qk_scale = scale * 1.4426950408889634  # base 2
-    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + pid_m)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    lst_row = LST + b * s_lst_b + h * s_lst_h + qb.to(tl.int64) * s_lst_i
+    tid_row = TID + b * s_tid_b + h * s_tid_h + qb.to(tl.int64) * s_tid_i
+    tile = (r0 + offs_i)[:, None] * BLOCK_N + offs_n[None, :]  # in a block's mask, row-major
+    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + qb)
     for n in range(0, count):
-        j = tl.load(LST + b * s_lst_b + h * s_lst_h + pid_m * s_lst_i + n)
-        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + pid_m * s_tid_i + j)
-        cols = j * BLOCK_N + offs_n
-        kt = tl.load(K + b * skb + hk * skh + cols[None, :] * skt + offs_d[:, None],
-                     mask=(cols[None, :] < seq_k) & d_ok[:, None], other=0.0)  # fmt: skip
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        if tid >= 0:  # a partial tile: its stored mask (full tiles need none)
-            tm = tl.load(TM + tid * BLOCK_M * BLOCK_N + offs_i[:, None] * BLOCK_N + offs_n[None, :])
-            s = tl.where(tm != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + offs_dv[None, :],
-                    mask=(cols[:, None] < seq_k) & dv_ok[None, :], other=0.0)  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        j = tl.load(lst_row + n)
+        tid = tl.load(tid_row + j)
+        for c in range(0, BLOCK_N, TILE_N):
+            cols = j * BLOCK_N + c + offs_n
+            n0 = (j * BLOCK_N + c).to(tl.int64)
+            kt = tl.load(k_base + n0 * skt + offs_n[None, :] * skt + offs_d[:, None],
+                         mask=(cols[None, :] < seq_k) & d_ok[:, None], other=0.0)  # fmt: skip
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            if tid >= 0:  # a partial block: its stored mask (full blocks need none)
+                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N) + c + tile)
+                s = tl.where(tm != 0, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n0 * svt + offs_n[:, None] * svt + offs_dv[None, :],
+                        mask=(cols[:, None] < seq_k) & dv_ok[None, :], other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     o_mask = (offs_m[:, None] < seq_q) & dv_ok[None, :]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * sot + offs_dv[None, :],
+    tl.store(Out + b * sob + h * soh + m0 * sot + offs_i[:, None] * sot + offs_dv[None, :],
              o.to(Out.dtype.element_ty), mask=o_mask)  # fmt: skip
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))  # fmt: skip
@@ -96,52 +117,63 @@ def _bwd_dq_kernel(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
     s_tid_b, s_tid_h, s_tid_i, s_cnt_b, s_cnt_h, s_lst_b, s_lst_h, s_lst_i,
     n_heads, group, seq_q, seq_k, head_dim, head_dim_v, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # dQ of one query block: P = exp(S - lse), dS = P (dO V^T - delta), dQ = scale dS K.
+    # dQ of TILE_M query rows: P = exp(S - lse), dS = P (dO V^T - delta), dQ = scale dS K.
+    # Tiles and addresses as in _fwd_kernel.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + offs_i
-    offs_n = tl.arange(0, BLOCK_N)
+    qb = pid_m // (BLOCK_M // TILE_M)
+    r0 = pid_m * TILE_M - qb * BLOCK_M
+    offs_i = tl.arange(0, TILE_M)
+    offs_m = pid_m * TILE_M + offs_i
+    offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     r_ok = offs_m < seq_q
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+    m0 = (pid_m * TILE_M).to(tl.int64)
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_dv[None, :],
+    do = tl.load(DO + b * sdob + h * sdoh + m0 * sdot + offs_i[:, None] * sdot + offs_dv[None, :],
                  mask=r_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
     lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=r_ok, other=float("-inf"))
     delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=r_ok, other=0.0)
     row_ok = lse > float("-inf")
     lse_safe = tl.where(row_ok, lse, 0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + pid_m)
+    dq = tl.zeros([TILE_M, BLOCK_D], tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    lst_row = LST + b * s_lst_b + h * s_lst_h + qb.to(tl.int64) * s_lst_i
+    tid_row = TID + b * s_tid_b + h * s_tid_h + qb.to(tl.int64) * s_tid_i
+    tile = (r0 + offs_i)[:, None] * BLOCK_N + offs_n[None, :]
+    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + qb)
     for n in range(0, count):
-        j = tl.load(LST + b * s_lst_b + h * s_lst_h + pid_m * s_lst_i + n)
-        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + pid_m * s_tid_i + j)
-        cols = j * BLOCK_N + offs_n
-        c_ok = cols < seq_k
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skt + offs_d[None, :],
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + offs_dv[None, :],
-                    mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        valid = row_ok[:, None] & (offs_n[None, :] >= 0)
-        if tid >= 0:
-            tm = tl.load(TM + tid * BLOCK_M * BLOCK_N + offs_i[:, None] * BLOCK_N + offs_n[None, :])
-            valid = valid & (tm != 0)
-        p = tl.where(valid, tl.exp(s - lse_safe[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+        j = tl.load(lst_row + n)
+        tid = tl.load(tid_row + j)
+        for c in range(0, BLOCK_N, TILE_N):
+            cols = j * BLOCK_N + c + offs_n
+            c_ok = cols < seq_k
+            n0 = (j * BLOCK_N + c).to(tl.int64)
+            k = tl.load(k_base + n0 * skt + offs_n[:, None] * skt + offs_d[None, :],
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+            v = tl.load(v_base + n0 * svt + offs_n[:, None] * svt + offs_dv[None, :],
+                        mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            valid = row_ok[:, None] & (offs_n[None, :] >= 0)
+            if tid >= 0:
+                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N) + c + tile)
+                valid = valid & (tm != 0)
+            p = tl.where(valid, tl.exp(s - lse_safe[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
 
 
@@ -152,55 +184,66 @@ def _bwd_dkdv_kernel(
     sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
     s_tid_b, s_tid_h, s_tid_i, s_cnt_b, s_cnt_h, s_lst_b, s_lst_h, s_lst_j,
     n_heads, group, seq_q, seq_k, head_dim, head_dim_v, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # dK, dV of one key block for one query head: loops over the query blocks that see it.
+    # dK, dV of TILE_N keys (of key block kb) for one query head: loops over the query blocks
+    # that see the block, each in TILE_M-row steps. Addresses as in _fwd_kernel.
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, BLOCK_N)
-    offs_n = pid_n * BLOCK_N + offs_c
+    kb = pid_n // (BLOCK_N // TILE_N)
+    c0 = pid_n * TILE_N - kb * BLOCK_N  # the tile's first key inside its key block
+    offs_i = tl.arange(0, TILE_M)
+    offs_c = tl.arange(0, TILE_N)
+    offs_n = pid_n * TILE_N + offs_c
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     c_ok = offs_n < seq_k
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :],
+    n0 = (pid_n * TILE_N).to(tl.int64)
+    k = tl.load(K + b * skb + hk * skh + n0 * skt + offs_c[:, None] * skt + offs_d[None, :],
                 mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_dv[None, :],
+    v = tl.load(V + b * svb + hk * svh + n0 * svt + offs_c[:, None] * svt + offs_dv[None, :],
                 mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + pid_n)
+    dk = tl.zeros([TILE_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([TILE_N, BLOCK_DV], tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    lst_row = LST + b * s_lst_b + h * s_lst_h + kb.to(tl.int64) * s_lst_j
+    tid_col = TID + b * s_tid_b + h * s_tid_h + kb
+    tile = offs_i[:, None] * BLOCK_N + (c0 + offs_c)[None, :]
+    count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + kb)
     for n in range(0, count):
-        i = tl.load(LST + b * s_lst_b + h * s_lst_h + pid_n * s_lst_j + n)
-        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + i * s_tid_i + pid_n)
-        rows = i * BLOCK_M + offs_i
-        r_ok = rows < seq_q
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :],
-                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdot + offs_dv[None, :],
-                     mask=r_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
-        lse = tl.load(LSE + pid_bh * seq_q + rows, mask=r_ok, other=float("-inf"))
-        delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
-        row_ok = lse > float("-inf")
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        valid = row_ok[:, None] & (offs_c[None, :] >= 0)
-        if tid >= 0:
-            tm = tl.load(TM + tid * BLOCK_M * BLOCK_N + offs_i[:, None] * BLOCK_N + offs_c[None, :])
-            valid = valid & (tm != 0)
-        p = tl.where(valid, tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk * scale,
-             mask=c_ok[:, None] & d_ok[None, :])  # fmt: skip
-    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvt + offs_dv[None, :], dv,
+        i = tl.load(lst_row + n)
+        tid = tl.load(tid_col + i.to(tl.int64) * s_tid_i)
+        for r in range(0, BLOCK_M, TILE_M):
+            rows = i * BLOCK_M + r + offs_i
+            r_ok = rows < seq_q
+            m0 = (i * BLOCK_M + r).to(tl.int64)
+            q = tl.load(q_base + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
+                        mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+            do = tl.load(do_base + m0 * sdot + offs_i[:, None] * sdot + offs_dv[None, :],
+                         mask=r_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+            lse = tl.load(LSE + pid_bh * seq_q + rows, mask=r_ok, other=float("-inf"))
+            delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
+            row_ok = lse > float("-inf")
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            valid = row_ok[:, None] & (offs_c[None, :] >= 0)
+            if tid >= 0:
+                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N) + r * BLOCK_N + tile)
+                valid = valid & (tm != 0)
+            p = tl.where(valid, tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + b * sdkb + h * sdkh + n0 * sdkt + offs_c[:, None] * sdkt + offs_d[None, :],
+             dk * scale, mask=c_ok[:, None] & d_ok[None, :])  # fmt: skip
+    tl.store(DV + b * sdvb + h * sdvh + n0 * sdvt + offs_c[:, None] * sdvt + offs_dv[None, :], dv,
              mask=c_ok[:, None] & dv_ok[None, :])  # fmt: skip
 
 
@@ -213,11 +256,42 @@ def _bhstrides_bth(t: torch.Tensor, n: int) -> tuple[int, ...]:
     return tuple(s[:n])
 
 
+# The mask's blocks (BLOCK_M x BLOCK_N, the caller's block_q x block_k) are the sparsity
+# granularity; the kernels compute them in tiles of TILE_M x TILE_N that divide them: query
+# rows of a block in separate programs, its key tiles (forward, dQ) or query tiles (dK, dV)
+# in an inner loop. A tile is the whole block unless that would not fit in shared memory.
+# Compiled for sm_90 (4 warps, 3 stages), the largest of the three kernels needs, by the
+# bytes of one row of q, k or v (max(head_dim, head_dim_v) padded to a power of two, times
+# the element size):
+#   up to 256 bytes (16-bit head_dim 128, float32 64): 128 x 128 tiles 200 KiB (256 x 256
+#                                                at 16-bit head_dim 64: 258 KiB)
+#   512 bytes (16-bit 256, float32 128):         128 x 128 392 KiB, 64 x 64 273 KiB (16-bit)
+#                                                and 210 KiB (float32), 32 x 32 101 KiB
+#   1024 bytes (float32 256):                    32 x 32 197 KiB, 16 x 16 98 KiB
+# against 227 KiB per block on an H100: the default 128 x 128 blocks could not launch at
+# 16-bit head_dim 256 or float32 head_dim 128 and up. The largest tile side by row bytes:
+_TILE_CAP = {256: 128, 512: 32, 1024: 16}
+
+
+def _tiles(block_m: int, block_n: int, block_d: int, block_dv: int, dtype: torch.dtype) -> dict:
+    """``TILE_M``, ``TILE_N`` for one call: the blocks, capped by ``_TILE_CAP`` (both are
+    powers of two, so a tile divides its block). Under the interpreter (no shared memory)
+    tiles are whole blocks."""
+    if interpreting():
+        return dict(TILE_M=block_m, TILE_N=block_n)
+    row = max(block_d, block_dv) * dtype.itemsize
+    cap = _TILE_CAP[max(row, 256)]
+    return dict(TILE_M=min(block_m, cap), TILE_N=min(block_n, cap))
+
+
 def _sizes(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> dict:
     d, dv = q.shape[-1], v.shape[-1]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                BLOCK_DV=max(16, triton.next_power_of_2(dv)), PRECISION=precision)  # fmt: skip
+    block_d = max(16, triton.next_power_of_2(d))
+    block_dv = max(16, triton.next_power_of_2(dv))
+    tiles = _tiles(block_m, block_n, block_d, block_dv, q.dtype)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                PRECISION=precision, **tiles)  # fmt: skip
 
 
 def block_sparse_forward(
@@ -241,12 +315,13 @@ def block_sparse_forward(
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     o = torch.empty((b, tq, hq, dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
-    grid = (tile_id.shape[2], b * hq)
+    sizes = _sizes(q, v, block_m, block_n)
+    grid = (tile_id.shape[2] * (block_m // sizes["TILE_M"]), b * hq)
     _fwd_kernel[grid](
         q, k, v, o, lse, tile_id, kv_count, kv_list, tile_masks,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
         *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
-        hq, hq // hkv, tq, tk, d, dv, scale, **_sizes(q, v, block_m, block_n),
+        hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
     )  # fmt: skip
     return o.to(dtype), lse
 
@@ -281,13 +356,13 @@ def block_sparse_backward(
     dv_h = torch.empty((b, tk, hq, dv), device=q.device, dtype=torch.float32)
     sizes = _sizes(q, v, block_m, block_n)
     nq, nk = tile_id.shape[2], tile_id.shape[3]
-    _bwd_dq_kernel[(nq, b * hq)](
+    _bwd_dq_kernel[(nq * (block_m // sizes["TILE_M"]), b * hq)](
         q, k, v, do, lse, delta, dq, tile_id, kv_count, kv_list, tile_masks,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
         *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
         hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
     )  # fmt: skip
-    _bwd_dkdv_kernel[(nk, b * hq)](
+    _bwd_dkdv_kernel[(nk * (block_n // sizes["TILE_N"]), b * hq)](
         q, k, v, do, lse, delta, dk_h, dv_h, tile_id, q_count, q_list, tile_masks,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
         *strides_bth(dv_h),

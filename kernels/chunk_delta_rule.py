@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scalar_decay import check_key_dim, chunk_log_decay, chunk_output_kernel
+from .chunk_scalar_decay import check_key_dim, chunk_log_decay, chunk_output_kernel, token_row
 from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
 from .limits import check, chunk_size_reason
 
@@ -59,8 +59,9 @@ def _wy_kernel(
     BV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # One program per chunk of one (batch, head): all of K, looping over V blocks for U.
+    # Addresses: the chunk's first row in int64 (token_row), offsets inside the chunk int32.
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_i = tl.arange(0, BT)
@@ -68,12 +69,14 @@ def _wy_kernel(
     offs_k = tl.arange(0, BK)
     t_ok = offs_t < seq_len
     k_ok = offs_k < dim_k
-    rows = (b * seq_len + offs_t) * n_heads + h
+    row0 = token_row(b, h, pid_n * BT, seq_len, n_heads)
+    step = offs_i * n_heads
+    tk_offs = step[:, None] * dim_k + offs_k[None, :]
     # Steps past the sequence end read k = 0 and beta = 0: their rows of A are zero, their
     # rows of T are those of the identity and they write nothing.
-    k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :],
+    k = tl.load(Kp + row0 * dim_k + tk_offs,
                 mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    beta = tl.load(BETA + rows, mask=t_ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + row0 + step, mask=t_ok, other=0.0).to(tl.float32)
     gc, _ = chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
 
     # A_ij = beta_i exp(G_i - G_j) (k_i . k_j) for j < i. The exponent is masked to -inf
@@ -97,16 +100,17 @@ def _wy_kernel(
 
     # W = T diag(beta exp(G)) K: what a unit of the entering state takes off each write.
     w = tl.dot(t_inv, k * (beta * tl.exp(gc))[:, None], input_precision=PREC)
-    tl.store(W + rows[:, None] * dim_k + offs_k[None, :], w, mask=t_ok[:, None] & k_ok[None, :])
+    tl.store(W + row0 * dim_k + tk_offs, w, mask=t_ok[:, None] & k_ok[None, :])
 
     # U = T diag(beta) V: the writes the chunk would make from a zero entering state.
+    tv_base = row0 * dim_v
     for v0 in range(0, dim_v, BV):
         offs_v = v0 + tl.arange(0, BV)
-        tv_offs = rows[:, None] * dim_v + offs_v[None, :]
+        tv_offs = step[:, None] * dim_v + offs_v[None, :]
         tv_mask = t_ok[:, None] & (offs_v < dim_v)[None, :]
-        v = tl.load(Vp + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
+        v = tl.load(Vp + tv_base + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
         u = tl.dot(t_inv, v * beta[:, None], input_precision=PREC)
-        tl.store(U + tv_offs, u, mask=tv_mask)
+        tl.store(U + tv_base + tv_offs, u, mask=tv_mask)
 
 
 @triton.jit
@@ -118,9 +122,10 @@ def _delta_states_kernel(
 ):  # fmt: skip
     # One program carries a [K, BV] slice of one (batch, head)'s state across the chunks.
     # Columns of S never mix (X = U - W S and the update act column by column), so the
-    # value dimension splits across programs exactly.
+    # value dimension splits across programs exactly. Addresses: per-(batch, head), per-chunk
+    # and per-row terms int64, offsets inside a tile int32.
     pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_k = tl.arange(0, BK)
@@ -129,6 +134,9 @@ def _delta_states_kernel(
     v_ok = offs_v < dim_v
     s_mask = k_ok[:, None] & v_ok[None, :]
     s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
+    step = tl.arange(0, BT) * n_heads
+    tk_offs = step[:, None] * dim_k + offs_k[None, :]
+    tv_offs = step[:, None] * dim_v + offs_v[None, :]
     state = tl.zeros([BK, BV], tl.float32)
     if USE_H0:
         state += tl.load(H0 + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
@@ -137,18 +145,18 @@ def _delta_states_kernel(
         tl.store(HS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, state, mask=s_mask)
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        rows = (b * seq_len + offs_t) * n_heads + h
-        tk_offs = rows[:, None] * dim_k + offs_k[None, :]
+        row0 = token_row(b, h, n * BT, seq_len, n_heads)
+        tk_base = row0 * dim_k
         tk_mask = t_ok[:, None] & k_ok[None, :]
-        tv_offs = rows[:, None] * dim_v + offs_v[None, :]
+        tv_base = row0 * dim_v
         tv_mask = t_ok[:, None] & v_ok[None, :]
-        w = tl.load(W + tk_offs, mask=tk_mask, other=0.0)
-        u = tl.load(U + tv_offs, mask=tv_mask, other=0.0)
-        k = tl.load(Kp + tk_offs, mask=tk_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + tk_base + tk_offs, mask=tk_mask, other=0.0)
+        u = tl.load(U + tv_base + tv_offs, mask=tv_mask, other=0.0)
+        k = tl.load(Kp + tk_base + tk_offs, mask=tk_mask, other=0.0).to(tl.float32)
         gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         # X = U - W S: the rows this chunk really writes, given the state entering it.
         x = u - tl.dot(w, state, input_precision=PREC)
-        tl.store(VN + tv_offs, x, mask=tv_mask)
+        tl.store(VN + tv_base + tv_offs, x, mask=tv_mask)
         # S <- exp(G_L) S + sum_j exp(G_L - G_j) k_j x_j^T (every exponent <= 0).
         k = k * tl.exp(g_last - gc)[:, None]
         state = state * tl.exp(g_last) + tl.dot(tl.trans(k), x, input_precision=PREC)

@@ -49,17 +49,29 @@ __all__ = [
     "chunk_output_kernel",
     "chunk_scalar_decay_bwd",
     "chunk_scalar_decay_fwd",
+    "token_row",
 ]
+
+
+@triton.jit
+def token_row(b, h, t, seq_len, n_heads):
+    """Row of step ``t`` of (batch ``b``, head ``h``) in a contiguous ``[B, T, H, ...]`` tensor,
+    in int64 when ``b`` is (every kernel here makes ``b`` int64 from its program id): that row
+    times the row length passes 2^31 once the tensor has more than 2^31 elements. The steps of
+    one chunk follow at ``n_heads`` rows each, an int32 offset inside the chunk."""
+    return (b * seq_len + t) * n_heads + h
 
 
 @triton.jit
 def chunk_log_decay(G, b, h, t0, seq_len, n_heads, USE_G: tl.constexpr, BT: tl.constexpr):
     """Cumulative log decay ``[BT]`` inside the chunk starting at ``t0`` and its last value.
 
-    Steps past the sequence end read ``g = 0``, so the last entry is the chunk's total."""
+    Steps past the sequence end read ``g = 0``, so the last entry is the chunk's total. ``b``
+    is int64 (see ``token_row``)."""
     offs_t = t0 + tl.arange(0, BT)
     if USE_G:
-        g = tl.load(G + (b * seq_len + offs_t) * n_heads + h, mask=offs_t < seq_len, other=0.0)
+        g_ptr = G + token_row(b, h, t0, seq_len, n_heads)
+        g = tl.load(g_ptr + tl.arange(0, BT) * n_heads, mask=offs_t < seq_len, other=0.0)
         gc = tl.cumsum(g.to(tl.float32), axis=0)
     else:
         gc = tl.zeros([BT], tl.float32)
@@ -75,8 +87,9 @@ def _fwd_states_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program carries a [K, BV] slice of one (batch, head)'s state across the chunks.
+    # Addresses: per-(batch, head), per-chunk and per-row terms in int64, in-tile ones int32.
     pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_k = tl.arange(0, BK)
@@ -85,6 +98,7 @@ def _fwd_states_kernel(
     v_ok = offs_v < dim_v
     s_mask = k_ok[:, None] & v_ok[None, :]
     s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
+    step = tl.arange(0, BT) * n_heads  # rows between the steps of a chunk
     state = tl.zeros([BK, BV], tl.float32)
     if USE_H0:
         state += tl.load(H0 + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
@@ -93,10 +107,10 @@ def _fwd_states_kernel(
         tl.store(HS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, state, mask=s_mask)
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        rows = (b * seq_len + offs_t) * n_heads + h
-        k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :],
+        row0 = token_row(b, h, n * BT, seq_len, n_heads)
+        k = tl.load(Kp + row0 * dim_k + step[:, None] * dim_k + offs_k[None, :],
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        v = tl.load(Vp + rows[:, None] * dim_v + offs_v[None, :],
+        v = tl.load(Vp + row0 * dim_v + step[:, None] * dim_v + offs_v[None, :],
                     mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         k = k * tl.exp(g_last - gc)[:, None]  # decay from each step to the chunk's end, <= 1
@@ -113,10 +127,11 @@ def chunk_output_kernel(
     USE_G: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # One program computes the outputs of one chunk for BV value columns.
+    # One program computes the outputs of one chunk for BV value columns. Addresses as in
+    # _fwd_states_kernel.
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_bh = tl.program_id(2).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_i = tl.arange(0, BT)
@@ -126,11 +141,13 @@ def chunk_output_kernel(
     t_ok = offs_t < seq_len
     k_ok = offs_k < dim_k
     v_ok = offs_v < dim_v
-    rows = (b * seq_len + offs_t) * n_heads + h
+    row0 = token_row(b, h, pid_n * BT, seq_len, n_heads)
+    qk_offs = (offs_i * n_heads)[:, None] * dim_k + offs_k[None, :]
+    tv_offs = (offs_i * n_heads)[:, None] * dim_v + offs_v[None, :]
     qk_mask = t_ok[:, None] & k_ok[None, :]
-    q = tl.load(Q + rows[:, None] * dim_k + offs_k[None, :], mask=qk_mask, other=0.0)
-    k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :], mask=qk_mask, other=0.0)
-    v = tl.load(Vp + rows[:, None] * dim_v + offs_v[None, :],
+    q = tl.load(Q + row0 * dim_k + qk_offs, mask=qk_mask, other=0.0)
+    k = tl.load(Kp + row0 * dim_k + qk_offs, mask=qk_mask, other=0.0)
+    v = tl.load(Vp + row0 * dim_v + tv_offs,
                 mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
     q = q.to(tl.float32)
     k = k.to(tl.float32)
@@ -145,7 +162,7 @@ def chunk_output_kernel(
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
     o = tl.dot(q * tl.exp(gc)[:, None], hs, input_precision=PRECISION)
     o += tl.dot(scores, v, input_precision=PRECISION)
-    tl.store(Out + rows[:, None] * dim_v + offs_v[None, :], (o * scale).to(Out.dtype.element_ty),
+    tl.store(Out + row0 * dim_v + tv_offs, (o * scale).to(Out.dtype.element_ty),
              mask=t_ok[:, None] & v_ok[None, :])  # fmt: skip
 
 
@@ -158,8 +175,9 @@ def _bwd_states_kernel(
 ):  # fmt: skip
     # The forward recurrence run backwards: DHS[n] is the gradient of the state leaving
     # chunk n; after the loop the carried value is the gradient of the initial state.
+    # Addresses as in _fwd_states_kernel.
     pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_k = tl.arange(0, BK)
@@ -168,6 +186,7 @@ def _bwd_states_kernel(
     v_ok = offs_v < dim_v
     s_mask = k_ok[:, None] & v_ok[None, :]
     s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
+    step = tl.arange(0, BT) * n_heads
     dstate = tl.zeros([BK, BV], tl.float32)
     if USE_DHT:
         dstate += tl.load(DHT + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
@@ -177,10 +196,10 @@ def _bwd_states_kernel(
         tl.store(DHS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, dstate, mask=s_mask)
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        rows = (b * seq_len + offs_t) * n_heads + h
-        q = tl.load(Q + rows[:, None] * dim_k + offs_k[None, :],
+        row0 = token_row(b, h, n * BT, seq_len, n_heads)
+        q = tl.load(Q + row0 * dim_k + step[:, None] * dim_k + offs_k[None, :],
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        do = tl.load(DO + rows[:, None] * dim_v + offs_v[None, :],
+        do = tl.load(DO + row0 * dim_v + step[:, None] * dim_v + offs_v[None, :],
                      mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         q = q * (tl.exp(gc) * scale)[:, None]
@@ -198,9 +217,10 @@ def _bwd_dqkv_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program owns one chunk of one (batch, head): all of K, and loops over V blocks
-    # (dq and dk contract over V, dv over K).
+    # (dq and dk contract over V, dv over K). Addresses as in _fwd_states_kernel: the
+    # chunk's first row (int64) plus offsets inside the chunk (int32).
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_i = tl.arange(0, BT)
@@ -208,11 +228,13 @@ def _bwd_dqkv_kernel(
     offs_k = tl.arange(0, BK)
     t_ok = offs_t < seq_len
     k_ok = offs_k < dim_k
-    rows = (b * seq_len + offs_t) * n_heads + h
-    qk_offs = rows[:, None] * dim_k + offs_k[None, :]
+    row0 = token_row(b, h, pid_n * BT, seq_len, n_heads)
+    step = offs_i * n_heads
+    qk_base = row0 * dim_k
+    qk_offs = step[:, None] * dim_k + offs_k[None, :]
     qk_mask = t_ok[:, None] & k_ok[None, :]
-    q = tl.load(Q + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
-    k = tl.load(Kp + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+    q = tl.load(Q + qk_base + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+    k = tl.load(Kp + qk_base + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
     gc, g_last = chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
     causal = offs_i[:, None] >= offs_i[None, :]
     decay = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
@@ -223,31 +245,33 @@ def _bwd_dqkv_kernel(
     dq_state = tl.zeros([BT, BK], tl.float32)  # dO h^T
     dk_state = tl.zeros([BT, BK], tl.float32)  # V dh^T
     state_base = (pid_bh * n_chunks + pid_n) * dim_k * dim_v
+    tv_base = row0 * dim_v
     for v0 in range(0, dim_v, BV):
         offs_v = v0 + tl.arange(0, BV)
         v_ok = offs_v < dim_v
-        tv_offs = rows[:, None] * dim_v + offs_v[None, :]
+        tv_offs = step[:, None] * dim_v + offs_v[None, :]
         tv_mask = t_ok[:, None] & v_ok[None, :]
-        v = tl.load(Vp + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
-        s_offs = state_base + offs_k[:, None] * dim_v + offs_v[None, :]
+        v = tl.load(Vp + tv_base + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + tv_base + tv_offs, mask=tv_mask, other=0.0).to(tl.float32)
+        s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
         s_mask = k_ok[:, None] & v_ok[None, :]
-        hs = tl.load(HS + s_offs, mask=s_mask, other=0.0)  # state entering the chunk
-        dh = tl.load(DHS + s_offs, mask=s_mask, other=0.0)  # gradient of the state leaving it
+        # the state entering the chunk and the gradient of the state leaving it
+        hs = tl.load(HS + state_base + s_offs, mask=s_mask, other=0.0)
+        dh = tl.load(DHS + state_base + s_offs, mask=s_mask, other=0.0)
         dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dq_state += tl.dot(do, tl.trans(hs), input_precision=PRECISION)
         dk_state += tl.dot(v, tl.trans(dh), input_precision=PRECISION)
         dv = tl.dot(tl.trans(a), do, input_precision=PRECISION)
         dv += tl.dot(k, dh, input_precision=PRECISION) * to_end[:, None]
-        tl.store(DV + tv_offs, dv.to(DV.dtype.element_ty), mask=tv_mask)
+        tl.store(DV + tv_base + tv_offs, dv.to(DV.dtype.element_ty), mask=tv_mask)
 
     p = dp * decay
     dq = (dq_state * tl.exp(gc)[:, None] + tl.dot(p, k, input_precision=PRECISION)) * scale
     dk = tl.dot(tl.trans(p), q, input_precision=PRECISION) * scale + dk_state * to_end[:, None]
-    tl.store(DQ + qk_offs, dq.to(DQ.dtype.element_ty), mask=qk_mask)
-    tl.store(DK + qk_offs, dk.to(DK.dtype.element_ty), mask=qk_mask)
+    tl.store(DQ + qk_base + qk_offs, dq.to(DQ.dtype.element_ty), mask=qk_mask)
+    tl.store(DK + qk_base + qk_offs, dk.to(DK.dtype.element_ty), mask=qk_mask)
     if USE_G:  # gradient of the cumulative log decay at each step: q . dq - k . dk
-        tl.store(DGC + rows, tl.sum(q * dq - k * dk, axis=1), mask=t_ok)
+        tl.store(DGC + row0 + step, tl.sum(q * dq - k * dk, axis=1), mask=t_ok)
 
 
 @triton.jit
@@ -257,27 +281,29 @@ def _bwd_dg_kernel(
     USE_DHT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     # dg_t = sum_{u >= t} dC_u: a reverse cumulative sum over the sequence, chunk by chunk.
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    step = tl.arange(0, BT) * n_heads
     carry = tl.sum(tl.zeros([BT], tl.float32), axis=0)
     if USE_DHT:  # the final state S_T = exp(C_T) (...) adds <dS_T, S_T> to dC at the last step
         offs_k = tl.arange(0, BK)
         for v0 in range(0, dim_v, BV):
             offs_v = v0 + tl.arange(0, BV)
-            s_offs = pid_bh * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
+            s_base = pid_bh * dim_k * dim_v
+            s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
             s_mask = (offs_k[:, None] < dim_k) & (offs_v[None, :] < dim_v)
-            ht = tl.load(HT + s_offs, mask=s_mask, other=0.0)
-            dht = tl.load(DHT + s_offs, mask=s_mask, other=0.0)
+            ht = tl.load(HT + s_base + s_offs, mask=s_mask, other=0.0)
+            dht = tl.load(DHT + s_base + s_offs, mask=s_mask, other=0.0)
             carry += tl.sum(tl.sum(ht * dht, axis=1), axis=0)
     for i in range(0, n_chunks):
         n = n_chunks - 1 - i
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        rows = (b * seq_len + offs_t) * n_heads + h
-        dgc = tl.load(DGC + rows, mask=t_ok, other=0.0)
+        row0 = token_row(b, h, n * BT, seq_len, n_heads)
+        dgc = tl.load(DGC + row0 + step, mask=t_ok, other=0.0)
         suffix = tl.cumsum(dgc, axis=0, reverse=True) + carry
-        tl.store(DG + rows, suffix.to(DG.dtype.element_ty), mask=t_ok)
+        tl.store(DG + row0 + step, suffix.to(DG.dtype.element_ty), mask=t_ok)
         carry += tl.sum(dgc, axis=0)
 
 

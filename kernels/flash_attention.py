@@ -31,6 +31,7 @@ __all__ = [
     "flash_attention_backward",
     "flash_attention_forward",
     "interpreting",
+    "tune_bucket",
 ]
 
 
@@ -43,19 +44,26 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program computes BLOCK_M query rows of one (batch, head).
+    # Addresses in int64 where they can pass 2^31 (in a tensor of more than 2^31 elements):
+    # the (batch, head) terms, the first row of the program's own tile (m0) and the rows of
+    # the tiles a loop walks (cols64). Offsets inside a tile and the masks stay int32. (The
+    # compiled kernels keep their registers this way: int32 offsets of a loop's tiles held
+    # apart from an int64 first row are hoisted out of the loop and held in registers.)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_i
+    m0 = (pid_m * BLOCK_M).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     offset = seq_k - seq_q  # bottom-right alignment: row i sees keys j <= i + offset
 
     q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+        Q + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
         mask=(offs_m[:, None] < seq_q) & d_ok[None, :],
         other=0.0,
     )
@@ -69,8 +77,9 @@ def _fwd_kernel(
         hi = tl.maximum(tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + offset), 0)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
+        cols64 = cols.to(tl.int64)
         kt = tl.load(
-            K + b * skb + hk * skh + cols[None, :] * skt + offs_d[:, None],
+            K + b * skb + hk * skh + cols64[None, :] * skt + offs_d[:, None],
             mask=(cols[None, :] < seq_k) & d_ok[:, None],
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]: K^T
@@ -85,7 +94,7 @@ def _fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            V + b * svb + hk * svh + cols[:, None] * svt + offs_d[None, :],
+            V + b * svb + hk * svh + cols64[:, None] * svt + offs_d[None, :],
             mask=(cols[:, None] < seq_k) & d_ok[None, :],
             other=0.0,
         )
@@ -95,7 +104,7 @@ def _fwd_kernel(
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(
-        Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+        Out + b * sob + h * soh + m0 * sot + offs_i[:, None] * sot + offs_d[None, :],
         o.to(Out.dtype.element_ty),
         mask=(offs_m[:, None] < seq_q) & d_ok[None, :],
     )
@@ -104,30 +113,33 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_q", "tune_k"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
     sdkb, sdkt, sdkh,
-    n_heads, group, seq_q, seq_k, head_dim, scale,
+    n_heads, group, seq_q, seq_k, head_dim, scale, tune_q, tune_k,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_N keys of one (batch, query head) and loops over queries.
+    # (tune_q, tune_k: only the autotuning key, see _TUNE_KEY.) Addresses as in _fwd_kernel.
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + offs_c
+    n0 = (pid_n * BLOCK_N).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     offset = seq_k - seq_q
     kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :],
+    k = tl.load(K + b * skb + hk * skh + n0 * skt + offs_c[:, None] * skt + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # fmt: skip
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :],
+    v = tl.load(V + b * svb + hk * svh + n0 * svt + offs_c[:, None] * svt + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -138,10 +150,11 @@ def _bwd_dkdv_kernel(
         lo = (lo // BLOCK_M) * BLOCK_M
     for start_m in range(lo, seq_q, BLOCK_M):
         rows = start_m + offs_m
+        rows64 = rows.to(tl.int64)
         r_ok = rows < seq_q
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :],
+        q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqt + offs_d[None, :],
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdot + offs_d[None, :],
+        do = tl.load(DO + b * sdob + h * sdoh + rows64[:, None] * sdot + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         lse = tl.load(LSE + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
         delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
@@ -155,34 +168,37 @@ def _bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
 
-    out = b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
+    out = b * sdkb + h * sdkh + n0 * sdkt + offs_c[:, None] * sdkt + offs_d[None, :]
     tl.store(DK + out, dk * scale, mask=kv_mask)
     tl.store(DV + out, dv, mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_q", "tune_k"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-    n_heads, group, seq_q, seq_k, head_dim, scale,
+    n_heads, group, seq_q, seq_k, head_dim, scale, tune_q, tune_k,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_M queries of one (batch, head) and loops over keys.
+    # (tune_q, tune_k: only the autotuning key.) Addresses as in _fwd_kernel.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_i
+    m0 = (pid_m * BLOCK_M).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     r_ok = offs_m < seq_q
     offset = seq_k - seq_q
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :],
+    do = tl.load(DO + b * sdob + h * sdoh + m0 * sdot + offs_i[:, None] * sdot + offs_d[None, :],
                  mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=r_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=r_ok, other=0.0)
@@ -193,10 +209,11 @@ def _bwd_dq_kernel(
         hi = tl.maximum(tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + offset), 0)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
+        cols64 = cols.to(tl.int64)
         c_ok = cols < seq_k
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skt + offs_d[None, :],
+        k = tl.load(K + b * skb + hk * skh + cols64[:, None] * skt + offs_d[None, :],
                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + offs_d[None, :],
+        v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svt + offs_d[None, :],
                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         valid = r_ok[:, None] & c_ok[None, :] & (lse[:, None] > float("-inf"))
@@ -207,7 +224,7 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+    tl.store(DQ + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
 
 
@@ -235,7 +252,17 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
 # stages); configurations that do not fit a card's shared memory are skipped by the tuner.
 _DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2)]
 _DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
-_TUNE_KEY = ["head_dim", "seq_q", "seq_k", "CAUSAL"]
+# The key holds the sequence lengths rounded up to a power of two (tune_bucket), not the
+# lengths themselves: with the exact lengths every new length re-ran the tuner (slow with
+# variable-length batches and in tests of many shapes), while the best tiles change with the
+# scale of the lengths, not with each value.
+_TUNE_KEY = ["head_dim", "tune_q", "tune_k", "CAUSAL"]
+
+
+def tune_bucket(seq_len: int) -> int:
+    """What the backward kernels' autotuning key holds for a sequence length: the next power
+    of two (lengths 100 and 120 share 128, so they share one tuning)."""
+    return triton.next_power_of_2(seq_len)
 
 
 def _tuned(kernel: triton.JITFunction, tiles: list[tuple[int, int, int, int]]):
@@ -324,12 +351,12 @@ def flash_attention_backward(
     dkdv[lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hq)](
         q, k, v, do, lse, delta, dk_h, dv_h,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
-        hq, hq // hkv, tq, tk, d, scale, **common,
+        hq, hq // hkv, tq, tk, d, scale, tune_bucket(tq), tune_bucket(tk), **common,
     )  # fmt: skip
     dq_kernel[lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq)](
         q, k, v, do, lse, delta, dq,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
-        hq, hq // hkv, tq, tk, d, scale, **common,
+        hq, hq // hkv, tq, tk, d, scale, tune_bucket(tq), tune_bucket(tk), **common,
     )  # fmt: skip
     g = hq // hkv
     dk = dk_h.view(b, tk, hkv, g, d).sum(3)

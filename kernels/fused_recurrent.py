@@ -33,8 +33,10 @@ def _fused_recurrent_kernel(
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
+    # Addresses: the (batch, head) and row terms in int64 (row * dim_k passes 2^31 once a
+    # tensor has more than 2^31 elements), offsets inside a row or state tile int32.
     pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_k = tl.arange(0, BLOCK_K)
@@ -42,14 +44,15 @@ def _fused_recurrent_kernel(
     k_ok = offs_k < dim_k
     v_ok = offs_v < dim_v
     s_mask = k_ok[:, None] & v_ok[None, :]
-    s_ptrs = pid_bh * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
+    s_base = pid_bh * dim_k * dim_v
+    s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
     state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
     if USE_H0:
-        state += tl.load(H0 + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+        state += tl.load(H0 + s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
 
     # q, k, gk: [B, T, H, K]; v, o: [B, T, H, V]; g, beta: [B, T, H] (all contiguous)
     for t in range(0, seq_len):
-        row = (b * seq_len + t) * n_heads + h
+        row = (b * seq_len + t) * n_heads + h  # int64, as b is
         q = tl.load(Q + row * dim_k + offs_k, mask=k_ok, other=0.0).to(tl.float32) * scale
         k = tl.load(K + row * dim_k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         v = tl.load(V + row * dim_v + offs_v, mask=v_ok, other=0.0).to(tl.float32)
@@ -66,7 +69,7 @@ def _fused_recurrent_kernel(
         tl.store(Out + row * dim_v + offs_v, o.to(Out.dtype.element_ty), mask=v_ok)
 
     if STORE_HT:
-        tl.store(HT + s_ptrs, state, mask=s_mask)
+        tl.store(HT + s_base + s_offs, state, mask=s_mask)
 
 
 def fused_recurrent(

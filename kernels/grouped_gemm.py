@@ -35,6 +35,9 @@ def _rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # Addresses: the group, first-row, first-column and k-step terms in int64 (x and y pass
+    # 2^31 elements past 2^20 rows of 2048, w at 64 experts of 4096 x 16384); offsets inside a
+    # tile int32.
     t = tl.program_id(0)
     pn = tl.program_id(1)
     g = tl.load(TILE_GROUP + t)
@@ -42,21 +45,31 @@ def _rows_kernel(
         return
     start = tl.load(TILE_START + t)
     end = tl.load(OFFS + g)
-    rows = start + tl.arange(0, BLOCK_M)
-    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = start + offs_r
+    cols = pn * BLOCK_N + offs_c
     r_ok = rows < end
     c_ok = cols < N
+    m0 = start.to(tl.int64)
+    n0 = (pn * BLOCK_N).to(tl.int64)
+    x_base = X + m0 * sxm
+    w_base = W + g.to(tl.int64) * swg + n0 * swn
+    x_tile = offs_r[:, None] * sxm + offs_k[None, :] * sxk
+    w_tile = offs_k[:, None] * swk + offs_c[None, :] * swn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + offs_k
         k_ok = ks < K
-        a = tl.load(X + rows[:, None] * sxm + ks[None, :] * sxk,
+        kk = tl.cast(k0, tl.int64)
+        a = tl.load(x_base + kk * sxk + x_tile,
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        b = tl.load(W + g * swg + ks[:, None] * swk + cols[None, :] * swn,
+        b = tl.load(w_base + kk * swk + w_tile,
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         acc += tl.dot(a, b, input_precision=PRECISION)
-    tl.store(Y + rows[:, None] * sym + cols[None, :] * syn, acc.to(Y.dtype.element_ty),
-             mask=r_ok[:, None] & c_ok[None, :])  # fmt: skip
+    tl.store(Y + m0 * sym + n0 * syn + offs_r[:, None] * sym + offs_c[None, :] * syn,
+             acc.to(Y.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -67,26 +80,39 @@ def _weight_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # Addresses as in _rows_kernel: the group, first-row, first-k and first-column terms
+    # int64, offsets inside a tile int32.
     g = tl.program_id(0)
     pk = tl.program_id(1)
     pn = tl.program_id(2)
     end = tl.load(OFFS + g)
     start = tl.load(OFFS + g - 1, mask=g > 0, other=0)
-    ks = pk * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_N)
+    ks = pk * BLOCK_K + offs_k
+    cols = pn * BLOCK_N + offs_c
     k_ok = ks < K
     c_ok = cols < N
+    k0 = (pk * BLOCK_K).to(tl.int64)
+    n0 = (pn * BLOCK_N).to(tl.int64)
+    x_base = X + k0 * sxk
+    dy_base = DY + n0 * sdyn
+    x_tile = offs_r[:, None] * sxm + offs_k[None, :] * sxk
+    dy_tile = offs_r[:, None] * sdym + offs_c[None, :] * sdyn
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows = m0 + offs_r
         r_ok = rows < end
-        a = tl.load(X + rows[:, None] * sxm + ks[None, :] * sxk,
+        mm = tl.cast(m0, tl.int64)
+        a = tl.load(x_base + mm * sxm + x_tile,
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        b = tl.load(DY + rows[:, None] * sdym + cols[None, :] * sdyn,
+        b = tl.load(dy_base + mm * sdym + dy_tile,
                     mask=r_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
-    tl.store(DW + g * sdwg + ks[:, None] * sdwk + cols[None, :] * sdwn,
-             acc.to(DW.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])  # fmt: skip
+    tl.store(DW + g.to(tl.int64) * sdwg + k0 * sdwk + n0 * sdwn + offs_k[:, None] * sdwk
+             + offs_c[None, :] * sdwn, acc.to(DW.dtype.element_ty),
+             mask=k_ok[:, None] & c_ok[None, :])  # fmt: skip
 
 
 def _sizes(dtype: torch.dtype, block_m: int, block_n: int, block_k: int) -> dict:

@@ -39,19 +39,24 @@ def _int8_qk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program computes BLOCK_M rows of the score matrix of one (batch, query head).
+    # Addresses: the (batch, head) and first-row terms are int64 (h * ssh and row * sst pass
+    # 2^31 once the scores have more than 2^31 elements); offsets inside a tile stay int32.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_i
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     d_ok = offs_d < head_dim  # padded channels load as 0 and add nothing to the dot
+    m0 = start_m.to(tl.int64)
 
     q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+        Q + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
         mask=m_ok[:, None] & d_ok[None, :],
         other=0,
     )  # [BLOCK_M, BLOCK_D] int8
@@ -62,11 +67,13 @@ def _int8_qk_kernel(
         other=0.0,
     )
 
+    k_base = K + b * skb + hk * skh
+    s_base = S + b * ssb + h * ssh + m0 * sst
     for start_n in range(0, seq_k, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < seq_k
         kt = tl.load(
-            K + b * skb + hk * skh + cols[None, :] * skt + offs_d[:, None],
+            k_base + tl.cast(start_n, tl.int64) * skt + offs_n[None, :] * skt + offs_d[:, None],
             mask=n_ok[None, :] & d_ok[:, None],
             other=0,
         )  # [BLOCK_D, BLOCK_N] int8: K^T
@@ -79,7 +86,7 @@ def _int8_qk_kernel(
         acc = tl.dot(q, kt, out_dtype=tl.int32)
         s = acc.to(tl.float32) * qs[:, None] * ks[None, :]
         tl.store(
-            S + b * ssb + h * ssh + offs_m[:, None] * sst + cols[None, :],
+            s_base + offs_i[:, None] * sst + cols[None, :],
             s,
             mask=m_ok[:, None] & n_ok[None, :],
         )

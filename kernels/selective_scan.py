@@ -46,8 +46,10 @@ def _selective_scan_kernel(
     SOFTPLUS: tl.constexpr, STORE_HT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # Addresses: the batch and step terms in int64 (row * dim passes 2^31 once a [B, T, D]
+    # tensor has more than 2^31 elements), offsets inside a block int32.
     pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < dim
@@ -65,21 +67,21 @@ def _selective_scan_kernel(
     grp_c = offs_d // per_group_c
 
     if HAS_H0:  # the state a previous call ended with
-        h = tl.load(H0 + (b * dim + offs_d[:, None]) * n_state + offs_n[None, :],
+        h = tl.load(H0 + b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :],
                     mask=dn_mask, other=0.0).to(tl.float32)  # fmt: skip
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     for t in range(0, seq_len):
-        row = b * seq_len + t  # index of step t in the [B, T] grid
+        row = b * seq_len + t  # index of step t in the [B, T] grid (int64, as b is)
         u = tl.load(Up + row * dim + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         dt = tl.load(DELTA + row * dim + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt += bias
         if SOFTPLUS:
             dt = _softplus(dt)
-        b_t = tl.load(Bp + (row * groups_b + grp_b[:, None]) * n_state + offs_n[None, :],
+        b_t = tl.load(Bp + row * groups_b * n_state + grp_b[:, None] * n_state + offs_n[None, :],
                       mask=dn_mask, other=0.0).to(tl.float32)  # fmt: skip
-        c_t = tl.load(Cp + (row * groups_c + grp_c[:, None]) * n_state + offs_n[None, :],
+        c_t = tl.load(Cp + row * groups_c * n_state + grp_c[:, None] * n_state + offs_n[None, :],
                       mask=dn_mask, other=0.0).to(tl.float32)  # fmt: skip
         # h = exp(dt A) h + dt B u    (zero-order hold on A, Euler step on B)
         h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * b_t
@@ -93,7 +95,8 @@ def _selective_scan_kernel(
         tl.store(Y + row * dim + offs_d, y.to(Y.dtype.element_ty), mask=d_ok)
 
     if STORE_HT:
-        tl.store(HT + (b * dim + offs_d[:, None]) * n_state + offs_n[None, :], h, mask=dn_mask)
+        tl.store(HT + b * dim * n_state + offs_d[:, None] * n_state + offs_n[None, :], h,
+                 mask=dn_mask)  # fmt: skip
 
 
 def _block_d(dim: int, block_n: int) -> int:

@@ -59,6 +59,47 @@ def test_forward_and_backward_equal_the_dense_reference(name, dtype):
         torch.testing.assert_close(got.cpu().double(), want.grad, rtol=4 * tol, atol=4 * tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_blocks_computed_in_smaller_tiles_give_the_same_attention(monkeypatch, dtype):
+    """Where a block would not fit in shared memory the kernels compute it in smaller tiles
+    (key tiles in the forward and dQ loops, query tiles in the dK/dV loop, query rows in
+    separate programs); forced here, with a ragged end, a partial diagonal and GQA."""
+    from effarch_kernels import block_sparse_attention as bsa
+
+    monkeypatch.setattr(bsa, "_tiles", lambda *args: dict(TILE_M=16, TILE_N=16))
+    tq, tk, hq, hkv, mod, (bq, bk) = 70, 90, 4, 2, causal(40), (32, 64)
+    q, k, v = (x.requires_grad_() for x in inputs(tq, tk, hq, hkv, dtype))
+    o = block_sparse_attention(q, k, v, mod, block_q=bq, block_k=bk, backend="triton")
+    grad = torch.randn_like(o)
+    o.backward(grad)
+    ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref = masked_attention(*ref_in, mod)
+    ref.backward(grad.cpu().double())
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(o.cpu().double(), ref, rtol=tol, atol=tol)
+    for got, want in zip((q.grad, k.grad, v.grad), ref_in, strict=True):
+        torch.testing.assert_close(got.cpu().double(), want.grad, rtol=4 * tol, atol=4 * tol)
+
+
+def test_tiles_fit_shared_memory_and_divide_the_blocks(monkeypatch):
+    """The tiles for a GPU (the interpreter computes whole blocks): the caller's blocks where
+    they fit, smaller powers of two dividing them where they would not."""
+    from effarch_kernels import block_sparse_attention as bsa
+
+    monkeypatch.setattr(bsa, "interpreting", lambda: False)
+
+    def tiles(bm, bn, d, dtype):
+        return tuple(bsa._tiles(bm, bn, d, d, dtype).values())
+
+    assert tiles(128, 128, 64, torch.float16) == (128, 128)  # unchanged where they fit
+    assert tiles(128, 128, 128, torch.bfloat16) == (128, 128)
+    assert tiles(128, 128, 64, torch.float32) == (128, 128)
+    assert tiles(128, 16, 256, torch.float16) == (32, 16)
+    assert tiles(128, 128, 128, torch.float32) == (32, 32)
+    assert tiles(64, 128, 256, torch.float32) == (16, 16)
+    assert tiles(16, 16, 256, torch.float32) == (16, 16)
+
+
 def test_kernel_tables_list_exactly_the_non_empty_tiles():
     layout = block_layout(sliding_window(20), 100, 90, block_q=32, block_k=16)
     t = kernel_tables(layout, sliding_window(20))
