@@ -41,13 +41,10 @@ def inputs(tq, tk, hq, hkv, dtype, dv=24, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_and_backward_equal_the_dense_reference(name, dtype):
-    tq, tk, hq, hkv, mod, (bq, bk) = CASES[name]
-    q, k, v = (x.requires_grad_() for x in inputs(tq, tk, hq, hkv, dtype))
+def check_against_dense(q, k, v, mod, bq, bk, dtype):
+    """The kernel's output and gradients against masked_attention in float64; returns o."""
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
     o = block_sparse_attention(q, k, v, mod, block_q=bq, block_k=bk, backend="triton")
-    assert o.dtype == dtype and o.shape == (2, tq, hq, 24)
     grad = torch.randn_like(o)
     o.backward(grad)
     ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
@@ -57,6 +54,15 @@ def test_forward_and_backward_equal_the_dense_reference(name, dtype):
     torch.testing.assert_close(o.cpu().double(), ref, rtol=tol, atol=tol)
     for got, want in zip((q.grad, k.grad, v.grad), ref_in, strict=True):
         torch.testing.assert_close(got.cpu().double(), want.grad, rtol=4 * tol, atol=4 * tol)
+    return o
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_and_backward_equal_the_dense_reference(name, dtype):
+    tq, tk, hq, hkv, mod, (bq, bk) = CASES[name]
+    o = check_against_dense(*inputs(tq, tk, hq, hkv, dtype), mod, bq, bk, dtype)
+    assert o.dtype == dtype and o.shape == (2, tq, hq, 24)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -68,17 +74,7 @@ def test_blocks_computed_in_smaller_tiles_give_the_same_attention(monkeypatch, d
 
     monkeypatch.setattr(bsa, "_tiles", lambda *args: dict(TILE_M=16, TILE_N=16))
     tq, tk, hq, hkv, mod, (bq, bk) = 70, 90, 4, 2, causal(40), (32, 64)
-    q, k, v = (x.requires_grad_() for x in inputs(tq, tk, hq, hkv, dtype))
-    o = block_sparse_attention(q, k, v, mod, block_q=bq, block_k=bk, backend="triton")
-    grad = torch.randn_like(o)
-    o.backward(grad)
-    ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
-    ref = masked_attention(*ref_in, mod)
-    ref.backward(grad.cpu().double())
-    tol = 2e-5 if dtype == torch.float32 else 4e-3
-    torch.testing.assert_close(o.cpu().double(), ref, rtol=tol, atol=tol)
-    for got, want in zip((q.grad, k.grad, v.grad), ref_in, strict=True):
-        torch.testing.assert_close(got.cpu().double(), want.grad, rtol=4 * tol, atol=4 * tol)
+    check_against_dense(*inputs(tq, tk, hq, hkv, dtype), mod, bq, bk, dtype)
 
 
 def test_tiles_fit_shared_memory_and_divide_the_blocks(monkeypatch):
