@@ -57,8 +57,13 @@ __all__ = [
 def token_row(b, h, t, seq_len, n_heads):
     """Row of step ``t`` of (batch ``b``, head ``h``) in a contiguous ``[B, T, H, ...]`` tensor,
     in int64 when ``b`` is (every kernel here makes ``b`` int64 from its program id): that row
-    times the row length passes 2^31 once the tensor has more than 2^31 elements. The steps of
-    one chunk follow at ``n_heads`` rows each, an int32 offset inside the chunk."""
+    times the row length passes 2^31 once the tensor has more than 2^31 elements.
+
+    A kernel addresses a chunk's rows in one of two ways: the first row in int64 and the steps
+    after it as int32 offsets (``n_heads`` rows apart), or every row in int64. Each kernel
+    uses the one that compiled (sm_90) to fewer registers and spills: the first for most, the
+    second for the loops of _fwd_states_kernel and _bwd_states_kernel (their int32 offsets,
+    the same in every step, were hoisted out of the loop and held in registers)."""
     return (b * seq_len + t) * n_heads + h
 
 
@@ -87,7 +92,8 @@ def _fwd_states_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program carries a [K, BV] slice of one (batch, head)'s state across the chunks.
-    # Addresses: per-(batch, head), per-chunk and per-row terms in int64, in-tile ones int32.
+    # Addresses: b, so the rows of each chunk, and the states' offsets in int64 (see
+    # token_row); offsets inside a row stay int32.
     pid_v = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
@@ -98,7 +104,6 @@ def _fwd_states_kernel(
     v_ok = offs_v < dim_v
     s_mask = k_ok[:, None] & v_ok[None, :]
     s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
-    step = tl.arange(0, BT) * n_heads  # rows between the steps of a chunk
     state = tl.zeros([BK, BV], tl.float32)
     if USE_H0:
         state += tl.load(H0 + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
@@ -107,10 +112,10 @@ def _fwd_states_kernel(
         tl.store(HS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, state, mask=s_mask)
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        row0 = token_row(b, h, n * BT, seq_len, n_heads)
-        k = tl.load(Kp + row0 * dim_k + step[:, None] * dim_k + offs_k[None, :],
+        rows = (b * seq_len + offs_t) * n_heads + h  # int64, as b is
+        k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :],
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        v = tl.load(Vp + row0 * dim_v + step[:, None] * dim_v + offs_v[None, :],
+        v = tl.load(Vp + rows[:, None] * dim_v + offs_v[None, :],
                     mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         k = k * tl.exp(g_last - gc)[:, None]  # decay from each step to the chunk's end, <= 1
@@ -127,8 +132,8 @@ def chunk_output_kernel(
     USE_G: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # One program computes the outputs of one chunk for BV value columns. Addresses as in
-    # _fwd_states_kernel.
+    # One program computes the outputs of one chunk for BV value columns. Addresses: the
+    # chunk's first row in int64, the steps after it int32 (see token_row).
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -186,7 +191,6 @@ def _bwd_states_kernel(
     v_ok = offs_v < dim_v
     s_mask = k_ok[:, None] & v_ok[None, :]
     s_offs = offs_k[:, None] * dim_v + offs_v[None, :]
-    step = tl.arange(0, BT) * n_heads
     dstate = tl.zeros([BK, BV], tl.float32)
     if USE_DHT:
         dstate += tl.load(DHT + pid_bh * dim_k * dim_v + s_offs, mask=s_mask, other=0.0)
@@ -196,10 +200,10 @@ def _bwd_states_kernel(
         tl.store(DHS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, dstate, mask=s_mask)
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        row0 = token_row(b, h, n * BT, seq_len, n_heads)
-        q = tl.load(Q + row0 * dim_k + step[:, None] * dim_k + offs_k[None, :],
+        rows = (b * seq_len + offs_t) * n_heads + h  # int64, as b is
+        q = tl.load(Q + rows[:, None] * dim_k + offs_k[None, :],
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        do = tl.load(DO + row0 * dim_v + step[:, None] * dim_v + offs_v[None, :],
+        do = tl.load(DO + rows[:, None] * dim_v + offs_v[None, :],
                      mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         gc, g_last = chunk_log_decay(G, b, h, n * BT, seq_len, n_heads, USE_G, BT)
         q = q * (tl.exp(gc) * scale)[:, None]
@@ -217,8 +221,8 @@ def _bwd_dqkv_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program owns one chunk of one (batch, head): all of K, and loops over V blocks
-    # (dq and dk contract over V, dv over K). Addresses as in _fwd_states_kernel: the
-    # chunk's first row (int64) plus offsets inside the chunk (int32).
+    # (dq and dk contract over V, dv over K). Addresses as in chunk_output_kernel: the
+    # chunk's first row in int64, the steps after it int32 (see token_row).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
