@@ -51,8 +51,10 @@ def _fwd_kernel(
 ):  # fmt: skip
     # One program: TILE_M query rows (of query block qb) of one (batch, head); loops over the
     # block's listed key blocks, each in TILE_N-key steps (see _tiles).
-    # Addresses: the (batch, head), block and first-row terms are int64 (b * sqb or row * sqt
-    # pass 2^31 once a tensor has more than 2^31 elements); offsets inside a tile stay int32.
+    # Addresses in int64 where they can pass 2^31 (in a tensor of more than 2^31 elements):
+    # the (batch, head) and block terms, the program's first row (m0) and the rows of the
+    # tiles the loop walks (cols64); offsets inside a tile and the masks stay int32 (as in
+    # flash_attention._fwd_kernel, which says why).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
@@ -74,30 +76,27 @@ def _fwd_kernel(
     l_i = tl.zeros([TILE_M], tl.float32)
     acc = tl.zeros([TILE_M, BLOCK_DV], tl.float32)
     qk_scale = scale * 1.4426950408889634  # base 2
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    lst_row = LST + b * s_lst_b + h * s_lst_h + qb.to(tl.int64) * s_lst_i
-    tid_row = TID + b * s_tid_b + h * s_tid_h + qb.to(tl.int64) * s_tid_i
-    tile = (r0 + offs_i)[:, None] * BLOCK_N + offs_n[None, :]  # in a block's mask, row-major
+    qb64 = qb.to(tl.int64)
     count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + qb)
     for n in range(0, count):
-        j = tl.load(lst_row + n)
-        tid = tl.load(tid_row + j)
+        j = tl.load(LST + b * s_lst_b + h * s_lst_h + qb64 * s_lst_i + n)
+        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + qb64 * s_tid_i + j)
         for c in range(0, BLOCK_N, TILE_N):
             cols = j * BLOCK_N + c + offs_n
-            n0 = (j * BLOCK_N + c).to(tl.int64)
-            kt = tl.load(k_base + n0 * skt + offs_n[None, :] * skt + offs_d[:, None],
+            cols64 = (j * BLOCK_N + c).to(tl.int64) + offs_n
+            kt = tl.load(K + b * skb + hk * skh + cols64[None, :] * skt + offs_d[:, None],
                          mask=(cols[None, :] < seq_k) & d_ok[:, None], other=0.0)  # fmt: skip
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             if tid >= 0:  # a partial block: its stored mask (full blocks need none)
-                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N) + c + tile)
+                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N)
+                             + (r0 + offs_i)[:, None] * BLOCK_N + c + offs_n[None, :])  # fmt: skip
                 s = tl.where(tm != 0, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n0 * svt + offs_n[:, None] * svt + offs_dv[None, :],
+            v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svt + offs_dv[None, :],
                         mask=(cols[:, None] < seq_k) & dv_ok[None, :], other=0.0)  # fmt: skip
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
@@ -114,7 +113,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TID, CNT, LST, TM,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
     s_tid_b, s_tid_h, s_tid_i, s_cnt_b, s_cnt_h, s_lst_b, s_lst_h, s_lst_i,
     n_heads, group, seq_q, seq_k, head_dim, head_dim_v, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
@@ -147,33 +146,30 @@ def _bwd_dq_kernel(
     row_ok = lse > float("-inf")
     lse_safe = tl.where(row_ok, lse, 0.0)
     dq = tl.zeros([TILE_M, BLOCK_D], tl.float32)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    lst_row = LST + b * s_lst_b + h * s_lst_h + qb.to(tl.int64) * s_lst_i
-    tid_row = TID + b * s_tid_b + h * s_tid_h + qb.to(tl.int64) * s_tid_i
-    tile = (r0 + offs_i)[:, None] * BLOCK_N + offs_n[None, :]
+    qb64 = qb.to(tl.int64)
     count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + qb)
     for n in range(0, count):
-        j = tl.load(lst_row + n)
-        tid = tl.load(tid_row + j)
+        j = tl.load(LST + b * s_lst_b + h * s_lst_h + qb64 * s_lst_i + n)
+        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + qb64 * s_tid_i + j)
         for c in range(0, BLOCK_N, TILE_N):
             cols = j * BLOCK_N + c + offs_n
+            cols64 = (j * BLOCK_N + c).to(tl.int64) + offs_n
             c_ok = cols < seq_k
-            n0 = (j * BLOCK_N + c).to(tl.int64)
-            k = tl.load(k_base + n0 * skt + offs_n[:, None] * skt + offs_d[None, :],
+            k = tl.load(K + b * skb + hk * skh + cols64[:, None] * skt + offs_d[None, :],
                         mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-            v = tl.load(v_base + n0 * svt + offs_n[:, None] * svt + offs_dv[None, :],
+            v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svt + offs_dv[None, :],
                         mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             valid = row_ok[:, None] & (offs_n[None, :] >= 0)
             if tid >= 0:
-                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N) + c + tile)
+                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N)
+                             + (r0 + offs_i)[:, None] * BLOCK_N + c + offs_n[None, :])  # fmt: skip
                 valid = valid & (tm != 0)
             p = tl.where(valid, tl.exp(s - lse_safe[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * sqb + h * sqh + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
+    tl.store(DQ + b * sdqb + h * sdqh + m0 * sdqt + offs_i[:, None] * sdqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
 
 
@@ -211,22 +207,17 @@ def _bwd_dkdv_kernel(
                 mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
     dk = tl.zeros([TILE_N, BLOCK_D], tl.float32)
     dv = tl.zeros([TILE_N, BLOCK_DV], tl.float32)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
-    lst_row = LST + b * s_lst_b + h * s_lst_h + kb.to(tl.int64) * s_lst_j
-    tid_col = TID + b * s_tid_b + h * s_tid_h + kb
-    tile = offs_i[:, None] * BLOCK_N + (c0 + offs_c)[None, :]
     count = tl.load(CNT + b * s_cnt_b + h * s_cnt_h + kb)
     for n in range(0, count):
-        i = tl.load(lst_row + n)
-        tid = tl.load(tid_col + i.to(tl.int64) * s_tid_i)
+        i = tl.load(LST + b * s_lst_b + h * s_lst_h + kb.to(tl.int64) * s_lst_j + n)
+        tid = tl.load(TID + b * s_tid_b + h * s_tid_h + i.to(tl.int64) * s_tid_i + kb)
         for r in range(0, BLOCK_M, TILE_M):
             rows = i * BLOCK_M + r + offs_i
+            rows64 = rows.to(tl.int64)
             r_ok = rows < seq_q
-            m0 = (i * BLOCK_M + r).to(tl.int64)
-            q = tl.load(q_base + m0 * sqt + offs_i[:, None] * sqt + offs_d[None, :],
+            q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqt + offs_d[None, :],
                         mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-            do = tl.load(do_base + m0 * sdot + offs_i[:, None] * sdot + offs_dv[None, :],
+            do = tl.load(DO + b * sdob + h * sdoh + rows64[:, None] * sdot + offs_dv[None, :],
                          mask=r_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
             lse = tl.load(LSE + pid_bh * seq_q + rows, mask=r_ok, other=float("-inf"))
             delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=r_ok, other=0.0)
@@ -234,7 +225,8 @@ def _bwd_dkdv_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             valid = row_ok[:, None] & (offs_c[None, :] >= 0)
             if tid >= 0:
-                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N) + r * BLOCK_N + tile)
+                tm = tl.load(TM + tid.to(tl.int64) * (BLOCK_M * BLOCK_N)
+                             + (r + offs_i)[:, None] * BLOCK_N + c0 + offs_c[None, :])  # fmt: skip
                 valid = valid & (tm != 0)
             p = tl.where(valid, tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
@@ -259,29 +251,33 @@ def _bhstrides_bth(t: torch.Tensor, n: int) -> tuple[int, ...]:
 # The mask's blocks (BLOCK_M x BLOCK_N, the caller's block_q x block_k) are the sparsity
 # granularity; the kernels compute them in tiles of TILE_M x TILE_N that divide them: query
 # rows of a block in separate programs, its key tiles (forward, dQ) or query tiles (dK, dV)
-# in an inner loop. A tile is the whole block unless that would not fit in shared memory.
+# in an inner loop. A block is one tile where all three kernels fit in shared memory, which
+# is where they ran before tiles existed, so results there are unchanged (only the forward
+# pass also ran on 256 x 256 blocks at 16-bit head_dim 64; those now take 64 x 64 tiles).
 # Compiled for sm_90 (4 warps, 3 stages), the largest of the three kernels needs, by the
 # bytes of one row of q, k or v (max(head_dim, head_dim_v) padded to a power of two, times
 # the element size):
-#   up to 256 bytes (16-bit head_dim 128, float32 64): 128 x 128 tiles 200 KiB (256 x 256
-#                                                at 16-bit head_dim 64: 258 KiB)
-#   512 bytes (16-bit 256, float32 128):         128 x 128 392 KiB, 64 x 64 273 KiB (16-bit)
-#                                                and 210 KiB (float32), 32 x 32 101 KiB
-#   1024 bytes (float32 256):                    32 x 32 197 KiB, 16 x 16 98 KiB
-# against 227 KiB per block on an H100: the default 128 x 128 blocks could not launch at
-# 16-bit head_dim 256 or float32 head_dim 128 and up. The largest tile side by row bytes:
-_TILE_CAP = {256: 128, 512: 32, 1024: 16}
+#   128 bytes (16-bit head_dim 64):   blocks 128 x 128 104 KiB, 256 x 256 258 KiB
+#   256 bytes (16-bit 128, fp32 64):  blocks 128 x 128 200 KiB
+#   512 bytes (16-bit 256, fp32 128): blocks 64 x 64 196 KiB, 128 x 128 392 KiB (16-bit)
+#   1024 bytes (float32 256):         blocks 32 x 32 132 KiB, 64 x 64 272 KiB
+# against 227 KiB per block on an H100. A block with a side past _WHOLE[row bytes] is
+# computed in tiles of half that side (an inner loop pipelines its tiles' loads, so a tile
+# costs more than a block of its size): e.g. at 512 bytes, 32 x 32 tiles of 128 x 128
+# blocks need 101 KiB.
+_WHOLE = {128: 128, 256: 128, 512: 64, 1024: 32}
 
 
 def _tiles(block_m: int, block_n: int, block_d: int, block_dv: int, dtype: torch.dtype) -> dict:
-    """``TILE_M``, ``TILE_N`` for one call: the blocks, capped by ``_TILE_CAP`` (both are
-    powers of two, so a tile divides its block). Under the interpreter (no shared memory)
-    tiles are whole blocks."""
+    """``TILE_M``, ``TILE_N`` for one call: the blocks themselves where they fit, else tiles of
+    half ``_WHOLE``'s side (powers of two, so a tile divides its block). Under the interpreter
+    (no shared memory) tiles are whole blocks."""
     if interpreting():
         return dict(TILE_M=block_m, TILE_N=block_n)
-    row = max(block_d, block_dv) * dtype.itemsize
-    cap = _TILE_CAP[max(row, 256)]
-    return dict(TILE_M=min(block_m, cap), TILE_N=min(block_n, cap))
+    whole = _WHOLE[max(128, max(block_d, block_dv) * dtype.itemsize)]
+    if block_m <= whole and block_n <= whole:
+        return dict(TILE_M=block_m, TILE_N=block_n)
+    return dict(TILE_M=min(block_m, whole // 2), TILE_N=min(block_n, whole // 2))
 
 
 def _sizes(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> dict:
@@ -358,7 +354,7 @@ def block_sparse_backward(
     nq, nk = tile_id.shape[2], tile_id.shape[3]
     _bwd_dq_kernel[(nq * (block_m // sizes["TILE_M"]), b * hq)](
         q, k, v, do, lse, delta, dq, tile_id, kv_count, kv_list, tile_masks,
-        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
+        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dq),
         *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
         hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
     )  # fmt: skip

@@ -79,7 +79,7 @@ def test_blocks_computed_in_smaller_tiles_give_the_same_attention(monkeypatch, d
 
 def test_tiles_fit_shared_memory_and_divide_the_blocks(monkeypatch):
     """The tiles for a GPU (the interpreter computes whole blocks): the caller's blocks where
-    they fit, smaller powers of two dividing them where they would not."""
+    they fit shared memory, smaller powers of two dividing them where they would not."""
     from effarch_kernels import block_sparse_attention as bsa
 
     monkeypatch.setattr(bsa, "interpreting", lambda: False)
@@ -87,13 +87,18 @@ def test_tiles_fit_shared_memory_and_divide_the_blocks(monkeypatch):
     def tiles(bm, bn, d, dtype):
         return tuple(bsa._tiles(bm, bn, d, d, dtype).values())
 
-    assert tiles(128, 128, 64, torch.float16) == (128, 128)  # unchanged where they fit
+    # whole blocks where they fit (where the kernels ran before tiles existed)
+    assert tiles(128, 128, 64, torch.float16) == (128, 128)
     assert tiles(128, 128, 128, torch.bfloat16) == (128, 128)
     assert tiles(128, 128, 64, torch.float32) == (128, 128)
+    assert tiles(64, 64, 256, torch.float16) == (64, 64)
+    assert tiles(64, 16, 128, torch.float32) == (64, 16)
+    assert tiles(32, 32, 256, torch.float32) == (32, 32)
+    # smaller tiles where they would not
+    assert tiles(256, 256, 64, torch.float16) == (64, 64)
     assert tiles(128, 16, 256, torch.float16) == (32, 16)
     assert tiles(128, 128, 128, torch.float32) == (32, 32)
     assert tiles(64, 128, 256, torch.float32) == (16, 16)
-    assert tiles(16, 16, 256, torch.float32) == (16, 16)
 
 
 def test_kernel_tables_list_exactly_the_non_empty_tiles():

@@ -344,3 +344,47 @@ def test_backward_autotuning_key_holds_length_buckets_not_lengths(monkeypatch):
         by_length[t] = keys[0]
     assert by_length[100] == by_length[120] == (16, 128, 128, True)
     assert by_length[200] == (16, 256, 256, True)
+
+
+# --- block-sparse attention -------------------------------------------------------------
+
+
+def test_block_sparse_forward_and_backward_rows_past_2_31_elements_anywhere(monkeypatch):
+    """Runs anywhere (under the interpreter on a CPU): q, k, v and dO with rows 2^25 + 16
+    elements apart, as in the flash-attention test above, so rows 64 to 127 start past 2^31
+    elements. The forward and dQ kernels walk the key rows of each listed block, the dK/dV
+    kernel the query rows, so every address a loop forms is exercised, through full and
+    partial (masked) blocks and two query heads sharing a key head. The launchers are run
+    on the strided views as they are (they would otherwise copy them into 12 GiB each)."""
+    from effarch_kernels import block_sparse_attention as bsa
+
+    from effarch.sparse import block_layout, kernel_tables, masked_attention, sliding_window
+
+    b, t, hq, hkv, d, blk = 1, 128, 2, 1, 32, 32
+    row, pad = 2**25 + 16, 2**31
+    if DEV == "cuda":
+        need_gpu(56)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    q = torch.randn(b, t, hq, d, device=DEV, generator=gen).half()
+    k, v = (torch.randn(b, t, hkv, d, device=DEV, generator=gen).half() for _ in range(2))
+    do = torch.randn(b, t, hq, d, device=DEV, generator=gen).half()
+    far = [far_rows(x, row, pad) for x in (q, k, v, do)]
+    if any(x is None for x in far):
+        pytest.skip("cannot reserve four buffers of 12 GiB of address space")
+    monkeypatch.setattr(bsa, "contiguous", lambda *xs: xs)  # no copies of the far views
+    mod = sliding_window(48)  # full blocks inside the window, partial ones at its edges
+    tables = kernel_tables(
+        block_layout(mod, t, t, block_q=blk, block_k=blk, device=DEV), mod, device=DEV
+    )
+    fwd = [tables[n] for n in ("tile_id", "kv_count", "kv_list", "tile_masks")]
+    o, lse = bsa.block_sparse_forward(*far[:3], *fwd, blk, blk, d**-0.5)
+    dq, dk, dv = bsa.block_sparse_backward(
+        far[3], *far[:3], o, lse, *fwd[:3], tables["q_count"], tables["q_list"],
+        tables["tile_masks"], blk, blk, d**-0.5,
+    )  # fmt: skip
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    want = masked_attention(*ref, mod)
+    want.backward(do.double())
+    assert_close_to_max(o, want, 1e-2)
+    for got, r in zip((dq, dk, dv), ref, strict=True):
+        assert_close_to_max(got, r.grad, 2e-2)
