@@ -8,10 +8,10 @@ kernels compute the terms that can grow that large in int64; these tests run the
 of the last head) with PyTorch computed on that part alone.
 
 Most tests need a CUDA GPU and tens of GiB of its memory (they skip, saying why, without
-them); each runs in seconds on an H100. Three run anywhere (under the interpreter on a
-CPU): the flash-attention forward kernel and the INT8 kernel reading rows or heads more
-than 2^31 elements into buffers that are mostly never touched, and the backward kernels'
-autotuning key.
+them); each runs in seconds on an H100. Four run anywhere (under the interpreter on a
+CPU): the flash-attention forward kernel, the block-sparse kernels (forward and backward)
+and the INT8 kernel reading rows or heads more than 2^31 elements into buffers that are
+mostly never touched, and the flash backward kernels' autotuning key.
 """
 
 import pytest
