@@ -234,15 +234,20 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if interpreting():
         return 64, 64, block_d, precision  # large tiles keep the interpreter fast
+    if dtype == torch.float32:
+        # IEEE float32 products run on the FMA units, unrolled over the whole tile: about
+        # 2^17 products per step (BLOCK_M x BLOCK_N x BLOCK_D) compile for sm_90 without
+        # spilling registers (40 bytes at head_dim 32), where the 16-bit tiles below spill
+        # 20-29 KB per thread at float32 from head_dim 64 on
+        block_n = 64 if block_d <= 128 else 32
+        return max(16, min(128, 2**17 // (block_n * block_d))), block_n, block_d, precision
     if block_d <= 64:
         return 128, 64, block_d, precision
     # the forward's shared memory (Q tile, then K and V tiles over 3 stages), compiled for
-    # sm_90: 64 x 64 tiles need 336 KiB at float32 and head_dim 256 (32 x 32: 164 KiB) and
-    # 224 KiB at 16 bits (64 x 32: 128 KiB, which an A100's 164 KiB also holds)
+    # sm_90: 64 x 64 tiles need 224 KiB at 16 bits and head_dim 256 (64 x 32: 128 KiB, which
+    # an A100's 164 KiB also holds)
     if block_d >= 256:
-        return (
-            (32, 32, block_d, precision) if dtype == torch.float32 else (64, 32, block_d, precision)
-        )
+        return 64, 32, block_d, precision
     return 64, 64, block_d, precision
 
 
@@ -250,8 +255,9 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
 # differ from the forward's (dK/dV wants many keys per program and few queries per step,
 # FlashAttention-2's choice) and from one head_dim to the next. (BLOCK_M, BLOCK_N, warps,
 # stages); configurations that do not fit a card's shared memory are skipped by the tuner.
+# (dQ's 32 x 32 is for float32: at head_dim 128 the larger ones spill registers, sm_90.)
 _DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2)]
-_DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+_DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]
 # The key holds the sequence lengths rounded up to a power of two (tune_bucket), not the
 # lengths themselves: with the exact lengths every new length re-ran the tuner (slow with
 # variable-length batches and in tests of many shapes), while the best tiles change with the

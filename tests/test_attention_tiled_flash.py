@@ -117,6 +117,26 @@ def test_kernel_forward_matches_reference(tq, tk, hq, hkv, d, causal):
 
 @pytest.mark.kernel
 @needs_triton
+@pytest.mark.parametrize("d", [16, 40, 64, 128, 256])
+def test_kernel_forward_at_the_float32_tiles_of_a_gpu(monkeypatch, d):
+    """The tiles a GPU takes at float32 (at most 2^17 products per step, so fewer query rows
+    as head_dim grows), run here under the interpreter, which otherwise takes 64 x 64: a
+    causal mask with Tq < Tk, ragged ends and grouped heads."""
+    from effarch_kernels import flash_attention as fa
+
+    monkeypatch.setattr(fa, "interpreting", lambda: False)  # only _config reads it here
+    block_m, block_n, block_d, _ = fa._config(d, torch.float32)
+    assert block_m * block_n * block_d <= 2**17 and 16 <= min(block_m, block_n) and block_d >= d
+    q = rand(1, 45, 4, d, device=DEV)
+    k, v = (rand(1, 70, 2, d, device=DEV) for _ in range(2))
+    o, lse = flash_attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    ref_o, ref_lse = reference(q.cpu(), k.cpu(), v.cpu(), True)
+    torch.testing.assert_close(o.cpu().double(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.kernel
+@needs_triton
 @pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES[1:9])
 def test_kernel_gradients_match_autograd_through_the_reference(tq, tk, hq, hkv, d, causal):
     q, k, v = (
