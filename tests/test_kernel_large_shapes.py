@@ -11,7 +11,9 @@ Most tests need a CUDA GPU and tens of GiB of its memory (they skip, saying why,
 them); each runs in seconds on an H100. Four run anywhere (under the interpreter on a
 CPU): the flash-attention forward kernel, the block-sparse kernels (forward and backward)
 and the INT8 kernel reading rows or heads more than 2^31 elements into buffers that are
-mostly never touched, and the flash backward kernels' autotuning key.
+mostly never touched, and the flash backward kernels' autotuning key. The tests of the
+forward-only kernels (chunkwise delta rule, fused recurrent, selective scan) also run at a
+small size anywhere, which checks the test itself: the same inputs, call and reference.
 """
 
 import pytest
@@ -388,3 +390,109 @@ def test_block_sparse_forward_and_backward_rows_past_2_31_elements_anywhere(monk
     assert_close_to_max(o, want, 1e-2)
     for got, r in zip((dq, dk, dv), ref, strict=True):
         assert_close_to_max(got, r.grad, 2e-2)
+
+
+# --- the forward-only kernels: chunkwise delta rule, fused recurrent, selective scan -----
+# Each runs at two sizes: "large" past 2^31 elements (a GPU), and "small" (anywhere, under
+# the interpreter on a CPU), which checks the test itself: the inputs, the call and the
+# reference on the last sequence are the same code at both sizes.
+
+DELTA = {  # states [B, H, T / 64, K, V] float32 past 2^31 elements, as CHUNK
+    "small": dict(b=2, t=100, h=2, d=32),
+    "large": CHUNK,
+}
+
+
+@pytest.mark.parametrize("size", list(DELTA))
+def test_chunk_delta_rule_past_2_31_state_elements(size):
+    if size == "large":
+        need_gpu(48)  # inputs, the W and U rows, the states (8.6 GB each), the outputs
+    elif DEV == "cuda":
+        pytest.skip("the small size is for the interpreter")
+    from effarch.linear.delta import gated_delta_rule
+    from effarch.linear.delta_kernel import chunk_delta_rule
+
+    sz = DELTA[size]
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    shape = (sz["b"], sz["t"], sz["h"], sz["d"])
+    q, k, v = (torch.randn(shape, device=DEV, generator=gen) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)  # the delta rule's stable regime
+    g = -0.1 * torch.rand(shape[:3], device=DEV, generator=gen)
+    beta = torch.rand(shape[:3], device=DEV, generator=gen)
+    if size == "large":
+        n_chunks = -(-sz["t"] // 64)
+        assert sz["b"] * sz["h"] * n_chunks * sz["d"] ** 2 > INT32_ELEMENTS
+    o, final = chunk_delta_rule(q, k, v, beta, g, output_final_state=True, chunk_size=64)
+    want_o, want_final = gated_delta_rule(*last_sequence(q, k, v, g, beta), output_final_state=True,
+                                          chunk_size=64, backend="torch")  # fmt: skip
+    assert_close_to_max(o[-1:, :, -1:], want_o, 1e-2)
+    assert_close_to_max(final[-1:, -1:], want_final, 1e-2)
+
+
+FUSED = {  # q, k, v, o [128, 16448, 8, 128] float16: 2^31 + 2^24 elements each
+    "small": dict(b=2, t=50, h=2, d=16),
+    "large": dict(b=128, t=16 * 1024 + 64, h=8, d=128),
+}
+
+
+@pytest.mark.parametrize("size", list(FUSED))
+def test_fused_recurrent_past_2_31_elements(size):
+    if size == "large":
+        need_gpu(28)  # q, k, v, o (4.3 GB each) and the normalised keys' copy
+    elif DEV == "cuda":
+        pytest.skip("the small size is for the interpreter")
+    from effarch.linear.chunk_kernel import fused_recurrent
+    from effarch.linear.delta import gated_delta_rule
+
+    sz = FUSED[size]
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    shape = (sz["b"], sz["t"], sz["h"], sz["d"])
+    half = dict(device=DEV, dtype=torch.float16, generator=gen)
+    q, k, v = (torch.randn(shape, **half) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    g = -0.1 * torch.rand(shape[:3], **half)
+    beta = torch.rand(shape[:3], **half)
+    if size == "large":
+        assert q.numel() > INT32_ELEMENTS
+    o, final = fused_recurrent(q, k, v, g=g, beta=beta, output_final_state=True)
+    want_o, want_final = gated_delta_rule(*last_sequence(q, k, v, g, beta), output_final_state=True,
+                                          chunk_size=64, backend="torch")  # fmt: skip
+    assert_close_to_max(o[-1:, :, -1:], want_o, 1e-2)
+    assert_close_to_max(final[-1:, -1:], want_final, 1e-2)
+
+
+SCAN = {  # u, delta, y [64, 16448, 2048] float16: 2^31 + 2^23 elements each
+    "small": dict(b=2, t=40, d=64, n=8),
+    "large": dict(b=64, t=16 * 1024 + 64, d=2048, n=16),
+}
+
+
+@pytest.mark.parametrize("size", list(SCAN))
+def test_selective_scan_past_2_31_elements(size):
+    if size == "large":
+        need_gpu(24)  # u, delta, y (4.3 GB each)
+    elif DEV == "cuda":
+        pytest.skip("the small size is for the interpreter")
+    from effarch.ssm import selective_scan
+
+    sz = SCAN[size]
+    b, t, d, n = sz["b"], sz["t"], sz["d"], sz["n"]
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    half = dict(device=DEV, dtype=torch.float16, generator=gen)
+    u = torch.randn(b, t, d, **half)
+    delta = torch.randn(b, t, d, **half) - 1.0  # softplus(delta + bias) about 0.3-0.5
+    B, C = (torch.randn(b, t, n, **half) for _ in range(2))
+    A = -torch.rand(d, n, device=DEV, generator=gen) * 2 - 0.1
+    D = torch.randn(d, device=DEV, generator=gen)
+    bias = 0.5 * torch.rand(d, device=DEV, generator=gen)
+    if size == "large":
+        assert u.numel() > INT32_ELEMENTS
+    kw = dict(delta_softplus=True, return_last_state=True)
+    y, last = selective_scan(u, delta, A, B, C, D, delta_bias=bias, backend="triton", **kw)
+    ch = slice(d - 16, d)  # the last batch element's last channels: the largest offsets
+    want_y, want_last = selective_scan(
+        u[-1:, :, ch].double(), delta[-1:, :, ch].double(), A[ch].double(), B[-1:].double(),
+        C[-1:].double(), D[ch].double(), delta_bias=bias[ch].double(), backend="torch", **kw,
+    )  # fmt: skip
+    assert_close_to_max(y[-1:, :, ch], want_y, 1e-2)
+    assert_close_to_max(last[-1:, ch], want_last, 1e-2)
