@@ -196,10 +196,13 @@ def grouped_matmul(
 
     - ``"torch"``: on a GPU ``grouped_mm`` itself (float32, bfloat16, float16; row strides
       of 16 bytes; operands made contiguous, since its backward fails on the stride-0
-      gradients that ``expand`` produces). On a CPU, where ``grouped_mm`` is a loop of small
-      products (several times slower than one batched product of the same shapes), and for
-      float64: the rows are scattered into a zero-padded ``[E, max rows, K]`` block and
-      multiplied by one ``bmm``, the padding costing ``E max_e(rows) - M`` wasted rows.
+      gradients that ``expand`` produces). PyTorch runs its fused kernel for bfloat16 on
+      Hopper and Blackwell; other dtypes and cards take its fallback, a loop of products
+      over the groups that reads ``offs`` on the host. On a CPU, where ``grouped_mm`` is a
+      loop of small products (several times slower than one batched product of the same
+      shapes), and for float64: the rows are scattered into a zero-padded
+      ``[E, max rows, K]`` block and multiplied by one ``bmm``, the padding costing
+      ``E max_e(rows) - M`` wasted rows.
     - ``"triton"``: the Triton grouped-GEMM kernel, forward and backward (float32, float16,
       bfloat16; a ``ValueError`` says why when it cannot run here).
     - ``"auto"``: ``"torch"`` (on a GPU that is ``grouped_mm``, the vendor kernel).
