@@ -1,0 +1,58 @@
+"""benchmarks/compile_report.py: a kernel compiled for a GPU on a machine without one, with
+the registers, spills and shared memory ptxas reports."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "compile_report.py"
+
+
+def ptxas_available() -> bool:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return False
+    return (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+pytestmark = pytest.mark.skipif(not ptxas_available(), reason="needs Triton with its ptxas")
+
+
+def report(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_a_kernel_compiles_for_a_gpu_and_reports_its_resources(tmp_path, arch):
+    out = tmp_path / "rows.json"
+    run = report("int8_attention:d64", "--arch", str(arch), "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["job"], r["kernel"]) for r in rows] == [("int8_attention:d64", "_int8_qk_kernel")]
+    row = rows[0]
+    # a thread has at most 255 registers; a block at most 163 KiB (A100) or 227 KiB (H100)
+    assert 0 < row["registers"] <= 255 and row["spill_bytes"] >= 0
+    assert 0 < row["shared_kib"] <= (163 if arch == 80 else 227)
+    assert row["constants"]["BLOCK_D"] == 64
+    assert (
+        f"Compiled for sm_{arch}" in run.stdout
+        and "| int8_attention:d64 | _int8_qk_kernel |" in run.stdout
+    )
+
+
+def test_jobs_cover_every_kernel_module_and_a_wrong_name_is_refused():
+    listed = report("--list")
+    assert listed.returncode == 0, listed.stderr
+    families = {name.split(":")[0] for name in listed.stdout.split()}
+    modules = {p.stem for p in (ROOT / "kernels").glob("*.py")} - {"__init__", "common", "limits"}
+    assert families == modules
+    wrong = report("no_such_kernel")
+    assert wrong.returncode != 0 and "no job matches" in wrong.stderr
