@@ -39,6 +39,7 @@ from pathlib import Path
 # that every kernel is compiled and reported here
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="effarch_compile_report_")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said aloud
 
 from _checkout import use_source_checkout  # noqa: E402  (beside this script)
 
