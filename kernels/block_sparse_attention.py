@@ -251,33 +251,31 @@ def _bhstrides_bth(t: torch.Tensor, n: int) -> tuple[int, ...]:
 # The mask's blocks (BLOCK_M x BLOCK_N, the caller's block_q x block_k) are the sparsity
 # granularity; the kernels compute them in tiles of TILE_M x TILE_N that divide them: query
 # rows of a block in separate programs, its key tiles (forward, dQ) or query tiles (dK, dV)
-# in an inner loop. A block is one tile where all three kernels fit in shared memory, which
-# is where they ran before tiles existed, so results there are unchanged (only the forward
-# pass also ran on 256 x 256 blocks at 16-bit head_dim 64; those now take 64 x 64 tiles).
-# Compiled for sm_90 (4 warps, 3 stages), the largest of the three kernels needs, by the
-# bytes of one row of q, k or v (max(head_dim, head_dim_v) padded to a power of two, times
-# the element size):
-#   128 bytes (16-bit head_dim 64):   blocks 128 x 128 104 KiB, 256 x 256 258 KiB
-#   256 bytes (16-bit 128, fp32 64):  blocks 128 x 128 200 KiB
-#   512 bytes (16-bit 256, fp32 128): blocks 64 x 64 196 KiB, 128 x 128 392 KiB (16-bit)
-#   1024 bytes (float32 256):         blocks 32 x 32 132 KiB, 64 x 64 272 KiB
-# against 227 KiB per block on an H100. A block with a side past _WHOLE[row bytes] is
-# computed in tiles of half that side (an inner loop pipelines its tiles' loads, so a tile
-# costs more than a block of its size): e.g. at 512 bytes, 32 x 32 tiles of 128 x 128
-# blocks need 101 KiB.
-_WHOLE = {128: 128, 256: 128, 512: 64, 1024: 32}
+# in an inner loop. A tile is at most _TILE_SIDE on a side, by the element size and the head
+# dimension padded to a power of two (max of q's and v's): the largest side at which all
+# three kernels, compiled for sm_90 (4 warps, 3 stages; benchmarks/compile_report.py), fit
+# an A100's shared memory (163 KiB; an H100 has 227) and spill at most about 1 KB of
+# registers per thread. Spill bytes (forward / dQ / dK-dV) at that side and at twice it:
+#   16-bit, head_dim 16-128: 64: 0 / 0 / 0-48 B;  128: 0.3-2.4 / 0.05-1.5 / 0.2-3.8 KB
+#   16-bit, head_dim 256:    32: 0 / 0 / 0.9 KB;  64: 196-274 KiB of shared memory, 2.8 KB
+#   float32, head_dim 16-32: 32: 0 / 0 / 0.06-0.7 KB;  64: 0 / 0 / 3.6-16 KB
+#   float32, head_dim 64+:   16: 0 / 0 / 0.03-1 KB (10 KB at 256);  32: 0 / 0 / 9-17 KB
+# (float32 products run on the FMA units, whose unrolled tiles take registers; the 16-bit
+# ones on tensor cores.) Blocks no larger than that are computed whole.
+_TILE_SIDE = {
+    2: {16: 64, 32: 64, 64: 64, 128: 64, 256: 32},
+    4: {16: 32, 32: 32, 64: 16, 128: 16, 256: 16},
+}
 
 
 def _tiles(block_m: int, block_n: int, block_d: int, block_dv: int, dtype: torch.dtype) -> dict:
-    """``TILE_M``, ``TILE_N`` for one call: the blocks themselves where they fit, else tiles of
-    half ``_WHOLE``'s side (powers of two, so a tile divides its block). Under the interpreter
-    (no shared memory) tiles are whole blocks."""
+    """``TILE_M``, ``TILE_N`` for one call: the blocks, each side capped by ``_TILE_SIDE``
+    (powers of two, so a tile divides its block). Under the interpreter (no shared memory, no
+    registers to spill) tiles are whole blocks."""
     if interpreting():
         return dict(TILE_M=block_m, TILE_N=block_n)
-    whole = _WHOLE[max(128, max(block_d, block_dv) * dtype.itemsize)]
-    if block_m <= whole and block_n <= whole:
-        return dict(TILE_M=block_m, TILE_N=block_n)
-    return dict(TILE_M=min(block_m, whole // 2), TILE_N=min(block_n, whole // 2))
+    side = _TILE_SIDE[4 if dtype.itemsize >= 4 else 2][max(block_d, block_dv)]
+    return dict(TILE_M=min(block_m, side), TILE_N=min(block_n, side))
 
 
 def _sizes(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> dict:

@@ -77,28 +77,26 @@ def test_blocks_computed_in_smaller_tiles_give_the_same_attention(monkeypatch, d
     check_against_dense(*inputs(tq, tk, hq, hkv, dtype), mod, bq, bk, dtype)
 
 
-def test_tiles_fit_shared_memory_and_divide_the_blocks(monkeypatch):
-    """The tiles for a GPU (the interpreter computes whole blocks): the caller's blocks where
-    they fit shared memory, smaller powers of two dividing them where they would not."""
+def test_tiles_divide_the_blocks_and_keep_to_the_compiled_limits(monkeypatch):
+    """The tiles for a GPU (the interpreter computes whole blocks): powers of two that divide
+    the caller's blocks, whole blocks where those are small enough, and at most the side that
+    compiled without spilling (64 at 16 bits up to head_dim 128, 32 at 256; 16 at float32 from
+    head_dim 64 on). The limits themselves come from benchmarks/compile_report.py."""
     from effarch_kernels import block_sparse_attention as bsa
 
     monkeypatch.setattr(bsa, "interpreting", lambda: False)
-
-    def tiles(bm, bn, d, dtype):
-        return tuple(bsa._tiles(bm, bn, d, d, dtype).values())
-
-    # whole blocks where they fit (where the kernels ran before tiles existed)
-    assert tiles(128, 128, 64, torch.float16) == (128, 128)
-    assert tiles(128, 128, 128, torch.bfloat16) == (128, 128)
-    assert tiles(128, 128, 64, torch.float32) == (128, 128)
-    assert tiles(64, 64, 256, torch.float16) == (64, 64)
-    assert tiles(64, 16, 128, torch.float32) == (64, 16)
-    assert tiles(32, 32, 256, torch.float32) == (32, 32)
-    # smaller tiles where they would not
-    assert tiles(256, 256, 64, torch.float16) == (64, 64)
-    assert tiles(128, 16, 256, torch.float16) == (32, 16)
-    assert tiles(128, 128, 128, torch.float32) == (32, 32)
-    assert tiles(64, 128, 256, torch.float32) == (16, 16)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (16, 32, 64, 128, 256):
+            for bm in (16, 32, 64, 128, 256):
+                for bn in (16, 64, 128):
+                    tm, tn = bsa._tiles(bm, bn, d, d, dtype).values()
+                    side = bsa._TILE_SIDE[dtype.itemsize][d]
+                    assert bm % tm == 0 and bn % tn == 0 and max(tm, tn) <= side
+                    assert (tm, tn) == (min(bm, side), min(bn, side))
+    assert bsa._tiles(128, 128, 64, 256, torch.float16) == dict(TILE_M=32, TILE_N=32)  # v's
+    assert bsa._tiles(128, 128, 128, 128, torch.float16) == dict(TILE_M=64, TILE_N=64)
+    assert bsa._tiles(128, 128, 128, 128, torch.float32) == dict(TILE_M=16, TILE_N=16)
+    assert bsa._tiles(32, 16, 32, 32, torch.float32) == dict(TILE_M=32, TILE_N=16)  # whole
 
 
 def test_kernel_tables_list_exactly_the_non_empty_tiles():
