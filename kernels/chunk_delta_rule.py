@@ -49,6 +49,12 @@ from .common import check_interpreter_state, contiguous, interpreter_cast, inter
 from .limits import check, chunk_size_reason
 
 PRECISION = "ieee"  # full float32 products, see the module docstring
+# 8 warps for all three kernels: their float32 tiles (a chunk of 64 steps by K and V) spill
+# far fewer registers than at 4, compiled for sm_90 (benchmarks/compile_report.py): at 16-bit
+# inputs and K = 64 about 1 KB per kernel instead of 2.4-39 KB, at K = 128 2-18 KB instead
+# of 27-56 KB (float32 inputs: 13-27 KB instead of 28-56 KB). Still more than a kernel should
+# spill: K split into blocks, as flash-linear-attention does, is what would remove it.
+_WARPS = 8
 
 
 @triton.jit
@@ -210,6 +216,7 @@ def chunk_delta_rule_fwd(
         k, v, beta, g_arg, w, u,
         t, h, dk, dv,
         USE_G=use_g, BT=bt, LOG2_BT=bt.bit_length() - 1, BK=bk, BV=bv, PREC=PRECISION,
+        num_warps=_WARPS,
     )  # fmt: skip
 
     # 2. The state entering every chunk, the rows X each chunk writes, the final state.
@@ -221,7 +228,7 @@ def chunk_delta_rule_fwd(
         k, w, u, g_arg, h0, hs, x, ht,
         t, h, dk, dv, n_chunks,
         USE_G=use_g, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv, PREC=PRECISION,
+        BT=bt, BK=bk, BV=bv, PREC=PRECISION, num_warps=_WARPS,
     )  # fmt: skip
 
     # 3. Outputs: scalar-decay linear attention on (q, k, X) from the stored chunk states.
@@ -229,6 +236,6 @@ def chunk_delta_rule_fwd(
     chunk_output_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
         q, k, x, g_arg, hs, o,
         t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=PRECISION,
+        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=PRECISION, num_warps=_WARPS,
     )  # fmt: skip
     return o.to(dtype), (ht if output_final_state else None)

@@ -316,6 +316,14 @@ def check_key_dim(dim_k: int) -> None:
     check(key_dim_reason(dim_k))
 
 
+# The kernels that hold a chunk's [BT, BT] scores beside [BT, K] and [BT, V] tiles (the
+# outputs, the backward's dq, dk, dv) run 8 warps: compiled for sm_90
+# (benchmarks/compile_report.py) they spill fewer registers than at 4, e.g. the outputs at
+# float32 and K = 64 0 bytes instead of 2.4 KB, the backward at 16 bits and K = 128 0.4 KB
+# instead of 1 KB, at float32 26-33 KB instead of 58-66 KB; never more.
+_WARPS = 8
+
+
 def _config(
     dim_k: int, dim_v: int, chunk_size: int, dtype: torch.dtype
 ) -> tuple[int, int, int, str]:
@@ -381,7 +389,7 @@ def chunk_scalar_decay_fwd(
     chunk_output_kernel[grid](
         q, k, v, g if g is not None else q, hs, o,
         t, h, dk, dv, hs.shape[2], scale,
-        USE_G=g is not None, BT=bt, BK=bk, BV=bv, PRECISION=precision,
+        USE_G=g is not None, BT=bt, BK=bk, BV=bv, PRECISION=precision, num_warps=_WARPS,
     )  # fmt: skip
     return o.to(dtype), ht
 
@@ -429,7 +437,7 @@ def chunk_scalar_decay_bwd(
     # This kernel holds all of K for a chunk and pipelines two float32 [BK, BV] state tiles:
     # at BK >= 128 on a GPU it needs narrower V blocks and fewer stages to fit in shared
     # memory (BK=128, BV=64, 3 stages asks for 304 KiB; Hopper has 227 KiB per block).
-    extra = {}
+    extra = dict(num_warps=_WARPS)
     if not interpreting() and bk >= 128:
         bv = min(bv, 32 if bk <= 128 else 16)
         extra["num_stages"] = 2 if bk <= 128 else 1
