@@ -57,6 +57,7 @@ except ImportError:  # pragma: no cover - a machine without Triton
     sys.exit("compile_report.py: Triton is not installed (pip install triton, on Linux)")
 
 ROWS: list[dict] = []  # one per compiled kernel
+PTXAS: dict[str, tuple[int | None, int | None]] = {}  # registers, spills by kernel hash
 JOB = {"name": ""}  # the job whose launcher is running
 
 
@@ -95,12 +96,16 @@ def _compile_and_record(self, *args, grid, warmup, **kwargs):
     text = log.getvalue()
     regs = re.findall(r"Used (\d+) registers", text)
     spills = re.findall(r"(\d+) bytes spill stores", text)
+    # ptxas reports a kernel as it compiles it; a launch identical to an earlier one of this
+    # run (another job's) reuses that kernel, so its figures are recalled by the kernel's hash
+    if regs:
+        PTXAS[kernel.hash] = (int(regs[-1]), int(spills[-1]) if spills else 0)
+    registers, spill_bytes = PTXAS.get(kernel.hash, (None, None))
     constants = {k: v for k, v in kwargs.items() if k.isupper() and k != "PRECISION"}
     ROWS.append({
         "job": JOB["name"], "kernel": self.__name__, "constants": constants,
         "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages,
-        "registers": int(regs[-1]) if regs else None,
-        "spill_bytes": int(spills[-1]) if spills else None,
+        "registers": registers, "spill_bytes": spill_bytes,
         "shared_kib": round(kernel.metadata.shared / 1024, 1),
     })  # fmt: skip
     return kernel

@@ -56,3 +56,15 @@ def test_jobs_cover_every_kernel_module_and_a_wrong_name_is_refused():
     assert families == modules
     wrong = report("no_such_kernel")
     assert wrong.returncode != 0 and "no job matches" in wrong.stderr
+
+
+def test_a_kernel_launched_twice_is_reported_twice(tmp_path):
+    """The chunked forward's states kernel runs again in the backward pass: the second
+    launch reuses the compiled kernel, of which ptxas says nothing the second time."""
+    out = tmp_path / "rows.json"
+    run = report("chunk_scalar_decay:fp16:d64", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    states = [r for r in rows if r["kernel"] == "_fwd_states_kernel"]
+    assert len(states) == 2 and states[0] == states[1]
+    assert all(r["registers"] is not None and r["spill_bytes"] is not None for r in rows)
