@@ -68,3 +68,20 @@ def test_a_kernel_launched_twice_is_reported_twice(tmp_path):
     states = [r for r in rows if r["kernel"] == "_fwd_states_kernel"]
     assert len(states) == 2 and states[0] == states[1]
     assert all(r["registers"] is not None and r["spill_bytes"] is not None for r in rows)
+
+
+@pytest.mark.parametrize(("arch", "limit_kib"), [(80, 163), (90, 227)])
+def test_block_sparse_tiles_fit_the_cards_shared_memory(tmp_path, arch, limit_kib):
+    """The block-sparse kernels at the default 128 x 128 blocks and the head_dims and dtypes
+    where a block is computed in smaller tiles (_tiles): every kernel, as compiled for an
+    A100 or an H100, asks for no more shared memory than the card has per block."""
+    out = tmp_path / "rows.json"
+    jobs = [f"block_sparse_attention:{dt}:d{d}:block128" for dt, d in
+            (("fp16", 128), ("fp16", 256), ("fp32", 128))]  # fmt: skip
+    run = report(*jobs, "--arch", str(arch), "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3 * len(jobs) and all("error" not in r for r in rows), rows
+    assert all(r["shared_kib"] <= limit_kib for r in rows), [
+        (r["job"], r["kernel"], r["shared_kib"]) for r in rows
+    ]
