@@ -59,11 +59,12 @@ def token_row(b, h, t, seq_len, n_heads):
     in int64 when ``b`` is (every kernel here makes ``b`` int64 from its program id): that row
     times the row length passes 2^31 once the tensor has more than 2^31 elements.
 
-    A kernel addresses a chunk's rows in one of two ways: the first row in int64 and the steps
-    after it as int32 offsets (``n_heads`` rows apart), or every row in int64. Each kernel
-    uses the one that compiled (sm_90) to fewer registers and spills: the first for most, the
-    second for the loops of _fwd_states_kernel and _bwd_states_kernel (their int32 offsets,
-    the same in every step, were hoisted out of the loop and held in registers)."""
+    ``t`` is one step or a vector of steps. A kernel addresses a chunk's rows in one of two
+    ways: the first row (one ``t``) in int64 and the steps after it as int32 offsets
+    (``n_heads`` rows apart), or every row (a vector ``t``) in int64. Each kernel uses the one
+    that compiled (sm_90) to fewer registers and spills: the first for most, the second for
+    the loops of _fwd_states_kernel and _bwd_states_kernel (their int32 offsets, the same in
+    every step, were hoisted out of the loop and held in registers)."""
     return (b * seq_len + t) * n_heads + h
 
 
@@ -112,7 +113,7 @@ def _fwd_states_kernel(
         tl.store(HS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, state, mask=s_mask)
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        rows = (b * seq_len + offs_t) * n_heads + h  # int64, as b is
+        rows = token_row(b, h, offs_t, seq_len, n_heads)  # every row of the chunk
         k = tl.load(Kp + rows[:, None] * dim_k + offs_k[None, :],
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         v = tl.load(Vp + rows[:, None] * dim_v + offs_v[None, :],
@@ -200,7 +201,7 @@ def _bwd_states_kernel(
         tl.store(DHS + (pid_bh * n_chunks + n) * dim_k * dim_v + s_offs, dstate, mask=s_mask)
         offs_t = n * BT + tl.arange(0, BT)
         t_ok = offs_t < seq_len
-        rows = (b * seq_len + offs_t) * n_heads + h  # int64, as b is
+        rows = token_row(b, h, offs_t, seq_len, n_heads)  # every row of the chunk
         q = tl.load(Q + rows[:, None] * dim_k + offs_k[None, :],
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         do = tl.load(DO + rows[:, None] * dim_v + offs_v[None, :],

@@ -397,6 +397,16 @@ def test_block_sparse_forward_and_backward_rows_past_2_31_elements_anywhere(monk
 # the interpreter on a CPU), which checks the test itself: the inputs, the call and the
 # reference on the last sequence are the same code at both sizes.
 
+
+def at_size(size: str, gib: int) -> None:
+    """Skip unless this machine runs ``size``: "large" on a GPU with ``gib`` GiB free,
+    "small" under the interpreter (on a GPU the large size is the test)."""
+    if size == "large":
+        need_gpu(gib)
+    elif DEV == "cuda":
+        pytest.skip("the small size is for the interpreter")
+
+
 DELTA = {  # states [B, H, T / 64, K, V] float32 past 2^31 elements, as CHUNK
     "small": dict(b=2, t=100, h=2, d=32),
     "large": CHUNK,
@@ -405,10 +415,7 @@ DELTA = {  # states [B, H, T / 64, K, V] float32 past 2^31 elements, as CHUNK
 
 @pytest.mark.parametrize("size", list(DELTA))
 def test_chunk_delta_rule_past_2_31_state_elements(size):
-    if size == "large":
-        need_gpu(48)  # inputs, the W and U rows, the states (8.6 GB each), the outputs
-    elif DEV == "cuda":
-        pytest.skip("the small size is for the interpreter")
+    at_size(size, gib=48)  # inputs, the W and U rows, the states (8.6 GB each), the outputs
     from effarch.linear.delta import gated_delta_rule
     from effarch.linear.delta_kernel import chunk_delta_rule
 
@@ -437,10 +444,7 @@ FUSED = {  # q, k, v, o [128, 16448, 8, 128] float16: 2^31 + 2^24 elements each
 
 @pytest.mark.parametrize("size", list(FUSED))
 def test_fused_recurrent_past_2_31_elements(size):
-    if size == "large":
-        need_gpu(28)  # q, k, v, o (4.3 GB each) and the normalised keys' copy
-    elif DEV == "cuda":
-        pytest.skip("the small size is for the interpreter")
+    at_size(size, gib=28)  # q, k, v, o (4.3 GB each) and the normalised keys' copy
     from effarch.linear.chunk_kernel import fused_recurrent
     from effarch.linear.delta import gated_delta_rule
 
@@ -469,10 +473,7 @@ SCAN = {  # u, delta, y [64, 16448, 2048] float16: 2^31 + 2^23 elements each
 
 @pytest.mark.parametrize("size", list(SCAN))
 def test_selective_scan_past_2_31_elements(size):
-    if size == "large":
-        need_gpu(24)  # u, delta, y (4.3 GB each)
-    elif DEV == "cuda":
-        pytest.skip("the small size is for the interpreter")
+    at_size(size, gib=24)  # u, delta, y (4.3 GB each)
     from effarch.ssm import selective_scan
 
     sz = SCAN[size]
