@@ -16,7 +16,9 @@ launcher at one dtype and size; the table has one row per compiled kernel:
     warps  stages  registers  spill stores (bytes per thread)  shared memory (KiB; an H100
     block can have 227)
 
-The kernel comments' "compiled for sm_90" figures come from this script. It relies on
+``--json`` also records whether each kernel was compiled with multiply-add fusion (every
+launch asks for it; the script's own default is Triton 3.10's, off, so a launch that does not
+ask shows). The kernel comments' "compiled for sm_90" figures come from this script. It relies on
 Triton internals (the driver, ``JITFunction.run``, ``Autotuner.run``) as of Triton 3.9;
 numbers are per Triton and ``ptxas`` version. Without Triton it says so and exits.
 """
@@ -39,7 +41,9 @@ from pathlib import Path
 # that every kernel is compiled and reported here
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="effarch_compile_report_")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said aloud
+# Triton 3.10's default (no FMA fusion unless a launch asks): every launch of ours asks, and
+# each row records what the compiled kernel got
+os.environ["TRITON_DEFAULT_FP_FUSION"] = "0"
 
 from _checkout import use_source_checkout  # noqa: E402  (beside this script)
 
@@ -107,6 +111,7 @@ def _compile_and_record(self, *args, grid, warmup, **kwargs):
         "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages,
         "registers": registers, "spill_bytes": spill_bytes,
         "shared_kib": round(kernel.metadata.shared / 1024, 1),
+        "fp_fusion": kernel.metadata.enable_fp_fusion,
     })  # fmt: skip
     return kernel
 

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    FP_FUSION,
     check_interpreter_state,
     contiguous,
     interpreter_cast,
@@ -315,7 +316,7 @@ def block_sparse_forward(
         q, k, v, o, lse, tile_id, kv_count, kv_list, tile_masks,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
         *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
-        hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
+        hq, hq // hkv, tq, tk, d, dv, scale, **sizes, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return o.to(dtype), lse
 
@@ -354,14 +355,14 @@ def block_sparse_backward(
         q, k, v, do, lse, delta, dq, tile_id, kv_count, kv_list, tile_masks,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dq),
         *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
-        hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
+        hq, hq // hkv, tq, tk, d, dv, scale, **sizes, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     _bwd_dkdv_kernel[(nk * (block_n // sizes["TILE_N"]), b * hq)](
         q, k, v, do, lse, delta, dk_h, dv_h, tile_id, q_count, q_list, tile_masks,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
         *strides_bth(dv_h),
         *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(q_count, 2), *_bhstrides_bth(q_list, 3),
-        hq, hq // hkv, tq, tk, d, dv, scale, **sizes,
+        hq, hq // hkv, tq, tk, d, dv, scale, **sizes, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     g = hq // hkv
     dk = dk_h.view(b, tk, hkv, g, d).sum(3)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .chunk_scalar_decay import check_key_dim, chunk_log_decay, chunk_output_kernel, token_row
-from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast, interpreting
 from .limits import check, chunk_size_reason
 
 PRECISION = "ieee"  # full float32 products, see the module docstring
@@ -216,7 +216,7 @@ def chunk_delta_rule_fwd(
         k, v, beta, g_arg, w, u,
         t, h, dk, dv,
         USE_G=use_g, BT=bt, LOG2_BT=bt.bit_length() - 1, BK=bk, BV=bv, PREC=PRECISION,
-        num_warps=_WARPS,
+        num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
     # 2. The state entering every chunk, the rows X each chunk writes, the final state.
@@ -228,7 +228,7 @@ def chunk_delta_rule_fwd(
         k, w, u, g_arg, h0, hs, x, ht,
         t, h, dk, dv, n_chunks,
         USE_G=use_g, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv, PREC=PRECISION, num_warps=_WARPS,
+        BT=bt, BK=bk, BV=bv, PREC=PRECISION, num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
     # 3. Outputs: scalar-decay linear attention on (q, k, X) from the stored chunk states.
@@ -237,5 +237,6 @@ def chunk_delta_rule_fwd(
         q, k, x, g_arg, hs, o,
         t, h, dk, dv, n_chunks, scale,
         USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=PRECISION, num_warps=_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return o.to(dtype), (ht if output_final_state else None)

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast, interpreting
 from .limits import MAX_KEY_DIM, check, chunk_size_reason, key_dim_reason
 
 __all__ = [
@@ -359,7 +359,7 @@ def _chunk_states(
         k, v, g if g is not None else k, h0, hs, ht,
         t, h, dk, dv, n_chunks,
         USE_G=g is not None, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv, PRECISION=precision,
+        BT=bt, BK=bk, BV=bv, PRECISION=precision, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return hs, (ht if output_final_state else None)
 
@@ -391,6 +391,7 @@ def chunk_scalar_decay_fwd(
         q, k, v, g if g is not None else q, hs, o,
         t, h, dk, dv, hs.shape[2], scale,
         USE_G=g is not None, BT=bt, BK=bk, BV=bv, PRECISION=precision, num_warps=_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return o.to(dtype), ht
 
@@ -429,7 +430,7 @@ def chunk_scalar_decay_bwd(
         q, do, g if use_g else q, dht32, dhs, dh0,
         t, h, dk, dv, n_chunks, scale,
         USE_G=use_g, USE_DHT=dht is not None, STORE_DH0=initial_state is not None,
-        BT=bt, BK=bk, BV=bv, PRECISION=precision,
+        BT=bt, BK=bk, BV=bv, PRECISION=precision, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     dq = torch.empty_like(q)
     dk_ = torch.empty_like(k)
@@ -445,7 +446,7 @@ def chunk_scalar_decay_bwd(
     _bwd_dqkv_kernel[(n_chunks, b * h)](
         q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
         t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=precision, **extra,
+        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=precision, **extra, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     dg = None
     if use_g:
@@ -453,7 +454,7 @@ def chunk_scalar_decay_bwd(
         _bwd_dg_kernel[(b * h,)](
             dgc, ht if need_ht else dgc, dht32, dg,
             t, h, dk, dv, n_chunks,
-            USE_DHT=need_ht, BT=bt, BK=bk, BV=bv,
+            USE_DHT=need_ht, BT=bt, BK=bk, BV=bv, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     d_initial = None
     if initial_state is not None:

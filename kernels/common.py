@@ -15,12 +15,22 @@ import triton.language as tl
 from .limits import interpreting
 
 __all__ = [
+    "FP_FUSION",
     "check_interpreter_state",
     "contiguous",
     "interpreter_cast",
     "interpreting",
     "strides_bth",
 ]
+
+FP_FUSION = True
+"""Passed to every launch as ``enable_fp_fusion``: the compiler may fuse a multiply and an
+add into one FMA instruction (one instruction and one rounding instead of two), as in the
+online softmax's rescaling, the decays, and float32 products taken on the FMA units rather
+than the tensor cores. Triton up to 3.9 fuses unless told otherwise; 3.10 stops
+by default (``TRITON_DEFAULT_FP_FUSION``), so the kernels say what they were tuned and tested
+with instead of changing speed and last-bit results with the Triton version.
+``TRITON_FORCE_DISABLE_FP_FUSION=1`` still turns it off for a bit-reproducibility check."""
 
 
 def check_interpreter_state() -> None:

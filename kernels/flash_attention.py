@@ -21,7 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting, strides_bth
+from .common import (
+    FP_FUSION,
+    check_interpreter_state,
+    contiguous,
+    interpreter_cast,
+    interpreting,
+    strides_bth,
+)
 from .limits import MAX_HEAD_DIM, check, head_dim_reason
 
 __all__ = [
@@ -311,7 +318,7 @@ def flash_attention_forward(
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
         hq, hq // hkv, tq, tk, d, scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=precision,
+        PRECISION=precision, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return o.to(dtype), lse
 
@@ -358,11 +365,13 @@ def flash_attention_backward(
         q, k, v, do, lse, delta, dk_h, dv_h,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
         hq, hq // hkv, tq, tk, d, scale, tune_bucket(tq), tune_bucket(tk), **common,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     dq_kernel[lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq)](
         q, k, v, do, lse, delta, dq,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
         hq, hq // hkv, tq, tk, d, scale, tune_bucket(tq), tune_bucket(tk), **common,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     g = hq // hkv
     dk = dk_h.view(b, tk, hkv, g, d).sum(3)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, contiguous, interpreter_cast
+from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast
 
 
 @triton.jit
@@ -108,6 +108,6 @@ def fused_recurrent(
         t, h, dk, dv, scale,
         USE_G=g is not None, USE_GK=gk is not None, DELTA=beta is not None,
         USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BLOCK_K=block_k, BLOCK_V=block_v,
+        BLOCK_K=block_k, BLOCK_V=block_v, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return o.to(dtype), (ht if output_final_state else None)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, interpreter_cast
+from .common import FP_FUSION, check_interpreter_state, interpreter_cast
 
 __all__ = ["grouped_gemm_backward", "grouped_gemm_forward"]
 
@@ -134,7 +134,7 @@ def _rows(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tiles: tuple[tor
     _rows_kernel[grid](
         x, w, y, tile_group, tile_start, offs,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-        kdim, n, **_sizes(x.dtype, block_m, block_n, block_k),
+        kdim, n, **_sizes(x.dtype, block_m, block_n, block_k), enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return y
 
@@ -185,6 +185,6 @@ def grouped_gemm_backward(
             x, dy, dw, offs,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2),
-            kdim, n, **_sizes(x.dtype, block_m, block_n, block_k),
+            kdim, n, **_sizes(x.dtype, block_m, block_n, block_k), enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return dx.to(dtypes[0]), dw.to(dtypes[1])

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, interpreting
+from .common import FP_FUSION, check_interpreter_state, interpreting
 from .limits import check, head_dim_reason
 
 # An INT8 dot on NVIDIA tensor cores needs an inner dimension of at least 32.
@@ -143,6 +143,6 @@ def int8_qk(
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         s.stride(0), s.stride(1), s.stride(2),
         hq, hq // hkv, tq, tk, d, block_q, block_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return s

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast, interpreting
 from .limits import MAX_STATE_DIM, check, state_dim_reason
 
 __all__ = ["MAX_STATE_DIM", "selective_scan_fwd"]
@@ -152,6 +152,6 @@ def selective_scan_fwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=h0 is not None,
         SOFTPLUS=delta_softplus, STORE_HT=return_last_state,
-        BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_D=block_d, BLOCK_N=block_n, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return y.to(dtype), (ht if return_last_state else None)

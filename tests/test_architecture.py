@@ -5,7 +5,8 @@ dependencies (experiments -> models -> families -> building blocks -> checks), t
 ``effarch_kernels`` never imports ``effarch``, and that no package has an import cycle. The
 tests below add what import-linter does not see: no private name imported across modules, no
 import of our own code hidden inside a function (only the lazy kernel and Triton imports may
-be), and modules short enough to read.
+be), modules short enough to read, and every kernel launch saying whether it may fuse
+multiply-adds (Triton 3.10 changes the default; ``effarch_kernels.common.FP_FUSION``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def hidden_imports(path: Path) -> list[str]:
     return found
 
 
+def launches_without_fp_fusion(path: Path) -> list[str]:
+    """Kernel launches (``kernel[grid](...)``) that do not pass ``enable_fp_fusion``."""
+    return [
+        f"{path.name}:{node.lineno} launches {ast.unparse(node.func.value)}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Subscript)
+        and "enable_fp_fusion" not in [kw.arg for kw in node.keywords]
+    ]
+
+
 def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
     env = None if pythonpath is None else {**os.environ, "PYTHONPATH": str(pythonpath)}
     exe = Path(sys.executable).with_name("lint-imports")
@@ -107,6 +119,12 @@ def test_every_module_is_short_enough_to_read():
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
+def test_every_kernel_launch_says_whether_to_fuse_multiply_adds():
+    launches = sorted((ROOT / "kernels").glob("*.py"))
+    found = [hit for path in launches for hit in launches_without_fp_fusion(path)]
+    assert not found, "launches left to the Triton version's FMA default:\n" + "\n".join(found)
+
+
 def test_the_checks_see_what_they_look_for(tmp_path):
     """The AST checks above flag a private import and a hidden import when there is one."""
     bad = tmp_path / "bad.py"
@@ -120,6 +138,16 @@ def test_the_checks_see_what_they_look_for(tmp_path):
     )
     assert private_imports(bad) == ["bad.py:1 imports _scale", "bad.py:6 uses ops._heads"]
     assert hidden_imports(bad) == ["bad.py:4 imports effarch.linear in f"]
+    launch = tmp_path / "launch.py"
+    launch.write_text(
+        "kern[(n, b * h)](x, y, BLOCK=16, enable_fp_fusion=FP_FUSION)\n"
+        "kern[grid](x, y, **sizes)\n"
+        "table[0](x)\n"
+    )
+    assert launches_without_fp_fusion(launch) == [
+        "launch.py:2 launches kern",
+        "launch.py:3 launches table",
+    ]
 
 
 def test_import_contracts_hold():

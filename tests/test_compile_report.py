@@ -42,6 +42,8 @@ def test_a_kernel_compiles_for_a_gpu_and_reports_its_resources(tmp_path, arch):
     assert 0 < row["registers"] <= 255 and row["spill_bytes"] >= 0
     assert 0 < row["shared_kib"] <= (163 if arch == 80 else 227)
     assert row["constants"]["BLOCK_D"] == 64
+    # the script compiles with Triton 3.10's default (no fusion); the launch asks for FMAs
+    assert row["fp_fusion"] is True
     assert (
         f"Compiled for sm_{arch}" in run.stdout
         and "| int8_attention:d64 | _int8_qk_kernel |" in run.stdout
