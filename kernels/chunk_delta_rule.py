@@ -33,9 +33,16 @@ neither of which depends on ``S``. Three kernels follow from it:
    ``D_ij = exp(G_i - G_j)`` for ``j <= i``. That is ``chunk_output_kernel`` of
    ``chunk_scalar_decay``, reused as it is.
 
-All arithmetic is float32 with full-precision matrix products: the intermediates ``T``,
-``W``, ``U`` and the states feed each other chunk after chunk, and rounding them to TF32
-would compound. Forward only (no backward kernels).
+All arithmetic is float32, and so are the matrix products in effect: the intermediates
+``T``, ``W``, ``U`` and the states feed each other chunk after chunk, and rounding their
+products to TF32 (10-bit mantissas) would compound. Each product is taken as three on the
+tensor cores ("3xTF32", Triton's ``input_precision="tf32x3"``): a float32 ``a`` is split into
+``a_hi = tf32(a)`` and ``a_lo = tf32(a - a_hi)``, and ``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi``
+(only ``a_lo b_lo``, about 2^-22 of the product, is dropped). Emulated in PyTorch at
+T = 512, K = V = 128, the forward stays as close to a float64 step loop as with float32
+products (outputs within 1.3e-6 for both), where one TF32 product per float32 one is off by
+6e-4 (tests/test_kernel_chunk_delta_rule.py). Under the interpreter every product is float32.
+Forward only (no backward kernels).
 """
 
 from __future__ import annotations
@@ -44,17 +51,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_scalar_decay import check_key_dim, chunk_log_decay, chunk_output_kernel, token_row
+from .chunk_scalar_decay import (
+    OUTPUT_BLOCK_K,
+    check_key_dim,
+    chunk_log_decay,
+    chunk_output_kernel,
+    token_row,
+)
 from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast, interpreting
 from .limits import check, chunk_size_reason
 
-PRECISION = "ieee"  # full float32 products, see the module docstring
-# 8 warps for all three kernels: their float32 tiles (a chunk of 64 steps by K and V) spill
-# far fewer registers than at 4, compiled for sm_90 (benchmarks/compile_report.py): at 16-bit
-# inputs and K = 64 about 1 KB per kernel instead of 2.4-39 KB, at K = 128 2-18 KB instead
-# of 27-56 KB (float32 inputs: 13-27 KB instead of 28-56 KB). Still more than a kernel should
-# spill: K split into blocks, as flash-linear-attention does, is what would remove it.
+PRECISION = "tf32x3"  # float32-accurate products on tensor cores, see the module docstring
+# Launch shapes, compiled for sm_90 and sm_80 (benchmarks/compile_report.py). 8 warps for
+# all three kernels (fewer spills than 4). The W/U kernel reads K in blocks of 32 columns
+# and the outputs kernel (OUTPUT_BLOCK_K) too; the states kernel holds all of K for 32 value
+# columns in 2 pipeline stages, not 3. With 3xTF32 products instead of float32 FMAs
+# that took the spills at K = 128 (W/U, states, outputs) from 1.9 / 13.1 / 18.0 KB per thread
+# to 28 / 652 / 0 bytes (16-bit inputs, sm_90; float32 inputs: 26.7 / 13.0 / 17.0 KB to
+# 276 / 1032 / 0 bytes), and the states kernel's shared memory at float32 from 192.5 KiB,
+# more than an A100 has (163), to 104 KiB.
 _WARPS = 8
+_WY_BLOCK_K = 32
+_STATES_BLOCK_V = 32
+_STATES_STAGES = 2
 
 
 @triton.jit
@@ -64,7 +83,8 @@ def _wy_kernel(
     USE_G: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # One program per chunk of one (batch, head): all of K, looping over V blocks for U.
+    # One program per chunk of one (batch, head), looping over blocks of K columns for A and
+    # W and over blocks of V columns for U.
     # Addresses: the chunk's first row in int64 (token_row), offsets inside the chunk int32.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -72,24 +92,27 @@ def _wy_kernel(
     h = pid_bh % n_heads
     offs_i = tl.arange(0, BT)
     offs_t = pid_n * BT + offs_i
-    offs_k = tl.arange(0, BK)
     t_ok = offs_t < seq_len
-    k_ok = offs_k < dim_k
     row0 = token_row(b, h, pid_n * BT, seq_len, n_heads)
     step = offs_i * n_heads
-    tk_offs = step[:, None] * dim_k + offs_k[None, :]
     # Steps past the sequence end read k = 0 and beta = 0: their rows of A are zero, their
     # rows of T are those of the identity and they write nothing.
-    k = tl.load(Kp + row0 * dim_k + tk_offs,
-                mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
     beta = tl.load(BETA + row0 + step, mask=t_ok, other=0.0).to(tl.float32)
     gc, _ = chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
 
-    # A_ij = beta_i exp(G_i - G_j) (k_i . k_j) for j < i. The exponent is masked to -inf
-    # above and on the diagonal before exp, so every exp taken has an argument <= 0.
+    # A_ij = beta_i exp(G_i - G_j) (k_i . k_j) for j < i, the Gram matrix K K^T summed over
+    # blocks of BK key columns. The exponent is masked to -inf above and on the diagonal
+    # before exp, so every exp taken has an argument <= 0.
+    gram = tl.zeros([BT, BT], tl.float32)
+    for k0 in range(0, dim_k, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        tk_offs = step[:, None] * dim_k + offs_k[None, :]
+        tk_mask = t_ok[:, None] & (offs_k < dim_k)[None, :]
+        k = tl.load(Kp + row0 * dim_k + tk_offs, mask=tk_mask, other=0.0).to(tl.float32)
+        gram += tl.dot(k, tl.trans(k), input_precision=PREC)
     strict = offs_i[:, None] > offs_i[None, :]
     decay = tl.exp(tl.where(strict, gc[:, None] - gc[None, :], float("-inf")))
-    a = tl.dot(k, tl.trans(k), input_precision=PREC) * decay * beta[:, None]
+    a = gram * decay * beta[:, None]
 
     # T = (I + A)^-1 by recursive doubling (block forward substitution). While T holds the
     # inverses of the diagonal blocks of size s = 2^lvl, merge each pair of neighbouring
@@ -104,9 +127,15 @@ def _wy_kernel(
         e = tl.where((diff >> lvl) == 1, a, 0.0)  # A is strictly lower: only i > j remain
         t_inv -= tl.dot(tl.dot(t_inv, e, input_precision=PREC), t_inv, input_precision=PREC)
 
-    # W = T diag(beta exp(G)) K: what a unit of the entering state takes off each write.
-    w = tl.dot(t_inv, k * (beta * tl.exp(gc))[:, None], input_precision=PREC)
-    tl.store(W + row0 * dim_k + tk_offs, w, mask=t_ok[:, None] & k_ok[None, :])
+    # W = T diag(beta exp(G)) K: what a unit of the entering state takes off each write,
+    # one block of key columns at a time.
+    for k0 in range(0, dim_k, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        tk_offs = step[:, None] * dim_k + offs_k[None, :]
+        tk_mask = t_ok[:, None] & (offs_k < dim_k)[None, :]
+        k = tl.load(Kp + row0 * dim_k + tk_offs, mask=tk_mask, other=0.0).to(tl.float32)
+        w = tl.dot(t_inv, k * (beta * tl.exp(gc))[:, None], input_precision=PREC)
+        tl.store(W + row0 * dim_k + tk_offs, w, mask=tk_mask)
 
     # U = T diag(beta) V: the writes the chunk would make from a zero entering state.
     tv_base = row0 * dim_v
@@ -215,8 +244,8 @@ def chunk_delta_rule_fwd(
     _wy_kernel[(n_chunks, b * h)](
         k, v, beta, g_arg, w, u,
         t, h, dk, dv,
-        USE_G=use_g, BT=bt, LOG2_BT=bt.bit_length() - 1, BK=bk, BV=bv, PREC=PRECISION,
-        num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
+        USE_G=use_g, BT=bt, LOG2_BT=bt.bit_length() - 1, BK=min(bk, _WY_BLOCK_K), BV=bv,
+        PREC=PRECISION, num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
     # 2. The state entering every chunk, the rows X each chunk writes, the final state.
@@ -224,11 +253,13 @@ def chunk_delta_rule_fwd(
     x = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
     ht = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
-    _delta_states_kernel[(triton.cdiv(dv, bv), b * h)](
+    bv_states = min(bv, _STATES_BLOCK_V)
+    _delta_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
         k, w, u, g_arg, h0, hs, x, ht,
         t, h, dk, dv, n_chunks,
         USE_G=use_g, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv, PREC=PRECISION, num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
+        BT=bt, BK=bk, BV=bv_states, PREC=PRECISION, num_warps=_WARPS, num_stages=_STATES_STAGES,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
     # 3. Outputs: scalar-decay linear attention on (q, k, X) from the stored chunk states.
@@ -236,7 +267,7 @@ def chunk_delta_rule_fwd(
     chunk_output_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
         q, k, x, g_arg, hs, o,
         t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=PRECISION, num_warps=_WARPS,
-        enable_fp_fusion=FP_FUSION,
+        USE_G=use_g, BT=bt, BK=min(bk, OUTPUT_BLOCK_K), BV=bv, PRECISION=PRECISION,
+        num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return o.to(dtype), (ht if output_final_state else None)

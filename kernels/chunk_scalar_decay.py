@@ -44,6 +44,7 @@ from .limits import MAX_KEY_DIM, check, chunk_size_reason, key_dim_reason
 
 __all__ = [
     "MAX_KEY_DIM",
+    "OUTPUT_BLOCK_K",
     "check_key_dim",
     "chunk_log_decay",
     "chunk_output_kernel",
@@ -133,8 +134,10 @@ def chunk_output_kernel(
     USE_G: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # One program computes the outputs of one chunk for BV value columns. Addresses: the
-    # chunk's first row in int64, the steps after it int32 (see token_row).
+    # One program computes the outputs of one chunk for BV value columns, reading K in
+    # blocks of BK (both products below sum over K, so a block's share is added and the
+    # block dropped: registers hold a [BT, BK] slice of q and k, not all of K). Addresses:
+    # the chunk's first row in int64, the steps after it int32 (see token_row).
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -142,32 +145,35 @@ def chunk_output_kernel(
     h = pid_bh % n_heads
     offs_i = tl.arange(0, BT)
     offs_t = pid_n * BT + offs_i
-    offs_k = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     t_ok = offs_t < seq_len
-    k_ok = offs_k < dim_k
     v_ok = offs_v < dim_v
     row0 = token_row(b, h, pid_n * BT, seq_len, n_heads)
-    qk_offs = (offs_i * n_heads)[:, None] * dim_k + offs_k[None, :]
     tv_offs = (offs_i * n_heads)[:, None] * dim_v + offs_v[None, :]
-    qk_mask = t_ok[:, None] & k_ok[None, :]
-    q = tl.load(Q + row0 * dim_k + qk_offs, mask=qk_mask, other=0.0)
-    k = tl.load(Kp + row0 * dim_k + qk_offs, mask=qk_mask, other=0.0)
-    v = tl.load(Vp + row0 * dim_v + tv_offs,
-                mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    q = q.to(tl.float32)
-    k = k.to(tl.float32)
-    hs = tl.load(HS + (pid_bh * n_chunks + pid_n) * dim_k * dim_v
-                 + offs_k[:, None] * dim_v + offs_v[None, :],
-                 mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # fmt: skip
     gc, _ = chunk_log_decay(G, b, h, pid_n * BT, seq_len, n_heads, USE_G, BT)
+    hs_base = (pid_bh * n_chunks + pid_n) * dim_k * dim_v
+
+    # Q K^T and (exp(G) * Q) h, one block of K at a time.
+    scores = tl.zeros([BT, BT], tl.float32)
+    o = tl.zeros([BT, BV], tl.float32)
+    for k0 in range(0, dim_k, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < dim_k
+        qk_offs = (offs_i * n_heads)[:, None] * dim_k + offs_k[None, :]
+        qk_mask = t_ok[:, None] & k_ok[None, :]
+        q = tl.load(Q + row0 * dim_k + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(Kp + row0 * dim_k + qk_offs, mask=qk_mask, other=0.0).to(tl.float32)
+        hs = tl.load(HS + hs_base + offs_k[:, None] * dim_v + offs_v[None, :],
+                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # fmt: skip
+        scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        o += tl.dot(q * tl.exp(gc)[:, None], hs, input_precision=PRECISION)
 
     # exp is taken only on the causal triangle, where G_i - G_j <= 0; the rest is exp(-inf) = 0.
     causal = offs_i[:, None] >= offs_i[None, :]
     decay = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
-    o = tl.dot(q * tl.exp(gc)[:, None], hs, input_precision=PRECISION)
-    o += tl.dot(scores, v, input_precision=PRECISION)
+    v = tl.load(Vp + row0 * dim_v + tv_offs,
+                mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    o += tl.dot(scores * decay, v, input_precision=PRECISION)
     tl.store(Out + row0 * dim_v + tv_offs, (o * scale).to(Out.dtype.element_ty),
              mask=t_ok[:, None] & v_ok[None, :])  # fmt: skip
 
@@ -319,10 +325,14 @@ def check_key_dim(dim_k: int) -> None:
 
 # The kernels that hold a chunk's [BT, BT] scores beside [BT, K] and [BT, V] tiles (the
 # outputs, the backward's dq, dk, dv) run 8 warps: compiled for sm_90
-# (benchmarks/compile_report.py) they spill fewer registers than at 4, e.g. the outputs at
-# float32 and K = 64 0 bytes instead of 2.4 KB, the backward at 16 bits and K = 128 0.4 KB
-# instead of 1 KB, at float32 26-33 KB instead of 58-66 KB; never more.
+# (benchmarks/compile_report.py) they spill fewer registers than at 4, e.g. the backward at
+# 16 bits and K = 128 0.4 KB instead of 1 KB, at float32 26-33 KB instead of 58-66 KB; never
+# more.
 _WARPS = 8
+# chunk_output_kernel reads K in blocks of this many columns (fewer when K is smaller). Holding
+# all of K it spilled 17 KB per thread at float32 and K = 128 (sm_90); in blocks of 32 it
+# spills at most 244 bytes (float32, K = 64 or 128) and nothing at 16 bits.
+OUTPUT_BLOCK_K = 32
 
 
 def _config(
@@ -390,8 +400,8 @@ def chunk_scalar_decay_fwd(
     chunk_output_kernel[grid](
         q, k, v, g if g is not None else q, hs, o,
         t, h, dk, dv, hs.shape[2], scale,
-        USE_G=g is not None, BT=bt, BK=bk, BV=bv, PRECISION=precision, num_warps=_WARPS,
-        enable_fp_fusion=FP_FUSION,
+        USE_G=g is not None, BT=bt, BK=min(bk, OUTPUT_BLOCK_K), BV=bv, PRECISION=precision,
+        num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return o.to(dtype), ht
 
@@ -437,12 +447,16 @@ def chunk_scalar_decay_bwd(
     dv_ = torch.empty_like(v)
     dgc = torch.empty(b, t, h, device=q.device, dtype=torch.float32) if use_g else hs
     # This kernel holds all of K for a chunk and pipelines two float32 [BK, BV] state tiles:
-    # at BK >= 128 on a GPU it needs narrower V blocks and fewer stages to fit in shared
-    # memory (BK=128, BV=64, 3 stages asks for 304 KiB; Hopper has 227 KiB per block).
+    # on a GPU it takes narrower V blocks, and at BK >= 128 fewer stages, to fit in shared
+    # memory. Compiled (benchmarks/compile_report.py): BK=128, BV=64, 3 stages asks for 304
+    # KiB (an H100 has 227 per block); at float32 and K = 64, BV=64 asks for 176 KiB (an
+    # A100 has 163) and spills 26-28 KB per thread, BV=32 112 KiB and about 2 KB (sm_80 and
+    # sm_90; 16-bit inputs: 64-120 KiB instead of 112-192, and at most 1.1 KB of spills).
     extra = dict(num_warps=_WARPS)
-    if not interpreting() and bk >= 128:
+    if not interpreting():
         bv = min(bv, 32 if bk <= 128 else 16)
-        extra["num_stages"] = 2 if bk <= 128 else 1
+        if bk >= 128:
+            extra["num_stages"] = 2 if bk <= 128 else 1
     _bwd_dqkv_kernel[(n_chunks, b * h)](
         q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
         t, h, dk, dv, n_chunks, scale,

@@ -94,6 +94,20 @@ def test_bfloat16_is_computed_in_float32():
     torch.testing.assert_close(s.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
 
 
+def test_forward_at_the_blocks_of_a_gpu(monkeypatch):
+    """The value blocks a GPU takes (64 columns, 32 in the states kernel), run here under
+    the interpreter, which otherwise takes all of V at once."""
+    from effarch_kernels import chunk_delta_rule as cdr
+
+    monkeypatch.setattr(cdr, "interpreting", lambda: False)  # only _config reads it
+    assert cdr._config(128, 100, 16)[2] == 64
+    q, k, v, beta, g, h0 = inputs(40, 128, 100, with_h0=True)
+    o, s = kernel(q, k, v, beta, g, h0, 0.1, chunk_size=16)
+    want_o, want_s = loop(q, k, v, beta, g, 0.1, h0)
+    torch.testing.assert_close(o.cpu().double(), want_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.cpu().double(), want_s, rtol=1e-5, atol=1e-5)
+
+
 def test_no_output_element_is_left_unwritten(poison_empty):
     q, k, v, beta, g, h0 = inputs(50, 20, 36, with_h0=True)
     o, s = kernel(q, k, v, beta, g, h0, 0.2, chunk_size=16)
@@ -124,6 +138,72 @@ def test_clear_errors():
     with torch.no_grad():  # inference on tensors that require grad is fine
         o, _ = chunk_delta_rule(q.to(DEV), k.to(DEV), v.to(DEV), beta.to(DEV), g.to(DEV))
     assert not o.requires_grad
+
+
+# ------------------------------------------------------------------------------------------
+# The kernels' matrix products: 3xTF32 ("tf32x3") keeps the float32 accuracy
+# ------------------------------------------------------------------------------------------
+
+
+def tf32(x):
+    """x rounded to TF32 (10 mantissa bits, to nearest) as the tensor cores read it."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+PRODUCTS = {
+    "float32": lambda a, b: a @ b,
+    "tf32": lambda a, b: tf32(a) @ tf32(b),
+    # a_hi b_hi + a_hi b_lo + a_lo b_hi, with x_lo = tf32(x - x_hi): a_lo b_lo is dropped
+    "tf32x3": lambda a, b: (lambda ah, bh: ah @ tf32(b - bh) + tf32(a - ah) @ bh + ah @ bh)(
+        tf32(a), tf32(b)
+    ),
+}
+
+
+def kernel_algorithm(q, k, v, beta, g, scale, h0, mm, bt=64):
+    """The kernels' chunkwise algorithm (module docstring of chunk_delta_rule) in float32
+    PyTorch with every matrix product taken by ``mm``: A, T = (I + A)^-1 by doubling, W and
+    U, then X = U - W S, the outputs and the state update, chunk after chunk."""
+    b, t, h, dk = q.shape
+    state = h0.float().clone()
+    out = torch.zeros(b, t, h, v.shape[-1])
+    for c0 in range(0, t, bt):
+        qc, kc, vc = (x[:, c0 : c0 + bt].float().transpose(1, 2) for x in (q, k, v))
+        bc = beta[:, c0 : c0 + bt].transpose(1, 2)
+        gc = g[:, c0 : c0 + bt].transpose(1, 2).cumsum(-1)
+        i = torch.arange(qc.shape[2])
+        gap = gc[..., :, None] - gc[..., None, :]
+        a = mm(kc, kc.mT) * gap.masked_fill(i[:, None] <= i, -torch.inf).exp() * bc[..., None]
+        t_inv = torch.eye(len(i)).expand_as(a)
+        diff, lvl = i[:, None] ^ i, 0
+        while 1 << lvl < len(i):
+            t_inv = t_inv - mm(mm(t_inv, a * ((diff >> lvl) == 1)), t_inv)
+            lvl += 1
+        w = mm(t_inv, kc * (bc * gc.exp())[..., None])
+        x = mm(t_inv, vc * bc[..., None]) - mm(w, state)
+        scores = mm(qc, kc.mT) * gap.masked_fill(i[:, None] < i, -torch.inf).exp()
+        o = mm(qc * gc.exp()[..., None], state) + mm(scores, x)
+        out[:, c0 : c0 + bt] = (o * scale).transpose(1, 2)
+        last = gc[..., -1:]
+        state = state * last[..., None].exp() + mm((kc * (last - gc).exp()[..., None]).mT, x)
+    return out, state
+
+
+def test_3xtf32_products_keep_the_forward_as_accurate_as_float32():
+    """The GPU kernels take each float32 product as three TF32 ones (``PRECISION``): emulated
+    here at K = V = 128 over 512 steps, the outputs and the final state stay as close to the
+    float64 step loop as with float32 products, within the 1e-5 the kernel tests ask; one
+    TF32 product per float32 one (the tensor cores' default) misses that by far."""
+    q, k, v, beta, g, h0 = inputs(512, 128, 128, with_h0=True)
+    want_o, want_s = loop(q, k, v, beta, g, 128**-0.5, h0)
+    err = {}
+    for name, mm in PRODUCTS.items():
+        o, s = kernel_algorithm(q, k, v, beta, g, 128**-0.5, h0, mm)
+        err[name] = max((o.double() - want_o).abs().max(), (s.double() - want_s).abs().max())
+    assert err["float32"] < 1e-5 and err["tf32x3"] < 1e-5, err
+    assert err["tf32x3"] < 2 * err["float32"], err  # the same accuracy, within a factor 2
+    assert err["tf32"] > 100 * err["tf32x3"], err
 
 
 # ------------------------------------------------------------------------------------------
