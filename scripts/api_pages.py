@@ -8,11 +8,18 @@ module of it with the names that module defines, read by Sphinx's autodoc from t
 docstrings. Each name is documented once, in the module that defines it; a name a module
 re-exports from another is left to its home. The test command runs ``--check``, so a new
 module or part cannot be missing from the reference.
+
+A last page documents ``effarch_kernels``, the optional Triton kernels: each module's
+docstring and its launchers (the plain Python functions that check shapes and launch a
+kernel) and documented constants, found in the module's source so that writing the page
+needs no Triton. The book's Sphinx imports the modules with ``triton`` mocked
+(``autodoc_mock_imports``), so the page builds on a machine without Triton too.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import inspect
 import pkgutil
@@ -21,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "guide" / "api"
+KERNELS = ROOT / "kernels"
 TOC = ROOT / "_toc.yml"
 
 # (part, what it holds), in the book's order
@@ -78,6 +86,9 @@ Each name is documented in the module that defines it; import it from its part,
 | part | what it holds |
 |---|---|
 {rows}
+
+The Triton kernels behind `backend="triton"` are a package of their own,
+[`effarch_kernels`](kernels.md): their launchers can be called directly on CUDA tensors.
 """
 
 
@@ -118,11 +129,53 @@ def page(part: str) -> str:
     return "\n".join(lines)
 
 
+def _kernel_names(path: Path) -> tuple[list[str], list[str]]:
+    """A kernel module's launchers (public functions without a decorator: the
+    ``@triton.jit`` ones are device code) and its constants with a docstring, in order."""
+    body = ast.parse(path.read_text()).body
+    functions = [
+        node.name
+        for node in body
+        if isinstance(node, ast.FunctionDef)
+        and not node.name.startswith("_")
+        and not node.decorator_list
+    ]
+    constants = [
+        target.id
+        for node, after in zip(body, body[1:], strict=False)
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        and isinstance(after, ast.Expr)
+        and isinstance(after.value, ast.Constant)
+        and isinstance(after.value.value, str)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name) and not target.id.startswith("_")
+    ]
+    return functions, constants
+
+
+def kernels_page() -> str:
+    """The Markdown of the effarch_kernels page."""
+    lines = ["# effarch_kernels", "", "```{eval-rst}", ".. automodule:: effarch_kernels",
+             "   :no-members:", "```", ""]  # fmt: skip
+    for path in sorted(KERNELS.glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        module = f"effarch_kernels.{path.stem}"
+        functions, constants = _kernel_names(path)
+        lines += [f"## {module}", "", "```{eval-rst}", f".. automodule:: {module}",
+                  "   :no-members:", ""]  # fmt: skip
+        lines += [f".. autodata:: {module}.{name}" for name in constants]
+        lines += [f".. autofunction:: {module}.{name}" for name in functions]
+        lines += ["```", ""]
+    return "\n".join(lines)
+
+
 def pages() -> dict[Path, str]:
     """Every page of guide/api, by path."""
     rows = "\n".join(f"| [`effarch.{p}`]({p}.md) | {what} |" for p, what in PARTS)
     out = {API / "index.md": INDEX.format(rows=rows)}
     out.update({API / f"{p}.md": page(p) for p, _ in PARTS})
+    out[API / "kernels.md"] = kernels_page()
     return out
 
 
@@ -142,6 +195,7 @@ def toc(text: str) -> str:
         if line.strip() == "- file: guide/notation":
             out.append("      - file: guide/api/index\n        sections:\n")
             out += [f"          - file: guide/api/{p}\n" for p, _ in PARTS]
+            out.append("          - file: guide/api/kernels\n")
     return "".join(out)
 
 

@@ -398,6 +398,32 @@ def test_api_pages_document_a_name_once_at_its_home(monkeypatch):
     assert api_pages.main() == 1  # a part without a page fails the check
 
 
+def test_the_kernels_page_documents_launchers_not_device_code():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import api_pages
+
+    page = api_pages.kernels_page()
+    documented = {line.split()[-1] for line in page.splitlines() if line.startswith(".. auto")}
+    for launcher in (
+        "flash_attention.flash_attention_forward",
+        "fused_recurrent.fused_recurrent",
+        "chunk_delta_rule.chunk_delta_rule_fwd",
+        "selective_scan.selective_scan_fwd",
+    ):
+        assert f"effarch_kernels.{launcher}" in documented
+    assert "effarch_kernels.common.FP_FUSION" in documented  # a constant with a docstring
+    # @triton.jit functions are device code, private names are private
+    for hidden in (
+        "chunk_scalar_decay.token_row",
+        "chunk_scalar_decay.chunk_output_kernel",
+        "flash_attention._fwd_kernel",
+        "flash_attention._config",
+    ):
+        assert f"effarch_kernels.{hidden}" not in documented
+    every_module = {p.stem for p in (ROOT / "kernels").glob("*.py")} - {"__init__"}
+    assert {f"effarch_kernels.{m}" for m in every_module} <= documented
+
+
 def test_api_reference_links_resolve_re_exported_names():
     """The book's Sphinx extension finds the object a docstring names by its import path."""
     sys.path.insert(0, str(ROOT / "scripts" / "sphinx_ext"))
