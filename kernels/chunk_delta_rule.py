@@ -53,6 +53,7 @@ import triton.language as tl
 
 from .chunk_scalar_decay import (
     OUTPUT_BLOCK_K,
+    STATES_BLOCK_V,
     check_key_dim,
     chunk_log_decay,
     chunk_output_kernel,
@@ -65,14 +66,13 @@ PRECISION = "tf32x3"  # float32-accurate products on tensor cores, see the modul
 # Launch shapes, compiled for sm_90 and sm_80 (benchmarks/compile_report.py). 8 warps for
 # all three kernels (fewer spills than 4). The W/U kernel reads K in blocks of 32 columns
 # and the outputs kernel (OUTPUT_BLOCK_K) too; the states kernel holds all of K for 32 value
-# columns in 2 pipeline stages, not 3. With 3xTF32 products instead of float32 FMAs
-# that took the spills at K = 128 (W/U, states, outputs) from 1.9 / 13.1 / 18.0 KB per thread
-# to 28 / 652 / 0 bytes (16-bit inputs, sm_90; float32 inputs: 26.7 / 13.0 / 17.0 KB to
-# 276 / 1032 / 0 bytes), and the states kernel's shared memory at float32 from 192.5 KiB,
-# more than an A100 has (163), to 104 KiB.
+# columns (STATES_BLOCK_V) in 2 pipeline stages, not 3. With 3xTF32 products instead of
+# float32 FMAs that took the spills at K = 128 (W/U, states, outputs) from 1.9 / 13.1 / 18.0
+# KB per thread to 28 / 652 / 0 bytes (16-bit inputs, sm_90; float32 inputs: 26.7 / 13.0 /
+# 17.0 KB to 276 / 1032 / 0 bytes), and the states kernel's shared memory at float32 from
+# 192.5 KiB, more than an A100 has (163), to 104 KiB.
 _WARPS = 8
 _WY_BLOCK_K = 32
-_STATES_BLOCK_V = 32
 _STATES_STAGES = 2
 
 
@@ -253,7 +253,7 @@ def chunk_delta_rule_fwd(
     x = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
     ht = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
-    bv_states = min(bv, _STATES_BLOCK_V)
+    bv_states = min(bv, STATES_BLOCK_V)
     _delta_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
         k, w, u, g_arg, h0, hs, x, ht,
         t, h, dk, dv, n_chunks,

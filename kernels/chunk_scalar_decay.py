@@ -45,6 +45,7 @@ from .limits import MAX_KEY_DIM, check, chunk_size_reason, key_dim_reason
 __all__ = [
     "MAX_KEY_DIM",
     "OUTPUT_BLOCK_K",
+    "STATES_BLOCK_V",
     "check_key_dim",
     "chunk_log_decay",
     "chunk_output_kernel",
@@ -333,6 +334,11 @@ _WARPS = 8
 # all of K it spilled 17 KB per thread at float32 and K = 128 (sm_90); in blocks of 32 it
 # spills at most 244 bytes (float32, K = 64 or 128) and nothing at 16 bits.
 OUTPUT_BLOCK_K = 32
+# The states kernels (forward and backward) carry all of K for this many value columns, in 8
+# warps: at float32 they spilled 10-17 KB per thread at 64 columns and 4 warps compiled for
+# sm_80 (0-432 bytes for sm_90), now 0 at K = 64 and under 4 KB at K = 128 (sm_90: 8 bytes at
+# most); at 16 bits none spills, with fewer registers than before.
+STATES_BLOCK_V = 32
 
 
 def _config(
@@ -365,11 +371,12 @@ def _chunk_states(
     hs = torch.empty(b, h, n_chunks, dk, dv, device=k.device, dtype=torch.float32)
     ht = torch.empty(b, h, dk, dv, device=k.device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
+    bv = min(bv, STATES_BLOCK_V)
     _fwd_states_kernel[(triton.cdiv(dv, bv), b * h)](
         k, v, g if g is not None else k, h0, hs, ht,
         t, h, dk, dv, n_chunks,
         USE_G=g is not None, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv, PRECISION=precision, enable_fp_fusion=FP_FUSION,
+        BT=bt, BK=bk, BV=bv, PRECISION=precision, num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return hs, (ht if output_final_state else None)
 
@@ -436,11 +443,13 @@ def chunk_scalar_decay_bwd(
     dht32 = dht.float().contiguous() if dht is not None else hs
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
-    _bwd_states_kernel[(triton.cdiv(dv, bv), b * h)](
+    bv_states = min(bv, STATES_BLOCK_V)
+    _bwd_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
         q, do, g if use_g else q, dht32, dhs, dh0,
         t, h, dk, dv, n_chunks, scale,
         USE_G=use_g, USE_DHT=dht is not None, STORE_DH0=initial_state is not None,
-        BT=bt, BK=bk, BV=bv, PRECISION=precision, enable_fp_fusion=FP_FUSION,
+        BT=bt, BK=bk, BV=bv_states, PRECISION=precision, num_warps=_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     dq = torch.empty_like(q)
     dk_ = torch.empty_like(k)
@@ -451,10 +460,12 @@ def chunk_scalar_decay_bwd(
     # memory. Compiled (benchmarks/compile_report.py): BK=128, BV=64, 3 stages asks for 304
     # KiB (an H100 has 227 per block); at float32 and K = 64, BV=64 asks for 176 KiB (an
     # A100 has 163) and spills 26-28 KB per thread, BV=32 112 KiB and about 2 KB (sm_80 and
-    # sm_90; 16-bit inputs: 64-120 KiB instead of 112-192, and at most 1.1 KB of spills).
+    # sm_90; 16-bit inputs: 64-120 KiB instead of 112-192, and at most 1.1 KB of spills). At
+    # float32 and K = 128, BV=32 spills 33 KB, BV=16 6-8 KB.
     extra = dict(num_warps=_WARPS)
     if not interpreting():
-        bv = min(bv, 32 if bk <= 128 else 16)
+        wide = bk <= 64 or (bk <= 128 and q.dtype != torch.float32)
+        bv = min(bv, 32 if wide else 16)
         if bk >= 128:
             extra["num_stages"] = 2 if bk <= 128 else 1
     _bwd_dqkv_kernel[(n_chunks, b * h)](

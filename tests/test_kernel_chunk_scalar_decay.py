@@ -123,8 +123,8 @@ def test_gradients_match_autograd_through_the_recurrence(
 @pytest.mark.parametrize("dk", [40, 128, 256])
 def test_gradients_at_the_blocks_of_a_gpu(monkeypatch, dk):
     """The blocks a GPU takes (value blocks of at most 64 columns, 32 or 16 in the backward
-    dq/dk/dv kernel, which then loops over several; key blocks of 32 in the outputs
-    kernel), run here under the interpreter, which otherwise takes all of V at once."""
+    dq/dk/dv kernel, which then loops over several), run here under the interpreter, which
+    otherwise takes all of V at once in the outputs and dq/dk/dv kernels."""
     from effarch_kernels import chunk_scalar_decay as csd
 
     monkeypatch.setattr(csd, "interpreting", lambda: False)  # only the block sizes read it
