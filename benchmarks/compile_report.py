@@ -220,10 +220,11 @@ def jobs() -> dict[str, Callable[[], None]]:
             for block in (32, 64, 128):
                 name = f"block_sparse_attention:{dn}:d{d}:block{block}"
                 out[name] = partial(block_sparse, dtype, d, block)
-        for d in (64, 128):
+        for d in (64, 128, 256):  # 256: the largest K the linear-attention kernels take
             out[f"chunk_scalar_decay:{dn}:d{d}"] = partial(chunk, dtype, d)
             out[f"chunk_delta_rule:{dn}:d{d}"] = partial(delta, dtype, d)
             out[f"fused_recurrent:{dn}:d{d}"] = partial(recurrent, dtype, d)
+        for d in (64, 128):
             out[f"grouped_gemm:{dn}:k{d}"] = partial(grouped, dtype, d)
         out[f"selective_scan:{dn}:n16"] = partial(scan, dtype, 16)
     for d in (64, 128):

@@ -53,10 +53,10 @@ import triton.language as tl
 
 from .chunk_scalar_decay import (
     OUTPUT_BLOCK_K,
-    STATES_BLOCK_V,
     check_key_dim,
     chunk_log_decay,
     chunk_output_kernel,
+    states_launch,
     token_row,
 )
 from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast, interpreting
@@ -66,11 +66,11 @@ PRECISION = "tf32x3"  # float32-accurate products on tensor cores, see the modul
 # Launch shapes, compiled for sm_90 and sm_80 (benchmarks/compile_report.py). 8 warps for
 # all three kernels (fewer spills than 4). The W/U kernel reads K in blocks of 32 columns
 # and the outputs kernel (OUTPUT_BLOCK_K) too; the states kernel holds all of K for 32 value
-# columns (STATES_BLOCK_V) in 2 pipeline stages, not 3. With 3xTF32 products instead of
-# float32 FMAs that took the spills at K = 128 (W/U, states, outputs) from 1.9 / 13.1 / 18.0
-# KB per thread to 28 / 652 / 0 bytes (16-bit inputs, sm_90; float32 inputs: 26.7 / 13.0 /
-# 17.0 KB to 276 / 1032 / 0 bytes), and the states kernel's shared memory at float32 from
-# 192.5 KiB, more than an A100 has (163), to 104 KiB.
+# columns in 2 pipeline stages, not 3 (16 in 1 from K = 256 on: states_launch). With 3xTF32
+# products instead of float32 FMAs that took the spills at K = 128 (W/U, states, outputs)
+# from 1.9 / 13.1 / 18.0 KB per thread to 28 / 652 / 0 bytes (16-bit inputs, sm_90; float32
+# inputs: 26.7 / 13.0 / 17.0 KB to 276 / 1032 / 0 bytes), and the states kernel's shared
+# memory at float32 from 192.5 KiB, more than an A100 has (163), to 104 KiB.
 _WARPS = 8
 _WY_BLOCK_K = 32
 _STATES_STAGES = 2
@@ -253,12 +253,12 @@ def chunk_delta_rule_fwd(
     x = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
     ht = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
-    bv_states = min(bv, STATES_BLOCK_V)
+    bv_states, stages = states_launch(bk, bv, _STATES_STAGES)
     _delta_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
         k, w, u, g_arg, h0, hs, x, ht,
         t, h, dk, dv, n_chunks,
         USE_G=use_g, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv_states, PREC=PRECISION, num_warps=_WARPS, num_stages=_STATES_STAGES,
+        BT=bt, BK=bk, BV=bv_states, PREC=PRECISION, num_warps=_WARPS, num_stages=stages,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 

@@ -51,6 +51,7 @@ __all__ = [
     "chunk_output_kernel",
     "chunk_scalar_decay_bwd",
     "chunk_scalar_decay_fwd",
+    "states_launch",
     "token_row",
 ]
 
@@ -341,6 +342,17 @@ OUTPUT_BLOCK_K = 32
 STATES_BLOCK_V = 32
 
 
+def states_launch(block_k: int, block_v: int, stages: int) -> tuple[int, int]:
+    """Value columns and pipeline stages of a states kernel, which carries all of K (padded
+    to ``block_k``) for its value columns: ``STATES_BLOCK_V`` columns in ``stages`` stages,
+    or from K = 256 on 16 columns in 1 stage. (At K = 256 and float32, 32 columns in 3 stages
+    asked for 208.5 KiB of shared memory, more than an A100 has, and spilled 10-13 KB compiled
+    for sm_80; 16 in 1 stage asks for 64-68 KiB and spills at most 4.3 KB.)"""
+    if block_k >= 256:
+        return min(block_v, 16), 1
+    return min(block_v, STATES_BLOCK_V), stages
+
+
 def _config(
     dim_k: int, dim_v: int, chunk_size: int, dtype: torch.dtype
 ) -> tuple[int, int, int, str]:
@@ -371,12 +383,13 @@ def _chunk_states(
     hs = torch.empty(b, h, n_chunks, dk, dv, device=k.device, dtype=torch.float32)
     ht = torch.empty(b, h, dk, dv, device=k.device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
-    bv = min(bv, STATES_BLOCK_V)
+    bv, stages = states_launch(bk, bv, 3)
     _fwd_states_kernel[(triton.cdiv(dv, bv), b * h)](
         k, v, g if g is not None else k, h0, hs, ht,
         t, h, dk, dv, n_chunks,
         USE_G=g is not None, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv, PRECISION=precision, num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
+        BT=bt, BK=bk, BV=bv, PRECISION=precision, num_warps=_WARPS, num_stages=stages,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return hs, (ht if output_final_state else None)
 
@@ -435,6 +448,11 @@ def chunk_scalar_decay_bwd(
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     cfg = _config(dk, dv, chunk_size, q.dtype)
+    if not interpreting() and cfg[1] >= 256 and q.dtype == torch.float32:
+        # float32 [64, 256] tiles of q, k, dq and dk ask the dq/dk/dv kernel for 168 KiB of
+        # shared memory (an A100 has 163) and spill 45 KB; chunks of 32 ask 100 KiB and spill
+        # under 0.5 KB. The chunk length is only a blocking: the gradients do not change.
+        cfg = (min(cfg[0], 32), *cfg[1:])
     bt, bk, bv, precision = cfg
     use_g = g is not None
     need_ht = use_g and dht is not None
@@ -443,12 +461,12 @@ def chunk_scalar_decay_bwd(
     dht32 = dht.float().contiguous() if dht is not None else hs
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
-    bv_states = min(bv, STATES_BLOCK_V)
+    bv_states, stages = states_launch(bk, bv, 3)
     _bwd_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
         q, do, g if use_g else q, dht32, dhs, dh0,
         t, h, dk, dv, n_chunks, scale,
         USE_G=use_g, USE_DHT=dht is not None, STORE_DH0=initial_state is not None,
-        BT=bt, BK=bk, BV=bv_states, PRECISION=precision, num_warps=_WARPS,
+        BT=bt, BK=bk, BV=bv_states, PRECISION=precision, num_warps=_WARPS, num_stages=stages,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     dq = torch.empty_like(q)

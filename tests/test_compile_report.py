@@ -78,12 +78,15 @@ LARGE_TILES = {
     # smaller tiles (_tiles): with 64 x 64 tiles at 16-bit d256 it asked for 200 KiB
     "block-sparse": ([f"block_sparse_attention:{dt}:d{d}:block128"
                       for dt, d in (("fp16", 128), ("fp16", 256), ("fp32", 128))], 3),
-    # K = V = 128: the states kernel, carrying 64 value columns in 3 pipeline stages, asked
-    # for 192.5 KiB at float32
-    "delta-rule": (["chunk_delta_rule:fp16:d128", "chunk_delta_rule:fp32:d128"], 3),
-    # the backward's dq/dk/dv kernel at float32 and K = 64 with 64 value columns asked for
-    # 176 KiB (forward: states, outputs; backward: states again, states, dq/dk/dv, dg)
-    "simple-gla": (["chunk_scalar_decay:fp32:d64", "chunk_scalar_decay:fp16:d128"], 6),
+    # the states kernel, carrying 64 value columns in 3 pipeline stages, asked for 192.5 KiB
+    # at float32 and K = V = 128, and 32 columns in 2 stages 200 KiB at K = V = 256
+    "delta-rule": (["chunk_delta_rule:fp16:d128", "chunk_delta_rule:fp32:d128",
+                    "chunk_delta_rule:fp32:d256"], 3),
+    # the backward's dq/dk/dv kernel at float32 asked for 176 KiB at K = 64 (64 value
+    # columns) and 168 KiB at K = 256 (chunks of 64), the states kernels 208.5 KiB at K = 256
+    # (forward: states, outputs; backward: states again, states, dq/dk/dv, dg)
+    "simple-gla": (["chunk_scalar_decay:fp32:d64", "chunk_scalar_decay:fp16:d128",
+                    "chunk_scalar_decay:fp32:d256"], 6),
 }  # fmt: skip
 
 
