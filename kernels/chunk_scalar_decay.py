@@ -353,6 +353,32 @@ def states_launch(block_k: int, block_v: int, stages: int) -> tuple[int, int]:
     return min(block_v, STATES_BLOCK_V), stages
 
 
+def _dqkv_launch(
+    chunk: int, block_k: int, block_v: int, dtype: torch.dtype
+) -> tuple[int, int, int]:
+    """Chunk length, value columns and pipeline stages of the backward's dq/dk/dv kernel on a
+    GPU (under the interpreter: those of ``_config``, in 3 stages).
+
+    The kernel holds all of K for a chunk and pipelines two float32 ``[BK, BV]`` state tiles,
+    so it takes narrower value blocks than the forward, and fewer stages from K = 128 on, to
+    fit in shared memory. Compiled (benchmarks/compile_report.py): K = 128, 64 columns in 3
+    stages asks for 304 KiB (an H100 has 227 per block); at float32 and K = 64, 64 columns
+    ask for 176 KiB (an A100 has 163) and spill 26-28 KB per thread, 32 columns 112 KiB and
+    about 2 KB (sm_80 and sm_90; 16-bit inputs: 64-120 KiB instead of 112-192, at most 1.1 KB
+    of spills); at float32 and K = 128, 32 columns spill 33 KB, 16 columns 6-8 KB. At float32
+    and K = 256, [64, 256] tiles of q, k, dq and dk ask for 168 KiB and spill 45 KB, chunks of
+    32 100 KiB and under 0.5 KB: the backward then cuts chunks of 32 (a blocking only: the
+    gradients do not change)."""
+    if interpreting():
+        return chunk, block_v, 3
+    full = dtype == torch.float32
+    wide = block_k <= 64 or (block_k <= 128 and not full)
+    stages = 3 if block_k < 128 else 2 if block_k <= 128 else 1
+    if full and block_k >= 256:
+        chunk = min(chunk, 32)
+    return chunk, min(block_v, 32 if wide else 16), stages
+
+
 def _config(
     dim_k: int, dim_v: int, chunk_size: int, dtype: torch.dtype
 ) -> tuple[int, int, int, str]:
@@ -447,13 +473,9 @@ def chunk_scalar_decay_bwd(
     do, q, k, v, g, dht = contiguous(*interpreter_cast(do, q, k, v, g, dht))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    cfg = _config(dk, dv, chunk_size, q.dtype)
-    if not interpreting() and cfg[1] >= 256 and q.dtype == torch.float32:
-        # float32 [64, 256] tiles of q, k, dq and dk ask the dq/dk/dv kernel for 168 KiB of
-        # shared memory (an A100 has 163) and spill 45 KB; chunks of 32 ask 100 KiB and spill
-        # under 0.5 KB. The chunk length is only a blocking: the gradients do not change.
-        cfg = (min(cfg[0], 32), *cfg[1:])
-    bt, bk, bv, precision = cfg
+    bt, bk, bv, precision = _config(dk, dv, chunk_size, q.dtype)
+    bt, bv_dqkv, stages_dqkv = _dqkv_launch(bt, bk, bv, q.dtype)
+    cfg = (bt, bk, bv, precision)
     use_g = g is not None
     need_ht = use_g and dht is not None
     hs, ht = _chunk_states(k, v, g, initial_state, need_ht, cfg)
@@ -473,23 +495,11 @@ def chunk_scalar_decay_bwd(
     dk_ = torch.empty_like(k)
     dv_ = torch.empty_like(v)
     dgc = torch.empty(b, t, h, device=q.device, dtype=torch.float32) if use_g else hs
-    # This kernel holds all of K for a chunk and pipelines two float32 [BK, BV] state tiles:
-    # on a GPU it takes narrower V blocks, and at BK >= 128 fewer stages, to fit in shared
-    # memory. Compiled (benchmarks/compile_report.py): BK=128, BV=64, 3 stages asks for 304
-    # KiB (an H100 has 227 per block); at float32 and K = 64, BV=64 asks for 176 KiB (an
-    # A100 has 163) and spills 26-28 KB per thread, BV=32 112 KiB and about 2 KB (sm_80 and
-    # sm_90; 16-bit inputs: 64-120 KiB instead of 112-192, and at most 1.1 KB of spills). At
-    # float32 and K = 128, BV=32 spills 33 KB, BV=16 6-8 KB.
-    extra = dict(num_warps=_WARPS)
-    if not interpreting():
-        wide = bk <= 64 or (bk <= 128 and q.dtype != torch.float32)
-        bv = min(bv, 32 if wide else 16)
-        if bk >= 128:
-            extra["num_stages"] = 2 if bk <= 128 else 1
     _bwd_dqkv_kernel[(n_chunks, b * h)](
         q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
         t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, BT=bt, BK=bk, BV=bv, PRECISION=precision, **extra, enable_fp_fusion=FP_FUSION,
+        USE_G=use_g, BT=bt, BK=bk, BV=bv_dqkv, PRECISION=precision, num_warps=_WARPS,
+        num_stages=stages_dqkv, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     dg = None
     if use_g:
@@ -497,7 +507,7 @@ def chunk_scalar_decay_bwd(
         _bwd_dg_kernel[(b * h,)](
             dgc, ht if need_ht else dgc, dht32, dg,
             t, h, dk, dv, n_chunks,
-            USE_DHT=need_ht, BT=bt, BK=bk, BV=bv, enable_fp_fusion=FP_FUSION,
+            USE_DHT=need_ht, BT=bt, BK=bk, BV=bv_dqkv, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     d_initial = None
     if initial_state is not None:
