@@ -10,6 +10,11 @@ tile by tile instead of storing them (FlashAttention-2's scheme):
     P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),
     dQ = scale * dS K,  dK = scale * dS^T Q,      with delta = rowsum(dO * O).
 
+At float32 the forward's products are IEEE float32 FMAs in tiles chosen so that none spills
+registers; the backward's are three TF32 products each on the tensor cores ("3xTF32",
+``input_precision="tf32x3"``, as in ``chunk_delta_rule``), in tiles of their own
+(``_DKDV_TILES_FP32``): as FMAs, every dK/dV tiling spilled tens of KB per thread.
+
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on
 the CPU through Triton's interpreter, which is how the tests check them without a GPU
 (bfloat16 inputs are computed in float32 there, see ``effarch_kernels.common``).
@@ -262,8 +267,12 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
 # differ from the forward's (dK/dV wants many keys per program and few queries per step,
 # FlashAttention-2's choice) and from one head_dim to the next. (BLOCK_M, BLOCK_N, warps,
 # stages); configurations that do not fit a card's shared memory are skipped by the tuner.
-# (dQ's 32 x 32 is for float32: at head_dim 128 the larger ones spill registers, sm_90.)
-_DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2)]
+# Compiled for sm_80 at head_dim 256, each of the first five dK/dV tilings asks an A100 for
+# more than its 163 KiB (164.8-273 KiB, with 13-27 KB of spills): the last two take 100 and
+# 82 KiB and spill at most 252 bytes (sm_80 and sm_90), and dQ's 32 x 32 (98 KiB) is the one
+# dQ tiling that fits there.
+_DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2),
+               (32, 64, 8, 2), (16, 64, 8, 2)]  # fmt: skip
 _DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]
 # The key holds the sequence lengths rounded up to a power of two (tune_bucket), not the
 # lengths themselves: with the exact lengths every new length re-ran the tuner (slow with
@@ -288,6 +297,21 @@ def _tuned(kernel: triton.JITFunction, tiles: list[tuple[int, int, int, int]]):
 
 _bwd_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_TILES)
 _bwd_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_TILES)
+# The backward at float32 takes 3xTF32 products (BACKWARD_FP32_PRECISION): each float32
+# operand x is split into x_hi = tf32(x) and x_lo = tf32(x - x_hi), and a b is taken as
+# a_hi b_hi + a_hi b_lo + a_lo b_hi on the tensor cores, as accurate as float32 FMAs
+# (tests/test_attention_tiled_flash.py emulates it). As FMAs, unrolled over the tile, every
+# dK/dV tiling above compiled for sm_90 to 42-78 KB of spills per thread at head_dim 128.
+# The split operands take registers too, so the tiles are smaller than at 16 bits: 16
+# queries per step, 16-64 keys. Compiled for sm_90 and sm_80, dK/dV at 16 x 32 in 8 warps
+# and dQ at 16 x 32 in 4 spill nothing up to head_dim 128; at 256 the least is under 1 KB
+# (dK/dV 16 x 32 in 1 stage: 160 KiB of shared memory, which an A100 holds; dQ 16 x 32 in 8
+# warps).
+BACKWARD_FP32_PRECISION = "tf32x3"
+_DKDV_TILES_FP32 = [(16, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 2), (16, 32, 8, 1)]
+_DQ_TILES_FP32 = [(16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)]
+_bwd_dkdv_tuned_fp32 = _tuned(_bwd_dkdv_kernel, _DKDV_TILES_FP32)
+_bwd_dq_tuned_fp32 = _tuned(_bwd_dq_kernel, _DQ_TILES_FP32)
 
 
 def check_head_dim(head_dim: int) -> None:
@@ -355,10 +379,15 @@ def flash_attention_backward(
     dk_h = torch.empty((b, tk, hq, d), device=q.device, dtype=torch.float32)
     dv_h = torch.empty_like(dk_h)
     block_m, block_n, block_d, precision = _config(d, q.dtype)
+    fp32 = q.dtype == torch.float32
+    if fp32:
+        precision = BACKWARD_FP32_PRECISION
     common = dict(CAUSAL=causal, BLOCK_D=block_d, PRECISION=precision)
     if interpreting():  # one fixed tiling: the interpreter cannot time configurations
         dkdv, dq_kernel = _bwd_dkdv_kernel, _bwd_dq_kernel
         common.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    elif fp32:
+        dkdv, dq_kernel = _bwd_dkdv_tuned_fp32, _bwd_dq_tuned_fp32
     else:
         dkdv, dq_kernel = _bwd_dkdv_tuned, _bwd_dq_tuned
     dkdv[lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hq)](

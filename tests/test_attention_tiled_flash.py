@@ -135,6 +135,40 @@ def test_kernel_forward_at_the_float32_tiles_of_a_gpu(monkeypatch, d):
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
+def float32_backward_tiles():
+    from effarch_kernels import flash_attention as fa
+
+    return [("dkdv", t) for t in fa._DKDV_TILES_FP32] + [("dq", t) for t in fa._DQ_TILES_FP32]
+
+
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(("kernel", "tile"), float32_backward_tiles() if triton_available() else [])
+def test_kernel_backward_at_the_float32_tiles_of_a_gpu(monkeypatch, kernel, tile, d):
+    """Each tiling the backward tunes among at float32 on a GPU, run here under the
+    interpreter (which otherwise takes the forward's 64 x 64): the other kernel keeps its
+    fixed tiles. A causal mask with Tq < Tk, ragged ends and grouped heads."""
+    from effarch_kernels import flash_attention as fa
+
+    on_gpu = {"dkdv": fa._bwd_dkdv_kernel, "dq": fa._bwd_dq_kernel}
+    one = fa._tuned(on_gpu[kernel], [tile])  # a single configuration is launched untimed
+    fixed = fa._tuned(on_gpu[{"dkdv": "dq", "dq": "dkdv"}[kernel]], [(64, 64, 4, 1)])
+    monkeypatch.setattr(fa, f"_bwd_{kernel}_tuned_fp32", one)
+    monkeypatch.setattr(fa, f"_bwd_{'dq' if kernel == 'dkdv' else 'dkdv'}_tuned_fp32", fixed)
+    monkeypatch.setattr(fa, "interpreting", lambda: False)  # _config and the launch choice
+    q = rand(1, 45, 4, d, device=DEV).requires_grad_()
+    k, v = (rand(1, 70, 2, d, device=DEV).requires_grad_() for _ in range(2))
+    do = rand(1, 45, 4, d, device=DEV)
+    got = torch.autograd.grad(flash_attention(q, k, v, causal=True, backend="triton"),
+                              (q, k, v), do)  # fmt: skip
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(naive_attention(q64, k64, v64, causal=True), (q64, k64, v64),
+                               do.cpu().double())  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal"), CASES[1:9])
@@ -167,6 +201,46 @@ def test_kernel_gradients_include_a_loss_on_the_log_sum_exp(causal):
     want = torch.autograd.grad(loss, (q64, k64, v64))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5)
+
+
+def backward_products(q, k, v, do, causal, mm):
+    """The backward kernels' formulas (module docstring of flash_attention) for one head in
+    float32, with every matrix product taken by ``mm``; lse and O from float64, as the
+    forward hands them over in float32."""
+    scale = q.shape[-1] ** -0.5
+    s64 = (q.double() @ k.double().T) * scale
+    if causal:
+        s64 = s64.masked_fill(~attention_mask(len(q), len(k), causal=True), -math.inf)
+    lse = torch.logsumexp(s64, -1).float()
+    o = (torch.softmax(s64, -1) @ v.double()).float()
+    delta = (do * o).sum(-1)
+    p = (mm(q, k.T) * scale - lse[:, None]).exp()
+    if causal:
+        p = p.masked_fill(~attention_mask(len(q), len(k), causal=True), 0.0)
+    ds = p * (mm(do, v.T) - delta[:, None])
+    return mm(ds, k) * scale, mm(ds.T, q) * scale, mm(p.T, do)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_3xtf32_products_keep_the_float32_backward_as_accurate_as_float32(causal):
+    """At float32 the backward kernels take each product as three TF32 ones on a GPU
+    (``BACKWARD_FP32_PRECISION``). Emulated here at head_dim 128 over 256 keys, dQ, dK and dV
+    stay as close to float64 autograd as with float32 products, within the 1e-5 the kernel
+    tests ask; one TF32 product per float32 one misses it by far."""
+    from tf32 import PRODUCTS
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(256, 128, generator=gen) for _ in range(4))
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o64 = naive_attention(*(t[None, :, None] for t in leaves), causal=causal)[0, :, 0]
+    want = torch.autograd.grad(o64, leaves, do.double())
+    err = {}
+    for name, mm in PRODUCTS.items():
+        got = backward_products(q, k, v, do, causal, mm)
+        err[name] = max((g.double() - w).abs().max().item() for g, w in zip(got, want, strict=True))
+    assert err["float32"] < 1e-5 and err["tf32x3"] < 1e-5, err
+    assert err["tf32x3"] < 2 * err["float32"], err  # the same accuracy, within a factor 2
+    assert err["tf32"] > 100 * err["tf32x3"], err
 
 
 def low_precision_attention(q, k, v, causal):

@@ -105,3 +105,25 @@ def test_large_tiles_fit_the_cards_shared_memory(tmp_path, arch, limit_kib, fami
     assert all(r["shared_kib"] <= limit_kib for r in rows), [
         (r["job"], r["kernel"], r["shared_kib"]) for r in rows
     ]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_flash_attention_has_a_tiling_an_a100_holds_at_head_dim_256(tmp_path, dtype):
+    """The backward kernels are tuned among several tilings, and the tuner skips those that
+    do not fit a card's shared memory: at head_dim 256 one of each kernel's must fit an
+    A100's 163 KiB, causal or not (at 16 bits none of dK/dV's did: 164.8-273 KiB), and the
+    forward's one tiling must."""
+    out = tmp_path / "rows.json"
+    run = report(f"flash_attention:{dtype}:d256", "--arch", "80", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert all("error" not in r for r in rows), rows
+    smallest: dict[tuple, float] = {}
+    for r in rows:
+        key = r["kernel"], r["constants"]["CAUSAL"]
+        smallest[key] = min(smallest.get(key, float("inf")), r["shared_kib"])
+    kernels = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    assert {k for k, _ in smallest} == kernels and len(smallest) == 6, smallest
+    assert all(kib <= 163 for kib in smallest.values()), smallest
+    forward = [r["shared_kib"] for r in rows if r["kernel"] == "_fwd_kernel"]
+    assert len(forward) == 2 and max(forward) <= 163, forward

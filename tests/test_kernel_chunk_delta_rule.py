@@ -4,6 +4,7 @@ step loop in float64, and its wiring behind delta_rule / gated_delta_rule."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tf32 import PRODUCTS
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.kernel
@@ -143,22 +144,6 @@ def test_clear_errors():
 # ------------------------------------------------------------------------------------------
 # The kernels' matrix products: 3xTF32 ("tf32x3") keeps the float32 accuracy
 # ------------------------------------------------------------------------------------------
-
-
-def tf32(x):
-    """x rounded to TF32 (10 mantissa bits, to nearest) as the tensor cores read it."""
-    bits = x.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-
-
-PRODUCTS = {
-    "float32": lambda a, b: a @ b,
-    "tf32": lambda a, b: tf32(a) @ tf32(b),
-    # a_hi b_hi + a_hi b_lo + a_lo b_hi, with x_lo = tf32(x - x_hi): a_lo b_lo is dropped
-    "tf32x3": lambda a, b: (lambda ah, bh: ah @ tf32(b - bh) + tf32(a - ah) @ bh + ah @ bh)(
-        tf32(a), tf32(b)
-    ),
-}
 
 
 def kernel_algorithm(q, k, v, beta, g, scale, h0, mm, bt=64):

@@ -318,7 +318,8 @@ def test_backward_autotuning_key_holds_length_buckets_not_lengths(monkeypatch):
     from effarch_kernels import flash_attention as fa
 
     key = ["head_dim", "tune_q", "tune_k", "CAUSAL"]
-    assert fa._bwd_dkdv_tuned.keys == key and fa._bwd_dq_tuned.keys == key
+    tuned = (fa._bwd_dkdv_tuned, fa._bwd_dq_tuned, fa._bwd_dkdv_tuned_fp32, fa._bwd_dq_tuned_fp32)
+    assert all(kernel.keys == key for kernel in tuned)
     assert fa.tune_bucket(100) == fa.tune_bucket(120) == 128 and fa.tune_bucket(129) == 256
     names = fa._bwd_dkdv_tuned.arg_names, fa._bwd_dq_tuned.arg_names
     keys: list[tuple] = []
@@ -337,6 +338,7 @@ def test_backward_autotuning_key_holds_length_buckets_not_lengths(monkeypatch):
     for kernel, arg_names in (("dkdv", names[0]), ("dq", names[1])):
         monkeypatch.setattr(fa, f"_bwd_{kernel}_kernel", Record(arg_names))  # interpreter
         monkeypatch.setattr(fa, f"_bwd_{kernel}_tuned", Record(arg_names))  # GPU
+        monkeypatch.setattr(fa, f"_bwd_{kernel}_tuned_fp32", Record(arg_names))  # GPU, float32
     by_length = {}
     for t in (100, 120, 200):
         q = torch.randn(1, t, 2, 16, device=DEV)

@@ -73,7 +73,9 @@ def flash_attention(
 
     The kernel pads head dimensions to a power of two (at most 256) and needs
     ``Dv == D``. bfloat16 needs an Ampere or newer GPU (a T4 must use float16); under the
-    interpreter bfloat16 inputs are computed in float32.
+    interpreter bfloat16 inputs are computed in float32. float32 inputs keep float32
+    accuracy on a GPU: the forward's products run on the FMA units, the backward's as three
+    TF32 products each on the tensor cores (flash-attn takes 16-bit inputs only).
 
     flash-attn: ``flash_attn_func(q, k, v, softmax_scale=scale, causal=causal,
     return_attn_probs=return_lse)``; with ``return_attn_probs=True`` flash-attn returns three
