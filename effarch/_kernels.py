@@ -34,6 +34,7 @@ __all__ = [
     "BACKENDS",
     "FORWARD_ONLY_REASON",
     "KERNEL_DTYPES",
+    "capability_reason",
     "grad_required",
     "interpreting",
     "require_triton",
@@ -77,11 +78,28 @@ def triton_unusable_reason(
         if dtypes is not None and t.dtype not in dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             return f"the kernel supports {allowed}, got {t.dtype}"
-    if x.device.type == "cuda" and any(t.dtype == torch.bfloat16 for t in present):
-        if torch.cuda.get_device_capability(x.device)[0] < 8:
-            name = torch.cuda.get_device_name(x.device)
-            return f"bfloat16 needs compute capability >= 8.0 and {name} has less: use float16"
+    if any(t.dtype == torch.bfloat16 for t in present):
+        reason = capability_reason(x, 8, "bfloat16")
+        if reason is not None:
+            return f"{reason}: use float16"
     return None
+
+
+def capability_reason(x: torch.Tensor, major: int, what: str) -> str | None:
+    """Why ``what`` cannot run on the GPU that holds ``x``: it needs compute capability
+    ``major``.0 or newer (a T4 has 7.5, an A100 8.0, an H100 9.0). None on such a GPU, and
+    for tensors off the GPU (Triton's interpreter runs anything).
+
+    >>> capability_reason(torch.zeros(1), 8, "INT8 products") is None
+    True
+    """
+    if x.device.type != "cuda":
+        return None
+    have = torch.cuda.get_device_capability(x.device)
+    if have[0] >= major:
+        return None
+    name = torch.cuda.get_device_name(x.device)
+    return f"{what} needs compute capability >= {major}.0 and {name} has {have[0]}.{have[1]}"
 
 
 def grad_required(*tensors: torch.Tensor | None) -> bool:

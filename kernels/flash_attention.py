@@ -268,11 +268,13 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
 # FlashAttention-2's choice) and from one head_dim to the next. (BLOCK_M, BLOCK_N, warps,
 # stages); configurations that do not fit a card's shared memory are skipped by the tuner.
 # Compiled for sm_80 at head_dim 256, each of the first five dK/dV tilings asks an A100 for
-# more than its 163 KiB (164.8-273 KiB, with 13-27 KB of spills): the last two take 100 and
-# 82 KiB and spill at most 252 bytes (sm_80 and sm_90), and dQ's 32 x 32 (98 KiB) is the one
-# dQ tiling that fits there.
+# more than its 163 KiB (164.8-273 KiB, with 13-27 KB of spills): 32 x 64 and 16 x 64 in 8
+# warps take 100 and 82 KiB and spill at most 252 bytes (sm_80 and sm_90); dQ's 32 x 32
+# (98 KiB) is the one dQ tiling that fits there. A T4 (sm_75) has 64 KiB per block: at
+# head_dim 128 the one dK/dV tiling it holds is the last, 16 x 32 (48 KiB, no spills;
+# compiled for sm_75 the stages make no difference to shared memory), and dQ's 32 x 32.
 _DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2),
-               (32, 64, 8, 2), (16, 64, 8, 2)]  # fmt: skip
+               (32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)]  # fmt: skip
 _DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]
 # The key holds the sequence lengths rounded up to a power of two (tune_bucket), not the
 # lengths themselves: with the exact lengths every new length re-ran the tuner (slow with

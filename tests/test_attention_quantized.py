@@ -13,6 +13,7 @@ from effarch.attention.naive import attention_mask, naive_attention
 from effarch.attention.quantized import (
     attention_error,
     dequantize_per_block,
+    int8_kernel_reason,
     int8_qk_reference,
     quantize_per_block,
     quantized_attention,
@@ -337,6 +338,38 @@ def test_triton_backend_explains_why_it_cannot_run(monkeypatch):
     monkeypatch.setattr("effarch._kernels.triton_available", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' cannot run: triton is not installed"):
         quantized_attention(q, q, q, backend="triton")
+
+
+class OnAGpu:
+    """Stands for a tensor on a GPU: the reasons read only its device and dtype."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, dtype=torch.float16):
+        self.dtype = dtype
+
+
+@pytest.mark.parametrize(
+    ("capability", "int8", "bf16"), [((7, 5), False, False), ((8, 0), True, True)]
+)
+def test_the_int8_kernel_and_bfloat16_need_compute_capability_8(
+    monkeypatch, capability, int8, bf16
+):
+    """Triton compiles no INT8 matrix product for a T4 (compute capability 7.5): its compiler
+    fails on the kernel's tl.dot, so the kernel is refused there with the reason, as
+    bfloat16 is."""
+    from effarch._kernels import triton_unusable_reason
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr("effarch._kernels.triton_available", lambda: True)
+    reason = int8_kernel_reason(OnAGpu())
+    want = "the INT8 kernel needs compute capability >= 8.0 and Tesla T4 has 7.5"
+    assert reason is None if int8 else reason == want
+    reason = triton_unusable_reason(OnAGpu(torch.bfloat16))
+    want = "bfloat16 needs compute capability >= 8.0 and Tesla T4 has 7.5: use float16"
+    assert reason is None if bf16 else reason == want
+    assert triton_unusable_reason(OnAGpu(torch.float16)) is None
 
 
 def test_quantize_rejects_bad_input():

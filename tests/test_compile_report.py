@@ -107,14 +107,22 @@ def test_large_tiles_fit_the_cards_shared_memory(tmp_path, arch, limit_kib, fami
     ]
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-def test_flash_attention_has_a_tiling_an_a100_holds_at_head_dim_256(tmp_path, dtype):
+# (job, arch, shared memory per block in KiB): at 16 bits and head_dim 256 none of dK/dV's
+# tilings fitted an A100 (164.8-273 KiB). (A T4, sm_75 with 64 KiB, at head_dim 128 is
+# checked by hand: compiling for sm_75 takes minutes, see benchmarks/README.md.)
+FLASH_ON_SMALLER_CARDS = [
+    ("flash_attention:fp16:d256", 80, 163),
+    ("flash_attention:fp32:d256", 80, 163),
+]
+
+
+@pytest.mark.parametrize(("job", "arch", "limit_kib"), FLASH_ON_SMALLER_CARDS)
+def test_flash_attention_has_a_tiling_each_card_holds(tmp_path, job, arch, limit_kib):
     """The backward kernels are tuned among several tilings, and the tuner skips those that
-    do not fit a card's shared memory: at head_dim 256 one of each kernel's must fit an
-    A100's 163 KiB, causal or not (at 16 bits none of dK/dV's did: 164.8-273 KiB), and the
-    forward's one tiling must."""
+    do not fit a card's shared memory: one of each kernel's must fit, causal or not, on an
+    A100 (sm_80) at head_dim 256, and the forward's one tiling must."""
     out = tmp_path / "rows.json"
-    run = report(f"flash_attention:{dtype}:d256", "--arch", "80", "--json", str(out))
+    run = report(job, "--arch", str(arch), "--json", str(out))
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())
     assert all("error" not in r for r in rows), rows
@@ -124,6 +132,6 @@ def test_flash_attention_has_a_tiling_an_a100_holds_at_head_dim_256(tmp_path, dt
         smallest[key] = min(smallest.get(key, float("inf")), r["shared_kib"])
     kernels = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     assert {k for k, _ in smallest} == kernels and len(smallest) == 6, smallest
-    assert all(kib <= 163 for kib in smallest.values()), smallest
+    assert all(kib <= limit_kib for kib in smallest.values()), smallest
     forward = [r["shared_kib"] for r in rows if r["kernel"] == "_fwd_kernel"]
-    assert len(forward) == 2 and max(forward) <= 163, forward
+    assert len(forward) == 2 and max(forward) <= limit_kib, forward

@@ -17,6 +17,7 @@ from .naive import attention_mask, naive_attention, sdpa_attention
 from .quantized import (
     attention_error,
     dequantize_per_block,
+    int8_kernel_reason,
     quantize_per_block,
     quantized_attention,
     smooth_k,
@@ -37,6 +38,7 @@ __all__ = [
     "attention_mask",
     "dequantize_per_block",
     "flash_attention",
+    "int8_kernel_reason",
     "kv_cache_bytes",
     "mha_to_gqa",
     "moba_attention",

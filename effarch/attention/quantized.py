@@ -28,7 +28,7 @@ from effarch_kernels.limits import head_dim_reason
 from einops import repeat
 
 from .._checks import check_attention_qkv, check_choice, check_positive_int, check_tensor
-from .._kernels import use_triton
+from .._kernels import capability_reason, triton_unusable_reason, use_triton
 from .naive import attention_mask
 
 BACKENDS = ("torch", "triton")
@@ -195,6 +195,18 @@ def int8_qk_reference(
     return prod * qs.permute(0, 2, 1)[..., :, None] * ks.permute(0, 2, 1)[..., None, :]
 
 
+_INT8_KERNEL = "the INT8 kernel"  # Triton compiles no INT8 product below 8.0
+
+
+def int8_kernel_reason(x: torch.Tensor) -> str | None:
+    """Why ``quantized_attention(..., backend="triton")`` cannot run its INT8 kernel on the
+    device of ``x`` (Triton missing, a CPU without ``TRITON_INTERPRET=1``, or a GPU older
+    than compute capability 8.0, such as a T4, for which Triton compiles no INT8 product),
+    or None when it can. ``x`` only names the device: ``torch.empty(0, device=...)`` will do.
+    """
+    return triton_unusable_reason(x, dtypes=None) or capability_reason(x, 8, _INT8_KERNEL)
+
+
 def quantized_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -230,8 +242,9 @@ def quantized_attention(
             (SageAttention), ``torch.float32`` keeps them in float32.
         backend: ``"torch"`` computes the integer product in PyTorch (exactly, in
             float64); ``"triton"`` runs the kernel ``effarch_kernels.int8_attention.int8_qk``
-            (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``) or raises a ValueError
-            saying why it cannot (the rule of :mod:`effarch._kernels`; there is no
+            (a CUDA GPU of compute capability 8.0 or newer, or the CPU under
+            ``TRITON_INTERPRET=1``; Triton compiles no INT8 product for a T4) or raises a
+            ValueError saying why it cannot (the rule of :mod:`effarch._kernels`; there is no
             ``"auto"`` here, since the PyTorch form is the reference). Both give the same
             scores bit for bit.
 
@@ -257,7 +270,8 @@ def quantized_attention(
         raise TypeError(f"smooth must be a bool, got {type(smooth).__name__} ({smooth!r})")
     d = q.shape[-1]
     # the kernel reads INT8 copies, so any floating dtype will do
-    run_kernel = use_triton(backend, q, limit=head_dim_reason(d), dtypes=None)
+    limit = head_dim_reason(d) or capability_reason(q, 8, _INT8_KERNEL)
+    run_kernel = use_triton(backend, q, limit=limit, dtypes=None)
     scale = d**-0.5 if scale is None else float(scale)
     b, tq, hq, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
