@@ -381,17 +381,17 @@ def flash_attention_backward(
     dk_h = torch.empty((b, tk, hq, d), device=q.device, dtype=torch.float32)
     dv_h = torch.empty_like(dk_h)
     block_m, block_n, block_d, precision = _config(d, q.dtype)
-    fp32 = q.dtype == torch.float32
-    if fp32:
-        precision = BACKWARD_FP32_PRECISION
+    dkdv, dq_kernel = _bwd_dkdv_tuned, _bwd_dq_tuned
+    if q.dtype == torch.float32:  # 3xTF32, in tilings of its own (_DKDV_TILES_FP32)
+        precision, dkdv, dq_kernel = (
+            BACKWARD_FP32_PRECISION,
+            _bwd_dkdv_tuned_fp32,
+            _bwd_dq_tuned_fp32,
+        )
     common = dict(CAUSAL=causal, BLOCK_D=block_d, PRECISION=precision)
     if interpreting():  # one fixed tiling: the interpreter cannot time configurations
         dkdv, dq_kernel = _bwd_dkdv_kernel, _bwd_dq_kernel
         common.update(BLOCK_M=block_m, BLOCK_N=block_n)
-    elif fp32:
-        dkdv, dq_kernel = _bwd_dkdv_tuned_fp32, _bwd_dq_tuned_fp32
-    else:
-        dkdv, dq_kernel = _bwd_dkdv_tuned, _bwd_dq_tuned
     dkdv[lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * hq)](
         q, k, v, do, lse, delta, dk_h, dv_h,
         *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
