@@ -14,7 +14,11 @@ launcher at one dtype and size; the table has one row per compiled kernel:
 
     job  kernel  constants (the launch's tiles and switches: BLOCK_*, TILE_*, CAUSAL, ...)
     warps  stages  registers  spill stores (bytes per thread)  shared memory (KiB; an H100
-    block can have 227)
+    block can have 227, an A100 163, an L4 or RTX 30xx/40xx 99, a T4 64)
+
+A launch asking for more shared memory than the card has per block is refused as the card
+would refuse it (``OutOfResources``, marked "(refused)"), so the launchers' fallbacks to
+smaller tiles (``first_that_fits``) and the autotuner's skipping run as they would there.
 
 ``--json`` also records whether each kernel was compiled with multiply-add fusion (every
 launch asks for it; the script's own default is Triton 3.10's, off, so a launch that does not
@@ -56,6 +60,7 @@ try:
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
 except ImportError:  # pragma: no cover - a machine without Triton
     sys.exit("compile_report.py: Triton is not installed (pip install triton, on Linux)")
@@ -63,6 +68,11 @@ except ImportError:  # pragma: no cover - a machine without Triton
 ROWS: list[dict] = []  # one per compiled kernel
 PTXAS: dict[str, tuple[int | None, int | None]] = {}  # registers, spills by kernel hash
 JOB = {"name": ""}  # the job whose launcher is running
+
+
+# The shared memory one block may opt in to (bytes; Triton's max_shared_mem), by compute
+# capability: a launch asking for more is refused, as the card would refuse it
+SHARED_MEMORY = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 class CompileOnlyDriver:
@@ -106,20 +116,26 @@ def _compile_and_record(self, *args, grid, warmup, **kwargs):
         PTXAS[kernel.hash] = (int(regs[-1]), int(spills[-1]) if spills else 0)
     registers, spill_bytes = PTXAS.get(kernel.hash, (None, None))
     constants = {k: v for k, v in kwargs.items() if k.isupper() and k != "PRECISION"}
+    limit = SHARED_MEMORY[driver.active.arch]
     ROWS.append({
         "job": JOB["name"], "kernel": self.__name__, "constants": constants,
         "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages,
         "registers": registers, "spill_bytes": spill_bytes,
-        "shared_kib": round(kernel.metadata.shared / 1024, 1),
+        "shared_kib": round(kernel.metadata.shared / 1024, 2),
+        "fits": kernel.metadata.shared <= limit,
         "fp_fusion": kernel.metadata.enable_fp_fusion,
     })  # fmt: skip
+    if kernel.metadata.shared > limit:  # as the card would refuse it, before launching
+        raise OutOfResources(kernel.metadata.shared, limit, "shared memory")
     return kernel
 
 
 def _compile_every_config(self, *args, **kwargs):
-    """``Autotuner.run`` compiling each configuration instead of timing them."""
+    """``Autotuner.run`` compiling each configuration instead of timing them (the tuner
+    skips those the card refuses)."""
     for config in self.configs:
-        self.fn.run(*args, **kwargs, **config.all_kwargs())
+        with contextlib.suppress(OutOfResources):
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
 
 
 # --- the jobs: each kernel's launcher at a dtype and size ---------------------------------
@@ -242,14 +258,21 @@ def table(rows: list[dict]) -> str:
             continue
         constants = " ".join(f"{k}={v}" for k, v in r["constants"].items())
         lines.append(f"| {r['job']} | {r['kernel']} | {constants} | {r['warps']} | {r['stages']} | "
-                     f"{r['registers']} | {r['spill_bytes']} | {r['shared_kib']} |")  # fmt: skip
+                     f"{r['registers']} | {r['spill_bytes']} | {r['shared_kib']}"
+                     f"{'' if r['fits'] else ' (refused)'} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("only", nargs="*", help="run the jobs whose name contains one of these")
-    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100)")
+    p.add_argument(
+        "--arch",
+        type=int,
+        default=90,
+        choices=sorted(SHARED_MEMORY),
+        help="compute capability x 10 (90: H100, 80: A100, 86/89: RTX 30xx/40xx and L4, 75: T4)",
+    )
     p.add_argument("--list", action="store_true", help="print the job names and exit")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -261,12 +284,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not chosen:
         sys.exit(f"compile_report.py: no job matches {args.only}; see --list")
     driver.set_active(CompileOnlyDriver(args.arch))
+    from effarch_kernels import common
+
+    common._FITTED.clear()  # the shapes chosen for another card
     triton.knobs.nvidia.dump_ptxas_log = True
     JITFunction.run = _compile_and_record
     Autotuner.run = _compile_every_config
     for name in chosen:
         JOB["name"] = name
-        every[name]()
+        try:
+            every[name]()
+        except OutOfResources as err:  # no launch shape of a kernel fits this card
+            ROWS.append({"job": name, "kernel": "(launcher)", "error": f"{err!s:.200}"})
     print(f"Compiled for sm_{args.arch} with Triton {triton.__version__}:\n")
     print(table(ROWS))
     if args.json:

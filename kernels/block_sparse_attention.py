@@ -33,8 +33,10 @@ from .common import (
     FP_FUSION,
     check_interpreter_state,
     contiguous,
+    first_that_fits,
     interpreter_cast,
     interpreting,
+    smaller_tiles,
     strides_bth,
 )
 
@@ -289,6 +291,17 @@ def _sizes(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> dict
                 PRECISION=precision, **tiles)  # fmt: skip
 
 
+def _launch_fitting(name: str, q: torch.Tensor, sizes: dict, launch) -> None:
+    """``launch(sizes)`` with ``_tiles``'s tiles, or on a card whose shared memory per block
+    does not hold them, the first smaller tiles (or fewer stages) it does. Compiled for
+    sm_86 (99 KiB: L4, RTX 30xx and 40xx), 64 x 64 tiles at 16 bits and head_dim 128 asked
+    for 104-105.5 KiB in the backward, 32 x 32 at head_dim 256 for 100.8; for sm_75 (T4,
+    64 KiB) they asked for 96-128 KiB."""
+    key = (name, q.device, q.dtype, *sorted(sizes.items()))
+    shapes = smaller_tiles(sizes["TILE_M"], sizes["TILE_N"], 3)
+    first_that_fits(key, shapes, lambda s: launch({**sizes, "TILE_M": s[0], "TILE_N": s[1]}, s[2]))
+
+
 def block_sparse_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -310,14 +323,18 @@ def block_sparse_forward(
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     o = torch.empty((b, tq, hq, dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
-    sizes = _sizes(q, v, block_m, block_n)
-    grid = (tile_id.shape[2] * (block_m // sizes["TILE_M"]), b * hq)
-    _fwd_kernel[grid](
-        q, k, v, o, lse, tile_id, kv_count, kv_list, tile_masks,
-        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
-        *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
-        hq, hq // hkv, tq, tk, d, dv, scale, **sizes, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+
+    def launch(sizes: dict, stages: int) -> None:
+        _fwd_kernel[(tile_id.shape[2] * (block_m // sizes["TILE_M"]), b * hq)](
+            q, k, v, o, lse, tile_id, kv_count, kv_list, tile_masks,
+            *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
+            *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2),
+            *_bhstrides_bth(kv_list, 3),
+            hq, hq // hkv, tq, tk, d, dv, scale, **sizes, num_stages=stages,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+
+    _launch_fitting("block_sparse_forward", q, _sizes(q, v, block_m, block_n), launch)
     return o.to(dtype), lse
 
 
@@ -351,19 +368,31 @@ def block_sparse_backward(
     dv_h = torch.empty((b, tk, hq, dv), device=q.device, dtype=torch.float32)
     sizes = _sizes(q, v, block_m, block_n)
     nq, nk = tile_id.shape[2], tile_id.shape[3]
-    _bwd_dq_kernel[(nq * (block_m // sizes["TILE_M"]), b * hq)](
-        q, k, v, do, lse, delta, dq, tile_id, kv_count, kv_list, tile_masks,
-        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dq),
-        *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2), *_bhstrides_bth(kv_list, 3),
-        hq, hq // hkv, tq, tk, d, dv, scale, **sizes, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
-    _bwd_dkdv_kernel[(nk * (block_n // sizes["TILE_N"]), b * hq)](
-        q, k, v, do, lse, delta, dk_h, dv_h, tile_id, q_count, q_list, tile_masks,
-        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do), *strides_bth(dk_h),
-        *strides_bth(dv_h),
-        *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(q_count, 2), *_bhstrides_bth(q_list, 3),
-        hq, hq // hkv, tq, tk, d, dv, scale, **sizes, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+
+    def launch_dq(sizes: dict, stages: int) -> None:
+        _bwd_dq_kernel[(nq * (block_m // sizes["TILE_M"]), b * hq)](
+            q, k, v, do, lse, delta, dq, tile_id, kv_count, kv_list, tile_masks,
+            *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
+            *strides_bth(dq),
+            *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(kv_count, 2),
+            *_bhstrides_bth(kv_list, 3),
+            hq, hq // hkv, tq, tk, d, dv, scale, **sizes, num_stages=stages,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+
+    def launch_dkdv(sizes: dict, stages: int) -> None:
+        _bwd_dkdv_kernel[(nk * (block_n // sizes["TILE_N"]), b * hq)](
+            q, k, v, do, lse, delta, dk_h, dv_h, tile_id, q_count, q_list, tile_masks,
+            *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(do),
+            *strides_bth(dk_h), *strides_bth(dv_h),
+            *_bhstrides_bth(tile_id, 3), *_bhstrides_bth(q_count, 2),
+            *_bhstrides_bth(q_list, 3),
+            hq, hq // hkv, tq, tk, d, dv, scale, **sizes, num_stages=stages,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+
+    _launch_fitting("block_sparse_dq", q, sizes, launch_dq)
+    _launch_fitting("block_sparse_dkdv", q, sizes, launch_dkdv)
     g = hq // hkv
     dk = dk_h.view(b, tk, hkv, g, d).sum(3)
     dvv = dv_h.view(b, tk, hkv, g, dv).sum(3)

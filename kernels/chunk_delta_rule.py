@@ -54,12 +54,20 @@ import triton.language as tl
 from .chunk_scalar_decay import (
     OUTPUT_BLOCK_K,
     check_key_dim,
+    chunk_lengths,
     chunk_log_decay,
     chunk_output_kernel,
-    states_launch,
+    states_shapes,
     token_row,
 )
-from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast, interpreting
+from .common import (
+    FP_FUSION,
+    check_interpreter_state,
+    contiguous,
+    first_that_fits,
+    interpreter_cast,
+    interpreting,
+)
 from .limits import check, chunk_size_reason
 
 PRECISION = "tf32x3"  # float32-accurate products on tensor cores, see the module docstring
@@ -233,41 +241,57 @@ def chunk_delta_rule_fwd(
     q, k, v, beta, g = contiguous(*interpreter_cast(q, k, v, beta, g))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    bt, bk, bv = _config(dk, dv, chunk_size)
-    n_chunks = triton.cdiv(t, bt)
+    chunk, bk, bv = _config(dk, dv, chunk_size)
     use_g = g is not None
     g_arg = g if use_g else beta  # a valid pointer that USE_G=False never reads
-
-    # 1. W [B, T, H, K] and U [B, T, H, V] for every chunk at once.
-    w = torch.empty(b, t, h, dk, device=q.device, dtype=torch.float32)
-    u = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
-    _wy_kernel[(n_chunks, b * h)](
-        k, v, beta, g_arg, w, u,
-        t, h, dk, dv,
-        USE_G=use_g, BT=bt, LOG2_BT=bt.bit_length() - 1, BK=min(bk, _WY_BLOCK_K), BV=bv,
-        PREC=PRECISION, num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
-
-    # 2. The state entering every chunk, the rows X each chunk writes, the final state.
-    hs = torch.empty(b, h, n_chunks, dk, dv, device=q.device, dtype=torch.float32)
-    x = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
-    ht = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
-    h0 = initial_state.float().contiguous() if initial_state is not None else hs
-    bv_states, stages = states_launch(bk, bv, _STATES_STAGES)
-    _delta_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
-        k, w, u, g_arg, h0, hs, x, ht,
-        t, h, dk, dv, n_chunks,
-        USE_G=use_g, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv_states, PREC=PRECISION, num_warps=_WARPS, num_stages=stages,
-        enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
-
-    # 3. Outputs: scalar-decay linear attention on (q, k, X) from the stored chunk states.
     o = torch.empty_like(v)
-    chunk_output_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
-        q, k, x, g_arg, hs, o,
-        t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, BT=bt, BK=min(bk, OUTPUT_BLOCK_K), BV=bv, PRECISION=PRECISION,
-        num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    ht = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
+
+    def forward(bt: int) -> None:
+        n_chunks = triton.cdiv(t, bt)
+        # 1. W [B, T, H, K] and U [B, T, H, V] for every chunk at once.
+        w = torch.empty(b, t, h, dk, device=q.device, dtype=torch.float32)
+        u = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
+        _wy_kernel[(n_chunks, b * h)](
+            k, v, beta, g_arg, w, u,
+            t, h, dk, dv,
+            USE_G=use_g, BT=bt, LOG2_BT=bt.bit_length() - 1, BK=min(bk, _WY_BLOCK_K), BV=bv,
+            PREC=PRECISION, num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+
+        # 2. The state entering every chunk, the rows X each chunk writes, the final state.
+        hs = torch.empty(b, h, n_chunks, dk, dv, device=q.device, dtype=torch.float32)
+        x = torch.empty(b, t, h, dv, device=q.device, dtype=torch.float32)
+        h0 = initial_state.float().contiguous() if initial_state is not None else hs
+
+        def launch(shape: tuple[int, int]) -> None:
+            bv_states, stages = shape
+            _delta_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
+                k, w, u, g_arg, h0, hs, x, ht,
+                t, h, dk, dv, n_chunks,
+                USE_G=use_g, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+                BT=bt, BK=bk, BV=bv_states, PREC=PRECISION, num_warps=_WARPS,
+                num_stages=stages, enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
+
+        # narrower value blocks or fewer stages on a card with less shared memory per block:
+        # compiled for sm_86 (99 KiB), the float32 kernel at K = 128 asked for 104 KiB
+        key = ("_delta_states_kernel", q.device, q.dtype, bt, bk, bv, use_g,
+               initial_state is not None, output_final_state)  # fmt: skip
+        first_that_fits(key, states_shapes(bk, bv, _STATES_STAGES), launch)
+
+        # 3. Outputs: scalar-decay linear attention on (q, k, X) from the stored states.
+        chunk_output_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
+            q, k, x, g_arg, hs, o,
+            t, h, dk, dv, n_chunks, scale,
+            USE_G=use_g, BT=bt, BK=min(bk, OUTPUT_BLOCK_K), BV=bv, PRECISION=PRECISION,
+            num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+
+    # chunks of chunk_size, or shorter where a card holds no shape of the states kernel at
+    # that length (chunk_lengths): compiled for sm_75 (T4, 64 KiB), it asked for 64 KiB and
+    # 8 bytes at 16 bits and K = 256 in chunks of 64
+    key = ("chunk_delta_rule_fwd", q.device, q.dtype, chunk, bk, bv, use_g,
+           initial_state is not None, output_final_state)  # fmt: skip
+    first_that_fits(key, chunk_lengths(chunk), forward)
     return o.to(dtype), (ht if output_final_state else None)

@@ -39,19 +39,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP_FUSION, check_interpreter_state, contiguous, interpreter_cast, interpreting
-from .limits import MAX_KEY_DIM, check, chunk_size_reason, key_dim_reason
+from .common import (
+    FP_FUSION,
+    check_interpreter_state,
+    contiguous,
+    first_that_fits,
+    interpreter_cast,
+    interpreting,
+    smaller_tiles,
+)
+from .limits import MAX_KEY_DIM, MIN_CHUNK_SIZE, check, chunk_size_reason, key_dim_reason
 
 __all__ = [
     "MAX_KEY_DIM",
     "OUTPUT_BLOCK_K",
     "STATES_BLOCK_V",
     "check_key_dim",
+    "chunk_lengths",
     "chunk_log_decay",
     "chunk_output_kernel",
     "chunk_scalar_decay_bwd",
     "chunk_scalar_decay_fwd",
     "states_launch",
+    "states_shapes",
     "token_row",
 ]
 
@@ -353,6 +363,28 @@ def states_launch(block_k: int, block_v: int, stages: int) -> tuple[int, int]:
     return min(block_v, STATES_BLOCK_V), stages
 
 
+def states_shapes(block_k: int, block_v: int, stages: int) -> list[tuple[int, int]]:
+    """``states_launch``'s value columns and stages, then narrower columns and fewer stages
+    (``smaller_tiles``) for a card whose shared memory per block does not hold them:
+    compiled for sm_86 (99 KiB: L4, RTX 30xx and 40xx), the states kernels at float32 and
+    K = 128 asked for 104-112.5 KiB in 2-3 stages."""
+    bv, st = states_launch(block_k, block_v, stages)
+    return [(n, s) for n, _, s in smaller_tiles(bv, 16, st)]
+
+
+def chunk_lengths(chunk: int) -> list[int]:
+    """``chunk`` and each half of it down to ``MIN_CHUNK_SIZE``: the chunk lengths a launcher
+    falls back on when a card holds no launch shape of a kernel at ``chunk`` (a blocking
+    only: the outputs and gradients do not change). Compiled for sm_75 (T4, 64 KiB), the
+    states kernels at 16 bits and K = 256 asked for 68 KiB in chunks of 64, 34 in chunks of
+    32; the backward's dq/dk/dv kernel at K = 128 for 72 KiB in chunks of 32 and 32 value
+    columns."""
+    out = [chunk]
+    while out[-1] // 2 >= MIN_CHUNK_SIZE:
+        out.append(out[-1] // 2)
+    return out
+
+
 def _dqkv_launch(
     chunk: int, block_k: int, block_v: int, dtype: torch.dtype
 ) -> tuple[int, int, int]:
@@ -409,14 +441,20 @@ def _chunk_states(
     hs = torch.empty(b, h, n_chunks, dk, dv, device=k.device, dtype=torch.float32)
     ht = torch.empty(b, h, dk, dv, device=k.device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
-    bv, stages = states_launch(bk, bv, 3)
-    _fwd_states_kernel[(triton.cdiv(dv, bv), b * h)](
-        k, v, g if g is not None else k, h0, hs, ht,
-        t, h, dk, dv, n_chunks,
-        USE_G=g is not None, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        BT=bt, BK=bk, BV=bv, PRECISION=precision, num_warps=_WARPS, num_stages=stages,
-        enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    flags = dict(USE_G=g is not None, USE_H0=initial_state is not None,
+                 STORE_HT=output_final_state)  # fmt: skip
+
+    def launch(shape: tuple[int, int]) -> None:
+        bv_states, stages = shape
+        _fwd_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
+            k, v, g if g is not None else k, h0, hs, ht,
+            t, h, dk, dv, n_chunks, **flags,
+            BT=bt, BK=bk, BV=bv_states, PRECISION=precision, num_warps=_WARPS,
+            num_stages=stages, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+
+    key = ("_fwd_states_kernel", k.device, k.dtype, cfg, *flags.values())
+    first_that_fits(key, states_shapes(bk, bv, 3), launch)
     return hs, (ht if output_final_state else None)
 
 
@@ -438,17 +476,32 @@ def chunk_scalar_decay_fwd(
     q, k, v, g = contiguous(*interpreter_cast(q, k, v, g))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    cfg = _config(dk, dv, chunk_size, q.dtype)
-    bt, bk, bv, precision = cfg
-    hs, ht = _chunk_states(k, v, g, initial_state, output_final_state, cfg)
+    chunk, bk, bv, precision = _config(dk, dv, chunk_size, q.dtype)
     o = torch.empty_like(v)
-    grid = (triton.cdiv(dv, bv), triton.cdiv(t, bt), b * h)
-    chunk_output_kernel[grid](
-        q, k, v, g if g is not None else q, hs, o,
-        t, h, dk, dv, hs.shape[2], scale,
-        USE_G=g is not None, BT=bt, BK=min(bk, OUTPUT_BLOCK_K), BV=bv, PRECISION=precision,
-        num_warps=_WARPS, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+
+    def forward(bt: int) -> torch.Tensor | None:
+        cfg = (bt, bk, bv, precision)
+        hs, ht = _chunk_states(k, v, g, initial_state, output_final_state, cfg)
+
+        def launch(shape: tuple[int, int, int]) -> None:
+            bv_out, _, stages = shape
+            chunk_output_kernel[(triton.cdiv(dv, bv_out), triton.cdiv(t, bt), b * h)](
+                q, k, v, g if g is not None else q, hs, o,
+                t, h, dk, dv, hs.shape[2], scale,
+                USE_G=g is not None, BT=bt, BK=min(bk, OUTPUT_BLOCK_K), BV=bv_out,
+                PRECISION=precision, num_warps=_WARPS, num_stages=stages,
+                enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
+
+        key = ("chunk_output_kernel", q.device, q.dtype, cfg, g is not None)
+        first_that_fits(key, smaller_tiles(bv, 16, 3), launch)
+        return ht
+
+    # chunks of chunk_size, or shorter on a card that holds no shape of a kernel at that
+    # length (chunk_lengths)
+    key = ("chunk_scalar_decay_fwd", q.device, q.dtype, chunk, bk, bv, g is not None,
+           initial_state is not None, output_final_state)  # fmt: skip
+    ht = first_that_fits(key, chunk_lengths(chunk), forward)
     return o.to(dtype), ht
 
 
@@ -473,42 +526,61 @@ def chunk_scalar_decay_bwd(
     do, q, k, v, g, dht = contiguous(*interpreter_cast(do, q, k, v, g, dht))
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    bt, bk, bv, precision = _config(dk, dv, chunk_size, q.dtype)
-    bt, bv_dqkv, stages_dqkv = _dqkv_launch(bt, bk, bv, q.dtype)
-    cfg = (bt, bk, bv, precision)
+    chunk, bk, bv, precision = _config(dk, dv, chunk_size, q.dtype)
+    chunk, bv_dqkv, stages_dqkv = _dqkv_launch(chunk, bk, bv, q.dtype)
     use_g = g is not None
     need_ht = use_g and dht is not None
-    hs, ht = _chunk_states(k, v, g, initial_state, need_ht, cfg)
-    n_chunks = hs.shape[2]
-    dht32 = dht.float().contiguous() if dht is not None else hs
-    dhs = torch.empty_like(hs)
-    dh0 = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
-    bv_states, stages = states_launch(bk, bv, 3)
-    _bwd_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
-        q, do, g if use_g else q, dht32, dhs, dh0,
-        t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, USE_DHT=dht is not None, STORE_DH0=initial_state is not None,
-        BT=bt, BK=bk, BV=bv_states, PRECISION=precision, num_warps=_WARPS, num_stages=stages,
-        enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    dht32 = dht.float().contiguous() if dht is not None else None
     dq = torch.empty_like(q)
     dk_ = torch.empty_like(k)
     dv_ = torch.empty_like(v)
-    dgc = torch.empty(b, t, h, device=q.device, dtype=torch.float32) if use_g else hs
-    _bwd_dqkv_kernel[(n_chunks, b * h)](
-        q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
-        t, h, dk, dv, n_chunks, scale,
-        USE_G=use_g, BT=bt, BK=bk, BV=bv_dqkv, PRECISION=precision, num_warps=_WARPS,
-        num_stages=stages_dqkv, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
-    dg = None
-    if use_g:
-        dg = torch.empty_like(g)
-        _bwd_dg_kernel[(b * h,)](
-            dgc, ht if need_ht else dgc, dht32, dg,
-            t, h, dk, dv, n_chunks,
-            USE_DHT=need_ht, BT=bt, BK=bk, BV=bv_dqkv, enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+    dh0 = torch.empty(b, h, dk, dv, device=q.device, dtype=torch.float32)
+    dg = torch.empty_like(g) if use_g else None
+
+    def backward(bt: int) -> None:
+        cfg = (bt, bk, bv, precision)
+        hs, ht = _chunk_states(k, v, g, initial_state, need_ht, cfg)
+        n_chunks = hs.shape[2]
+        dht_arg = dht32 if dht32 is not None else hs
+        dhs = torch.empty_like(hs)
+        flags = dict(USE_G=use_g, USE_DHT=dht is not None, STORE_DH0=initial_state is not None)
+
+        def launch_states(shape: tuple[int, int]) -> None:
+            bv_states, stages = shape
+            _bwd_states_kernel[(triton.cdiv(dv, bv_states), b * h)](
+                q, do, g if use_g else q, dht_arg, dhs, dh0,
+                t, h, dk, dv, n_chunks, scale, **flags,
+                BT=bt, BK=bk, BV=bv_states, PRECISION=precision, num_warps=_WARPS,
+                num_stages=stages, enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
+
+        key = ("_bwd_states_kernel", q.device, q.dtype, cfg, *flags.values())
+        first_that_fits(key, states_shapes(bk, bv, 3), launch_states)
+        dgc = torch.empty(b, t, h, device=q.device, dtype=torch.float32) if use_g else hs
+
+        def launch_dqkv(shape: tuple[int, int, int]) -> None:
+            bv_, _, stages = shape
+            _bwd_dqkv_kernel[(n_chunks, b * h)](
+                q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
+                t, h, dk, dv, n_chunks, scale,
+                USE_G=use_g, BT=bt, BK=bk, BV=bv_, PRECISION=precision, num_warps=_WARPS,
+                num_stages=stages, enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
+
+        key = ("_bwd_dqkv_kernel", q.device, q.dtype, cfg, use_g)
+        first_that_fits(key, smaller_tiles(bv_dqkv, 16, stages_dqkv), launch_dqkv)
+        if use_g:
+            _bwd_dg_kernel[(b * h,)](
+                dgc, ht if need_ht else dgc, dht_arg, dg,
+                t, h, dk, dv, n_chunks,
+                USE_DHT=need_ht, BT=bt, BK=bk, BV=bv_dqkv, enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
+
+    # chunks of _dqkv_launch's length, or shorter on a card that holds no shape of a kernel
+    # at that length (chunk_lengths)
+    key = ("chunk_scalar_decay_bwd", q.device, q.dtype, chunk, bk, bv, use_g, need_ht,
+           dht is not None, initial_state is not None)  # fmt: skip
+    first_that_fits(key, chunk_lengths(chunk), backward)
     d_initial = None
     if initial_state is not None:
         d_initial = dh0.to(initial_state.dtype)

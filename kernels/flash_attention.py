@@ -30,8 +30,10 @@ from .common import (
     FP_FUSION,
     check_interpreter_state,
     contiguous,
+    first_that_fits,
     interpreter_cast,
     interpreting,
+    smaller_tiles,
     strides_bth,
 )
 from .limits import MAX_HEAD_DIM, check, head_dim_reason
@@ -271,11 +273,14 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
 # more than its 163 KiB (164.8-273 KiB, with 13-27 KB of spills): 32 x 64 and 16 x 64 in 8
 # warps take 100 and 82 KiB and spill at most 252 bytes (sm_80 and sm_90); dQ's 32 x 32
 # (98 KiB) is the one dQ tiling that fits there. A T4 (sm_75) has 64 KiB per block: at
-# head_dim 128 the one dK/dV tiling it holds is the last, 16 x 32 (48 KiB, no spills;
-# compiled for sm_75 the stages make no difference to shared memory), and dQ's 32 x 32.
+# head_dim 128 the one dK/dV tiling it holds is 16 x 32 (48 KiB, no spills;
+# compiled for sm_75 the stages make no difference to shared memory), and dQ's 32 x 32. At
+# head_dim 256 a T4 holds dK/dV only at 16 x 16 and dQ at 16 x 32 (64 KiB each; every other
+# tiling 96-384 KiB), the last of each list.
 _DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2),
-               (32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)]  # fmt: skip
-_DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]
+               (32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]  # fmt: skip
+_DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3),
+             (16, 32, 4, 2)]  # fmt: skip
 # The key holds the sequence lengths rounded up to a power of two (tune_bucket), not the
 # lengths themselves: with the exact lengths every new length re-ran the tuner (slow with
 # variable-length batches and in tests of many shapes), while the best tiles change with the
@@ -308,10 +313,11 @@ _bwd_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_TILES)
 # queries per step, 16-64 keys. Compiled for sm_90 and sm_80, dK/dV at 16 x 32 in 8 warps
 # and dQ at 16 x 32 in 4 spill nothing up to head_dim 128; at 256 the least is under 1 KB
 # (dK/dV 16 x 32 in 1 stage: 160 KiB of shared memory, which an A100 holds; dQ 16 x 32 in 8
-# warps).
+# warps). Compiled for sm_86 (99 KiB per block: L4, RTX 30xx and 40xx), at head_dim 256 only
+# the 16 x 16 tilings fit (96 KiB; the others 128-288).
 BACKWARD_FP32_PRECISION = "tf32x3"
 _DKDV_TILES_FP32 = [(16, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 2), (16, 32, 8, 1)]
-_DQ_TILES_FP32 = [(16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)]
+_DQ_TILES_FP32 = [(16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2), (16, 16, 4, 2)]
 _bwd_dkdv_tuned_fp32 = _tuned(_bwd_dkdv_kernel, _DKDV_TILES_FP32)
 _bwd_dq_tuned_fp32 = _tuned(_bwd_dq_kernel, _DQ_TILES_FP32)
 
@@ -338,14 +344,24 @@ def flash_attention_forward(
     o = torch.empty_like(q)
     lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
     block_m, block_n, block_d, precision = _config(d, q.dtype)
-    grid = (triton.cdiv(tq, block_m), b * hq)
-    _fwd_kernel[grid](
-        q, k, v, o, lse,
-        *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
-        hq, hq // hkv, tq, tk, d, scale,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=precision, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+
+    def launch(shape: tuple[int, int, int]) -> None:
+        m, n, stages = shape
+        _fwd_kernel[(triton.cdiv(tq, m), b * hq)](
+            q, k, v, o, lse,
+            *strides_bth(q), *strides_bth(k), *strides_bth(v), *strides_bth(o),
+            hq, hq // hkv, tq, tk, d, scale,
+            CAUSAL=causal, BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d,
+            PRECISION=precision, num_stages=stages, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+
+    # _config's tiles fit an H100 and an A100; a card with less shared memory per block
+    # takes the first smaller shape it holds. Compiled for sm_86 (99 KiB: L4, RTX 30xx and
+    # 40xx), the float32 tiles at head_dim 128 and 256 asked for 140-146 KiB in 3 stages and
+    # the 16-bit ones at 256 for 100 KiB; for sm_75 (T4, 64 KiB) the 16-bit ones at 256 for
+    # 96 KiB.
+    key = ("flash_attention_forward", q.device, q.dtype, block_d, causal)
+    first_that_fits(key, smaller_tiles(block_m, block_n, 3), launch)
     return o.to(dtype), lse
 
 
