@@ -2,6 +2,7 @@
 
     python benchmarks/compile_report.py                   # every job, for sm_90 (H100)
     python benchmarks/compile_report.py --arch 80 flash   # the jobs whose name has "flash"
+    python benchmarks/compile_report.py --arch 75 fp16    # a T4 (86: an L4, RTX 30xx/40xx)
     python benchmarks/compile_report.py --list            # the job names
 
 Whether a tile fits a card's shared memory, or spills registers to local memory (the usual

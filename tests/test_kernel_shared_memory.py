@@ -5,7 +5,7 @@ A GPU refuses a compiled kernel that asks for more shared memory than a block ma
 fall back on smaller ones (``first_that_fits``); here, under the interpreter, the preferred
 shapes are refused the same way and the answers still equal the references. Which shapes a
 real card refuses is compile data: ``benchmarks/compile_report.py --arch 75`` (or 86), which
-refuses them as the card would (tests/test_compile_report.py).
+refuses them as the card would (tests/test_compile_report_smaller_cards.py).
 """
 
 import pytest
