@@ -60,6 +60,7 @@ __all__ = [
     "chunk_output_kernel",
     "chunk_scalar_decay_bwd",
     "chunk_scalar_decay_fwd",
+    "narrower_blocks",
     "states_launch",
     "states_shapes",
     "token_row",
@@ -365,11 +366,18 @@ def states_launch(block_k: int, block_v: int, stages: int) -> tuple[int, int]:
 
 def states_shapes(block_k: int, block_v: int, stages: int) -> list[tuple[int, int]]:
     """``states_launch``'s value columns and stages, then narrower columns and fewer stages
-    (``smaller_tiles``) for a card whose shared memory per block does not hold them:
+    (``narrower_blocks``) for a card whose shared memory per block does not hold them:
     compiled for sm_86 (99 KiB: L4, RTX 30xx and 40xx), the states kernels at float32 and
     K = 128 asked for 104-112.5 KiB in 2-3 stages."""
-    bv, st = states_launch(block_k, block_v, stages)
-    return [(n, s) for n, _, s in smaller_tiles(bv, 16, st)]
+    return narrower_blocks(*states_launch(block_k, block_v, stages))
+
+
+def narrower_blocks(block_v: int, stages: int) -> list[tuple[int, int]]:
+    """``(block_v, stages)``, then the value block in fewer stages and halved down to 16
+    columns (``smaller_tiles`` along one side): the shapes a chunked kernel falls back on.
+
+    ``narrower_blocks(64, 3) == [(64, 3), (64, 2), (32, 2), (16, 2), (16, 1)]``."""
+    return [(n, s) for n, _, s in smaller_tiles(block_v, MIN_CHUNK_SIZE, stages)]
 
 
 def chunk_lengths(chunk: int) -> list[int]:
@@ -483,8 +491,8 @@ def chunk_scalar_decay_fwd(
         cfg = (bt, bk, bv, precision)
         hs, ht = _chunk_states(k, v, g, initial_state, output_final_state, cfg)
 
-        def launch(shape: tuple[int, int, int]) -> None:
-            bv_out, _, stages = shape
+        def launch(shape: tuple[int, int]) -> None:
+            bv_out, stages = shape
             chunk_output_kernel[(triton.cdiv(dv, bv_out), triton.cdiv(t, bt), b * h)](
                 q, k, v, g if g is not None else q, hs, o,
                 t, h, dk, dv, hs.shape[2], scale,
@@ -494,7 +502,7 @@ def chunk_scalar_decay_fwd(
             )  # fmt: skip
 
         key = ("chunk_output_kernel", q.device, q.dtype, cfg, g is not None)
-        first_that_fits(key, smaller_tiles(bv, 16, 3), launch)
+        first_that_fits(key, narrower_blocks(bv, 3), launch)
         return ht
 
     # chunks of chunk_size, or shorter on a card that holds no shape of a kernel at that
@@ -558,8 +566,8 @@ def chunk_scalar_decay_bwd(
         first_that_fits(key, states_shapes(bk, bv, 3), launch_states)
         dgc = torch.empty(b, t, h, device=q.device, dtype=torch.float32) if use_g else hs
 
-        def launch_dqkv(shape: tuple[int, int, int]) -> None:
-            bv_, _, stages = shape
+        def launch_dqkv(shape: tuple[int, int]) -> None:
+            bv_, stages = shape
             _bwd_dqkv_kernel[(n_chunks, b * h)](
                 q, k, v, g if use_g else q, hs, do, dhs, dq, dk_, dv_, dgc,
                 t, h, dk, dv, n_chunks, scale,
@@ -568,7 +576,7 @@ def chunk_scalar_decay_bwd(
             )  # fmt: skip
 
         key = ("_bwd_dqkv_kernel", q.device, q.dtype, cfg, use_g)
-        first_that_fits(key, smaller_tiles(bv_dqkv, 16, stages_dqkv), launch_dqkv)
+        first_that_fits(key, narrower_blocks(bv_dqkv, stages_dqkv), launch_dqkv)
         if use_g:
             _bwd_dg_kernel[(b * h,)](
                 dgc, ht if need_ht else dgc, dht_arg, dg,
