@@ -79,6 +79,70 @@ def test_memory_budget_stops_the_series():
     assert res.rows[2]["peak_bytes"] == 8 * 2**20
 
 
+class _RoundClock:
+    """A clock that moves only when a measured call charges it: each call costs the
+    milliseconds its round and size give, so the best round of each point is known."""
+
+    def __init__(self, ms_per_round):
+        self.now, self.round, self.ms_per_round = 0.0, -1, ms_per_round
+        self.calls = {}  # (round, n) -> calls
+
+    def __call__(self):
+        return self.now
+
+    def inputs(self, n):
+        if n == self.first:
+            self.round += 1  # make_inputs sees the first size once per round
+        return n
+
+    def call(self, n):
+        self.calls[(self.round, n)] = self.calls.get((self.round, n), 0) + 1
+        self.now += self.ms_per_round[self.round] * n / 1000
+
+
+def test_rounds_keep_the_least_disturbed_round_of_each_point(monkeypatch):
+    clock = _RoundClock(ms_per_round=[3.0, 1.0, 2.0])  # round 2 is the undisturbed one
+    clock.first = 1
+    monkeypatch.setattr(time, "perf_counter", clock)
+    res = sweep(
+        {"work": clock.call},
+        [1, 2, 4],
+        clock.inputs,
+        measure="time",
+        min_run_time=0.05,
+        rounds=3,
+        progress=False,
+    )
+    assert clock.round == 2  # three rounds, each building the inputs of every size
+    assert {r for r, _ in clock.calls} == {0, 1, 2}
+    sizes, q25 = res.series("work", "time_q25_s")
+    assert sizes == [1, 2, 4]
+    assert q25 == pytest.approx([1e-3 * n for n in sizes])  # round 2's 1 ms per unit
+    _, median = res.series("work", "time_s")
+    assert median == pytest.approx([1e-3 * n for n in sizes])  # from the same round
+
+
+def test_later_rounds_time_only_points_measured_within_budget(monkeypatch):
+    clock = _RoundClock(ms_per_round=[1.0, 0.5])
+    clock.first = 1
+    monkeypatch.setattr(time, "perf_counter", clock)
+    res = sweep(
+        {"work": clock.call},
+        [1, 10, 100, 1000],
+        clock.inputs,
+        measure="time",
+        time_budget=0.05,  # 100 units take 0.1 s: measured once, and 1000 is skipped
+        min_run_time=0.05,
+        rounds=2,
+        progress=False,
+    )
+    assert [r["status"] for r in res.rows] == [OK, OK, OK, OUT_OF_BUDGET]
+    assert clock.calls[(0, 100)] == 1  # the probe that went over the budget
+    assert (1, 100) not in clock.calls and (1, 1000) not in clock.calls
+    assert res.rows[2]["time_q25_s"] == pytest.approx(0.1)  # the first round's probe
+    assert res.rows[1]["time_q25_s"] == pytest.approx(0.005)  # round 2: 0.5 ms per unit
+
+
 def test_out_of_memory_is_out_of_budget_and_others_go_on():
     def greedy(n):
         if n >= 64:
@@ -141,6 +205,8 @@ def test_sweep_lets_real_bugs_through():
         (dict(measure=("speed",)), ValueError, "measure"),
         (dict(measure=()), ValueError, "measure"),
         (dict(analytic_flops={"other": lambda n: n}), ValueError, "analytic_flops"),
+        (dict(rounds=0), ValueError, "rounds"),
+        (dict(rounds=2, measure=("memory",)), ValueError, "must include 'time'"),
     ],
 )
 def test_sweep_rejects_bad_input(kwargs, err, words):

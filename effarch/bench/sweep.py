@@ -4,6 +4,9 @@ A sweep is the experiment behind every scaling figure in the book: for each size
 it builds the inputs once, then measures each implementation's time, peak memory and
 FLOPs. A series that grows past the time or memory budget (or runs out of memory) stops
 there: its larger sizes are recorded as ``"out of budget"`` and the other series go on.
+With ``rounds > 1`` the sweep then visits every size again and re-times each point,
+keeping the least disturbed round, so that a slow spell of a shared machine does not bend
+a curve.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -156,6 +160,7 @@ def sweep(
     min_run_time: float = 0.1,
     size_name: str = "n",
     progress: bool = True,
+    rounds: int = 1,
 ) -> SweepResult:
     """Measure each implementation at each size; stop a series that exceeds its budget.
 
@@ -174,9 +179,31 @@ def sweep(
         warmup, min_run_time: passed to :func:`~effarch.bench.benchmark`.
         size_name: the name of the size axis in tables and plots (``"T"``).
         progress: show a tqdm progress bar.
+        rounds: how many times the sizes are visited (``"time"`` must be measured when
+            ``rounds > 1``). The first round measures everything and its budgets decide
+            where each series stops; every later round times again, size by size, each
+            point the first round measured within budget. A point keeps the three timing
+            columns of the round with the smallest lower quartile ``time_q25_s``:
+            disturbances only ever add time, and a slow spell of a shared machine lasting
+            seconds then spoils one round of a point rather than the point (as
+            :func:`~effarch.bench.best_of_rounds` does for single calls).
 
     Returns:
         SweepResult: rows with status ``"ok"`` or ``"out of budget"``.
+
+    Time against size, the best of three rounds:
+
+    >>> res = sweep(
+    ...     {"sum": lambda a: a.sum()},
+    ...     [8, 64],
+    ...     torch.ones,
+    ...     measure="time",
+    ...     min_run_time=0.001,
+    ...     rounds=3,
+    ...     progress=False,
+    ... )
+    >>> [r["size"] for r in res.rows], all(r["time_q25_s"] > 0 for r in res.rows)
+    ([8, 64], True)
     """
     if not isinstance(impls, Mapping) or len(impls) == 0:
         raise ValueError(f"impls must be a non-empty mapping of name -> callable, got {impls!r}")
@@ -201,11 +228,18 @@ def sweep(
                 raise ValueError(f"analytic_flops has a key {name!r} that is not in impls")
     elif analytic_flops is not None:
         check_callable("analytic_flops", analytic_flops)
+    check_positive_int("rounds", rounds)
+    if rounds > 1 and "time" not in measure:
+        raise ValueError(
+            f"rounds > 1 re-times every point, so measure must include 'time'; got "
+            f"rounds={rounds} with measure={tuple(measure)}"
+        )
     dev = torch.device(device) if device is not None else torch.device("cpu")
 
     result = SweepResult(size_name=size_name)
     stopped: dict[str, str] = {}
-    bar = tqdm(total=len(sizes) * len(impls), disable=not progress, desc="sweep", leave=False)
+    total = rounds * len(sizes) * len(impls)
+    bar = tqdm(total=total, disable=not progress, desc="sweep", leave=False)
     for n in sizes:
         active = [name for name in impls if name not in stopped]
         inputs: Any = _NO_INPUTS
@@ -251,8 +285,58 @@ def sweep(
             result.rows.append(row)
         del inputs
         _free(dev)
+    for _ in range(rounds - 1):
+        _retime(result, impls, sizes, make_inputs, dev, warmup, min_run_time, size_name, bar)
     bar.close()
     return result
+
+
+def _retime(
+    result: SweepResult,
+    impls: Mapping[str, Callable[..., Any]],
+    sizes: Sequence[int],
+    make_inputs: Callable[[int], Any],
+    dev: torch.device,
+    warmup: int,
+    min_run_time: float,
+    size_name: str,
+    bar: Any,
+) -> None:
+    """One more round of a sweep: time again each point measured within budget and keep,
+    per point, the timing with the smaller lower quartile."""
+    index = {(r["impl"], r["size"]): r for r in result.rows}
+    for n in sizes:
+        todo = [name for name in impls if _retimable(index.get((name, n)))]
+        bar.update(len(impls) - len(todo))
+        if not todo:
+            continue
+        try:
+            inputs = make_inputs(n)
+            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+            for name in todo:
+                bar.set_postfix_str(f"{name} {size_name}={n}")
+                bar.update()
+                call = partial(impls[name], *inputs)
+                timing = benchmark(call, device=dev, warmup=warmup, min_run_time=min_run_time)
+                row = index[(name, n)]
+                if timing.q25 < row["time_q25_s"]:
+                    row.update(time_s=timing.median, time_q25_s=timing.q25, time_q75_s=timing.q75)
+        except Exception as err:  # the first round fitted; keep its timings at this size
+            if not is_out_of_memory(err):
+                raise
+        finally:
+            inputs = None
+            _free(dev)
+
+
+def _retimable(row: dict[str, Any] | None) -> bool:
+    """Whether a later round times this point again: measured, timed, within budget."""
+    return (
+        row is not None
+        and row["status"] == OK
+        and not row["note"]
+        and math.isfinite(row["time_q25_s"])
+    )
 
 
 def _free(dev: torch.device) -> None:
