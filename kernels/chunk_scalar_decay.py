@@ -377,7 +377,8 @@ def narrower_blocks(block_v: int, stages: int) -> list[tuple[int, int]]:
     columns (``smaller_tiles`` along one side): the shapes a chunked kernel falls back on.
 
     ``narrower_blocks(64, 3) == [(64, 3), (64, 2), (32, 2), (16, 2), (16, 1)]``."""
-    return [(n, s) for n, _, s in smaller_tiles(block_v, MIN_CHUNK_SIZE, stages)]
+    # the other side starts at smaller_tiles' least (16), so only the value block narrows
+    return [(n, s) for n, _, s in smaller_tiles(block_v, 16, stages)]
 
 
 def chunk_lengths(chunk: int) -> list[int]:

@@ -141,6 +141,9 @@ def test_fit_line_recovers_intercept_and_slope():
     b, a = np.polyfit(xs, ys, 1)
     got = fit_line(xs, ys)
     assert got.slope == pytest.approx(b) and got.intercept == pytest.approx(a)
+    # R^2 of a least-squares line is the squared correlation of x and y
+    assert got.r2 == pytest.approx(np.corrcoef(xs, ys)[0, 1] ** 2)
+    assert line.r2 == pytest.approx(1.0) and fit_line([1, 2], [5, 5]).r2 == 1.0
     with pytest.raises(ValueError, match="at least 2"):
         fit_line([1.0], [2.0])
     with pytest.raises(ValueError, match="same length"):

@@ -83,8 +83,8 @@ class _RoundClock:
     """A clock that moves only when a measured call charges it: each call costs the
     milliseconds its round and size give, so the best round of each point is known."""
 
-    def __init__(self, ms_per_round):
-        self.now, self.round, self.ms_per_round = 0.0, -1, ms_per_round
+    def __init__(self, ms_per_round, first):
+        self.now, self.round, self.ms_per_round, self.first = 0.0, -1, ms_per_round, first
         self.calls = {}  # (round, n) -> calls
 
     def __call__(self):
@@ -101,8 +101,7 @@ class _RoundClock:
 
 
 def test_rounds_keep_the_least_disturbed_round_of_each_point(monkeypatch):
-    clock = _RoundClock(ms_per_round=[3.0, 1.0, 2.0])  # round 2 is the undisturbed one
-    clock.first = 1
+    clock = _RoundClock(ms_per_round=[3.0, 1.0, 2.0], first=1)  # round 2: undisturbed
     monkeypatch.setattr(time, "perf_counter", clock)
     res = sweep(
         {"work": clock.call},
@@ -123,8 +122,7 @@ def test_rounds_keep_the_least_disturbed_round_of_each_point(monkeypatch):
 
 
 def test_later_rounds_time_only_points_measured_within_budget(monkeypatch):
-    clock = _RoundClock(ms_per_round=[1.0, 0.5])
-    clock.first = 1
+    clock = _RoundClock(ms_per_round=[1.0, 0.5], first=1)
     monkeypatch.setattr(time, "perf_counter", clock)
     res = sweep(
         {"work": clock.call},

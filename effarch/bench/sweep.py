@@ -32,7 +32,7 @@ from .._checks import (
 from .fit import PowerLawFit, fit_exponent
 from .flops import format_flops, measure_flops
 from .memory import format_bytes, peak_memory
-from .timing import benchmark, format_seconds, synchronize
+from .timing import Timing, benchmark, format_seconds, synchronize
 
 #: The ``status`` of a measured point, and of one skipped because it would exceed the budget.
 OK = "ok"
@@ -251,8 +251,8 @@ def sweep(
                     raise
                 for name in active:
                     stopped[name] = f"inputs for {size_name}={n} ran out of memory"
-        if inputs is not _NO_INPUTS and not isinstance(inputs, tuple):
-            inputs = (inputs,)
+        if inputs is not _NO_INPUTS:
+            inputs = _as_args(inputs)
         for name, fn in impls.items():
             bar.set_postfix_str(f"{name} {size_name}={n}")
             bar.update()
@@ -311,8 +311,7 @@ def _retime(
         if not todo:
             continue
         try:
-            inputs = make_inputs(n)
-            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+            inputs = _as_args(make_inputs(n))
             for name in todo:
                 bar.set_postfix_str(f"{name} {size_name}={n}")
                 bar.update()
@@ -320,13 +319,23 @@ def _retime(
                 timing = benchmark(call, device=dev, warmup=warmup, min_run_time=min_run_time)
                 row = index[(name, n)]
                 if timing.q25 < row["time_q25_s"]:
-                    row.update(time_s=timing.median, time_q25_s=timing.q25, time_q75_s=timing.q75)
+                    row.update(_time_columns(timing))
         except Exception as err:  # the first round fitted; keep its timings at this size
             if not is_out_of_memory(err):
                 raise
         finally:
             inputs = None
             _free(dev)
+
+
+def _as_args(inputs: Any) -> tuple:
+    """``make_inputs``'s value as the arguments of a call: a non-tuple is one argument."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _time_columns(timing: Timing) -> dict[str, float]:
+    """A row's three timing columns from one :func:`~effarch.bench.benchmark` result."""
+    return {"time_s": timing.median, "time_q25_s": timing.q25, "time_q75_s": timing.q75}
 
 
 def _retimable(row: dict[str, Any] | None) -> bool:
@@ -378,7 +387,7 @@ def _measure_one(
             row["note"] = f"{row['note']}; {note}" if row["note"] else note
             return
         timing = benchmark(call, device=dev, warmup=max(warmup - 1, 0), min_run_time=min_run_time)
-        row.update(time_s=timing.median, time_q25_s=timing.q25, time_q75_s=timing.q75)
+        row.update(_time_columns(timing))
         if time_budget is not None and timing.median > time_budget:
             note = f"time {format_seconds(timing.median)} > budget {format_seconds(time_budget)}"
             row["note"] = f"{row['note']}; {note}" if row["note"] else note
