@@ -504,6 +504,9 @@ def test_fft_conv_matches_direct_convolution(L):
     K = torch.randn(3, L, dtype=F64)
     close(fft_conv(u, K), direct_causal_conv(u, K))
     assert fft_conv(u.float(), K.float()).dtype == torch.float32
+    # channels-last in memory, not a transposed view: a GELU's backward on a view runs
+    # several times slower
+    assert fft_conv(u, K).is_contiguous()
 
 
 @pytest.mark.parametrize("kind", ["lin", "inv"])

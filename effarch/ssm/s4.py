@@ -286,7 +286,9 @@ def fft_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     u_f = torch.fft.rfft(rearrange(u.to(compute), "b t h -> b h t"), n=n)  # [B, H, n/2+1]
     k_f = torch.fft.rfft(K.to(compute), n=n)  # [H, n/2+1]
     y = torch.fft.irfft(u_f * k_f, n=n)[..., :t]
-    return rearrange(y, "b h t -> b t h").to(u.dtype)
+    # contiguous channels-last: what follows (a GELU's backward, say) runs several times
+    # slower on the transposed view
+    return rearrange(y, "b h t -> b t h").contiguous().to(u.dtype)
 
 
 def s4d_init(
