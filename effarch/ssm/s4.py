@@ -210,7 +210,10 @@ def ssm_kernel(
         ``K`` of shape ``[..., L]``, real: ``K[..., l] = Re(sum_n C_n A_bar_n^l B_bar_n)``
         (doubled with ``conj_pairs``). The powers are a running product (a Vandermonde
         matrix ``[..., N, L]``), so ``A_bar = 0`` is fine. S4D's kernel, ``SSMKernelDiag``
-        with its ``C`` already multiplied by ``B_bar``.
+        with its ``C`` already multiplied by ``B_bar``. A layer that has ``log A_bar = dt A``
+        (:class:`~effarch.ssm.S4D`) takes the powers from the exponent, ``exp(l dt A)``,
+        instead: a running product rounds at every step, about ``1e-6`` relative after
+        4096 float32 steps.
     """
     check_positive_int("L", L)
     Ab, Bb, Cc = _check_diag_params(A_bar, B_bar, C)
