@@ -51,7 +51,8 @@ def tiled_attention(
         for the output and its ``softmax_lse``.
 
     Half-precision inputs are accumulated in float32; float64 stays float64. Key blocks
-    that lie entirely in a query block's masked future are skipped, as in the kernels.
+    that lie entirely in a query block's masked future are skipped and only the blocks that
+    cross the diagonal are masked, as in the kernels.
     Autograd works through this function; unlike the fused kernel, its backward keeps
     every tile (FlashAttention instead recomputes them from ``lse``).
     """
@@ -82,7 +83,8 @@ def tiled_attention(
         for ks in range(0, max(k_end, 0), block_k):
             ke = min(ks + block_k, tk)
             s = torch.einsum("bhgqd,bhkd->bhgqk", q_blk, kh[:, :, ks:ke]) * scale
-            if causal:
+            if causal and ke - 1 > qs + offset:  # only a tile crossing the diagonal needs
+                # a mask, as in FlashAttention-2: below it every key is visible to every row
                 i = torch.arange(qs, qe, device=q.device)[:, None] + offset
                 j = torch.arange(ks, ke, device=q.device)[None, :]
                 s = s.masked_fill(j > i, float("-inf"))
