@@ -433,6 +433,10 @@ def test_parallel_hybrid_from_a_falcon_h1_config():
     assert (layer.ssm.nheads, layer.ssm.headdim, layer.ssm.d_inner, layer.ssm.d_state) == (
         cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_ssm, cfg.mamba_d_state)  # fmt: skip
     assert (layer.combine, layer.attn_multiplier, layer.ssm_multiplier) == ("sum", 0.5, 0.25)
+    # rms_norm_eps reaches the one RMSNorm of the layer: the Mamba-2 branch's gated norm,
+    # which transformers builds with eps=config.rms_norm_eps
+    cfg.rms_norm_eps = 0.125
+    assert ParallelHybrid.from_falcon_h1(cfg).ssm.norm.eps == 0.125
     cfg.head_dim = 16  # set apart from hidden_size / heads, as released checkpoints do
     with pytest.raises(ValueError, match="head_dim 16 x 4 heads must be hidden_size 32"):
         ParallelHybrid.from_falcon_h1(cfg)
@@ -499,3 +503,22 @@ def test_n_layers_below_the_pattern_length_raises_and_a_partial_period_is_kept()
     # the documented repetition, cut to n_layers, stays
     m = HybridLM(V, D, "MA", mixers, n_layers=3, ffn="D-")
     assert (m.pattern, m.ffn_pattern) == ("MAM", "D-D")
+
+
+def test_published_layouts_match_their_transformers_configurations():
+    transformers = pytest.importorskip("transformers")
+
+    # Jamba: attention where i % attn_layer_period == attn_layer_offset, experts where
+    # i % expert_layer_period == expert_layer_offset (the defaults, 8/4 and 2/1)
+    cfg = transformers.JambaConfig(num_hidden_layers=16, num_experts=4)
+    jamba = HYBRIDS["jamba"]
+    kinds = {"A": "attention", "M": "mamba"}
+    assert [kinds[c] for c in jamba["pattern"] * 2] == cfg.layers_block_type
+    assert [4 if c == "E" else 1 for c in jamba["ffn"] * 8] == cfg.layers_num_experts
+    # Zamba2: the shared block every sixth layer, the period of "MMMMMS"; its default
+    # 54 layers start one Mamba layer later (6, 12, ..., 42) and close up near the top
+    ids = transformers.Zamba2Config().hybrid_layer_ids
+    assert ids[:7] == [6, 12, 18, 24, 30, 36, 42] and len(HYBRIDS["zamba"]["pattern"]) == 6
+    # Zamba: after three fixed layers, hybrid where i % 6 == 4 (i counted after them)
+    z = transformers.ZambaConfig(num_hidden_layers=21)
+    assert [i for i, t in enumerate(z.layers_block_type) if t == "hybrid"] == [2, 7, 13, 19]

@@ -51,7 +51,8 @@ CONFIG: dict[str, Any] = {
 
 READERS = {"all attention": 8, "all Mamba": 0, "jamba": 1, "samba": 0, "minimax": 1, "yoco": 4}
 """Layers that read a cache growing with the context in each step, per layout (YOCO: the
-four cross-decoder layers read the one shared cache; Samba's windows stop growing at 16)."""
+four cross-decoder layers read the one shared cache; Samba's windows of 16 stop growing at
+15 held tokens)."""
 
 
 def decode_layouts(d_model: int = 64, vocab: int = 256) -> dict[str, torch.nn.Module]:

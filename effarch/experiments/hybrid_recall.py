@@ -16,7 +16,7 @@ associative recall (MQAR, chapter 2.5), on the same data:
 - Samba-style alternation of Mamba and sliding-window attention, against the window.
 
 Parameters are matched layer for layer: the attention layers' single head is ``head_dim = 56``
-wide, which gives an attention layer within 0.3% of a Mamba layer's parameters. As in chapter
+wide, which gives an attention layer exactly a Mamba layer's number of parameters. As in chapter
 2.5's models, a short convolution over the last two tokens precedes every attention layer
 (Mamba has its own): it lets one layer see the previous token, which recall needs, and
 without it the attention-heavy models do not learn the task at this budget.

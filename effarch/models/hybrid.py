@@ -26,9 +26,11 @@ and updates the cache in place; token-by-token decoding equals the full forward 
 - ``samba``: Mamba and sliding-window attention alternating, a dense FFN after each;
 - ``minimax``: lightning (linear, decayed) attention with softmax attention every eighth
   layer (MiniMax-01's ``layer_types``: ``linear_attention`` then ``full_attention``);
-- ``zamba``: Mamba-2 layers with one shared (tied) attention layer every sixth layer, at
-  the places of Zamba2's ``hybrid_layer_ids`` (the layers its ``layers_block_type`` marks
-  ``"hybrid"``; Zamba's ``attn_layer_period=6``). A simplification of Zamba2: there, a
+- ``zamba``: Mamba-2 layers with one shared (tied) attention layer every sixth layer, the
+  period of Zamba2's ``hybrid_layer_ids`` (the layers its ``layers_block_type`` marks
+  ``"hybrid"``: 6, 12, ..., 42, then 47 and 51 in its default 54 layers, one layer later
+  than here) and of Zamba's ``attn_layer_period=6`` (after three fixed layers: 2, 7, 13,
+  ...). A simplification of Zamba2: there, a
   hybrid layer runs the shared transformer block (attention, then its own MLP, over
   ``concat(hidden, original embeddings)``, ``2 d`` wide, RoPE off by default:
   ``use_mem_rope=False``) and adds its output, through a per-layer linear, to the input of

@@ -211,7 +211,9 @@ class ParallelHybrid(nn.Module):
         10000 when neither is set). The input multipliers scale bias-free projections, so a
         checkpoint loader could fold them into the weights; this reads only the configuration
         and ignores them (no checkpoint loader is provided). ``mamba_d_ssm=None`` means
-        ``mamba_expand * hidden_size``, as in ``transformers``.
+        ``mamba_expand * hidden_size``, as in ``transformers``. ``rms_norm_eps`` is the
+        epsilon of the Mamba-2 branch's gated RMSNorm (``ssm_kwargs["norm_eps"]``); Falcon-H1
+        uses it for its blocks' RMSNorms too, which are :class:`HybridLM`'s ``norm_eps``.
 
         Not modelled: Falcon-H1's Mamba-2 applies its gated RMSNorm only when
         ``mamba_rms_norm`` is set (default ``False``: the scan output is only gated,
@@ -245,10 +247,10 @@ class ParallelHybrid(nn.Module):
         ssm = {"d_state": cfg.mamba_d_state, "headdim": cfg.mamba_d_head,
                "expand": cfg.mamba_expand, "ngroups": cfg.mamba_n_groups,
                "d_conv": cfg.mamba_d_conv, "chunk_size": cfg.mamba_chunk_size,
-               "conv_bias": cfg.mamba_conv_bias}  # fmt: skip
+               "conv_bias": cfg.mamba_conv_bias, "norm_eps": cfg.rms_norm_eps}  # fmt: skip
         return cls(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-            ssm="mamba2", ssm_kwargs=ssm, combine="sum", norm_eps=cfg.rms_norm_eps,
+            ssm="mamba2", ssm_kwargs=ssm, combine="sum",
             attn_multiplier=cfg.attention_out_multiplier,
             ssm_multiplier=cfg.ssm_out_multiplier, rope_base=float(rope_base),
         )  # fmt: skip
