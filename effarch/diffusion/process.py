@@ -93,7 +93,8 @@ def forward_process(
         x0: ``[B, L]`` int64 clean tokens.
         mask_id: the mask token ``M`` (LLaDA: 126336).
         t: ``[B]`` times in (0, 1]; default drawn ``U(0, 1)`` and moved to
-            ``(1 - eps) t + eps`` as in LLaDA, so no row is exactly clean.
+            ``(1 - eps) t + eps`` as in LLaDA, so that ``t > 0`` and the ELBO weight
+            ``1 / t`` stays finite (a row can still come out with nothing masked).
         schedule: one of :data:`SCHEDULES`.
         generator: for the draws.
 
