@@ -7,6 +7,9 @@ length, and it passes unchanged to PyTorch's ``torch.nn.attention.flex_attention
 (``create_block_mask``). With ``Tq != Tk``, ``q_idx`` counts from the first query and
 ``kv_idx`` from the first key (FlexAttention's convention, so :func:`causal` is aligned top
 left; pass ``offset = Tk - Tq`` to align it bottom right as flash-attn and a KV cache do).
+The patterns that take no ``offset`` (:func:`fixed`, :func:`block_local`,
+:func:`random_blocks`, :func:`bigbird`, :func:`axial`) are aligned top left: they assume
+``Tq = Tk``, or queries counted from the first key.
 
 Patterns of the field, with the distance ``delta = q_idx + offset - kv_idx``:
 
