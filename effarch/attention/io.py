@@ -11,8 +11,9 @@ and keeps tensors in HBM (tens of GB, an order of magnitude slower). For attenti
   query rows is read once and its output written once, while all of ``K`` and ``V``
   stream past it: ``2 N d + 2 N^2 d / block_q``. The tile size is bounded by SRAM.
 
-The ``N^2`` term survives in both, but the fused kernel divides it by ``block_q / d`` and
-never writes it: the score matrix stays on chip.
+The ``N^2`` term survives in both, but the fused kernel divides it by ``2 block_q / d``
+(``4 N^2`` against ``2 N^2 d / block_q``) and never writes it: the score matrix stays on
+chip.
 """
 
 from __future__ import annotations

@@ -350,6 +350,7 @@ def plot_recall_tradeoff(
     ax_s.set_ylabel("MQAR recall accuracy (held out)")
     ax_s.set_title("Recall against memory")
     ax_t.set_xlabel("forward throughput on the held-out set (tokens / s, log scale)")
+    ax_t.set_ylabel("MQAR recall accuracy (held out)")
     ax_t.set_title("Recall against speed")
     ax_t.legend(fontsize=8, loc="lower left")
     if title:

@@ -178,7 +178,8 @@ def dplr_delta_rule(
     Then ``O = (Q * exp(G)) S_0 + Q_b U + Q_k V`` with the causal decayed scores ``Q_b, Q_k``
     (``j <= i``, exponent ``G_i - G_j``), and the state moves on as ``S <- exp(G_C) S +
     (B * exp(G_C - G))^T U + (K * exp(G_C - G))^T V``: only this hand-off is sequential.
-    Every exponent is taken as a difference ``<= 0``, sub-chunked like GLA's.
+    Every exponent is a difference of cumulative log gates, bounded as in GLA's secondary
+    chunking (``<= 0``, or at most ``SAFE_LOG_RANGE`` inside a sub-chunk of small decays).
 
     fla: ``fla.ops.generalized_delta_rule.fused_recurrent_dplr_delta_rule(q, k, v, a, b, gk,
     scale, initial_state, output_final_state)`` (``mode="recurrent"``) and

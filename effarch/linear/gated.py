@@ -459,8 +459,9 @@ def gla(
     chunk is read as ``(q_i * exp(G_i)) S``, the state leaving it is
     ``diag(exp(G_C)) S + sum_j (k_j * exp(G_C - G_j)) v_j^T``, and the within-chunk scores
     ``sum_k q_ik k_jk exp(G_ik - G_jk)`` use fla's secondary chunking (sub-chunks of 16, a
-    reference point between them so every exponent is ``<= 0``); see
-    :func:`~effarch.linear.common.intra_chunk_scores`. No exponent is ever positive, so strong
+    reference point between them so every exponent is ``<= 0``, or at most
+    ``SAFE_LOG_RANGE`` inside a sub-chunk whose decays are that small); see
+    :func:`~effarch.linear.common.intra_chunk_scores`. No exponent exceeds that bound, so strong
     decays (``g ~ -5`` per step) over long sequences give exact zeros, never ``inf`` or
     ``nan``. Parallel mode builds a ``[T, T, K]`` decay tensor.
 

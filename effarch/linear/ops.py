@@ -59,8 +59,10 @@ does, so that states passed between calls lose nothing). float64 stays float64 t
 Numerical safety of the gated chunk forms: decays enter only as ``exp`` of a sum of log gates
 over a stretch ``s < r <= t`` *inside* a chunk, which is ``<= 0``; a pairwise factor
 ``exp(G_i - G_j)`` is only ever evaluated for ``j <= i`` (the rest is masked to ``-inf``
-*before* ``exp``). Products of decays therefore underflow to zero, as they should, and never
-overflow, however strong the decay or long the sequence.
+*before* ``exp``), except inside a sub-chunk whose decays span at most ``SAFE_LOG_RANGE``
+(30), where one product covers the whole sub-chunk with exponents bounded by that range and
+is masked after it. Products of decays therefore underflow to zero, as they should, and
+never overflow, however strong the decay or long the sequence.
 """
 
 from __future__ import annotations
