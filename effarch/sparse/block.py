@@ -144,10 +144,12 @@ def block_layout(
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             raise TypeError("mask_mod must return a bool tensor")
         m = m & (rows < q_len) & (kv < kv_len)  # padding past the ends never attends
-        m = m.expand(batch, heads, rows.shape[2], kv.shape[3])
+        # a mask that reads neither b nor h keeps size 1 there: its tiles are sorted once
+        # and the kinds repeated, not the mask evaluated again per batch and head
+        m = m.expand(m.shape[0], m.shape[1], rows.shape[2], kv.shape[3])
         tiles = rearrange(m, "b h (i r) (j c) -> b h i j (r c)", r=block_q, c=block_k)
         kind = torch.where(tiles.all(-1), FULL, torch.where(tiles.any(-1), PARTIAL, EMPTY))
-        kinds.append(kind.to(torch.int8))
+        kinds.append(kind.to(torch.int8).expand(batch, heads, -1, -1))
     return BlockLayout(torch.cat(kinds, dim=2), q_len, kv_len, block_q, block_k)
 
 

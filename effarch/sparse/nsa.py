@@ -35,7 +35,7 @@ from torch import nn
 
 from .._checks import check_attention_qkv, check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope
-from .block import PARTIAL, BlockLayout, block_layout, block_sparse_attention
+from .block import PARTIAL, BlockLayout, block_sparse_attention
 from .masks import sliding_window
 
 # numbers of gathered keys and values held at once by the selected branch (bounds memory)
@@ -204,11 +204,8 @@ def nsa_attention(
     o_cmp, p_cmp = nsa_compress(q, k, v, block, sc, qpos)
     chosen = nsa_select(p_cmp, block, top_n, tk)  # [B, G, Tq, nb_all]
     tile = [min(64, max(16, 1 << (n - 1).bit_length())) for n in (t, tk)]  # kernel: 2^m
-    win = sliding_window(window, tk - t)
-    # the same window for every batch and head: its tiles sorted once, not per head
-    win_layout = block_layout(win, t, tk, block_q=tile[0], block_k=tile[1], device=q.device)
-    o_win = block_sparse_attention(q, k, v, win, scale=sc, block_q=tile[0], block_k=tile[1],
-                                   layout=win_layout, backend=backend)  # fmt: skip
+    o_win = block_sparse_attention(q, k, v, sliding_window(window, tk - t), scale=sc,
+                                   block_q=tile[0], block_k=tile[1], backend=backend)  # fmt: skip
     if selected != "gather":
         if selected == "tiles":
             o_slc = _selected_by_tiles(q, k, v, chosen, qpos, block, sc, backend)
