@@ -22,6 +22,7 @@ from effarch.sparse import (
     dilated,
     fixed,
     global_tokens,
+    mask_band,
     masked_attention,
     or_masks,
     random_blocks,
@@ -203,6 +204,74 @@ def test_layout_kinds_by_brute_force():
         assert layout.kind[0, 0, i, j] == want, (i, j)
     area = m.sum().item()  # density counts whole non-empty tiles, so it is at least the mask's
     assert layout.density >= area / (tq * tk)
+
+
+BANDS = {  # each declared band beside its (lo, hi) written out by hand
+    "causal": (causal(), (0, None)),
+    "causal offset 5": (causal(5), (-5, None)),
+    "causal offset -7": (causal(-7), (7, None)),
+    "window 1": (sliding_window(1), (0, 1)),
+    "window 20": (sliding_window(20), (0, 20)),
+    "window 33 offset 40": (sliding_window(33, 40), (-40, -7)),
+    "window 9 offset -12": (sliding_window(9, -12), (12, 21)),
+    "causal and window 16": (and_masks(causal(), sliding_window(16)), (0, 16)),
+    "two windows, disjoint": (and_masks(sliding_window(4), sliding_window(4, 10)), (0, -6)),
+}
+
+
+@pytest.mark.parametrize("name", list(BANDS))
+def test_patterns_declare_their_band_and_the_band_is_the_mask(name):
+    mod, want = BANDS[name]
+    assert mask_band(mod) == want
+    lo, hi = want
+    i, j = torch.arange(50)[:, None], torch.arange(60)[None, :]
+    rule = (i - j >= lo) & ((i - j < hi) if hi is not None else True)
+    assert torch.equal(dense_mask(mod, 50, 60)[0, 0], rule)
+
+
+def test_only_intersections_of_bands_are_bands():
+    others = [
+        or_masks(causal(), sliding_window(3)),
+        and_masks(causal(), global_tokens(2)),
+        dilated(4, 2),
+        strided(3),
+        bigbird(8, 1, 1, 4),
+        lambda b, h, q, kv: q >= kv,
+    ]
+    for mod in others:
+        assert mask_band(mod) is None
+    bad = causal()
+    bad.band = (0, 1.5)
+    with pytest.raises(TypeError, match=r"mask_mod.band must be a tuple .* got \(0, 1.5\)"):
+        block_layout(bad, 64, 64)
+
+
+@pytest.mark.parametrize("name", list(BANDS))
+@pytest.mark.parametrize(
+    ("tq", "tk", "bq", "bk"),
+    [(256, 256, 32, 32), (100, 90, 32, 16), (37, 130, 16, 64), (130, 40, 64, 8)],
+)
+def test_band_layout_from_corners_equals_the_element_wise_layout(name, tq, tk, bq, bk):
+    mod = BANDS[name][0]
+    plain = lambda b, h, q, kv: mod(b, h, q, kv)  # noqa: E731  same mask, no band declared
+    corners = block_layout(mod, tq, tk, block_q=bq, block_k=bk, batch=2, heads=3)
+    everywhere = block_layout(plain, tq, tk, block_q=bq, block_k=bk, batch=2, heads=3)
+    assert corners.kind.shape == everywhere.kind.shape == (2, 3, -(-tq // bq), -(-tk // bk))
+    assert torch.equal(corners.kind, everywhere.kind)
+
+
+def test_band_layout_never_evaluates_the_mask():
+    calls = []
+
+    def window(b, h, q, kv):
+        calls.append(1)
+        return (q >= kv) & (q - kv < 64)
+
+    window.band = (0, 64)
+    layout = block_layout(window, 1 << 17, 1 << 17, block_q=64, block_k=64)
+    assert not calls  # 2^34 pairs: element-wise, 16 GiB of booleans
+    assert layout.kind.shape == (1, 1, 2048, 2048)
+    assert int((layout.kind != EMPTY).sum()) == 2 * 2048 - 1  # diagonal tile, the one before
 
 
 @pytest.mark.parametrize("i", range(len(PATTERNS)))

@@ -30,7 +30,7 @@ from einops import rearrange
 
 from .._checks import check_attention_qkv, check_positive_int
 from .._kernels import use_triton
-from .masks import MaskMod, dense_mask
+from .masks import MaskMod, dense_mask, mask_band
 
 __all__ = [
     "EMPTY",
@@ -127,12 +127,19 @@ def block_layout(
     ``full_kv_num_blocks`` are equal, and ``kv_indices`` / ``full_kv_indices`` (same shape)
     are equal on the first ``kv_num_blocks`` / ``full_kv_num_blocks`` entries of each row,
     ascending in both; the unused slots after them differ (0 here, the remaining block
-    indices in FlexAttention's). The mask is evaluated a band of query blocks at a time.
+    indices in FlexAttention's). The mask is evaluated a band of query blocks at a time,
+    except for a declared diagonal band (:func:`~effarch.sparse.masks.mask_band`: causal,
+    sliding windows), whose tiles are sorted from their corners in ``O(nq nk)``.
     """
     for name, val in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q),
                       ("block_k", block_k), ("batch", batch), ("heads", heads)):  # fmt: skip
         check_positive_int(name, val)
     nq, nk = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+    diagonals = mask_band(mask_mod)
+    if diagonals is not None:  # the same kinds for every batch and head
+        corners = _band_kinds(diagonals, q_len, kv_len, block_q, block_k, device)
+        return BlockLayout(corners.expand(batch, heads, nq, nk).contiguous(), q_len, kv_len,
+                           block_q, block_k)  # fmt: skip
     band = max(1, _LAYOUT_ELEMENTS // (batch * heads * block_q * nk * block_k))
     ar = lambda n: torch.arange(n, device=device)  # noqa: E731
     b, h = ar(batch).view(-1, 1, 1, 1), ar(heads).view(1, -1, 1, 1)
@@ -151,6 +158,30 @@ def block_layout(
         kind = torch.where(tiles.all(-1), FULL, torch.where(tiles.any(-1), PARTIAL, EMPTY))
         kinds.append(kind.to(torch.int8).expand(batch, heads, -1, -1))
     return BlockLayout(torch.cat(kinds, dim=2), q_len, kv_len, block_q, block_k)
+
+
+def _band_kinds(
+    diagonals: tuple[int, int | None], q_len: int, kv_len: int, block_q: int, block_k: int,
+    device: torch.device | str | None,
+) -> torch.Tensor:  # fmt: skip
+    """Tile kinds ``[nq, nk]`` of the band ``lo <= i - j < hi`` from each tile's corners.
+
+    Over the valid rows ``i0 .. i1`` and columns ``j0 .. j1`` of a tile, ``i - j`` takes every
+    integer from ``i0 - j1`` to ``i1 - j0``: the tile is empty when that range misses
+    ``[lo, hi)``, full when it lies inside and the tile is not cut by the ends, else partial.
+    """
+    lo, hi = diagonals
+    rows = torch.arange(0, q_len, block_q, device=device)
+    cols = torch.arange(0, kv_len, block_k, device=device)
+    i0, i1 = rows[:, None], (rows + block_q).clamp(max=q_len)[:, None] - 1
+    j0, j1 = cols[None, :], (cols + block_k).clamp(max=kv_len)[None, :] - 1
+    d_min, d_max = i0 - j1, i1 - j0
+    whole = (i1 - i0 + 1 == block_q) & (j1 - j0 + 1 == block_k)
+    meets, inside = d_max >= lo, d_min >= lo
+    if hi is not None:  # an empty band (hi <= lo, say from and_masks) meets no tile
+        meets, inside = meets & (d_min < hi) & (lo < hi), inside & (d_max < hi)
+    kind = torch.where(inside & whole, FULL, torch.where(meets, PARTIAL, EMPTY))
+    return kind.to(torch.int8)
 
 
 def kernel_tables(

@@ -29,6 +29,15 @@ Patterns of the field, with the distance ``delta = q_idx + offset - kv_idx``:
 
 :func:`and_masks` and :func:`or_masks` combine them; :func:`dense_mask` materialises any
 pattern as a ``[B, H, Tq, Tk]`` boolean tensor.
+
+A pattern that is a band of diagonals, ``lo <= q_idx - kv_idx < hi`` (:func:`causal`,
+:func:`sliding_window`, and :func:`and_masks` of such patterns), also says so: it carries
+``mask_mod.band = (lo, hi)``, ``hi = None`` when unbounded (the offset folded into both). A
+tile of such a mask is empty, full or partial by the distances at its corners alone, so
+:func:`~effarch.sparse.block_layout` sorts its tiles without evaluating the mask
+element by element, as FlashAttention's kernels derive the key blocks of a causal or
+windowed query block from its position. A hand-written pattern carries no ``band`` and is
+evaluated everywhere; :func:`mask_band` reads the attribute.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ __all__ = [
     "dilated",
     "fixed",
     "global_tokens",
+    "mask_band",
     "or_masks",
     "random_blocks",
     "receptive_field",
@@ -59,6 +69,31 @@ __all__ = [
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool``, broadcasting integer tensors."""
+
+
+Band = tuple[int, int | None]
+"""``(lo, hi)``: the pattern is ``lo <= q_idx - kv_idx < hi`` (``hi = None``: no upper end)."""
+
+
+def _with_band(mask_mod: MaskMod, lo: int, hi: int | None) -> MaskMod:
+    mask_mod.band = (lo, hi)  # type: ignore[attr-defined]
+    return mask_mod
+
+
+def mask_band(mask_mod: MaskMod) -> Band | None:
+    """The diagonal band ``(lo, hi)`` a pattern declared, ``lo <= q_idx - kv_idx < hi``
+    (``hi = None``: unbounded), or ``None`` for a pattern that is not a declared band.
+
+    ``sliding_window(w, offset)`` is the band ``(-offset, w - offset)``, ``causal(offset)``
+    ``(-offset, None)``; :func:`and_masks` of bands is their intersection.
+    """
+    got = getattr(mask_mod, "band", None)
+    if got is None:
+        return None
+    if (not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[0], int)
+            or not (got[1] is None or isinstance(got[1], int))):  # fmt: skip
+        raise TypeError(f"mask_mod.band must be a tuple (lo: int, hi: int | None), got {got!r}")
+    return got
 
 
 def _offset(offset: int) -> int:
@@ -74,7 +109,7 @@ def causal(offset: int = 0) -> MaskMod:
     def mask_mod(b, h, q_idx, kv_idx):
         return q_idx + offset >= kv_idx
 
-    return mask_mod
+    return _with_band(mask_mod, -offset, None)
 
 
 def sliding_window(w: int, offset: int = 0) -> MaskMod:
@@ -90,7 +125,7 @@ def sliding_window(w: int, offset: int = 0) -> MaskMod:
         delta = q_idx + offset - kv_idx
         return (delta >= 0) & (delta < w)
 
-    return mask_mod
+    return _with_band(mask_mod, -offset, w - offset)
 
 
 def dilated(w: int, dilation: int, offset: int = 0) -> MaskMod:
@@ -231,7 +266,8 @@ def _check_mods(mods: tuple) -> None:
 
 
 def and_masks(*mods: MaskMod) -> MaskMod:
-    """The intersection of patterns (FlexAttention's ``and_masks``)."""
+    """The intersection of patterns (FlexAttention's ``and_masks``); of bands, the band
+    ``(max lo, min hi)`` (see :func:`mask_band`)."""
     _check_mods(mods)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -240,6 +276,10 @@ def and_masks(*mods: MaskMod) -> MaskMod:
             out = out & m(b, h, q_idx, kv_idx)
         return out
 
+    bands = [mask_band(m) for m in mods]
+    if all(x is not None for x in bands):
+        his = [hi for _, hi in bands if hi is not None]
+        return _with_band(mask_mod, max(lo for lo, _ in bands), min(his) if his else None)
     return mask_mod
 
 

@@ -44,7 +44,7 @@ from ..attention import apply_rope
 from ..nn import repeat_kv
 from .block import block_sparse_attention
 from .kv_policies import llama_view
-from .masks import MaskMod, causal, dense_mask
+from .masks import MaskMod, and_masks, causal, dense_mask
 
 __all__ = [
     "PrefillPattern",
@@ -231,8 +231,7 @@ class Static(PrefillPattern):
         self.mask_mod, self.name = mask_mod, name
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> MaskMod:
-        mod, cau = self.mask_mod, causal()
-        return lambda b, h, i, j: mod(b, h, i, j) & cau(b, h, i, j)
+        return and_masks(self.mask_mod, causal())  # a window stays a declared band
 
 
 class VerticalSlash(PrefillPattern):
