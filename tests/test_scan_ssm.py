@@ -17,7 +17,14 @@ from effarch.scan import (
     scan_depth,
     scan_work,
 )
-from effarch.ssm.s4 import discretize, fft_conv, s4d_init, ssm_kernel, ssm_recurrence
+from effarch.ssm.s4 import (
+    discretize,
+    fft_conv,
+    s4d_init,
+    ssm_kernel,
+    ssm_powers,
+    ssm_recurrence,
+)
 from effarch.ssm.selective import selective_scan
 from effarch.ssm.ssd import segsum, ssd, ssd_matrix, ssd_recurrent
 
@@ -545,6 +552,29 @@ def test_ssm_kernel_real_diagonal_and_zero_eigenvalue():
     close(K[0], expected)
 
 
+def test_ssm_powers_from_the_exponent():
+    H, N, L = 2, 6, 50
+    dtA = torch.complex(-torch.rand(H, N, dtype=F64), 3 * torch.randn(H, N, dtype=F64))
+    P = ssm_powers(dtA, L)
+    assert P.shape == (H, N, L) and P.dtype == torch.complex128
+    A_bar = torch.exp(dtA)
+    for l in (0, 1, 7, 49):  # noqa: E741  the integer power, one multiplication at a time
+        want = torch.ones_like(A_bar)
+        for _ in range(l):
+            want = want * A_bar
+        close(P[..., l], want)
+    real = -torch.rand(H, N, dtype=F64)
+    close(ssm_powers(real, L), torch.exp(real)[..., None] ** torch.arange(L, dtype=F64))
+    assert ssm_powers(real.float(), L).dtype == torch.float32
+    # the kernel from the powers equals the running product's
+    B_bar, C = torch.randn(H, N, dtype=torch.complex128), torch.randn(H, N, dtype=torch.complex128)
+    for pairs in (False, True):
+        close(
+            ssm_kernel(None, B_bar, C, L, conj_pairs=pairs, powers=P),
+            ssm_kernel(A_bar, B_bar, C, L, conj_pairs=pairs),
+        )
+
+
 def test_s4d_init_values():
     lin = s4d_init(8, "lin", dtype=torch.complex128)
     close(
@@ -621,6 +651,14 @@ def _bad_cases():
         (lambda: discretize(torch.arange(3), torch.ones(3), 0.1), TypeError, "A must be a float"),
         (lambda: ssm_kernel(Ad, Ad, Ad, 0), ValueError, "L must be a positive int"),
         (lambda: ssm_kernel(Ad, Ad, Ad[:1].repeat(3), 4), ValueError, "must broadcast"),
+        (lambda: ssm_kernel(None, Ad, Ad, 4), ValueError, "give A_bar, or its powers"),
+        (
+            lambda: ssm_kernel(None, Ad, Ad, 4, powers=torch.ones(4, 5)),
+            ValueError,
+            r"powers must have shape \[..., N, L=4\], got \(4, 5\)",
+        ),  # fmt: skip
+        (lambda: ssm_powers(Ad, 0), ValueError, "L must be a positive int"),
+        (lambda: ssm_powers(torch.arange(3), 4), TypeError, "log_A_bar must be a floating"),
         (lambda: fft_conv(x, torch.ones(4, 5)), ValueError, "K must have shape"),
         (lambda: s4d_init(7), ValueError, "N must be even"),
         (lambda: s4d_init(8, "legs"), ValueError, "kind must be one of"),

@@ -16,7 +16,7 @@ gated RMSNorm and step-size initialisation, :mod:`effarch.nn`'s.
 
 from ..scan import segsum  # one segsum for SSD and the linear-attention decays
 from .layers import S4D, Mamba, Mamba2
-from .s4 import discretize, fft_conv, s4d_init, ssm_kernel, ssm_recurrence
+from .s4 import discretize, fft_conv, s4d_init, ssm_kernel, ssm_powers, ssm_recurrence
 from .scan_kernel import selective_scan_kernel
 from .selective import selective_scan
 from .ssd import ssd, ssd_matrix, ssd_recurrent
@@ -35,5 +35,6 @@ __all__ = [
     "ssd_matrix",
     "ssd_recurrent",
     "ssm_kernel",
+    "ssm_powers",
     "ssm_recurrence",
 ]

@@ -189,37 +189,74 @@ def _real_out(y: torch.Tensor, conj_pairs: bool) -> torch.Tensor:
     return 2 * y if conj_pairs else y
 
 
+def ssm_powers(log_A_bar: torch.Tensor, L: int) -> torch.Tensor:
+    """The powers ``A_bar^l = exp(l log A_bar)``, ``l = 0..L-1``, from the exponent.
+
+    Args:
+        log_A_bar: ``[..., N]`` real or complex, ``log A_bar`` of a diagonal SSM (``dt A``
+            under zero-order hold, :func:`discretize`).
+        L: number of powers.
+
+    Returns:
+        The Vandermonde matrix ``[..., N, L]`` in ``log_A_bar``'s dtype. Each entry is one
+        exponential of ``l log A_bar`` (complex ones in polar form, ``exp(l Re) e^{i l Im}``,
+        half the cost of a complex ``exp`` on a CPU), as S4D's kernel computes them
+        (``SSMKernelDiag``: ``exp(dtA * arange(L))``): its error is the rounding of
+        ``l log A_bar``, not that of ``l`` rounded multiplications.
+    """
+    check_positive_int("L", L)
+    _check_float_or_complex("log_A_bar", log_A_bar)
+    if log_A_bar.ndim < 1:
+        raise ValueError(f"log_A_bar must have shape [..., N], got {tuple(log_A_bar.shape)}")
+    k = torch.arange(L, dtype=log_A_bar.real.dtype, device=log_A_bar.device)
+    if not log_A_bar.is_complex():
+        return torch.exp(log_A_bar[..., None] * k)
+    return torch.polar(torch.exp(log_A_bar.real[..., None] * k), log_A_bar.imag[..., None] * k)
+
+
 def ssm_kernel(
-    A_bar: torch.Tensor,
+    A_bar: torch.Tensor | None,
     B_bar: torch.Tensor,
     C: torch.Tensor,
     L: int,
     *,
     conj_pairs: bool = False,
+    powers: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The convolution kernel ``K_l = C A_bar^l B_bar``, ``l = 0..L-1``, of a diagonal SSM.
 
     Args:
         A_bar, B_bar, C: ``[..., N]`` (broadcastable) diagonal transition, input and output
-            vectors, real or complex (e.g. ``[H, N]``: one SSM per channel).
+            vectors, real or complex (e.g. ``[H, N]``: one SSM per channel). ``A_bar`` may be
+            ``None`` when ``powers`` is given.
         L: kernel length.
         conj_pairs: each state stands for a conjugate pair (S4D): return ``2 Re(...)``
             instead of ``Re(...)``. See the module docstring.
+        powers: the powers ``A_bar^l`` as ``[..., N, L]``, e.g. :func:`ssm_powers` of
+            ``dt A``; without them they are a running product of ``A_bar``.
 
     Returns:
         ``K`` of shape ``[..., L]``, real: ``K[..., l] = Re(sum_n C_n A_bar_n^l B_bar_n)``
-        (doubled with ``conj_pairs``). The powers are a running product (a Vandermonde
-        matrix ``[..., N, L]``), so ``A_bar = 0`` is fine. S4D's kernel, ``SSMKernelDiag``
-        with its ``C`` already multiplied by ``B_bar``. A layer that has ``log A_bar = dt A``
-        (:class:`~effarch.ssm.S4D`) takes the powers from the exponent, ``exp(l dt A)``,
-        instead: a running product rounds at every step, about ``1e-6`` relative after
-        4096 float32 steps.
+        (doubled with ``conj_pairs``). The running product (a Vandermonde matrix ``[..., N,
+        L]`` built step by step) allows ``A_bar = 0``; a layer that has ``log A_bar = dt A``
+        (:class:`~effarch.ssm.S4D`) passes ``powers = ssm_powers(dt A, L)`` instead, as S4D's
+        kernel (``SSMKernelDiag``, its ``C`` already multiplied by ``B_bar``) does.
     """
     check_positive_int("L", L)
-    Ab, Bb, Cc = _check_diag_params(A_bar, B_bar, C)
-    steps = Ab.unsqueeze(-1).expand(*Ab.shape, L - 1)
-    powers = torch.cat([torch.ones_like(Ab.unsqueeze(-1)), steps], dim=-1).cumprod(dim=-1)
-    K = ((Cc * Bb).unsqueeze(-1) * powers).sum(dim=-2)  # [..., L]
+    if powers is None:
+        if A_bar is None:
+            raise ValueError("give A_bar, or its powers [..., N, L] as powers=")
+        Ab, Bb, Cc = _check_diag_params(A_bar, B_bar, C)
+        steps = Ab.unsqueeze(-1).expand(*Ab.shape, L - 1)
+        powers = torch.cat([torch.ones_like(Ab.unsqueeze(-1)), steps], dim=-1).cumprod(dim=-1)
+    else:
+        _check_float_or_complex("powers", powers)
+        if powers.ndim < 2 or powers.shape[-1] != L:
+            raise ValueError(f"powers must have shape [..., N, L={L}], got {tuple(powers.shape)}")
+        _, Bb, Cc = _check_diag_params(powers[..., 0], B_bar, C)
+    weights = Cc * Bb
+    dtype = torch.promote_types(weights.dtype, powers.dtype)
+    K = torch.einsum("...n,...nl->...l", weights.to(dtype), powers.to(dtype))
     return _real_out(K, conj_pairs)
 
 
