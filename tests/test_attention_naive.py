@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from effarch.attention import attention_mask, kv_cache_bytes, naive_attention, sdpa_attention
 
 
-def brute_force_attention(q, k, v, *, causal=False, window=None, scale=None):
-    """A loop over batch, head and query, in float64: shares no code with naive_attention."""
+def brute_force_attention(q, k, v, *, causal=False, window=None, scale=None, mask=None):
+    """A loop over batch, head and query, in float64: shares no code with naive_attention.
+    ``mask``: bool, broadcastable to [B, Hq, Tq, Tk], False drops the pair."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
+    if mask is not None:
+        mask = mask.expand(b, hq, tq, tk)
     scale = d**-0.5 if scale is None else scale
     out = torch.zeros(b, tq, hq, v.shape[-1], dtype=torch.float64)
     for bi, h, i in itertools.product(range(b), range(hq), range(tq)):
@@ -21,6 +24,8 @@ def brute_force_attention(q, k, v, *, causal=False, window=None, scale=None):
         keys = []
         for j in range(tk):
             if causal and j > pos:
+                continue
+            if mask is not None and not mask[bi, h, i, j]:
                 continue
             if window is not None:
                 left, right = window
@@ -81,6 +86,50 @@ def test_sdpa_wrapper_matches_naive(tq, tk, hq, hkv, d, causal, window):
     torch.testing.assert_close(
         sdpa_attention(q, k, v, causal=causal), naive_attention(q, k, v, causal=causal)
     )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("tq", "tk", "hq", "hkv", "mask_shape"),
+    [(9, 9, 2, 2, (9, 9)), (7, 12, 4, 2, (2, 1, 7, 12)), (12, 7, 4, 1, (1, 4, 12, 7))],
+)
+def test_sdpa_with_a_boolean_mask_matches_the_loop(tq, tk, hq, hkv, mask_shape, causal):
+    torch.manual_seed(tq + tk)
+    q, k, v = rand(2, tq, hq, 8), rand(2, tk, hkv, 8), rand(2, tk, hkv, 8)
+    mask = torch.rand(mask_shape) < 0.6
+    mask[..., 1, :] = False  # a row that sees no key: 0, not NaN
+    got = sdpa_attention(q, k, v, mask=mask, causal=causal)
+    want = brute_force_attention(q, k, v, mask=mask, causal=causal)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (got[:, 1] == 0).all()
+    # gradients stay finite through the empty row and match masked autograd in float64
+    qkv = [x.clone().requires_grad_() for x in (q, k, v)]
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(sdpa_attention(*qkv, mask=mask, causal=causal), qkv, g)
+    assert all(torch.isfinite(x).all() for x in grads)
+    qkv2 = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = torch.autograd.grad(naive_masked(*qkv2, mask=mask, causal=causal), qkv2, g)
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def naive_masked(q, k, v, *, mask, causal):
+    """Dense float64 attention with -inf where dropped, empty rows 0 (differentiable)."""
+    tq, tk, hq, hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    kk, vv = (x.repeat_interleave(hq // hkv, dim=2) for x in (k, v))
+    s = torch.einsum("bihd,bjhd->bhij", q, kk) * q.shape[-1] ** -0.5
+    keep = mask & (attention_mask(tq, tk, causal=True) if causal else True)
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("bhij,bjhd->bihd", p, vv)
+
+
+def test_sdpa_mask_bad_input_is_named():
+    q = rand(1, 4, 2, 8)
+    with pytest.raises(TypeError, match="mask must be a bool tensor, got dtype torch.float64"):
+        sdpa_attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.float64))
+    words = r"mask must broadcast to \[B, Hq, Tq, Tk\] = \[1, 2, 4, 4\], got \(4, 5\)"
+    with pytest.raises(ValueError, match=words):
+        sdpa_attention(q, q, q, mask=torch.ones(4, 5, dtype=torch.bool))
 
 
 def test_half_precision_is_computed_in_float32():

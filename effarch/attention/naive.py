@@ -119,6 +119,7 @@ def sdpa_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch's fused ``scaled_dot_product_attention`` in our ``[B, T, H, D]`` layout.
 
@@ -127,9 +128,33 @@ def sdpa_attention(
     memory-efficient attention on a GPU, a fused kernel on the CPU). Rows that see no key
     are zeroed, as in flash-attn. An independent reference for tests and the baseline in
     benchmarks.
+
+    ``mask``: an optional boolean ``[Tq, Tk]`` (or broadcastable to ``[B, Hq, Tq, Tk]``),
+    True where query ``i`` may attend to key ``j``: SDPA's boolean ``attn_mask``, for any
+    pattern (e.g. ``effarch.sparse.dense_mask`` of a ``mask_mod``); with ``causal`` both
+    apply. ``o_i = sum_j softmax_j(s_ij + log M_ij) v_j``, 0 for a row that keeps no key.
     """
     check_attention_qkv(q, k, v)
-    return launch_sdpa(q, k, v, causal=causal, scale=scale)
+    if mask is not None:
+        _check_mask(mask, q, k)
+    return launch_sdpa(q, k, v, causal=causal, scale=scale, mask=mask)
+
+
+def _check_mask(mask: object, q: torch.Tensor, k: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor, got {got}")
+    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    try:
+        ok = mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, full) == full
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask must broadcast to [B, Hq, Tq, Tk] = {list(full)}, got {tuple(mask.shape)}"
+        )
+    if mask.device != q.device:
+        raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
 
 
 def launch_sdpa(
@@ -139,6 +164,7 @@ def launch_sdpa(
     *,
     causal: bool = False,
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`sdpa_attention` on arguments already checked (by it, or by
     :func:`~effarch.attention.flash_attention` when it falls back to PyTorch)."""
@@ -152,11 +178,13 @@ def launch_sdpa(
         else:
             kt = kt.repeat_interleave(groups, dim=1)
             vt = vt.repeat_interleave(groups, dim=1)
-    if causal and tq != tk and not (tq == 1 and tk >= 1):
-        mask = attention_mask(tq, tk, causal=True, device=q.device)
+    if mask is not None or (causal and tq != tk and tq != 1):
+        if causal:  # bottom right; one query after a cache (Tq = 1) sees every key
+            cmask = attention_mask(tq, tk, causal=True, device=q.device)
+            mask = cmask if mask is None else mask & cmask
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **extra)
-        out = out.masked_fill(~mask.any(dim=-1)[:, None], 0.0)
-    else:  # one query after a cache sees every key: no mask needed
+        out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    else:
         is_causal = causal and tq == tk
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, **extra)
     return out.transpose(1, 2)

@@ -38,7 +38,7 @@ from torch import nn
 from .._checks import check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope, sdpa_attention
 from ..nn import SwiGLU
-from ..sparse import MaskMod, masked_attention
+from ..sparse import MaskMod, dense_mask
 
 __all__ = ["DiffusionLM", "DiffusionLMConfig"]
 
@@ -86,8 +86,10 @@ class _Attention(nn.Module):
             k, v = cache.update(k, v)
         if mask_mod is None:
             o = sdpa_attention(q, k, v, causal=causal)
-        else:
-            o = masked_attention(q, k, v, mask_mod)
+        else:  # the pattern as SDPA's boolean mask (equal to sparse.masked_attention)
+            b, tq, h, _ = q.shape
+            keep = dense_mask(mask_mod, tq, k.shape[1], batch=b, heads=h, device=q.device)
+            o = sdpa_attention(q, k, v, mask=keep)
         return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
 
 
