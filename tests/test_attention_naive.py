@@ -127,9 +127,19 @@ def test_sdpa_mask_bad_input_is_named():
     q = rand(1, 4, 2, 8)
     with pytest.raises(TypeError, match="mask must be a bool tensor, got dtype torch.float64"):
         sdpa_attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.float64))
-    words = r"mask must broadcast to \[B, Hq, Tq, Tk\] = \[1, 2, 4, 4\], got \(4, 5\)"
-    with pytest.raises(ValueError, match=words):
-        sdpa_attention(q, q, q, mask=torch.ones(4, 5, dtype=torch.bool))
+    for shape in ((4, 5), (4,), (), (1, 1, 1, 4, 4)):
+        words = rf"broadcast to \[B, Hq, Tq, Tk\] = \[1, 2, 4, 4\], got {tuple(shape)}"
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            sdpa_attention(q, q, q, mask=torch.ones(shape, dtype=torch.bool))
+
+
+def test_sdpa_one_query_after_a_cache_with_causal_and_a_mask():
+    q, k, v = rand(2, 1, 4, 8), rand(2, 9, 2, 8), rand(2, 9, 2, 8)
+    mask = torch.tensor([[True, False, True, True, False, True, False, True, True]])
+    got = sdpa_attention(q, k, v, mask=mask, causal=True)  # the one query sees every key
+    want = brute_force_attention(q, k, v, mask=mask, causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, sdpa_attention(q, k[:, mask[0]], v[:, mask[0]]))
 
 
 def test_half_precision_is_computed_in_float32():

@@ -566,6 +566,10 @@ def test_ssm_powers_from_the_exponent():
     real = -torch.rand(H, N, dtype=F64)
     close(ssm_powers(real, L), torch.exp(real)[..., None] ** torch.arange(L, dtype=F64))
     assert ssm_powers(real.float(), L).dtype == torch.float32
+    # half precision counts l in float32: bfloat16 cannot represent 257
+    x = torch.full((1,), -0.1, dtype=torch.bfloat16)
+    late = ssm_powers(x, 300)[0, 257].item()
+    assert abs(late / math.exp(257 * x.item()) - 1) < 1e-2  # l = 256 would be 10% off
     # the kernel from the powers equals the running product's
     B_bar, C = torch.randn(H, N, dtype=torch.complex128), torch.randn(H, N, dtype=torch.complex128)
     for pairs in (False, True):
@@ -651,7 +655,17 @@ def _bad_cases():
         (lambda: discretize(torch.arange(3), torch.ones(3), 0.1), TypeError, "A must be a float"),
         (lambda: ssm_kernel(Ad, Ad, Ad, 0), ValueError, "L must be a positive int"),
         (lambda: ssm_kernel(Ad, Ad, Ad[:1].repeat(3), 4), ValueError, "must broadcast"),
-        (lambda: ssm_kernel(None, Ad, Ad, 4), ValueError, "give A_bar, or its powers"),
+        (lambda: ssm_kernel(None, Ad, Ad, 4), ValueError, "give A_bar or its powers"),
+        (
+            lambda: ssm_kernel(Ad, Ad, Ad, 4, powers=torch.ones(3, 4)),
+            ValueError,
+            "not both or neither",
+        ),  # fmt: skip
+        (
+            lambda: ssm_kernel(None, Ad, Ad[:2], 4, powers=torch.ones(3, 4)),
+            ValueError,
+            r"powers\[..., 0\], B_bar and C must broadcast",
+        ),  # fmt: skip
         (
             lambda: ssm_kernel(None, Ad, Ad, 4, powers=torch.ones(4, 5)),
             ValueError,

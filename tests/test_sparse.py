@@ -240,10 +240,22 @@ def test_only_intersections_of_bands_are_bands():
     ]
     for mod in others:
         assert mask_band(mod) is None
-    bad = causal()
-    bad.band = (0, 1.5)
-    with pytest.raises(TypeError, match=r"mask_mod.band must be a tuple .* got \(0, 1.5\)"):
-        block_layout(bad, 64, 64)
+
+    class Window:  # a callable whose own attribute "band" means something else
+        band = (20, 24)
+
+        def __call__(self, b, h, q, kv):
+            return (q >= kv) & (q - kv < 4)
+
+    assert mask_band(Window()) is None
+    q, k, v = qkv(1, 64, 64, 2, 2, 8)
+    got = block_sparse_attention(q, k, v, Window(), block_q=16, block_k=16)
+    torch.testing.assert_close(got, masked_attention(q, k, v, sliding_window(4)))
+    for wrong in ((0, 1.5), (True, None), 5):
+        bad = causal()
+        bad._effarch_band = wrong
+        with pytest.raises(TypeError, match=r"mask_mod._effarch_band must be a tuple .* got"):
+            block_layout(bad, 64, 64)
 
 
 @pytest.mark.parametrize("name", list(BANDS))
@@ -267,7 +279,7 @@ def test_band_layout_never_evaluates_the_mask():
         calls.append(1)
         return (q >= kv) & (q - kv < 64)
 
-    window.band = (0, 64)
+    window._effarch_band = (0, 64)
     layout = block_layout(window, 1 << 17, 1 << 17, block_q=64, block_k=64)
     assert not calls  # 2^34 pairs: element-wise, 16 GiB of booleans
     assert layout.kind.shape == (1, 1, 2048, 2048)

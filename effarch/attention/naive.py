@@ -129,10 +129,11 @@ def sdpa_attention(
     are zeroed, as in flash-attn. An independent reference for tests and the baseline in
     benchmarks.
 
-    ``mask``: an optional boolean ``[Tq, Tk]`` (or broadcastable to ``[B, Hq, Tq, Tk]``),
-    True where query ``i`` may attend to key ``j``: SDPA's boolean ``attn_mask``, for any
-    pattern (e.g. ``effarch.sparse.dense_mask`` of a ``mask_mod``); with ``causal`` both
-    apply. ``o_i = sum_j softmax_j(s_ij + log M_ij) v_j``, 0 for a row that keeps no key.
+    ``mask``: an optional boolean ``[Tq, Tk]`` (or 3 or 4 dimensions broadcastable to
+    ``[B, Hq, Tq, Tk]``), True where query ``i`` may attend to key ``j``: SDPA's boolean
+    ``attn_mask``, for any pattern (e.g. ``effarch.sparse.dense_mask`` of a ``mask_mod``);
+    with ``causal`` both apply. ``o_i = sum_j softmax_j(s_ij + log M_ij) v_j``, 0 for a row
+    that keeps no key.
     """
     check_attention_qkv(q, k, v)
     if mask is not None:
@@ -146,12 +147,13 @@ def _check_mask(mask: object, q: torch.Tensor, k: torch.Tensor) -> None:
         raise TypeError(f"mask must be a bool tensor, got {got}")
     full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     try:
-        ok = mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, full) == full
+        ok = 2 <= mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, full) == full
     except RuntimeError:
         ok = False
     if not ok:
         raise ValueError(
-            f"mask must broadcast to [B, Hq, Tq, Tk] = {list(full)}, got {tuple(mask.shape)}"
+            f"mask must have 2 to 4 dimensions and broadcast to [B, Hq, Tq, Tk] = "
+            f"{list(full)}, got {tuple(mask.shape)}"
         )
     if mask.device != q.device:
         raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
@@ -182,8 +184,12 @@ def launch_sdpa(
         if causal:  # bottom right; one query after a cache (Tq = 1) sees every key
             cmask = attention_mask(tq, tk, causal=True, device=q.device)
             mask = cmask if mask is None else mask & cmask
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **extra)
-        out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+        # a row that keeps no key attends to every key, then is zeroed: its gradients are 0
+        # whatever the torch version (older SDPA returns NaN for it, and NaN gradients)
+        empty = ~mask.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask | empty, scale=scale,
+                                             **extra)  # fmt: skip
+        out = out.masked_fill(empty, 0.0)
     else:
         is_causal = causal and tq == tk
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, **extra)

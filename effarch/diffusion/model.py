@@ -75,7 +75,7 @@ class _Attention(nn.Module):
         self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
         self.v_proj, self.o_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
 
-    def forward(self, x, positions, causal, mask_mod, cache):
+    def forward(self, x, positions, causal, keep, cache):
         heads = "b t (h d) -> b t h d"
         q = apply_rope(rearrange(self.q_proj(x), heads, d=self.head_dim), positions,
                        base=self.rope_base)  # fmt: skip
@@ -84,12 +84,8 @@ class _Attention(nn.Module):
         v = rearrange(self.v_proj(x), heads, d=self.head_dim)
         if cache is not None:  # the new tokens read every cached one and each other
             k, v = cache.update(k, v)
-        if mask_mod is None:
-            o = sdpa_attention(q, k, v, causal=causal)
-        else:  # the pattern as SDPA's boolean mask (equal to sparse.masked_attention)
-            b, tq, h, _ = q.shape
-            keep = dense_mask(mask_mod, tq, k.shape[1], batch=b, heads=h, device=q.device)
-            o = sdpa_attention(q, k, v, mask=keep)
+        # a pattern arrives as its boolean mask: SDPA equals sparse.masked_attention on it
+        o = sdpa_attention(q, k, v, causal=causal and keep is None, mask=keep)
         return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
 
 
@@ -101,8 +97,8 @@ class _Layer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, h, positions, causal, mask_mod, cache):
-        h = h + self.self_attn(self.input_layernorm(h), positions, causal, mask_mod, cache)
+    def forward(self, h, positions, causal, keep, cache):
+        h = h + self.self_attn(self.input_layernorm(h), positions, causal, keep, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -174,6 +170,13 @@ class DiffusionLM(nn.Module):
             check_tensor("positions", positions, ndim=1)
         h = self.embed_tokens(input_ids)
         causal = self.cfg.causal  # bottom-right aligned: with a cache too
+        keep = None  # the pattern, evaluated once for every layer (mask_mod overrides causal)
+        if mask_mod is not None:
+            heads = self.cfg.n_heads
+            keep = dense_mask(mask_mod, t, t, batch=len(h), heads=heads, device=h.device)
+            # a pattern that reads neither batch nor head comes back broadcast (stride 0):
+            # keep one copy, or SDPA would convert B x H of them
+            keep = keep[: 1 if keep.stride(0) == 0 else None, : 1 if keep.stride(1) == 0 else None]
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, causal, mask_mod, None if caches is None else caches[i])
+            h = layer(h, positions, causal, keep, None if caches is None else caches[i])
         return self.norm(h) @ self.embed_tokens.weight.T

@@ -127,8 +127,8 @@ def block_layout(
     ``full_kv_num_blocks`` are equal, and ``kv_indices`` / ``full_kv_indices`` (same shape)
     are equal on the first ``kv_num_blocks`` / ``full_kv_num_blocks`` entries of each row,
     ascending in both; the unused slots after them differ (0 here, the remaining block
-    indices in FlexAttention's). The mask is evaluated a band of query blocks at a time,
-    except for a declared diagonal band (:func:`~effarch.sparse.masks.mask_band`: causal,
+    indices in FlexAttention's). The mask is evaluated a few query blocks at a time, except
+    for a declared diagonal band (:func:`~effarch.sparse.masks.mask_band`: causal,
     sliding windows), whose tiles are sorted from their corners in ``O(nq nk)``.
     """
     for name, val in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q),
@@ -140,13 +140,13 @@ def block_layout(
         corners = _band_kinds(diagonals, q_len, kv_len, block_q, block_k, device)
         return BlockLayout(corners.expand(batch, heads, nq, nk).contiguous(), q_len, kv_len,
                            block_q, block_k)  # fmt: skip
-    band = max(1, _LAYOUT_ELEMENTS // (batch * heads * block_q * nk * block_k))
+    per_pass = max(1, _LAYOUT_ELEMENTS // (batch * heads * block_q * nk * block_k))
     ar = lambda n: torch.arange(n, device=device)  # noqa: E731
     b, h = ar(batch).view(-1, 1, 1, 1), ar(heads).view(1, -1, 1, 1)
     kv = ar(nk * block_k).view(1, 1, 1, -1)
     kinds = []
-    for i0 in range(0, nq, band):
-        rows = ar(min(band, nq - i0) * block_q).view(1, 1, -1, 1) + i0 * block_q
+    for i0 in range(0, nq, per_pass):
+        rows = ar(min(per_pass, nq - i0) * block_q).view(1, 1, -1, 1) + i0 * block_q
         m = mask_mod(b, h, rows, kv)
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             raise TypeError("mask_mod must return a bool tensor")

@@ -32,12 +32,12 @@ pattern as a ``[B, H, Tq, Tk]`` boolean tensor.
 
 A pattern that is a band of diagonals, ``lo <= q_idx - kv_idx < hi`` (:func:`causal`,
 :func:`sliding_window`, and :func:`and_masks` of such patterns), also says so: it carries
-``mask_mod.band = (lo, hi)``, ``hi = None`` when unbounded (the offset folded into both). A
-tile of such a mask is empty, full or partial by the distances at its corners alone, so
-:func:`~effarch.sparse.block_layout` sorts its tiles without evaluating the mask
-element by element, as FlashAttention's kernels derive the key blocks of a causal or
-windowed query block from its position. A hand-written pattern carries no ``band`` and is
-evaluated everywhere; :func:`mask_band` reads the attribute.
+``(lo, hi)`` as the attribute ``_effarch_band``, ``hi = None`` when unbounded (the offset
+folded into both), which :func:`mask_band` reads. A tile of such a mask is empty, full or
+partial by the distances at its corners alone, so :func:`~effarch.sparse.block_layout` sorts
+its tiles without evaluating the mask element by element, as FlashAttention's kernels derive
+the key blocks of a causal or windowed query block from its position. A declared band is
+trusted, not checked against the function; any other pattern is evaluated everywhere.
 """
 
 from __future__ import annotations
@@ -75,24 +75,30 @@ Band = tuple[int, int | None]
 """``(lo, hi)``: the pattern is ``lo <= q_idx - kv_idx < hi`` (``hi = None``: no upper end)."""
 
 
+_BAND = "_effarch_band"  # the attribute a pattern declares its band in
+
+
 def _with_band(mask_mod: MaskMod, lo: int, hi: int | None) -> MaskMod:
-    mask_mod.band = (lo, hi)  # type: ignore[attr-defined]
+    setattr(mask_mod, _BAND, (lo, hi))
     return mask_mod
 
 
 def mask_band(mask_mod: MaskMod) -> Band | None:
     """The diagonal band ``(lo, hi)`` a pattern declared, ``lo <= q_idx - kv_idx < hi``
-    (``hi = None``: unbounded), or ``None`` for a pattern that is not a declared band.
+    (``hi = None``: unbounded), or ``None`` for a pattern that is not a declared band. The
+    declaration (the attribute ``_effarch_band``) is trusted: a pattern that declares a band
+    it does not compute gets a wrong layout.
 
     ``sliding_window(w, offset)`` is the band ``(-offset, w - offset)``, ``causal(offset)``
     ``(-offset, None)``; :func:`and_masks` of bands is their intersection.
     """
-    got = getattr(mask_mod, "band", None)
+    got = getattr(mask_mod, _BAND, None)
     if got is None:
         return None
-    if (not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[0], int)
-            or not (got[1] is None or isinstance(got[1], int))):  # fmt: skip
-        raise TypeError(f"mask_mod.band must be a tuple (lo: int, hi: int | None), got {got!r}")
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    if not (isinstance(got, tuple) and len(got) == 2 and is_int(got[0])
+            and (got[1] is None or is_int(got[1]))):  # fmt: skip
+        raise TypeError(f"mask_mod.{_BAND} must be a tuple (lo: int, hi: int | None), got {got!r}")
     return got
 
 

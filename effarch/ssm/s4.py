@@ -160,24 +160,25 @@ def discretize(
 
 
 def _check_diag_params(
-    A_bar: torch.Tensor, B_bar: torch.Tensor, C: torch.Tensor
+    A_bar: torch.Tensor, B_bar: torch.Tensor, C: torch.Tensor, *, first: str = "A_bar"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_float_or_complex("A_bar", A_bar)
+    """Check and broadcast the diagonal parameters; ``first`` names what stands for A_bar."""
+    _check_float_or_complex(first, A_bar)
     _check_float_or_complex("B_bar", B_bar)
     _check_float_or_complex("C", C)
     if A_bar.ndim < 1:
-        raise ValueError(f"A_bar must have shape [..., N], got {tuple(A_bar.shape)}")
+        raise ValueError(f"{first} must have shape [..., N], got {tuple(A_bar.shape)}")
     for name, t in (("B_bar", B_bar), ("C", C)):
         if t.device != A_bar.device:
             raise ValueError(
-                f"{name} must be on the device of A_bar ({A_bar.device}), got {t.device}"
+                f"{name} must be on the device of {first} ({A_bar.device}), got {t.device}"
             )
     try:
         shape = torch.broadcast_shapes(A_bar.shape, B_bar.shape, C.shape)
     except RuntimeError:
         raise ValueError(
-            f"A_bar, B_bar and C must broadcast to one shape [..., N], got {tuple(A_bar.shape)}, "
-            f"{tuple(B_bar.shape)} and {tuple(C.shape)}"
+            f"{first}, B_bar and C must broadcast to one shape [..., N], got "
+            f"{tuple(A_bar.shape)}, {tuple(B_bar.shape)} and {tuple(C.shape)}"
         ) from None
     dtype = torch.promote_types(torch.promote_types(A_bar.dtype, B_bar.dtype), C.dtype)
     return (A_bar.to(dtype).expand(shape), B_bar.to(dtype).expand(shape), C.to(dtype).expand(shape))
@@ -193,8 +194,9 @@ def ssm_powers(log_A_bar: torch.Tensor, L: int) -> torch.Tensor:
     """The powers ``A_bar^l = exp(l log A_bar)``, ``l = 0..L-1``, from the exponent.
 
     Args:
-        log_A_bar: ``[..., N]`` real or complex, ``log A_bar`` of a diagonal SSM (``dt A``
-            under zero-order hold, :func:`discretize`).
+        log_A_bar: ``[..., N]`` real or complex, finite: ``log A_bar`` of a diagonal SSM
+            (``dt A`` under zero-order hold, :func:`discretize`); computed in at least
+            float32, returned in its dtype.
         L: number of powers.
 
     Returns:
@@ -208,10 +210,12 @@ def ssm_powers(log_A_bar: torch.Tensor, L: int) -> torch.Tensor:
     _check_float_or_complex("log_A_bar", log_A_bar)
     if log_A_bar.ndim < 1:
         raise ValueError(f"log_A_bar must have shape [..., N], got {tuple(log_A_bar.shape)}")
-    k = torch.arange(L, dtype=log_A_bar.real.dtype, device=log_A_bar.device)
-    if not log_A_bar.is_complex():
-        return torch.exp(log_A_bar[..., None] * k)
-    return torch.polar(torch.exp(log_A_bar.real[..., None] * k), log_A_bar.imag[..., None] * k)
+    # at least float32: half precision cannot count past 2048 (bfloat16: 256)
+    x = log_A_bar.to(torch.promote_types(log_A_bar.dtype, torch.float32))
+    k = torch.arange(L, dtype=x.real.dtype, device=x.device)
+    if not x.is_complex():
+        return torch.exp(x[..., None] * k).to(log_A_bar.dtype)
+    return torch.polar(torch.exp(x.real[..., None] * k), x.imag[..., None] * k).to(log_A_bar.dtype)
 
 
 def ssm_kernel(
@@ -243,9 +247,9 @@ def ssm_kernel(
         kernel (``SSMKernelDiag``, its ``C`` already multiplied by ``B_bar``) does.
     """
     check_positive_int("L", L)
+    if (A_bar is None) == (powers is None):
+        raise ValueError("give A_bar or its powers [..., N, L] as powers=, not both or neither")
     if powers is None:
-        if A_bar is None:
-            raise ValueError("give A_bar, or its powers [..., N, L] as powers=")
         Ab, Bb, Cc = _check_diag_params(A_bar, B_bar, C)
         steps = Ab.unsqueeze(-1).expand(*Ab.shape, L - 1)
         powers = torch.cat([torch.ones_like(Ab.unsqueeze(-1)), steps], dim=-1).cumprod(dim=-1)
@@ -253,7 +257,7 @@ def ssm_kernel(
         _check_float_or_complex("powers", powers)
         if powers.ndim < 2 or powers.shape[-1] != L:
             raise ValueError(f"powers must have shape [..., N, L={L}], got {tuple(powers.shape)}")
-        _, Bb, Cc = _check_diag_params(powers[..., 0], B_bar, C)
+        _, Bb, Cc = _check_diag_params(powers[..., 0], B_bar, C, first="powers[..., 0]")
     weights = Cc * Bb
     dtype = torch.promote_types(weights.dtype, powers.dtype)
     K = torch.einsum("...n,...nl->...l", weights.to(dtype), powers.to(dtype))
