@@ -170,7 +170,7 @@ def sequential_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int
     h = b[:, 0]
     out = [h]
     for t in range(1, a.shape[1]):
-        h = a[:, t] * h + b[:, t]
+        h = torch.addcmul(b[:, t], a[:, t], h)  # a_t h + b_t in one pass
         out.append(h)
     return torch.stack(out, dim=1), a.shape[1] - 1
 
@@ -184,12 +184,15 @@ def hillis_steele_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, 
     T = a.shape[1]
     steps, shift = 0, 1
     while shift < T:
-        # (a_prev, b_prev) is the block ending at t - shift; it comes first in time.
-        b_prev = torch.cat([torch.zeros_like(b[:, :shift]), b[:, :-shift]], dim=1)
-        b = a * b_prev + b
+        # (a, b) at t - shift is the block before t's; the first `shift` positions compose
+        # with the identity (1, 0), so they keep their values (a copy, updated in place)
+        b_new = b.clone()
+        b_new[:, shift:].addcmul_(a[:, shift:], b[:, :-shift])  # a_t b_{t-shift} + b_t
         if 2 * shift < T:  # the products of a are not needed after the last step
-            a_prev = torch.cat([torch.ones_like(a[:, :shift]), a[:, :-shift]], dim=1)
-            a = a * a_prev
+            a_new = a.clone()
+            a_new[:, shift:].mul_(a[:, :-shift])
+            a = a_new
+        b = b_new
         shift *= 2
         steps += 1
     return b, steps

@@ -108,7 +108,7 @@ def test_resuming_a_mini_batch_in_pieces_equals_the_whole_step(cuts):
 
 @pytest.mark.parametrize("m", [1, 4])
 def test_ttt_layer_is_its_equations(m):
-    """TTTLinear against its docstring, rebuilt here on the primal (token-loop) op."""
+    """TTTLinear against its docstring, rebuilt here on the primal op."""
     torch.manual_seed(0)
     layer = TTTLinear(16, 2, mini_batch_size=m).double()
     with torch.no_grad():  # a non-zero learned W_0 and norm, so that every term matters

@@ -102,6 +102,13 @@ def time_major(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
     return rearrange(x, "b h (n c) ... -> n b h c ...", c=c).contiguous()
 
 
+def step_major(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, ...] -> [T, B * H, ...]``, contiguous: the recurrent forms' token loops read
+    one contiguous block per step and update all heads with one batched product (``bmm``,
+    ``baddbmm``) instead of a broadcast outer product, an add and an einsum."""
+    return rearrange(x, "b h t ... -> t (b h) ...").contiguous()
+
+
 def from_time_major(o: torch.Tensor, b: int, h: int, t: int) -> torch.Tensor:
     """``[N * B * H, C, V]`` chunk outputs back to ``[B, H, T, V]`` (padding dropped)."""
     return rearrange(o, "(n b h) c v -> b h (n c) v", b=b, h=h)[:, :, :t]

@@ -36,6 +36,7 @@ from .common import (
     load_state,
     resolve_scale,
     scalar_decay_matrix,
+    step_major,
     time_major,
 )
 from .delta_kernel import launch_chunk_delta_rule
@@ -59,16 +60,20 @@ def _delta_recurrent(
     s0: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, t, dk = q.shape
-    s = q.new_zeros(b, h, dk, v.shape[-1]) if s0 is None else s0
+    dv = v.shape[-1]
+    qs, ks, vs, bs = (step_major(x) for x in (q, k, v, beta))  # [T, B*H, K | V], [T, B*H]
+    decay = None if g is None else step_major(torch.exp(g))  # [T, B*H]
+    s = q.new_zeros(b * h, dk, dv) if s0 is None else s0.reshape(b * h, dk, dv)
     outs = []
     for i in range(t):
-        if g is not None:
-            s = torch.exp(g[:, :, i])[..., None, None] * s
-        k_i = k[:, :, i]
-        err = v[:, :, i] - torch.einsum("bhk,bhkv->bhv", k_i, s)  # what the memory got wrong
-        s = s + (beta[:, :, i, None] * k_i)[..., :, None] * err[..., None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, i], s))
-    return torch.stack(outs, dim=2), s
+        if decay is not None:
+            s = s * decay[i, :, None, None]
+        k_i = ks[i, :, None, :]  # [B*H, 1, K]
+        err = vs[i, :, None, :] - torch.bmm(k_i, s)  # what the memory got wrong: [B*H, 1, V]
+        s = torch.baddbmm(s, (bs[i, :, None, None] * k_i).transpose(1, 2), err)
+        outs.append(torch.bmm(qs[i, :, None, :], s))
+    o = torch.cat(outs, dim=1).view(b, h, t, dv)  # [B*H, T, V] -> [B, H, T, V]
+    return o, s.view(b, h, dk, dv)
 
 
 def _delta_chunk(

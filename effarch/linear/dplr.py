@@ -32,6 +32,7 @@ from .common import (
     intra_chunk_scores,
     load_state,
     resolve_scale,
+    step_major,
     time_major,
 )
 
@@ -54,16 +55,20 @@ def _dplr_recurrent(
     g: torch.Tensor,
     s: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, h, t, dk = q.shape
+    dv = v.shape[-1]
+    qs, ks, vs, as_, bs = (step_major(x) for x in (q, k, v, a, b))  # [T, B*H, K | V]
+    decay = step_major(torch.exp(g))  # [T, B*H, K]
+    s = s.reshape(bsz * h, dk, dv)
     outs = []
-    for i in range(q.shape[2]):
-        read = torch.einsum("bhk,bhkv->bhv", a[:, :, i], s)  # a_t^T S_{t-1}: [V]
-        s = (
-            torch.exp(g[:, :, i])[..., None] * s
-            + b[:, :, i, :, None] * read[..., None, :]
-            + k[:, :, i, :, None] * v[:, :, i, None, :]
-        )
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, i], s))
-    return torch.stack(outs, dim=2), s
+    for i in range(t):
+        read = torch.bmm(as_[i, :, None, :], s)  # a_t^T S_{t-1}: [B*H, 1, V]
+        # S_t = diag(exp(g_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T
+        s = torch.baddbmm(s * decay[i, :, :, None], bs[i, :, :, None], read)
+        s = torch.baddbmm(s, ks[i, :, :, None], vs[i, :, None, :])
+        outs.append(torch.bmm(qs[i, :, None, :], s))
+    o = torch.cat(outs, dim=1).view(bsz, h, t, dv)  # [B*H, T, V] -> [B, H, T, V]
+    return o, s.view(bsz, h, dk, dv)
 
 
 def _dplr_chunk(

@@ -48,6 +48,7 @@ from .common import (
     load_state,
     resolve_scale,
     scalar_decay_matrix,
+    step_major,
     time_major,
     tril,
 )
@@ -74,12 +75,6 @@ State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def _decay_rows(g_t: torch.Tensor) -> torch.Tensor:
-    """The multiplier ``exp(g_t)`` shaped to scale a ``[B, H, K, V]`` state."""
-    d = torch.exp(g_t)
-    return d[..., None, None] if g_t.ndim == 2 else d[..., None]
-
-
 def _gated_recurrent(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -87,15 +82,20 @@ def _gated_recurrent(
     g: torch.Tensor | None,
     s0: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token: ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``."""
     b, h, t, dk = q.shape
-    s = q.new_zeros(b, h, dk, v.shape[-1]) if s0 is None else s0
+    dv = v.shape[-1]
+    qs, ks, vs = (step_major(x) for x in (q, k, v))  # [T, B*H, K | V]
+    decay = None if g is None else step_major(torch.exp(g))  # [T, B*H] or [T, B*H, K]
+    s = q.new_zeros(b * h, dk, dv) if s0 is None else s0.reshape(b * h, dk, dv)
     outs = []
     for i in range(t):
-        if g is not None:
-            s = _decay_rows(g[:, :, i]) * s
-        s = s + k[:, :, i, :, None] * v[:, :, i, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, i], s))
-    return torch.stack(outs, dim=2), s
+        if decay is not None:  # one factor per head, or per key row (GLA)
+            s = s * (decay[i, :, None, None] if decay.ndim == 2 else decay[i, :, :, None])
+        s = torch.baddbmm(s, ks[i, :, :, None], vs[i, :, None, :])  # S + k v^T
+        outs.append(torch.bmm(qs[i, :, None, :], s))  # q^T S: [B*H, 1, V]
+    o = torch.cat(outs, dim=1).view(b, h, t, dv)  # [B*H, T, V] -> [B, H, T, V]
+    return o, s.view(b, h, dk, dv)
 
 
 def _suffix_sum(g: torch.Tensor, dim: int) -> torch.Tensor:

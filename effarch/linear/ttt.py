@@ -62,17 +62,19 @@ def _check_rate(name: str, x: Any, shape: tuple[int, ...], ref: torch.Tensor) ->
 def _ttt_linear_primal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, s: torch.Tensor, m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token by token: every gradient of a mini-batch is taken at the state it started from."""
+    """The primal form: mini-batch by mini-batch, every token's gradient taken at the state
+    the mini-batch started from, and every token's state materialised (a cumulative sum of
+    ``[m, K, V]`` gradients), as TTT's primal form does."""
     t = q.shape[2]
     outs = []
-    for i in range(t):
-        if i % m == 0:
-            anchor = s  # S_0 of this mini-batch: where all its gradients are evaluated
-        error = torch.einsum("bhkv,bhk->bhv", anchor, k[:, :, i]) - v[:, :, i]  # [B, H, V]
-        grad = k[:, :, i, :, None] * error[..., None, :]  # k_t (S_0^T k_t - v_t)^T
-        s = s - eta[:, :, i, None, None] * grad
-        outs.append(torch.einsum("bhkv,bhk->bhv", s, q[:, :, i]))
-    return torch.stack(outs, dim=2), s
+    for start in range(0, t, m):
+        qb, kb, vb, eb = (x[:, :, start : start + m] for x in (q, k, v, eta))
+        error = kb @ s - vb  # S_0^T k_t - v_t for every token: [B, H, m, V]
+        grads = (eb[..., None] * kb)[..., :, None] * error[..., None, :]  # [B, H, m, K, V]
+        states = s[:, :, None] - grads.cumsum(dim=2)  # S_t = S_0 - sum_{s<=t} eta_s G_s
+        outs.append(torch.einsum("bhtkv,bhtk->bhtv", states, qb))
+        s = states[:, :, -1]
+    return torch.cat(outs, dim=2), s
 
 
 def _dual_minibatch(
@@ -181,8 +183,8 @@ def ttt_linear(
     Dual form (``mode="dual"``, TTT's fast path): with ``E = K S_0 - V`` the mini-batch's
     prediction errors (``[m, V]``), ``O = Q S_0 - tril(Q K^T) diag(eta) E`` and
     ``S_m = S_0 - K^T diag(eta) E``: matrix products of size ``m``, no ``[K, V]`` state per
-    token. ``mode="primal"`` loops over the tokens and materialises each ``S_t`` (the
-    definition; the reference the dual form is tested against).
+    token. ``mode="primal"`` materialises each ``S_t``, a cumulative sum of the mini-batch's
+    ``[K, V]`` gradients (TTT's primal form: the definition, written out).
 
     The steps of a mini-batch are *summed*, as written above. TTT's released code scales
     them differently: token ``i`` of a mini-batch multiplies its running sum of steps by

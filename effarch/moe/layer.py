@@ -134,7 +134,7 @@ def experts_loop(
         token, slot = torch.where(experts == e)
         gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down[e]) * weights[token, slot, None].to(x.dtype)
-        out = out.index_add(0, token, y)
+        out.index_add_(0, token, y)  # in place: no copy of [N, d] per expert
     return out
 
 
