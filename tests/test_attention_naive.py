@@ -78,14 +78,18 @@ def test_naive_matches_torch_sdpa(t, causal, groups):
     torch.testing.assert_close(ours, ref.transpose(1, 2), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("tq", "tk", "hq", "hkv", "d", "causal", "window"), [c for c in CASES if c[-1] is None]
-)
-def test_sdpa_wrapper_matches_naive(tq, tk, hq, hkv, d, causal, window):
-    q, k, v = rand(2, tq, hq, d), rand(2, tk, hkv, d), rand(2, tk, hkv, d)
-    torch.testing.assert_close(
-        sdpa_attention(q, k, v, causal=causal), naive_attention(q, k, v, causal=causal)
-    )
+@pytest.mark.parametrize(("tq", "tk", "hq", "hkv", "d", "causal", "window"), CASES)
+@pytest.mark.parametrize("dv_extra", [0, 3, -4])
+def test_sdpa_wrapper_matches_the_loop(tq, tk, hq, hkv, d, causal, window, dv_extra):
+    """Windows (flash-attn's window_size) and values narrower or wider than the keys (MLA:
+    padded to one head dim for the fused kernel) against the float64 loop."""
+    dv = d + dv_extra
+    q, k, v = rand(2, tq, hq, d), rand(2, tk, hkv, d), rand(2, tk, hkv, dv)
+    got = sdpa_attention(q, k, v, causal=causal, window=window)
+    assert got.shape == (2, tq, hq, dv)
+    want = brute_force_attention(q, k, v, causal=causal, window=window)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, naive_attention(q, k, v, causal=causal, window=window))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -187,10 +191,11 @@ def test_bad_input_is_named(args, err, words):
 
 def test_bad_window_is_named():
     q = rand(1, 4, 1, 8)
-    with pytest.raises(ValueError, match="window must be a pair"):
-        naive_attention(q, q, q, window=(2,))
-    with pytest.raises(ValueError, match="window must be a pair"):
-        naive_attention(q, q, q, window=(-2, 0))
+    for attend in (naive_attention, sdpa_attention):
+        with pytest.raises(ValueError, match="window must be a pair"):
+            attend(q, q, q, window=(2,))
+        with pytest.raises(ValueError, match="window must be a pair"):
+            attend(q, q, q, window=(-2, 0))
 
 
 def test_kv_cache_bytes_known_configs():

@@ -74,6 +74,9 @@ class MultiHeadLatentAttention(nn.Module):
     ``decode_impl`` names (``"naive"`` or ``"absorb"``, the values of DeepSeek-V3's
     ``attn_impl``, which its inference code sets to ``"absorb"``) and a call without one the
     naive path, so a model decodes absorbed through the generic ``layer(x, cache)`` call.
+    The naive path keeps the latent cache and expands it into every head's keys and values
+    at every step; DeepSeek-V3's ``"naive"`` caches them expanded instead (MHA's cache and
+    work per step).
     """
 
     def __init__(

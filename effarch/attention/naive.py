@@ -119,15 +119,19 @@ def sdpa_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch's fused ``scaled_dot_product_attention`` in our ``[B, T, H, D]`` layout.
 
     The same contract as :func:`naive_attention` (GQA, bottom-right causal mask when
-    ``Tq != Tk``), delegating to whichever fused backend torch picks (FlashAttention or
-    memory-efficient attention on a GPU, a fused kernel on the CPU). Rows that see no key
-    are zeroed, as in flash-attn. An independent reference for tests and the baseline in
-    benchmarks.
+    ``Tq != Tk``, ``window=(left, right)`` as flash-attn's ``window_size``), delegating to
+    whichever fused backend torch picks (FlashAttention or memory-efficient attention on a
+    GPU, a fused kernel on the CPU); a window is passed to it as a boolean mask. Rows that
+    see no key are zeroed, as in flash-attn. Values narrower or wider than the queries and
+    keys are zero-padded to one head dim, which the fused kernels need (as MLA prefill on
+    FlashAttention does; zero columns change no score and no output). An independent
+    reference for tests and the baseline in benchmarks.
 
     ``mask``: an optional boolean ``[Tq, Tk]`` (or 3 or 4 dimensions broadcastable to
     ``[B, Hq, Tq, Tk]``), True where query ``i`` may attend to key ``j``: SDPA's boolean
@@ -138,6 +142,10 @@ def sdpa_attention(
     check_attention_qkv(q, k, v)
     if mask is not None:
         _check_mask(mask, q, k)
+    if window is not None:
+        _check_window(window)
+        local = attention_mask(q.shape[1], k.shape[1], window=window, device=q.device)
+        mask = local if mask is None else mask & local
     return launch_sdpa(q, k, v, causal=causal, scale=scale, mask=mask)
 
 
@@ -172,6 +180,13 @@ def launch_sdpa(
     :func:`~effarch.attention.flash_attention` when it falls back to PyTorch)."""
     tq, tk = q.shape[1], k.shape[1]
     groups = q.shape[2] // k.shape[2]
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv:  # one head dim for the fused kernels: pad with zeros, slice the output
+        scale = d**-0.5 if scale is None else scale
+        if dv < d:
+            v = F.pad(v, (0, d - dv))
+        else:
+            q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     extra = {}
     if groups > 1:
@@ -193,4 +208,4 @@ def launch_sdpa(
     else:
         is_causal = causal and tq == tk
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, **extra)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[..., :dv]

@@ -15,9 +15,9 @@ its pooling. The mixer decides what the model must hold while it streams:
 * ``"attention"``: causal :class:`~effarch.attention.MultiHeadAttention` with RoPE, whose
   key/value cache grows by one entry per sample;
 * ``"window"``: the same attention restricted to the last ``window`` samples (Mistral's
-  sliding window), a cache of ``window - 1`` entries. It runs
-  :func:`~effarch.attention.naive_attention` with a window mask (PyTorch's fused attention
-  has no window), so its constant per key is larger than full attention's.
+  sliding window), a cache of ``window - 1`` entries. It runs PyTorch's fused attention
+  with a window mask (:func:`~effarch.attention.sdpa_attention`): a chunk of samples scores
+  every key it holds, then masks those outside the window.
 
 ``forward(audio [B, T], state=None) -> (logits [B, T, C], state)``: ``state`` is the list of
 per-layer memories (``None`` before the first call); feeding a stream in consecutive chunks
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_positive_int, check_positive_number, check_tensor
-from ..attention import MultiHeadAttention, WindowKVCache, naive_attention, sdpa_attention
+from ..attention import MultiHeadAttention, WindowKVCache, sdpa_attention
 from ..ssm import S4D
 
 __all__ = ["AUDIO_MIXERS", "WaveformModel"]
@@ -97,7 +97,7 @@ class WaveformModel(nn.Module):
         else:
             attn: Any = sdpa_attention
             if window is not None:
-                attn = functools.partial(naive_attention, window=(window - 1, 0))
+                attn = functools.partial(sdpa_attention, window=(window - 1, 0))
             layers = [MultiHeadAttention(d_model, n_heads, attention=attn) for _ in range(n_layers)]
         self.mixers = nn.ModuleList(layers)
         self.out_norm = nn.RMSNorm(d_model)

@@ -24,7 +24,7 @@ from torch import nn
 from .._checks import check_positive_int, check_positive_number
 from ..attention.grouped import MultiHeadAttention, WindowKVCache
 from ..attention.mla import MultiHeadLatentAttention
-from ..attention.naive import naive_attention
+from ..attention.naive import sdpa_attention
 from ..linear import LinearizedAttention
 from ..linear.layers import (
     GLA,
@@ -63,15 +63,19 @@ class SlidingWindowAttention(MultiHeadAttention):
     """Causal softmax attention in which each token sees only the last ``window`` tokens.
 
     :class:`~effarch.attention.MultiHeadAttention` with the local mask ``t - window < s <= t``
-    (Mistral's sliding window): the KV cache a decoder needs is ``window`` tokens long,
-    whatever the context. Other arguments as :class:`~effarch.attention.MultiHeadAttention`.
+    (Mistral's sliding window, flash-attn's ``window_size=(window - 1, 0)``), run by PyTorch's
+    fused attention with that mask (:func:`~effarch.attention.sdpa_attention`): the KV cache
+    a decoder needs is ``window`` tokens long, whatever the context; a prefill still scores
+    every pair before masking (block-sparse attention, chapter 3.4, skips the empty tiles).
+    Other arguments as
+    :class:`~effarch.attention.MultiHeadAttention`.
     """
 
     def __init__(
         self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, window: int, **kw: Any
     ) -> None:
         check_positive_int("window", window)
-        attention = functools.partial(naive_attention, window=(window - 1, 0))
+        attention = functools.partial(sdpa_attention, window=(window - 1, 0))
         super().__init__(d_model, n_heads, n_kv_heads, attention=attention, **kw)
         self.window = window
 
