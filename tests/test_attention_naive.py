@@ -106,6 +106,8 @@ def test_sdpa_with_a_boolean_mask_matches_the_loop(tq, tk, hq, hkv, mask_shape, 
     want = brute_force_attention(q, k, v, mask=mask, causal=causal)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert (got[:, 1] == 0).all()
+    broadcast = mask.expand(2, hq, tq, tk)  # stride 0 where it was 1: the same attention
+    torch.testing.assert_close(sdpa_attention(q, k, v, mask=broadcast, causal=causal), got)
     # gradients stay finite through the empty row and match masked autograd in float64
     qkv = [x.clone().requires_grad_() for x in (q, k, v)]
     g = torch.randn_like(got)

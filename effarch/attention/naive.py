@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from .._checks import check_attention_qkv
+from .._checks import check_attention_qkv, check_same, check_tensor
 
 # scaled_dot_product_attention shares key/value heads natively from torch 2.5 on
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -142,17 +142,21 @@ def sdpa_attention(
     check_attention_qkv(q, k, v)
     if mask is not None:
         _check_mask(mask, q, k)
-    if window is not None:
+        if mask.ndim == 4:  # a batch or head axis broadcast with stride 0: keep one copy
+            mask = mask[: 1 if mask.stride(0) == 0 else None, : 1 if mask.stride(1) == 0 else None]
+    if window is not None:  # the window and the causal mask as one boolean mask
         _check_window(window)
-        local = attention_mask(q.shape[1], k.shape[1], window=window, device=q.device)
-        mask = local if mask is None else mask & local
+        local = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window,
+                               device=q.device)  # fmt: skip
+        mask, causal = (local if mask is None else mask & local), False
     return launch_sdpa(q, k, v, causal=causal, scale=scale, mask=mask)
 
 
 def _check_mask(mask: object, q: torch.Tensor, k: torch.Tensor) -> None:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor, got {got}")
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    check_same(("q", "mask"), (q, mask), dtype=False)
     full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     try:
         ok = 2 <= mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, full) == full
@@ -163,8 +167,6 @@ def _check_mask(mask: object, q: torch.Tensor, k: torch.Tensor) -> None:
             f"mask must have 2 to 4 dimensions and broadcast to [B, Hq, Tq, Tk] = "
             f"{list(full)}, got {tuple(mask.shape)}"
         )
-    if mask.device != q.device:
-        raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
 
 
 def launch_sdpa(

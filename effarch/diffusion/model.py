@@ -174,9 +174,6 @@ class DiffusionLM(nn.Module):
         if mask_mod is not None:
             heads = self.cfg.n_heads
             keep = dense_mask(mask_mod, t, t, batch=len(h), heads=heads, device=h.device)
-            # a pattern that reads neither batch nor head comes back broadcast (stride 0):
-            # keep one copy, or SDPA would convert B x H of them
-            keep = keep[: 1 if keep.stride(0) == 0 else None, : 1 if keep.stride(1) == 0 else None]
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, causal, keep, None if caches is None else caches[i])
         return self.norm(h) @ self.embed_tokens.weight.T
