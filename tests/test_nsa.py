@@ -342,6 +342,23 @@ def test_the_three_selected_paths_agree(t, tq, hq, g, block, top_n):
         nsa_attention(q, k, v, gates, selected="dense", **kw)
 
 
+@pytest.mark.parametrize("tile", [1, 3, 64])  # pairs per product: groups span several tiles
+def test_key_block_major_tiles_equal_the_gather_path_with_gradients(monkeypatch, tile):
+    import effarch.sparse.nsa as nsa
+
+    monkeypatch.setattr(nsa, "_PAIR_TILE", tile)
+    q, k, v, gates = inputs(45, 4, 2)
+    kw = dict(block=8, top_n=3, window=10)
+    grads = []
+    for path in ("gather", "blocks"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gates)]
+        out = nsa_attention(*leaves, selected=path, **kw)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        grads.append([out.detach(), *(x.grad for x in leaves)])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_the_selected_branch_in_query_chunks_equals_the_reference(monkeypatch):
     import effarch.sparse.nsa as nsa
 

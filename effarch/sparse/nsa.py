@@ -35,11 +35,15 @@ from torch import nn
 
 from .._checks import check_attention_qkv, check_positive_int, check_tensor
 from ..attention import KVCache, apply_rope
+from ..moe import row_tiles
 from .block import PARTIAL, BlockLayout, block_sparse_attention
 from .masks import sliding_window
 
 # numbers of gathered keys and values held at once by the selected branch (bounds memory)
 _GATHER_ELEMENTS = 1 << 23
+# (query, block) pairs per tile of the key-block-major selected branch: one block of keys is
+# copied per tile (of 32, 64 and 128, 64 was the fastest at T = 8192 on a CPU)
+_PAIR_TILE = 64
 
 __all__ = [
     "NSACache",
@@ -179,9 +183,10 @@ def nsa_attention(
         window: the sliding window's width.
         scale: default ``D ** -0.5``.
         selected: how the selected branch runs, all three exact. ``"blocks"``: key-block
-            major, the queries that chose a block are gathered and scored against it in one
-            product (as tokens routed to an expert are; ``T top_n`` query rows move instead
-            of ``T top_n l`` keys); ``"gather"``: every query gathers its own ``top_n l`` keys
+            major, the queries that chose a block are gathered and scored against it, all
+            blocks in one batched product over tiles of 64 queries (as tokens routed to an
+            expert are; ``T top_n`` query rows move instead of ``T top_n l`` keys);
+            ``"gather"``: every query gathers its own ``top_n l`` keys
             and values (simple, memory-bound); ``"tiles"``:
             :func:`~effarch.sparse.block_sparse_attention` on the tiles of ``l x l`` that any
             query of a query block selected (per-query selections as stored tile masks), so
@@ -247,47 +252,61 @@ def _selected_by_key_blocks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, qpos: torch.Tensor,
     block: int, top_n: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
-    """The selected branch key-block major: the (query, slot) pairs are sorted by the block
-    they chose, and each block's queries (all heads of the group) are scored against it in
-    one product; one softmax per query over its ``top_n`` slots, then each block's values
-    are added into its queries' outputs."""
-    b, t, hq, d = q.shape
+    """The selected branch key-block major, as a grouped product (MoE's experts, with key
+    blocks for experts): the (query, slot) pairs are sorted by the block they chose, each
+    block's pairs are cut into tiles of :data:`_PAIR_TILE` (:func:`~effarch.moe.row_tiles`,
+    the grouped-GEMM grid), and every tile's queries (all heads of the group) are scored
+    against its one block in a single batched product over all tiles: one block of keys is
+    copied per tile, not per query, and no Python step is taken per block. Each query's
+    softmax spans its ``top_n`` tiles: the row maxima, the sums of exponentials and the
+    weighted values are reduced into the query's row, and divided at the end."""
+    b, t, hq, _ = q.shape
     g, tk, dv = k.shape[2], k.shape[1], v.shape[-1]
     r, n_all = hq // g, chosen.shape[-1]
     n = min(top_n, n_all)
     slots = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :n]  # [B,G,T,n]
     valid = torch.gather(chosen, -1, slots)
-    # one id per (batch, group, block); the pairs of each id are contiguous after the sort
+    # one group per (batch, kv head, block); its pairs are contiguous after the sort
+    n_groups = b * g * n_all
     gid = (torch.arange(b * g, device=q.device).view(b, g, 1, 1) * n_all + slots).flatten()
-    gid = torch.where(valid.flatten(), gid, b * g * n_all)  # unused slots sort last
+    gid = torch.where(valid.flatten(), gid, n_groups)  # unused slots sort last
     order = torch.argsort(gid, stable=True)
-    counts = torch.bincount(gid, minlength=b * g * n_all + 1)[:-1].tolist()
-    pair = torch.arange(b * g * t * n, device=q.device)[order]
-    pt, ps = pair // n % t, pair % n
-    qr = rearrange(q, "b t (g r) d -> b g t r d", g=g)
-    kb, vb = (rearrange(F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)), "b (j l) g d -> b g j l d",
-                        l=block) for x in (k, v))  # fmt: skip
-    inner = torch.arange(block, device=q.device)
-    s = torch.full((b, g, t, r, n, block), float("-inf"), dtype=q.dtype, device=q.device)
-    groups, start = [], 0
-    for gi, m in enumerate(counts):
-        if m == 0:
-            continue
-        sel = slice(start, start + m)
-        start += m
-        bb, gg, j = gi // (g * n_all), gi // n_all % g, gi % n_all
-        tt, ss = pt[sel], ps[sel]
-        sj = torch.einsum("mrd,ld->mrl", qr[bb, gg, tt], kb[bb, gg, j]) * scale
-        ok = (j * block + inner)[None, None] <= qpos[tt][:, None, None]  # causal, own block
-        s[bb, gg, tt, :, ss] = sj.masked_fill(~ok, float("-inf"))
-        groups.append((bb, gg, j, tt, ss))
-    p = torch.softmax(s.flatten(-2), -1).view_as(s)  # the own block holds the query: never empty
-    out = q.new_zeros(b, g, t, r, dv)
-    for bb, gg, j, tt, ss in groups:
-        out[bb, gg].index_add_(
-            0, tt, torch.einsum("mrl,ld->mrd", p[bb, gg, tt, :, ss], vb[bb, gg, j])
-        )
-    return rearrange(out, "b g t r d -> b t (g r) d")
+    ends = torch.bincount(gid, minlength=n_groups + 1)[:-1].cumsum(0)
+    n_pairs = int(ends[-1])  # >= T: the own block is always chosen
+    tile_group, tile_start = row_tiles(ends, n_pairs, _PAIR_TILE)
+    used = tile_group >= 0
+    grp, first = tile_group[used].long(), tile_start[used].long()  # [n_tiles]
+    rows = first[:, None] + torch.arange(_PAIR_TILE, device=q.device)  # [n_tiles, M]
+    live = rows < ends[grp][:, None]  # the last tile of a group is padded
+    pair = order[rows.clamp(max=n_pairs - 1)]
+    bg, tt = pair // (t * n), pair // n % t  # (batch, kv head) and query of every pair
+    n_tiles, d = grp.shape[0], q.shape[-1]
+    # a pair's query heads are one row of q viewed as [B T G, R D], a block's keys (values)
+    # one [l, D] slice of k viewed as [B, n_all, l, G, D] (padded only when T is not a
+    # multiple of l): each is gathered whole, one copy per tile
+    q_row = ((bg // g) * t + tt) * g + bg % g  # [n_tiles, M]
+    qs = q.reshape(b * t * g, r * d).index_select(0, q_row.flatten())
+    gb, gj, gg = grp // (g * n_all), grp % n_all, grp // n_all % g
+    kb, vb = ((x if tk == n_all * block else F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)))
+              .unflatten(1, (n_all, block))[gb, gj, :, gg] for x in (k, v))  # fmt: skip
+    s_tile = torch.bmm(qs.view(n_tiles, -1, d) * scale, kb.mT)
+    s_tile = s_tile.view(n_tiles, _PAIR_TILE, r, block)  # [n_tiles, M, R, l]
+    cols = (grp % n_all)[:, None] * block + torch.arange(block, device=q.device)  # [n_tiles, l]
+    ok = (cols[:, None] <= qpos[tt][..., None]) & live[..., None]  # causal in the own block
+    s_tile = s_tile.masked_fill(~ok[:, :, None], float("-inf"))
+    # one softmax per query over its n l keys, spread over n tiles: the row maximum, the sum
+    # and the weighted values are reduced into the query's row (padding rows go to a spare
+    # last row); the maximum only steadies exp, so it carries no gradient
+    row = torch.where(live, q_row, b * t * g).flatten()
+    with torch.no_grad():
+        m = s_tile.new_full((b * t * g + 1, r), float("-inf"))
+        m = m.scatter_reduce(0, row[:, None].expand(-1, r), s_tile.amax(-1).flatten(0, 1), "amax")
+        m = m.masked_fill(m == float("-inf"), 0.0)  # the spare row
+    e = torch.exp(s_tile - m[row].view(n_tiles, _PAIR_TILE, r, 1))
+    z = e.new_zeros(b * t * g + 1, r).index_add(0, row, e.sum(-1).flatten(0, 1))
+    o_tile = torch.bmm(e.view(n_tiles, -1, block), vb)
+    out = q.new_zeros(b * t * g + 1, r, dv).index_add(0, row, o_tile.view(-1, r, dv))
+    return (out[:-1] / z[:-1, :, None]).view(b, t, hq, dv)  # a query's own key: z > 0
 
 
 def _selected_by_tiles(
