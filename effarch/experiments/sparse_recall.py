@@ -37,7 +37,7 @@ STEPS = 300
 
 
 def sparse_recall(progress: bool = True) -> list[dict[str, Any]]:
-    """Run the three models (about a minute on a CPU, :data:`STEPS` steps each); one record
+    """Run the three models (about 25 s on a CPU, :data:`STEPS` steps each); one record
     per mixer."""
     return recall_experiment("cpu", mixers=MIXERS, progress=progress, steps=STEPS)
 
