@@ -215,7 +215,7 @@ def nsa_attention(
         if selected == "tiles":
             o_slc = _selected_by_tiles(q, k, v, chosen, qpos, block, sc, backend)
         else:
-            o_slc = _selected_by_key_blocks(q, k, v, chosen, qpos, block, top_n, sc)
+            o_slc = _selected_by_key_blocks(q, k, v, chosen, qpos, block, sc)
         branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)
         return (branches * gates[..., None, :]).sum(-1)
     # gather the selected blocks of every query: n = top_n blocks of l tokens
@@ -250,7 +250,7 @@ def nsa_attention(
 
 def _selected_by_key_blocks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, qpos: torch.Tensor,
-    block: int, top_n: int, scale: float,
+    block: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """The selected branch key-block major, as a grouped product (MoE's experts, with key
     blocks for experts): the (query, slot) pairs are sorted by the block they chose, each
@@ -258,28 +258,25 @@ def _selected_by_key_blocks(
     the grouped-GEMM grid), and every tile's queries (all heads of the group) are scored
     against its one block in a single batched product over all tiles: one block of keys is
     copied per tile, not per query, and no Python step is taken per block. Each query's
-    softmax spans its ``top_n`` tiles: the row maxima, the sums of exponentials and the
+    softmax spans the tiles of its chosen blocks: the row maxima, the sums of exponentials and the
     weighted values are reduced into the query's row, and divided at the end."""
     b, t, hq, _ = q.shape
     g, tk, dv = k.shape[2], k.shape[1], v.shape[-1]
     r, n_all = hq // g, chosen.shape[-1]
-    n = min(top_n, n_all)
-    slots = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :n]  # [B,G,T,n]
-    valid = torch.gather(chosen, -1, slots)
-    # one group per (batch, kv head, block); its pairs are contiguous after the sort
-    n_groups = b * g * n_all
-    gid = (torch.arange(b * g, device=q.device).view(b, g, 1, 1) * n_all + slots).flatten()
-    gid = torch.where(valid.flatten(), gid, n_groups)  # unused slots sort last
+    # the chosen (query, block) pairs, in [B, G, T, n_all] order, sorted by group: one group
+    # per (batch, kv head, block), its pairs contiguous after the sort
+    pairs = chosen.flatten().nonzero().squeeze(1)  # at least T: the own block is chosen
+    n_groups, n_pairs = b * g * n_all, pairs.shape[0]
+    gid = pairs // (t * n_all) * n_all + pairs % n_all
     order = torch.argsort(gid, stable=True)
-    ends = torch.bincount(gid, minlength=n_groups + 1)[:-1].cumsum(0)
-    n_pairs = int(ends[-1])  # >= T: the own block is always chosen
+    ends = torch.bincount(gid, minlength=n_groups).cumsum(0)
     tile_group, tile_start = row_tiles(ends, n_pairs, _PAIR_TILE)
     used = tile_group >= 0
     grp, first = tile_group[used].long(), tile_start[used].long()  # [n_tiles]
     rows = first[:, None] + torch.arange(_PAIR_TILE, device=q.device)  # [n_tiles, M]
     live = rows < ends[grp][:, None]  # the last tile of a group is padded
-    pair = order[rows.clamp(max=n_pairs - 1)]
-    bg, tt = pair // (t * n), pair // n % t  # (batch, kv head) and query of every pair
+    pair = pairs[order[rows.clamp(max=n_pairs - 1)]]
+    bg, tt = pair // (t * n_all), pair // n_all % t  # (batch, kv head) and query of each
     n_tiles, d = grp.shape[0], q.shape[-1]
     # a pair's query heads are one row of q viewed as [B T G, R D], a block's keys (values)
     # one [l, D] slice of k viewed as [B, n_all, l, G, D] (padded only when T is not a
