@@ -343,20 +343,57 @@ def test_the_three_selected_paths_agree(t, tq, hq, g, block, top_n):
 
 
 @pytest.mark.parametrize("tile", [1, 3, 64])  # pairs per product: groups span several tiles
-def test_key_block_major_tiles_equal_the_gather_path_with_gradients(monkeypatch, tile):
+@pytest.mark.parametrize(("t", "tq", "block", "sharp"), [
+    (45, 45, 8, 1.0),  # T not a multiple of the block: keys padded
+    (48, 48, 8, 1.0),  # a multiple: keys read in place
+    (45, 6, 8, 1.0),  # the last queries only (decoding several tokens)
+    (40, 40, 4, 30.0),  # scores near 1e3: exp overflows without the row maximum
+])  # fmt: skip
+def test_key_block_major_tiles_equal_the_gather_path_with_gradients(
+    monkeypatch, tile, t, tq, block, sharp
+):
     import effarch.sparse.nsa as nsa
 
     monkeypatch.setattr(nsa, "_PAIR_TILE", tile)
-    q, k, v, gates = inputs(45, 4, 2)
-    kw = dict(block=8, top_n=3, window=10)
+    q, k, v, gates = inputs(t, 4, 2)
+    q, k, gates = q[:, t - tq :] * sharp, k * sharp, gates[:, t - tq :]
+    kw = dict(block=block, top_n=3, window=10)
     grads = []
     for path in ("gather", "blocks"):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, gates)]
         out = nsa_attention(*leaves, selected=path, **kw)
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
         grads.append([out.detach(), *(x.grad for x in leaves)])
+    assert torch.isfinite(grads[1][0]).all()
     for got, want in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_key_block_major_path_in_half_precision_sums_without_overflow(dtype):
+    # 16 blocks of 64 equal scores: the unnormalised sum of weighted values is 1,024 x 80,
+    # past float16's largest number (65,504); the gather path normalises first
+    t, d = 1024, 16
+    q = torch.zeros(1, t, 2, d, dtype=dtype)
+    k = torch.randn(1, t, 1, d).to(dtype)
+    v = torch.full((1, t, 1, d), 80.0, dtype=dtype)
+    gates = torch.tensor([0.0, 1.0, 0.0], dtype=dtype).expand(1, t, 2, 3)
+    kw = dict(block=64, top_n=16, window=8)
+    want = nsa_attention(q, k, v, gates, selected="gather", **kw)
+    got = nsa_attention(q, k, v, gates, selected="blocks", **kw)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        got.float(), torch.full_like(got, 80.0, dtype=torch.float32), rtol=1e-2, atol=0
+    )
+    # random inputs: as close to the float64 result as the gather path is
+    q, k, v, gates = inputs(37, 4, 2)
+    kw = dict(block=8, top_n=2, window=10)
+    exact = nsa_attention(q, k, v, gates, **kw)
+    half = [x.to(dtype) for x in (q, k, v, gates)]
+    err = {p: (nsa_attention(*half, selected=p, **kw).double() - exact).abs().max().item()
+           for p in ("gather", "blocks")}  # fmt: skip
+    assert err["blocks"] < 2 * err["gather"] + 1e-3, err
 
 
 def test_the_selected_branch_in_query_chunks_equals_the_reference(monkeypatch):

@@ -39,10 +39,10 @@ from ..moe import row_tiles
 from .block import PARTIAL, BlockLayout, block_sparse_attention
 from .masks import sliding_window
 
-# numbers of gathered keys and values held at once by the selected branch (bounds memory)
+# numbers of gathered keys and values held at once by the selected branch's gather path
 _GATHER_ELEMENTS = 1 << 23
-# (query, block) pairs per tile of the key-block-major selected branch: one block of keys is
-# copied per tile (of 32, 64 and 128, 64 was the fastest at T = 8192 on a CPU)
+# the most (query, block) pairs per tile of the key-block-major selected branch: one block of
+# keys is copied per tile (of 32, 64 and 128, 64 was the fastest at T = 8192 on a CPU)
 _PAIR_TILE = 64
 
 __all__ = [
@@ -184,8 +184,9 @@ def nsa_attention(
         scale: default ``D ** -0.5``.
         selected: how the selected branch runs, all three exact. ``"blocks"``: key-block
             major, the queries that chose a block are gathered and scored against it, all
-            blocks in one batched product over tiles of 64 queries (as tokens routed to an
-            expert are; ``T top_n`` query rows move instead of ``T top_n l`` keys);
+            blocks in one batched product over tiles of up to 64 (query, block) pairs (as
+            tokens routed to an expert are; about ``T top_n`` query rows move, plus the
+            padding of each block's last tile, instead of ``T top_n l`` keys);
             ``"gather"``: every query gathers its own ``top_n l`` keys
             and values (simple, memory-bound); ``"tiles"``:
             :func:`~effarch.sparse.block_sparse_attention` on the tiles of ``l x l`` that any
@@ -253,13 +254,14 @@ def _selected_by_key_blocks(
     block: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """The selected branch key-block major, as a grouped product (MoE's experts, with key
-    blocks for experts): the (query, slot) pairs are sorted by the block they chose, each
-    block's pairs are cut into tiles of :data:`_PAIR_TILE` (:func:`~effarch.moe.row_tiles`,
-    the grouped-GEMM grid), and every tile's queries (all heads of the group) are scored
-    against its one block in a single batched product over all tiles: one block of keys is
-    copied per tile, not per query, and no Python step is taken per block. Each query's
-    softmax spans the tiles of its chosen blocks: the row maxima, the sums of exponentials and the
-    weighted values are reduced into the query's row, and divided at the end."""
+    blocks for experts): the chosen (query, block) pairs are sorted by block, each block's
+    pairs are cut into tiles of up to :data:`_PAIR_TILE` (:func:`~effarch.moe.row_tiles`, the
+    grouped-GEMM grid), and every tile's queries (all heads of the group) are scored against
+    its one block in a single batched product over all tiles: one block of keys is copied
+    per tile, not per query, and no Python step is taken per block. Each query's softmax
+    spans the tiles of its chosen blocks: the row maxima, the sums of exponentials and the
+    weighted values are reduced into the query's row (sums in at least float32), and
+    divided at the end."""
     b, t, hq, _ = q.shape
     g, tk, dv = k.shape[2], k.shape[1], v.shape[-1]
     r, n_all = hq // g, chosen.shape[-1]
@@ -270,10 +272,12 @@ def _selected_by_key_blocks(
     gid = pairs // (t * n_all) * n_all + pairs % n_all
     order = torch.argsort(gid, stable=True)
     ends = torch.bincount(gid, minlength=n_groups).cumsum(0)
-    tile_group, tile_start = row_tiles(ends, n_pairs, _PAIR_TILE)
-    used = tile_group >= 0
+    # tiles as tall as the mean group, rounded up to a power of two (1 when decoding a token)
+    tile = min(_PAIR_TILE, 1 << max(0, -(-n_pairs // n_groups) - 1).bit_length())
+    tile_group, tile_start = row_tiles(ends, n_pairs, tile)
+    used = tile_group >= 0  # the grid has room for one tile per group: keep those in use
     grp, first = tile_group[used].long(), tile_start[used].long()  # [n_tiles]
-    rows = first[:, None] + torch.arange(_PAIR_TILE, device=q.device)  # [n_tiles, M]
+    rows = first[:, None] + torch.arange(tile, device=q.device)  # [n_tiles, M]
     live = rows < ends[grp][:, None]  # the last tile of a group is padded
     pair = pairs[order[rows.clamp(max=n_pairs - 1)]]
     bg, tt = pair // (t * n_all), pair // n_all % t  # (batch, kv head) and query of each
@@ -286,24 +290,25 @@ def _selected_by_key_blocks(
     gb, gj, gg = grp // (g * n_all), grp % n_all, grp // n_all % g
     kb, vb = ((x if tk == n_all * block else F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)))
               .unflatten(1, (n_all, block))[gb, gj, :, gg] for x in (k, v))  # fmt: skip
-    s_tile = torch.bmm(qs.view(n_tiles, -1, d) * scale, kb.mT)
-    s_tile = s_tile.view(n_tiles, _PAIR_TILE, r, block)  # [n_tiles, M, R, l]
-    cols = (grp % n_all)[:, None] * block + torch.arange(block, device=q.device)  # [n_tiles, l]
+    s = torch.bmm(qs.view(n_tiles, -1, d) * scale, kb.mT).view(n_tiles, tile, r, block)
+    del qs, kb  # freed here when no gradient is taken (autograd keeps what it needs)
+    cols = gj[:, None] * block + torch.arange(block, device=q.device)  # [n_tiles, l]
     ok = (cols[:, None] <= qpos[tt][..., None]) & live[..., None]  # causal in the own block
-    s_tile = s_tile.masked_fill(~ok[:, :, None], float("-inf"))
-    # one softmax per query over its n l keys, spread over n tiles: the row maximum, the sum
-    # and the weighted values are reduced into the query's row (padding rows go to a spare
-    # last row); the maximum only steadies exp, so it carries no gradient
+    s = s.masked_fill(~ok[:, :, None], float("-inf"))  # [n_tiles, M, R, l]
+    # one softmax per query over its chosen blocks, spread over as many tiles: the row
+    # maximum, the sum and the weighted values are reduced into the query's row (padding
+    # rows go to a spare last row); the maximum only steadies exp, so it carries no gradient
     row = torch.where(live, q_row, b * t * g).flatten()
+    acc = torch.promote_types(q.dtype, torch.float32)  # sums of up to top_n l terms
     with torch.no_grad():
-        m = s_tile.new_full((b * t * g + 1, r), float("-inf"))
-        m = m.scatter_reduce(0, row[:, None].expand(-1, r), s_tile.amax(-1).flatten(0, 1), "amax")
+        m = s.new_full((b * t * g + 1, r), float("-inf"))
+        m = m.scatter_reduce(0, row[:, None].expand(-1, r), s.amax(-1).flatten(0, 1), "amax")
         m = m.masked_fill(m == float("-inf"), 0.0)  # the spare row
-    e = torch.exp(s_tile - m[row].view(n_tiles, _PAIR_TILE, r, 1))
-    z = e.new_zeros(b * t * g + 1, r).index_add(0, row, e.sum(-1).flatten(0, 1))
-    o_tile = torch.bmm(e.view(n_tiles, -1, block), vb)
-    out = q.new_zeros(b * t * g + 1, r, dv).index_add(0, row, o_tile.view(-1, r, dv))
-    return (out[:-1] / z[:-1, :, None]).view(b, t, hq, dv)  # a query's own key: z > 0
+    s = torch.exp(s - m[row].view(n_tiles, tile, r, 1))
+    z = s.new_zeros(b * t * g + 1, r, dtype=acc).index_add(0, row, s.sum(-1).flatten(0, 1).to(acc))
+    o = torch.bmm(s.view(n_tiles, -1, block), vb).view(-1, r, dv).to(acc)
+    o = o.new_zeros(b * t * g + 1, r, dv).index_add(0, row, o)
+    return (o[:-1] / z[:-1, :, None]).to(q.dtype).view(b, t, hq, dv)  # own key: z > 0
 
 
 def _selected_by_tiles(
