@@ -34,7 +34,7 @@ GQA = [(4, 4), (4, 2), (4, 1)]  # ratios 1, 2 and all (MQA)
 @pytest.mark.parametrize("t", [1, 17, 64, 100, 257])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize(("hq", "hkv"), GQA)
-@pytest.mark.parametrize("impl", ["gather", "dense"])
+@pytest.mark.parametrize("impl", ["blocks", "gather", "dense"])
 def test_moba_with_every_block_is_causal_attention(t, block_size, hq, hkv, impl):
     q, k, v = qkv(2 if t < 200 else 1, t, t, hq, hkv)
     n_blocks = math.ceil(t / block_size)
@@ -45,7 +45,7 @@ def test_moba_with_every_block_is_causal_attention(t, block_size, hq, hkv, impl)
 
 @pytest.mark.parametrize(("tq", "tk"), [(1, 100), (17, 64), (100, 17), (40, 40)])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("impl", ["gather", "dense"])
+@pytest.mark.parametrize("impl", ["blocks", "gather", "dense"])
 def test_moba_with_every_block_is_full_attention_for_unequal_lengths(tq, tk, causal, impl):
     q, k, v = qkv(1, tq, tk, 4, 2)
     out = moba_attention(q, k, v, block_size=7, top_k=100, causal=causal, impl=impl)
@@ -137,7 +137,7 @@ def test_moba_selection_matches_brute_force(tq, tk, hq, hkv, bs, top_k, causal):
     assert torch.equal(mask, want_mask)
 
     want = masked_attention(q, k, v, want_mask)
-    for impl in ("gather", "dense"):
+    for impl in ("blocks", "gather", "dense"):
         out, sel2 = moba_attention(
             q, k, v, block_size=bs, top_k=top_k, causal=causal, impl=impl, return_selection=True
         )
@@ -174,18 +174,20 @@ def test_moba_first_block_needs_no_routing():
     torch.testing.assert_close(out[:, :8], ref, rtol=1e-12, atol=1e-12)
 
 
-def test_moba_gather_and_dense_gradients_agree():
+def test_moba_blocks_gather_and_dense_gradients_agree():
     q, k, v = (t.requires_grad_() for t in qkv(1, 50, 45, 4, 2))  # 5 rows see no key
     do = torch.randn(1, 50, 4, 8, dtype=F64)
     grads = [
         torch.autograd.grad(
             moba_attention(q, k, v, block_size=8, top_k=2, impl=impl), (q, k, v), do
         )
-        for impl in ("gather", "dense")
+        for impl in ("blocks", "gather", "dense")
     ]
-    for a, b in zip(*grads, strict=True):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for want in grads[2]:
+        assert torch.isfinite(want).all()
+    for got in grads[:2]:
+        for a, b in zip(got, grads[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_moba_keeps_float32():

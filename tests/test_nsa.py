@@ -352,9 +352,9 @@ def test_the_three_selected_paths_agree(t, tq, hq, g, block, top_n):
 def test_key_block_major_tiles_equal_the_gather_path_with_gradients(
     monkeypatch, tile, t, tq, block, sharp
 ):
-    import effarch.sparse.nsa as nsa
+    import effarch.attention.selected as selected
 
-    monkeypatch.setattr(nsa, "_PAIR_TILE", tile)
+    monkeypatch.setattr(selected, "_PAIR_TILE", tile)
     q, k, v, gates = inputs(t, 4, 2)
     q, k, gates = q[:, t - tq :] * sharp, k * sharp, gates[:, t - tq :]
     kw = dict(block=block, top_n=3, window=10)

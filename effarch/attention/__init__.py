@@ -23,6 +23,7 @@ from .quantized import (
     smooth_k,
 )
 from .rope import apply_rope
+from .selected import selected_blocks_attention
 from .tiled import online_softmax_steps, online_softmax_update, tiled_attention
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "quantize_per_block",
     "quantized_attention",
     "sdpa_attention",
+    "selected_blocks_attention",
     "smooth_k",
     "tiled_attention",
 ]

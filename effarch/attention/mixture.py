@@ -40,6 +40,7 @@ from .._checks import (
     check_tensor,
 )
 from .naive import attention_mask, naive_attention
+from .selected import selected_blocks_attention
 from .tiled import online_softmax_update
 
 # --- mixture of heads ----------------------------------------------------------------------
@@ -336,12 +337,17 @@ def moba_select_blocks(
     return _moba_select(q, k, block_size, top_k, bool(causal))
 
 
-def _blocks_to_key_mask(sel: torch.Tensor, tk: int, block_size: int, causal: bool) -> torch.Tensor:
-    """Selected block indices ``[B, H, Tq, k]`` to the boolean key mask ``[B, H, Tq, Tk]``."""
-    n_blocks = -(-tk // block_size)
+def _blocks_to_block_mask(sel: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Selected block indices ``[B, H, Tq, k]`` (``-1`` unused) to a bool ``[B, H, Tq, N]``."""
     one_hot = torch.zeros(*sel.shape[:-1], n_blocks + 1, dtype=torch.bool, device=sel.device)
     one_hot.scatter_(-1, torch.where(sel < 0, n_blocks, sel), True)  # -1 goes to a spare column
-    mask = one_hot[..., :n_blocks].repeat_interleave(block_size, dim=-1)[..., :tk]
+    return one_hot[..., :n_blocks]
+
+
+def _blocks_to_key_mask(sel: torch.Tensor, tk: int, block_size: int, causal: bool) -> torch.Tensor:
+    """Selected block indices ``[B, H, Tq, k]`` to the boolean key mask ``[B, H, Tq, Tk]``."""
+    blocks = _blocks_to_block_mask(sel, -(-tk // block_size))
+    mask = blocks.repeat_interleave(block_size, dim=-1)[..., :tk]
     if causal:
         mask = mask & attention_mask(sel.shape[2], tk, causal=True, device=sel.device)
     return mask
@@ -375,6 +381,14 @@ def _moba_dense(q, k, v, sel, block_size, causal, scale) -> torch.Tensor:
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     probs = probs.masked_fill(~mask, 0.0)  # a query that sees no key: NaN -> 0
     return torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+
+
+def _moba_blocks(q, k, v, sel, block_size, causal, scale) -> torch.Tensor:
+    """Key-block major: the queries that chose a block are scored against it in place."""
+    chosen = _blocks_to_block_mask(sel, -(-k.shape[1] // block_size))  # [B, Hq, Tq, N]
+    return selected_blocks_attention(
+        q, k, v, chosen, block_size=block_size, causal=causal, scale=scale
+    )
 
 
 def _moba_gather(q, k, v, sel, block_size, causal, scale) -> torch.Tensor:
@@ -429,7 +443,7 @@ def moba_attention(
     causal: bool = True,
     scale: float | None = None,
     return_selection: bool = False,
-    impl: str = "gather",
+    impl: str = "blocks",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mixture of block attention (MoBA): each query attends to its ``top_k`` key blocks.
 
@@ -460,10 +474,15 @@ def moba_attention(
         scale: score scale, default ``D ** -0.5`` (the gate is not scaled: it only ranks).
         return_selection: also return the :func:`moba_select_blocks` indices
             ``[B, Hq, Tq, min(top_k, N)]`` (``-1`` in unused slots).
-        impl: ``"gather"`` gathers each query's chosen blocks and merges them with the
-            online softmax, never building the ``[Tq, Tk]`` scores; ``"dense"`` masks the
-            full score matrix with :func:`moba_mask` (the readable reference). Equal up to
-            rounding.
+        impl: ``"blocks"`` runs key-block major with
+            :func:`~effarch.attention.selected_blocks_attention`: the queries that chose a
+            block are gathered and scored against it, one copy of the block per tile of up
+            to 64 queries (as MoBA's released code runs FlashAttention's variable-length
+            kernel per key block); ``"gather"`` gathers each query's own ``top_k *
+            block_size`` keys and values, one slot at a time with the online softmax
+            (simple, memory-bound); ``"dense"`` masks the full score matrix with
+            :func:`moba_mask` (the readable reference). None builds the ``[Tq, Tk]`` scores
+            but ``"dense"``; all are equal up to rounding.
 
     Returns:
         ``o`` of shape ``[B, Tq, Hq, Dv]`` in the dtype of ``q`` (a query that sees no key,
@@ -474,13 +493,13 @@ def moba_attention(
     """
     check_attention_qkv(q, k, v)
     _check_moba_args(block_size, top_k)
-    check_choice("impl", impl, ("gather", "dense"))
+    check_choice("impl", impl, ("blocks", "gather", "dense"))
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else check_positive_number("scale", scale)
     causal = bool(causal)
     sel = _moba_select(q, k, block_size, top_k, causal)
     compute = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
-    run = _moba_gather if impl == "gather" else _moba_dense
+    run = {"blocks": _moba_blocks, "gather": _moba_gather, "dense": _moba_dense}[impl]
     out = run(qf, kf, vf, sel, block_size, causal, scale).to(q.dtype)
     return (out, sel) if return_selection else out

@@ -34,16 +34,12 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .._checks import check_attention_qkv, check_positive_int, check_tensor
-from ..attention import KVCache, apply_rope
-from ..moe import row_tiles
+from ..attention import KVCache, apply_rope, selected_blocks_attention
 from .block import PARTIAL, BlockLayout, block_sparse_attention
 from .masks import sliding_window
 
 # numbers of gathered keys and values held at once by the selected branch's gather path
 _GATHER_ELEMENTS = 1 << 23
-# the most (query, block) pairs per tile of the key-block-major selected branch: one block of
-# keys is copied per tile (of 32, 64 and 128, 64 was the fastest at T = 8192 on a CPU)
-_PAIR_TILE = 64
 
 __all__ = [
     "NSACache",
@@ -183,7 +179,8 @@ def nsa_attention(
         window: the sliding window's width.
         scale: default ``D ** -0.5``.
         selected: how the selected branch runs, all three exact. ``"blocks"``: key-block
-            major, the queries that chose a block are gathered and scored against it, all
+            major (:func:`~effarch.attention.selected_blocks_attention`, which MoBA shares),
+            the queries that chose a block are gathered and scored against it, all
             blocks in one batched product over tiles of up to 64 (query, block) pairs (as
             tokens routed to an expert are; about ``T top_n`` query rows move, plus the
             padding of each block's last tile, instead of ``T top_n l`` keys);
@@ -216,7 +213,7 @@ def nsa_attention(
         if selected == "tiles":
             o_slc = _selected_by_tiles(q, k, v, chosen, qpos, block, sc, backend)
         else:
-            o_slc = _selected_by_key_blocks(q, k, v, chosen, qpos, block, sc)
+            o_slc = selected_blocks_attention(q, k, v, chosen, block_size=block, scale=sc)
         branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)
         return (branches * gates[..., None, :]).sum(-1)
     # gather the selected blocks of every query: n = top_n blocks of l tokens
@@ -247,68 +244,6 @@ def nsa_attention(
         o_slc[:, t0 : t0 + chunk] = rearrange(o, "b t g r d -> b t (g r) d")
     branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)  # [B, T, Hq, Dv, 3]
     return (branches * gates[..., None, :]).sum(-1)
-
-
-def _selected_by_key_blocks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, qpos: torch.Tensor,
-    block: int, scale: float,
-) -> torch.Tensor:  # fmt: skip
-    """The selected branch key-block major, as a grouped product (MoE's experts, with key
-    blocks for experts): the chosen (query, block) pairs are sorted by block, each block's
-    pairs are cut into tiles of up to :data:`_PAIR_TILE` (:func:`~effarch.moe.row_tiles`, the
-    grouped-GEMM grid), and every tile's queries (all heads of the group) are scored against
-    its one block in a single batched product over all tiles: one block of keys is copied
-    per tile, not per query, and no Python step is taken per block. Each query's softmax
-    spans the tiles of its chosen blocks: the row maxima, the sums of exponentials and the
-    weighted values are reduced into the query's row (sums in at least float32), and
-    divided at the end."""
-    b, t, hq, _ = q.shape
-    g, tk, dv = k.shape[2], k.shape[1], v.shape[-1]
-    r, n_all = hq // g, chosen.shape[-1]
-    # the chosen (query, block) pairs, in [B, G, T, n_all] order, sorted by group: one group
-    # per (batch, kv head, block), its pairs contiguous after the sort
-    pairs = chosen.flatten().nonzero().squeeze(1)  # at least T: the own block is chosen
-    n_groups, n_pairs = b * g * n_all, pairs.shape[0]
-    gid = pairs // (t * n_all) * n_all + pairs % n_all
-    order = torch.argsort(gid, stable=True)
-    ends = torch.bincount(gid, minlength=n_groups).cumsum(0)
-    # tiles as tall as the mean group, rounded up to a power of two (1 when decoding a token)
-    tile = min(_PAIR_TILE, 1 << max(0, -(-n_pairs // n_groups) - 1).bit_length())
-    tile_group, tile_start = row_tiles(ends, n_pairs, tile)
-    used = tile_group >= 0  # the grid has room for one tile per group: keep those in use
-    grp, first = tile_group[used].long(), tile_start[used].long()  # [n_tiles]
-    rows = first[:, None] + torch.arange(tile, device=q.device)  # [n_tiles, M]
-    live = rows < ends[grp][:, None]  # the last tile of a group is padded
-    pair = pairs[order[rows.clamp(max=n_pairs - 1)]]
-    bg, tt = pair // (t * n_all), pair // n_all % t  # (batch, kv head) and query of each
-    n_tiles, d = grp.shape[0], q.shape[-1]
-    # a pair's query heads are one row of q viewed as [B T G, R D], a block's keys (values)
-    # one [l, D] slice of k viewed as [B, n_all, l, G, D] (padded only when T is not a
-    # multiple of l): each is gathered whole, one copy per tile
-    q_row = ((bg // g) * t + tt) * g + bg % g  # [n_tiles, M]
-    qs = q.reshape(b * t * g, r * d).index_select(0, q_row.flatten())
-    gb, gj, gg = grp // (g * n_all), grp % n_all, grp // n_all % g
-    kb, vb = ((x if tk == n_all * block else F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)))
-              .unflatten(1, (n_all, block))[gb, gj, :, gg] for x in (k, v))  # fmt: skip
-    s = torch.bmm(qs.view(n_tiles, -1, d) * scale, kb.mT).view(n_tiles, tile, r, block)
-    del qs, kb  # freed here when no gradient is taken (autograd keeps what it needs)
-    cols = gj[:, None] * block + torch.arange(block, device=q.device)  # [n_tiles, l]
-    ok = (cols[:, None] <= qpos[tt][..., None]) & live[..., None]  # causal in the own block
-    s = s.masked_fill(~ok[:, :, None], float("-inf"))  # [n_tiles, M, R, l]
-    # one softmax per query over its chosen blocks, spread over as many tiles: the row
-    # maximum, the sum and the weighted values are reduced into the query's row (padding
-    # rows go to a spare last row); the maximum only steadies exp, so it carries no gradient
-    row = torch.where(live, q_row, b * t * g).flatten()
-    acc = torch.promote_types(q.dtype, torch.float32)  # sums of up to top_n l terms
-    with torch.no_grad():
-        m = s.new_full((b * t * g + 1, r), float("-inf"))
-        m = m.scatter_reduce(0, row[:, None].expand(-1, r), s.amax(-1).flatten(0, 1), "amax")
-        m = m.masked_fill(m == float("-inf"), 0.0)  # the spare row
-    s = torch.exp(s - m[row].view(n_tiles, tile, r, 1))
-    z = s.new_zeros(b * t * g + 1, r, dtype=acc).index_add(0, row, s.sum(-1).flatten(0, 1).to(acc))
-    o = torch.bmm(s.view(n_tiles, -1, block), vb).view(-1, r, dv).to(acc)
-    o = o.new_zeros(b * t * g + 1, r, dv).index_add(0, row, o)
-    return (o[:-1] / z[:-1, :, None]).to(q.dtype).view(b, t, hq, dv)  # own key: z > 0
 
 
 def _selected_by_tiles(
