@@ -123,6 +123,9 @@ def test_nothing_selected_gives_zeros_and_zero_gradients():
     assert not chosen.any() and out.shape == (1, 6, 2, 6) and (out == 0).all()
     out.sum().backward()
     assert all((x.grad == 0).all() for x in leaves)
+    k = k.clone()
+    k[0, 0, 0, 0] = float("inf")  # never read: nothing is selected
+    assert (selected_blocks_attention(q, k, v, chosen, block_size=4) == 0).all()
 
 
 def test_large_scores_keep_the_row_maximum():

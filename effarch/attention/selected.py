@@ -110,8 +110,9 @@ def selected_blocks_attention(
     # per (batch, selection head, block), its pairs contiguous after the sort
     pairs = selected.flatten().nonzero().squeeze(1)
     n_groups, n_pairs = b * hs * n_all, pairs.shape[0]
-    if n_pairs == 0:  # no query selected anything: every output is zero
-        return q.new_zeros(b, t, hq, dv) + 0 * (q.sum() + k.sum() + v.sum())
+    if n_pairs == 0:  # no query selected anything: every output is zero (kept in the graph
+        # by empty sums, so that backward gives zero gradients, also for inputs holding inf)
+        return q.new_zeros(b, t, hq, dv) + sum(x[..., :0].sum() for x in (q, k, v))
     gid = pairs // (t * n_all) * n_all + pairs % n_all
     order = torch.argsort(gid, stable=True)
     ends = torch.bincount(gid, minlength=n_groups).cumsum(0)
