@@ -12,7 +12,7 @@ from effarch.attention import selected_blocks_attention
 F64 = torch.float64
 
 
-def loop_reference(q, k, v, chosen, block, causal):
+def loop_reference(q, k, v, chosen, block, causal, scale=None):
     """One query at a time: collect its keys, softmax over them (float64, plain loops)."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -34,7 +34,7 @@ def loop_reference(q, k, v, chosen, block, causal):
                 if not keys:
                     continue
                 sc = torch.stack([q[bb, i, h].double() @ k[bb, j, g].double() for j in keys])
-                p = torch.softmax(sc / math.sqrt(d), 0)
+                p = torch.softmax(sc * (d**-0.5 if scale is None else scale), 0)
                 out[bb, i, h] = sum(p[n] * v[bb, j, g].double() for n, j in enumerate(keys))
     return out
 
@@ -80,6 +80,9 @@ def test_equals_a_loop_over_queries(monkeypatch, tile, b, tq, tk, hq, hkv, hs, b
     got = selected_blocks_attention(q, k, v, chosen, block_size=block, causal=causal)
     want = loop_reference(q, k, v, chosen, block, causal)
     assert got.shape == want.shape and got.dtype == F64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = selected_blocks_attention(q, k, v, chosen, block_size=block, causal=causal, scale=0.9)
+    want = loop_reference(q, k, v, chosen, block, causal, scale=0.9)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -149,6 +152,10 @@ def test_half_precision_sums_without_overflow(dtype):
     got = selected_blocks_attention(q, k, v, chosen, block_size=64, causal=False)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), torch.full((1, t, 1, 4), 80.0), rtol=1e-2, atol=0)
+    # one block of 1,024 equal scores: already one tile's weighted sum passes 65,504
+    one = torch.ones(1, 1, t, 1, dtype=torch.bool)
+    got = selected_blocks_attention(q, k, v, one, block_size=t, causal=False)
+    torch.testing.assert_close(got.float(), torch.full((1, t, 1, 4), 80.0), rtol=1e-2, atol=0)
     q, k, v, chosen = case(1, 33, 33, 2, 1, 2, 8, 0.5, seed=7)
     exact = loop_reference(q, k, v, chosen, 8, True)
     half = selected_blocks_attention(*(x.to(dtype) for x in (q, k, v)), chosen, block_size=8)
@@ -167,6 +174,9 @@ def test_half_precision_sums_without_overflow(dtype):
         (dict(block_size=0), ValueError, "block_size"),
         (dict(block_size=2.0), TypeError, "block_size"),
         (dict(causal="yes"), TypeError, "causal"),
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(scale="0.5"), TypeError, "scale"),
     ],
 )
 def test_rejects_bad_arguments(change, exc, match):

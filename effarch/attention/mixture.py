@@ -477,7 +477,7 @@ def moba_attention(
         impl: ``"blocks"`` runs key-block major with
             :func:`~effarch.attention.selected_blocks_attention`: the queries that chose a
             block are gathered and scored against it, one copy of the block per tile of up
-            to 64 queries (as MoBA's released code runs FlashAttention's variable-length
+            to 64 (query, head) rows (as MoBA's released code runs FlashAttention's variable-length
             kernel per key block); ``"gather"`` gathers each query's own ``top_k *
             block_size`` keys and values, one slot at a time with the online softmax
             (simple, memory-bound); ``"dense"`` masks the full score matrix with

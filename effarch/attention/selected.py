@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_attention_qkv, check_bool, check_positive_int, check_tensor
+from .._checks import (
+    check_attention_qkv,
+    check_bool,
+    check_positive_int,
+    check_positive_number,
+    check_tensor,
+)
 from ..moe import row_tiles
 
 __all__ = ["selected_blocks_attention"]
@@ -75,9 +81,10 @@ def selected_blocks_attention(
     its one block in a single batched product over all tiles, so one block of keys is copied
     per tile instead of ``top_k l`` keys per query, and no Python step is taken per block.
     Each query's softmax spans the tiles of its blocks: the row maxima, the sums of
-    exponentials and the weighted values are reduced into the query's row (the sums in at
-    least float32) and divided at the end, which is the log-sum-exp merge of MoBA's released
-    code (FlashAttention's variable-length kernel run on the queries gathered per key block).
+    exponentials and the weighted values are reduced into the query's row (the weighted
+    values and every sum in at least float32) and divided at the end, which is the
+    log-sum-exp merge of MoBA's released code (FlashAttention's variable-length kernel run on
+    the queries gathered per key block).
     Differentiable; the row maxima only steady ``exp`` and carry no gradient.
 
     Args:
@@ -87,7 +94,8 @@ def selected_blocks_attention(
             a multiple of ``Hkv`` and divides ``Hq``: ``Hs = Hq`` lets every query head
             choose (MoBA), ``Hs = Hkv`` makes a GQA group share one choice (NSA).
         block_size: keys per block ``l`` (``Tk`` need not be a multiple).
-        causal: drop the keys after each query's position (inside its own block).
+        causal: drop the keys after each query's position from every selected block (with
+            MoBA's and NSA's selections, only the own block holds such keys).
         scale: score scale, default ``D ** -0.5``.
 
     Returns:
@@ -101,7 +109,7 @@ def selected_blocks_attention(
     block = check_positive_int("block_size", block_size)
     causal = check_bool("causal", causal)
     hs = _check_selected(selected, q, k, block)
-    sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sc = q.shape[-1] ** -0.5 if scale is None else check_positive_number("scale", scale)
     b, t, hq, d = q.shape
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     r, e, n_all = hq // hs, hs // hkv, selected.shape[-1]
@@ -152,7 +160,7 @@ def selected_blocks_attention(
         m = m.masked_fill(m == float("-inf"), 0.0)  # rows with no key (and the spare row)
     s = torch.exp(s - m[row].view(n_tiles, tile, r, 1))
     z = s.new_zeros(b * t * hs + 1, r, dtype=acc).index_add(0, row, s.sum(-1).flatten(0, 1).to(acc))
-    o = torch.bmm(s.view(n_tiles, -1, block), vb).view(-1, r, dv).to(acc)
+    o = torch.bmm(s.view(n_tiles, -1, block).to(acc), vb.to(acc)).view(-1, r, dv)
     o = o.new_zeros(b * t * hs + 1, r, dv).index_add(0, row, o)
     z = torch.where(z > 0, z, torch.ones_like(z))  # a query with no key: o = 0
     return (o[:-1] / z[:-1, :, None]).to(q.dtype).view(b, t, hq, dv)
