@@ -287,3 +287,24 @@ def test_plot_roofline_and_kv_cache():
     with pytest.raises(ValueError, match="series"):
         plot_kv_cache({}, [1])
     assert isinstance(DeviceSpec("x", 1.0, 1.0).ridge_point, float)
+
+
+def test_below_from_is_the_start_of_a_lead_that_holds():
+    from effarch.bench.sweep import COLUMNS, SweepResult
+
+    def row(impl, size, t, status=OK):
+        r = dict.fromkeys(COLUMNS, math.nan)
+        r.update(impl=impl, size=size, status=status, note="", time_s=t)
+        return r
+
+    fast = {1: 5.0, 2: 1.0, 4: 3.0, 8: 1.0, 16: 1.0}  # below at 2, above at 4, below after
+    slow = {1: 2.0, 2: 2.0, 4: 2.0, 8: 2.0, 16: 2.0, 32: 2.0}
+    res = SweepResult(
+        [row("a", n, t) for n, t in fast.items()] + [row("b", n, t) for n, t in slow.items()]
+    )
+    assert res.below_from("a", "b") == 8  # the lead at 2 does not hold; 32: only b measured
+    assert res.below_from("b", "a") is None  # a is below at the largest common size
+    res.rows.append(row("a", 32, math.nan, OUT_OF_BUDGET))
+    assert res.below_from("a", "b") == 8
+    with pytest.raises(ValueError, match="impl"):
+        res.below_from("a", "c")

@@ -21,6 +21,7 @@ from .._checks import (
     check_bool,
     check_positive_int,
     check_positive_number,
+    check_same,
     check_tensor,
 )
 from ..moe import row_tiles
@@ -38,8 +39,7 @@ def _check_selected(selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, bl
     tk, hkv = k.shape[1], k.shape[2]
     n_blocks = -(-tk // block)
     hs = selected.shape[1]
-    if selected.device != q.device:
-        raise ValueError(f"selected must be on q's device {q.device}, got {selected.device}")
+    check_same(("q", "selected"), (q, selected), dtype=False)
     if (selected.shape[0], selected.shape[2], selected.shape[3]) != (b, tq, n_blocks):
         raise ValueError(
             f"selected must have shape [{b}, Hs, {tq}, {n_blocks}] (batch, selection heads, "

@@ -100,6 +100,23 @@ class SweepResult:
         sizes, values = self.series(impl, column)
         return fit_exponent(sizes, values, min_size=min_size)
 
+    def below_from(self, impl: str, other: str, column: str = "time_s") -> int | None:
+        """The smallest size from which ``impl``'s ``column`` stays below ``other``'s.
+
+        Over the sizes both series measured: the returned size ``n`` has
+        ``impl < other`` at ``n`` and at every larger common size (a crossover that holds);
+        ``None`` when ``impl`` is not below ``other`` at the largest common size, or when
+        they share no size.
+        """
+        a = dict(zip(*self.series(impl, column), strict=True))
+        b = dict(zip(*self.series(other, column), strict=True))
+        start = None
+        for n in sorted(set(a) & set(b), reverse=True):
+            if not a[n] < b[n]:
+                break
+            start = n
+        return start
+
     def to_pandas(self) -> Any:
         """The table as a ``pandas.DataFrame`` (pandas is optional)."""
         import pandas as pd
