@@ -31,6 +31,9 @@ __all__ = ["selected_blocks_attention"]
 # the most (query, block) pairs per tile: one block of keys is copied per tile (of 32, 64 and
 # 128, 64 was the fastest for NSA's selected branch at T = 8192 on a CPU)
 _PAIR_TILE = 64
+# the most scores computed at once (2^25: 128 MiB in float32): more tiles than that are
+# computed a chunk at a time (the pages' sizes need one chunk; tests set it smaller)
+_SCORE_CHUNK = 1 << 25
 
 
 def _check_selected(selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block: int) -> int:
@@ -51,6 +54,51 @@ def _check_selected(selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, bl
             f"{hq} heads, got {hs}"
         )
     return hs
+
+
+def _tile_scores(
+    q: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    ends: torch.Tensor,
+    grp: torch.Tensor,
+    first: torch.Tensor,
+    *,
+    tile: int,
+    hs: int,
+    tk: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked scores of some tiles, ``[n_tiles, M, R, l]`` (``-inf`` where a key is not
+    the query's), each tile-row's accumulator row ``[n_tiles M]`` (one per (batch, query,
+    selection head); the spare last row ``B Tq Hs`` for the padding) and the tiles' value
+    blocks ``[n_tiles, l, Dv]``."""
+    b, t, hq, d = q.shape
+    n_all, block, hkv = kp.shape[1], kp.shape[2], kp.shape[3]
+    r, e = hq // hs, hs // hkv
+    n_pairs, n_tiles = sorted_pairs.shape[0], grp.shape[0]
+    rows = first[:, None] + torch.arange(tile, device=q.device)  # [n_tiles, M]
+    live = rows < ends[grp][:, None]  # the last tile of a group is padded
+    pair = sorted_pairs[rows.clamp(max=n_pairs - 1)]
+    bs_, tt = pair // (t * n_all), pair // n_all % t  # (batch, selection head) and query
+    # a pair's query heads are one row of q viewed as [B Tq Hs, R D], a block's keys (values)
+    # one [l, D] slice of k viewed as [B, N, l, Hkv, D]: each is gathered whole, one copy
+    # per tile
+    q_row = ((bs_ // hs) * t + tt) * hs + bs_ % hs  # [n_tiles, M]
+    qs = q.reshape(b * t * hs, r * d).index_select(0, q_row.flatten())
+    gb, gj, gh = grp // (hs * n_all), grp % n_all, grp // n_all % hs // e
+    kb, vb = kp[gb, gj, :, gh], vp[gb, gj, :, gh]
+    s = torch.bmm(qs.view(n_tiles, -1, d) * scale, kb.mT).view(n_tiles, tile, r, block)
+    del qs, kb  # freed here when no gradient is taken (autograd keeps what it needs)
+    cols = gj[:, None] * block + torch.arange(block, device=q.device)  # [n_tiles, l]
+    ok = (cols < tk)[:, None] & live[..., None]  # [n_tiles, M, l]
+    if causal:
+        qpos = tk - t + tt  # [n_tiles, M]
+        ok = ok & (cols[:, None] <= qpos[..., None])
+    s = s.masked_fill(~ok[:, :, None], float("-inf"))  # [n_tiles, M, R, l]
+    return s, torch.where(live, q_row, b * t * hs).flatten(), vb
 
 
 def selected_blocks_attention(
@@ -103,7 +151,12 @@ def selected_blocks_attention(
 
     Cost: about ``P l (D + Dv)`` multiply-adds for ``P`` selected (query, block) pairs times
     ``Hq / Hs`` heads, plus the padding of each group's last tile; the work of the pairs
-    never selected is never done.
+    never selected is never done. Memory: the tiles are computed in chunks of at most 2^25
+    scores (128 MiB in float32). Over several chunks the row maxima take a first pass of
+    their own (the scores computed once more, ``P l D`` multiply-adds, and dropped), so that
+    without gradients what is allocated beyond the inputs and the output stays bounded at
+    any length (a few int64 indices per selected pair aside); with gradients autograd keeps
+    every chunk's scores, as it keeps the gather's.
     """
     check_attention_qkv(q, k, v)
     block = check_positive_int("block_size", block_size)
@@ -111,8 +164,8 @@ def selected_blocks_attention(
     hs = _check_selected(selected, q, k, block)
     sc = q.shape[-1] ** -0.5 if scale is None else check_positive_number("scale", scale)
     b, t, hq, d = q.shape
-    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
-    r, e, n_all = hq // hs, hs // hkv, selected.shape[-1]
+    tk, dv = k.shape[1], v.shape[-1]
+    r, n_all = hq // hs, selected.shape[-1]
     acc = torch.promote_types(q.dtype, torch.float32)  # sums of up to N l terms
     # the selected (query, block) pairs, in [B, Hs, Tq, N] order, sorted by group: one group
     # per (batch, selection head, block), its pairs contiguous after the sort
@@ -122,45 +175,42 @@ def selected_blocks_attention(
         # by empty sums, so that backward gives zero gradients, also for inputs holding inf)
         return q.new_zeros(b, t, hq, dv) + sum(x[..., :0].sum() for x in (q, k, v))
     gid = pairs // (t * n_all) * n_all + pairs % n_all
-    order = torch.argsort(gid, stable=True)
     ends = torch.bincount(gid, minlength=n_groups).cumsum(0)
     # tiles as tall as the mean group, rounded up to a power of two (1 when decoding a token)
     tile = min(_PAIR_TILE, 1 << max(0, -(-n_pairs // n_groups) - 1).bit_length())
     tile_group, tile_start = row_tiles(ends, n_pairs, tile)
     used = tile_group >= 0  # the grid has room for one tile per group: keep those in use
     grp, first = tile_group[used].long(), tile_start[used].long()  # [n_tiles]
-    rows = first[:, None] + torch.arange(tile, device=q.device)  # [n_tiles, M]
-    live = rows < ends[grp][:, None]  # the last tile of a group is padded
-    pair = pairs[order[rows.clamp(max=n_pairs - 1)]]
-    bs_, tt = pair // (t * n_all), pair // n_all % t  # (batch, selection head) and query
-    n_tiles = grp.shape[0]
-    # a pair's query heads are one row of q viewed as [B Tq Hs, R D], a block's keys (values)
-    # one [l, D] slice of k viewed as [B, N, l, Hkv, D] (padded only when Tk is not a
-    # multiple of l): each is gathered whole, one copy per tile
-    q_row = ((bs_ // hs) * t + tt) * hs + bs_ % hs  # [n_tiles, M]
-    qs = q.reshape(b * t * hs, r * d).index_select(0, q_row.flatten())
-    gb, gj, gh = grp // (hs * n_all), grp % n_all, grp // n_all % hs // e
-    kb, vb = ((x if tk == n_all * block else F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)))
-              .unflatten(1, (n_all, block))[gb, gj, :, gh] for x in (k, v))  # fmt: skip
-    s = torch.bmm(qs.view(n_tiles, -1, d) * sc, kb.mT).view(n_tiles, tile, r, block)
-    del qs, kb  # freed here when no gradient is taken (autograd keeps what it needs)
-    cols = gj[:, None] * block + torch.arange(block, device=q.device)  # [n_tiles, l]
-    ok = (cols < tk)[:, None] & live[..., None]  # [n_tiles, M, l]
-    if causal:
-        qpos = tk - t + tt  # [n_tiles, M]
-        ok = ok & (cols[:, None] <= qpos[..., None])
-    s = s.masked_fill(~ok[:, :, None], float("-inf"))  # [n_tiles, M, R, l]
-    # one softmax per query over its blocks, spread over as many tiles: the row maximum, the
-    # sum and the weighted values are reduced into the query's row (padding rows go to a
-    # spare last row); the maximum only steadies exp, so it carries no gradient
-    row = torch.where(live, q_row, b * t * hs).flatten()
+    sorted_pairs = pairs[torch.argsort(gid, stable=True)]
+    # padded only when Tk is not a multiple of l: then a block is one [l, D] slice
+    kp, vp = ((x if tk == n_all * block else F.pad(x, (0, 0, 0, 0, 0, n_all * block - tk)))
+              .unflatten(1, (n_all, block)) for x in (k, v))  # fmt: skip
+    # the tiles in chunks of at most _SCORE_CHUNK scores (with their copies of queries, keys
+    # and values): without gradients, memory beyond the inputs and the output stays bounded
+    step = max(1, _SCORE_CHUNK // (tile * r * block))
+    chunks = [(grp[lo : lo + step], first[lo : lo + step]) for lo in range(0, len(grp), step)]
+    n_rows = b * t * hs + 1  # one per (batch, query, selection head), and a spare one
+    kw = dict(tile=tile, hs=hs, tk=tk, causal=causal, scale=sc)
+
+    def scores(chunk: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return _tile_scores(q, kp, vp, sorted_pairs, ends, *chunk, **kw)
+
+    # one softmax per query over its blocks, spread over tiles (and chunks): the row maximum,
+    # the sum and the weighted values are reduced into the query's row (the padding into the
+    # spare row). The maximum only steadies exp and carries no gradient; over several chunks
+    # it takes a first pass of its own, whose scores are dropped as soon as reduced
+    held = [scores(chunks[0])] if len(chunks) == 1 else []  # [] when the maximum is a pass
     with torch.no_grad():
-        m = s.new_full((b * t * hs + 1, r), float("-inf"))
-        m = m.scatter_reduce(0, row[:, None].expand(-1, r), s.amax(-1).flatten(0, 1), "amax")
+        m = q.new_full((n_rows, r), float("-inf"))
+        for s, row, _ in held or map(scores, chunks):
+            m.scatter_reduce_(0, row[:, None].expand(-1, r), s.amax(-1).flatten(0, 1), "amax")
         m = m.masked_fill(m == float("-inf"), 0.0)  # rows with no key (and the spare row)
-    s = torch.exp(s - m[row].view(n_tiles, tile, r, 1))
-    z = s.new_zeros(b * t * hs + 1, r, dtype=acc).index_add(0, row, s.sum(-1).flatten(0, 1).to(acc))
-    o = torch.bmm(s.view(n_tiles, -1, block).to(acc), vb.to(acc)).view(-1, r, dv)
-    o = o.new_zeros(b * t * hs + 1, r, dv).index_add(0, row, o)
+    z = q.new_zeros(n_rows, r, dtype=acc)
+    o = q.new_zeros(n_rows, r, dv, dtype=acc)
+    for chunk in chunks:
+        s, row, vb = held.pop() if held else scores(chunk)  # (the one reference to s)
+        s = torch.exp(s - m[row].view(*s.shape[:-1], 1))
+        z.index_add_(0, row, s.sum(-1).flatten(0, 1).to(acc))
+        o.index_add_(0, row, torch.bmm(s.flatten(1, 2).to(acc), vb.to(acc)).view(-1, r, dv))
     z = torch.where(z > 0, z, torch.ones_like(z))  # a query with no key: o = 0
     return (o[:-1] / z[:-1, :, None]).to(q.dtype).view(b, t, hq, dv)
