@@ -2,7 +2,8 @@ r"""Context parallelism on ``torch.distributed`` (chapter 9.2): one sequence ove
 
 A sequence too long for one device is cut along time; rank ``r`` holds the tokens of its
 shard (queries, keys and values of every layer) and the ranks exchange only what a token
-needs from the others. The code is the same on gloo (CPU) and NCCL (GPU).
+needs from the others. The code is written for gloo (CPU) and NCCL (GPU) alike; the tests
+run it on gloo.
 
 **Ring attention** (softmax attention; Liu et al., 2023). Every rank keeps its queries; the
 key/value blocks travel around the ring ``r -> r + 1``. At step ``s = 0 .. P - 1`` rank ``r``
@@ -23,8 +24,9 @@ takes chunks ``r`` and ``2P - 1 - r`` (``layout="zigzag"``, as ring-flash-attn's
 step, a (query chunk ``i``, key chunk ``j``) pair is computed in full for ``j < i``, with the
 causal mask for ``j = i`` and skipped for ``j > i``.
 
-**LASP** (linear attention sequence parallelism; Sun et al., 2024 and 2025). A linear layer's
-state is an affine function of the state it starts from: over rank ``r``'s tokens
+**LASP** (linear attention sequence parallelism; Sun et al., 2024 and 2025). The state of
+each of :mod:`effarch.linear`'s matrix-state ops (``TRANSITIONS``) is an affine function
+of the state it starts from: over rank ``r``'s tokens
 ``S_out = M_r S_in + S_r``, with ``S_r`` the state the shard builds from zero and ``M_r`` the
 product of its transitions (``I`` for linear attention, a diagonal of decays for RetNet and
 GLA, a full ``K x K`` matrix for the delta rules). Each rank computes ``(M_r, S_r)``, the pairs
