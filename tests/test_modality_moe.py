@@ -167,27 +167,37 @@ def test_train_multimodal_evaluates_and_shares_batches():
         )
         assert [e[0] for e in history["eval"]] == [2, 3] and len(history["losses"]) == 3
         final = mm.modality_losses(model, held)
-        assert history["eval"][-1][1:] == pytest.approx((final["image"], final["text"]))
+        assert history["eval"][-1][1:] == pytest.approx(tuple(final.values()))
+        assert list(final) == ["image", "text", "text_given_image", "image_given_text"]
 
 
 def test_modality_losses_against_a_loop():
     torch.manual_seed(0)
     model = mm.MultimodalLM("shared", d_model=16, n_heads=2, n_experts=4, k=1, d_ff=8)
-    data = {k: v[:6] if k != "labels" else v[:3] for k, v in mm.digit_sequences("heldout").items()}
+    full = mm.digit_sequences("heldout")
+    n = full["labels"].shape[0]
+    rows = torch.tensor([0, 1, 2, n, n + 1, n + 2])  # 3 caption rows, then their draw rows
+    data = {k: v[rows] if k != "labels" else v[:3] for k, v in full.items()}
     got = mm.modality_losses(model, data)
     with torch.no_grad():
         logp = model(data["tokens"], data["modality"]).log_softmax(-1)
-    sums, counts = {0: 0.0, 1: 0.0}, {0: 0, 1: 0}
+    # the first 3 rows (as many as labels) are the caption half, the other 3 the draw half
+    sums, counts = {}, {}
     for b in range(6):
         for t in range(23):
             y = int(data["targets"][b, t])
             if y == -100:
                 continue
-            m = 0 if y < 16 else 1
-            sums[m] -= float(logp[b, t, y]) / math.log(2)
-            counts[m] += 1
-    assert got["image"] == pytest.approx(sums[0] / counts[0], rel=1e-5)
-    assert got["text"] == pytest.approx(sums[1] / counts[1], rel=1e-5)
+            m = "image" if y < 16 else "text"
+            task = ("text_given_image" if m == "text" else None) if b < 3 else (
+                "image_given_text" if m == "image" else None)  # fmt: skip
+            for key in (m, task):
+                if key is not None:
+                    sums[key] = sums.get(key, 0.0) - float(logp[b, t, y]) / math.log(2)
+                    counts[key] = counts.get(key, 0) + 1
+    assert set(got) == set(sums) and all(counts[key] > 5 for key in counts), counts
+    for key in got:
+        assert got[key] == pytest.approx(sums[key] / counts[key], rel=1e-5), key
 
 
 def test_routing_summary_against_its_definitions():

@@ -217,7 +217,15 @@ class MultimodalLM(nn.Module):
 @torch.no_grad()
 def modality_losses(model: MultimodalLM, data: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean next-token loss in bits, per modality of the target, over ``data``
-    (:func:`digit_sequences`): ``{"image": bits per patch, "text": bits per letter}``."""
+    (:func:`digit_sequences`): ``"image"`` (bits per patch) and ``"text"`` (bits per letter)
+    over both orders, and each task alone: ``"text_given_image"``, the letters of the caption
+    half (the name after the image), and ``"image_given_text"``, the patches of the draw half
+    (the image after the name).
+
+    The orders differ in what can be learned: after ``[BOT]`` alone, the draw half's letters
+    can only guess which digit comes, so ``"text"`` carries that guess (the names' entropy)
+    whatever the model; ``"text_given_image"`` is the captioning task.
+    """
     model.eval()
     logits = model(data["tokens"], data["modality"])
     nll = F.cross_entropy(
@@ -225,9 +233,14 @@ def modality_losses(model: MultimodalLM, data: dict[str, torch.Tensor]) -> dict[
     )
     nll = nll.view_as(data["targets"]) / math.log(2)
     scored = data["targets"] != IGNORE_INDEX
+    caption = torch.arange(scored.shape[0]) < data["labels"].shape[0]  # the first N rows
     out = {}
-    for name, m in (("image", IMAGE), ("text", TEXT)):
+    for name, m, rows in (("image", IMAGE, None), ("text", TEXT, None),
+                          ("text_given_image", TEXT, caption),
+                          ("image_given_text", IMAGE, ~caption)):  # fmt: skip
         mask = scored & (data["target_modality"] == m)
+        if rows is not None:
+            mask = mask & rows[:, None]
         out[name] = nll[mask].mean().item()
     return out
 
@@ -303,7 +316,9 @@ def train_multimodal(
 
     Returns:
         ``(model, history)``: ``history["losses"]`` the training loss at every step and
-        ``history["eval"]`` a list of ``(step, bits per patch, bits per letter)``.
+        ``history["eval"]`` a list of ``(step, bits per patch, bits per letter, bits per
+        letter of the caption half, bits per patch of the draw half)`` (the values of
+        :func:`modality_losses`, in its order).
     """
     cfg = {**CONFIG, **(config or {})}
     data = digit_sequences("train") if data is None else data
@@ -324,12 +339,12 @@ def train_multimodal(
         )
         return ce + cfg["balance"] * m.balance_loss()
 
-    evals: list[tuple[int, float, float]] = []
+    evals: list[tuple[float, ...]] = []
 
     def after_step(m: nn.Module, step: int) -> None:
         if eval_data is not None and ((step + 1) % eval_every == 0 or step + 1 == cfg["steps"]):
             losses = modality_losses(m, eval_data)
-            evals.append((step + 1, losses["image"], losses["text"]))
+            evals.append((step + 1, *losses.values()))
             m.train()
 
     result = train(model, batch, steps=cfg["steps"], lr=cfg["lr"], loss_fn=loss_fn,
