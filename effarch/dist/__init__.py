@@ -1,4 +1,5 @@
-"""Scaling out on ``torch.distributed`` (gloo on a CPU, NCCL on GPUs, the same code).
+"""Scaling out on ``torch.distributed`` (written for gloo on a CPU and NCCL on GPUs alike;
+tested on gloo).
 
 - :class:`ExpertParallelMoE`: an :class:`~effarch.moe.MoELayer`'s experts sharded over the
   ranks, tokens dispatched and combined by differentiable all-to-all exchanges (chapter 5).

@@ -15,7 +15,8 @@ expert); each rank routes its own tokens. One MoE layer is then
 Both exchanges are ``dist.all_to_all_single`` inside an autograd function whose backward is
 the reverse exchange, so the same code trains. Bytes moved
 per token and layer: ``2 k d`` numbers out and back (minus the assignments that stay local),
-plus one expert id per row sent. The code is the same on gloo (CPU) and NCCL (GPU).
+plus one expert id per row sent. The code is written for gloo (CPU) and NCCL (GPU) alike;
+the tests run it on gloo.
 
 DeepSpeed's ``deepspeed.moe.layer.MoE`` is the engine to compare with: its ``ep_size`` is the
 world size here, ``k`` is ``k``, ``capacity_factor`` / ``eval_capacity_factor`` are
