@@ -42,9 +42,10 @@ the last ``w`` keys and linear scores on the older ones, in one normalisation::
 As in LoLCATs the window scores are shifted by their row maximum ``m_i``: the linear scores are
 then trained to approximate ``exp(q . k / sqrt(D) - m_i)``, whose scale is per query and would
 otherwise have to be learnt by ``phi_q`` (Hedgehog features are bounded: ``phi . phi <= 2``).
-``lambda_h = exp(log_linear_weight_h)`` is a learnt per-head weight of the linear part (LoLCATs'
-window factor). With ``w >= T`` nothing is linear and the layer *is* the softmax layer; with
-``lambda = 0`` it is sliding-window attention.
+``lambda_h = exp(log_linear_weight_h)`` is a learnt per-head weight of the linear part
+(LoLCATs puts its learnt factor ``gamma`` on the window's terms instead: the same layer with
+``lambda = 1 / gamma``). With ``w >= T`` nothing is linear and the layer *is* the softmax
+layer; with ``lambda = 0`` it is sliding-window attention.
 
 Cost: the forward pass keeps the keys of the window and a linear state, so it is
 ``O(T (w + F) D)`` per head: the window scores come from ``w``-long slices of the keys
