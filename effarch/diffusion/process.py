@@ -46,8 +46,9 @@ __all__ = [
 ]
 
 SCHEDULES = ("linear", "cosine")
-"""``linear``: ``alpha_t = 1 - t`` (LLaDA, MDLM); ``cosine``: ``alpha_t = cos(pi t / 2)``
-(MaskGIT's schedule in continuous time)."""
+"""``linear``: ``alpha_t = 1 - t`` (LLaDA, MDLM); ``cosine``: ``alpha_t = cos(pi t / 2)``,
+which masks slowly at first (MaskGIT's cosine mask ratio over decoding progress is its mirror
+image in continuous time, ``alpha_t = 1 - sin(pi t / 2)``)."""
 
 
 def _check_t(t: Any) -> torch.Tensor:

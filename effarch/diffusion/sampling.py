@@ -89,7 +89,9 @@ def add_gumbel_noise(
     "stay masked" class of probability near 1 (MDLM's many-step sampler), and cutting it
     lowers the effective temperature: samples look more likely (lower generative
     perplexity) and are less diverse (Zheng et al., 2025). In float64 the cut is at 36.7;
-    ``dtype=torch.float16`` (cut at 7.6) shows the effect at small sizes.
+    ``dtype=torch.float16`` (every Gumbel capped at 7.6) shows the effect at small sizes.
+    (Torch's float16 uniforms are not on a grid of ``2^-11``: they reach ``2^-23``, and are
+    exactly 0, a Gumbel of ``-inf``, about once in 4,000 draws on a CPU.)
     """
     check_tensor("logits", logits, floating=True)
     check_positive_number("temperature", temperature, allow_zero=True)
