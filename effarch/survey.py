@@ -66,7 +66,8 @@ FAMILIES: tuple[Family, ...] = (
         "Hybrid architectures",
         "06_hybrid_architectures",
         "both",
-        "a few attention layers among many linear ones, or both in one layer",
+        "attention layers interleaved with linear ones (often a few among many), or both in one"
+        " layer",
     ),
     Family(
         7,
