@@ -180,6 +180,11 @@ def test_yoco_caches_one_layer_and_decodes_like_its_full_forward():
     torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
     shared = [c for c in cache if type(c) is KVCache]
     assert len(shared) == 1 and shared[0].length == 11
+    with torch.no_grad():  # a chunk into a filled cache, past the window, then single tokens
+        chunked = m.new_cache(2, 11)
+        parts = [m(x[:, :3], chunked), m(x[:, 3:9], chunked)]
+        parts += [m(x[:, t : t + 1], chunked) for t in range(9, 11)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
 
     # the shared cache: one layer's keys and values; the self-decoder's: 3-token windows
     def per_token(g, dh):  # batch 2, keys and values, float64
