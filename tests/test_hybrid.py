@@ -448,6 +448,13 @@ def test_parallel_hybrid_from_a_falcon_h1_config():
     cfg.head_dim, cfg.mamba_d_ssm = None, 48
     with pytest.raises(ValueError, match="mamba_d_ssm 48 must be None or mamba_expand"):
         ParallelHybrid.from_falcon_h1(cfg)
+    cfg.mamba_d_ssm = 64
+    for field in ("attention_bias", "projectors_bias", "mamba_proj_bias"):  # no biases here
+        setattr(cfg, field, True)
+        with pytest.raises(ValueError, match=f"no biases; the configuration sets {field}=True"):
+            ParallelHybrid.from_falcon_h1(cfg)
+        setattr(cfg, field, False)
+    ParallelHybrid.from_falcon_h1(cfg)
 
 
 def test_from_falcon_h1_reads_the_rope_base_and_a_mamba_d_ssm_of_none():

@@ -213,11 +213,13 @@ class ParallelHybrid(nn.Module):
         widths, heads, Mamba-2 fields, output multipliers and RoPE base
         (``rope_parameters["rope_theta"]``, or ``rope_theta`` on older configurations;
         10000 when neither is set). The input multipliers scale bias-free projections, so a
-        checkpoint loader could fold them into the weights; this reads only the configuration
-        and ignores them (no checkpoint loader is provided). ``mamba_d_ssm=None`` means
-        ``mamba_expand * hidden_size``, as in ``transformers``. ``rms_norm_eps`` is the
-        epsilon of the Mamba-2 branch's gated RMSNorm (``ssm_kwargs["norm_eps"]``); Falcon-H1
-        uses it for its blocks' RMSNorms too, which are :class:`HybridLM`'s ``norm_eps``.
+        checkpoint loader could fold them into the weights (the output multipliers too: they
+        scale the bias-free output projections; they are kept as arguments by choice); this
+        reads only the configuration and ignores them (no checkpoint loader is provided).
+        ``mamba_d_ssm=None`` means ``mamba_expand * hidden_size``, as in ``transformers``.
+        ``rms_norm_eps`` is the epsilon of the Mamba-2 branch's gated RMSNorm
+        (``ssm_kwargs["norm_eps"]``); Falcon-H1 uses it for its blocks' RMSNorms too, which
+        are :class:`HybridLM`'s ``norm_eps``.
 
         Not modelled: Falcon-H1's Mamba-2 applies its gated RMSNorm only when
         ``mamba_rms_norm`` is set (default ``False``: the scan output is only gated,
@@ -231,12 +233,19 @@ class ParallelHybrid(nn.Module):
             ValueError: the configuration's attention head width (``head_dim``, which the
                 modelling code reads when present) is not ``hidden_size / num_attention_heads``,
                 or ``mamba_d_ssm`` is set and is not ``mamba_expand * hidden_size``: this
-                layer derives both from ``d_model`` and would build other shapes.
+                layer derives both from ``d_model`` and would build other shapes; or the
+                configuration asks for biases on the projections (``attention_bias``,
+                ``projectors_bias``, ``mamba_proj_bias``), which this layer does not have.
         """
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if head_dim * cfg.num_attention_heads != cfg.hidden_size:
             raise ValueError(f"head_dim {head_dim} x {cfg.num_attention_heads} heads must be "
                              f"hidden_size {cfg.hidden_size} here")  # fmt: skip
+        biases = [f for f in ("attention_bias", "projectors_bias", "mamba_proj_bias")
+                  if getattr(cfg, f, False)]  # fmt: skip
+        if biases:
+            raise ValueError(f"this layer's projections have no biases; the configuration sets "
+                             f"{', '.join(f'{f}=True' for f in biases)}")  # fmt: skip
         d_ssm = getattr(cfg, "mamba_d_ssm", None)
         if d_ssm is not None and d_ssm != cfg.mamba_expand * cfg.hidden_size:
             raise ValueError(f"mamba_d_ssm {d_ssm} must be None or mamba_expand x hidden_size "
