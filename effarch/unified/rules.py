@@ -348,7 +348,8 @@ def _rwkv7_rule() -> UpdateRule:
         cls="bilinear",
         update=r"S_t = (\mathrm{diag}(w_t) + b_t a_t^\top) S_{t-1} + k_t v_t^\top",
         objective=r"\tfrac12\lVert S^\top \hat\kappa_t - v_t\rVert^2"
-        r" \text{ (per-channel rates, vector decay)}",
+        r" \text{ (the erase only: per-channel rates, vector decay; the write is at full"
+        r" strength)}",
         state=r"d_k d_v",
         train=r"O(T d_k d_v)",
         decode=r"O(d_k d_v)",
