@@ -637,6 +637,13 @@ def test_judge_bits_is_the_byte_model_s_cross_entropy_and_byte_entropy_the_histo
             total -= sum(logp[i, x[r, i]].item() for i in range(x.shape[1]))
     expected = total / x.numel() / math.log(2)
     assert diffusion_lm.judge_bits(x) == pytest.approx(expected, rel=1e-4)
+    per_row = diffusion_lm.judge_bits_per_sample(x)  # one pass: each row as judge_bits scores it
+    assert per_row.shape == (3,) and per_row.dtype == torch.float64
+    for r in range(3):
+        assert per_row[r].item() == pytest.approx(diffusion_lm.judge_bits(x[r : r + 1]), rel=1e-5)
+    assert per_row.mean().item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match=r"bytes in \[0, 255\]"):
+        diffusion_lm.judge_bits_per_sample(torch.tensor([[1, 256]]))
     assert diffusion_lm.byte_entropy(torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])) == 2.0
     assert diffusion_lm.byte_entropy(torch.tensor([7, 7, 7])) == 0.0
     with pytest.raises(ValueError, match=r"bytes in \[0, 255\]"):

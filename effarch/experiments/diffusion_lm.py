@@ -63,8 +63,8 @@ from ..tasks.text import byte_batches, heldout_windows, stdlib_corpus
 from ..train import train
 
 __all__ = ["CONFIG", "KINDS", "STORED", "byte_entropy", "diffusion_lm_experiment", "heldout",
-           "heldout_nll", "judge_bits", "load_diffusion_model", "main", "stored_diffusion_lm",
-           "task_kinds", "task_vocab"]  # fmt: skip
+           "heldout_nll", "judge_bits", "judge_bits_per_sample", "load_diffusion_model", "main",
+           "stored_diffusion_lm", "task_kinds", "task_vocab"]  # fmt: skip
 
 HERE = Path(__file__).resolve().parent
 STORED = HERE / "diffusion_lm_cpu.json"
@@ -184,6 +184,29 @@ def judge_bits(tokens: torch.Tensor) -> float:
         )
     inputs = torch.cat([torch.full((len(tokens), 1), 256), tokens[:, :-1]], 1)
     return bits_per_byte(_judge(), inputs, tokens)
+
+
+@torch.no_grad()
+def judge_bits_per_sample(tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`judge_bits` of each row of ``tokens [N, L]``, in one pass of the judge:
+    ``[N]`` float64 bits per byte (their mean is :func:`judge_bits`, up to rounding). For
+    a standard error over samples."""
+    check_tensor("tokens", tokens, ndim=2, dtypes=(torch.long,))
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < 256):
+        raise ValueError(
+            f"tokens must be bytes in [0, 255], got values in [{int(tokens.min())}, "
+            f"{int(tokens.max())}]"
+        )
+    judge = _judge()
+    device = next(judge.parameters()).device
+    inputs = torch.cat([torch.full((len(tokens), 1), 256), tokens[:, :-1]], 1).to(device)
+    out = []
+    for i in range(0, len(tokens), 16):  # in batches of 16, as bits_per_byte
+        logits = judge(inputs[i : i + 16]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), tokens[i : i + 16].to(device),
+                              reduction="none")  # fmt: skip
+        out.append(nll.double().mean(1).cpu())
+    return torch.cat(out) / math.log(2)
 
 
 def byte_entropy(tokens: torch.Tensor) -> float:
