@@ -52,6 +52,24 @@ def dense_masked(q, k, v, chosen, block, causal):
     return torch.einsum("bhqk,bkhd->bqhd", p, vv)
 
 
+def outputs_and_grads(q, k, v, chosen, block, causal):
+    """[output, dq, dk, dv] of selected_blocks_attention and of masked dense attention, for
+    the same random output gradient: ``(ours, dense)``."""
+    do = torch.randn(
+        *q.shape[:-1], v.shape[-1], dtype=F64, generator=torch.Generator().manual_seed(1)
+    )
+    grads = []
+    for fn in (selected_blocks_attention, None):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        if fn is None:
+            out = dense_masked(*leaves, chosen, block, causal)
+        else:
+            out = fn(*leaves, chosen, block_size=block, causal=causal)
+        out.backward(do)
+        grads.append([out.detach(), *(x.grad for x in leaves)])
+    return grads
+
+
 def case(b, tq, tk, hq, hkv, hs, block, density, seed=0, dtype=F64):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, tq, hq, 8, generator=gen, dtype=dtype)
@@ -104,16 +122,7 @@ def test_gradients_equal_masked_dense_attention(monkeypatch, tile, causal):
     monkeypatch.setattr(selected_module, "_PAIR_TILE", tile)
     q, k, v, chosen = case(1, 30, 27, 4, 2, 4, 4, 0.4, seed=3)
     chosen[:, :, 3] = False  # a query that selected nothing: zero output, zero gradient
-    do = torch.randn(1, 30, 4, 6, dtype=F64)
-    grads = []
-    for fn in (selected_blocks_attention, None):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        if fn is None:
-            out = dense_masked(*leaves, chosen, 4, causal)
-        else:
-            out = fn(*leaves, chosen, block_size=4, causal=causal)
-        out.backward(do)
-        grads.append([out.detach(), *(x.grad for x in leaves)])
+    grads = outputs_and_grads(q, k, v, chosen, 4, causal)
     assert (grads[0][0][:, 3] == 0).all() and (grads[0][1][:, 3] == 0).all()
     for got, want in zip(*grads, strict=True):
         assert torch.isfinite(got).all()
@@ -168,16 +177,7 @@ def test_chunks_share_the_row_maximum_and_gradients(monkeypatch, causal):
     q, k = q.abs(), k.clone()
     k[:, 16:] = k[:, 16:].abs() * 1500
     chosen[:, :, 3] = False
-    do = torch.randn(1, 30, 4, 6, dtype=F64)
-    grads = []
-    for fn in (selected_blocks_attention, None):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        if fn is None:
-            out = dense_masked(*leaves, chosen, 4, causal)
-        else:
-            out = fn(*leaves, chosen, block_size=4, causal=causal)
-        out.backward(do)
-        grads.append([out.detach(), *(x.grad for x in leaves)])
+    grads = outputs_and_grads(q, k, v, chosen, 4, causal)
     for got, want in zip(*grads, strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

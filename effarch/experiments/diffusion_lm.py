@@ -165,6 +165,18 @@ def _judge() -> nn.Module:
     return load_bytelm()[0]
 
 
+def _judge_inputs(tokens: torch.Tensor) -> torch.Tensor:
+    """The judge's inputs for bytes ``tokens [N, L]``: ``[BOS, x_0 .. x_{L-2}]`` per row
+    (BOS = 256), after checking that ``tokens`` holds int64 bytes."""
+    check_tensor("tokens", tokens, ndim=2, dtypes=(torch.long,))
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < 256):
+        raise ValueError(
+            f"tokens must be bytes in [0, 255], got values in [{int(tokens.min())}, "
+            f"{int(tokens.max())}]"
+        )
+    return torch.cat([torch.full((len(tokens), 1), 256), tokens[:, :-1]], 1)
+
+
 @torch.no_grad()
 def judge_bits(tokens: torch.Tensor) -> float:
     """How plausible byte sequences are to a third model: bits per byte.
@@ -176,30 +188,17 @@ def judge_bits(tokens: torch.Tensor) -> float:
     more plausible; report :func:`byte_entropy` beside it, since a sampler that collapses
     onto a few frequent bytes also scores well.
     """
-    check_tensor("tokens", tokens, ndim=2, dtypes=(torch.long,))
-    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < 256):
-        raise ValueError(
-            f"tokens must be bytes in [0, 255], got values in [{int(tokens.min())}, "
-            f"{int(tokens.max())}]"
-        )
-    inputs = torch.cat([torch.full((len(tokens), 1), 256), tokens[:, :-1]], 1)
-    return bits_per_byte(_judge(), inputs, tokens)
+    return bits_per_byte(_judge(), _judge_inputs(tokens), tokens)
 
 
 @torch.no_grad()
 def judge_bits_per_sample(tokens: torch.Tensor) -> torch.Tensor:
     """:func:`judge_bits` of each row of ``tokens [N, L]``, in one pass of the judge:
-    ``[N]`` float64 bits per byte (their mean is :func:`judge_bits`, up to rounding). For
-    a standard error over samples."""
-    check_tensor("tokens", tokens, ndim=2, dtypes=(torch.long,))
-    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < 256):
-        raise ValueError(
-            f"tokens must be bytes in [0, 255], got values in [{int(tokens.min())}, "
-            f"{int(tokens.max())}]"
-        )
+    ``[N]`` float64 bits per byte (their mean is :func:`judge_bits`, up to rounding), for a
+    standard error over samples."""
     judge = _judge()
     device = next(judge.parameters()).device
-    inputs = torch.cat([torch.full((len(tokens), 1), 256), tokens[:, :-1]], 1).to(device)
+    inputs = _judge_inputs(tokens).to(device)
     out = []
     for i in range(0, len(tokens), 16):  # in batches of 16, as bits_per_byte
         logits = judge(inputs[i : i + 16]).float()
