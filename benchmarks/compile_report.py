@@ -4,6 +4,7 @@
     python benchmarks/compile_report.py --arch 80 flash   # the jobs whose name has "flash"
     python benchmarks/compile_report.py --arch 75 fp16    # a T4 (86: an L4, RTX 30xx/40xx)
     python benchmarks/compile_report.py --list            # the job names
+    python benchmarks/compile_report.py --no-ptxas flash  # shared memory only, faster
 
 Whether a tile fits a card's shared memory, or spills registers to local memory (the usual
 reason a kernel is slower than its tile size promises), is decided at compile time, and
@@ -21,11 +22,14 @@ A launch asking for more shared memory than the card has per block is refused as
 would refuse it (``OutOfResources``, marked "(refused)"), so the launchers' fallbacks to
 smaller tiles (``first_that_fits``) and the autotuner's skipping run as they would there.
 
-``--json`` also records whether each kernel was compiled with multiply-add fusion (every
-launch asks for it; the script's own default is Triton 3.10's, off, so a launch that does not
-ask shows). The kernel comments' "compiled for sm_90" figures come from this script. It relies on
-Triton internals (the driver, ``JITFunction.run``, ``Autotuner.run``) as of Triton 3.9;
-numbers are per Triton and ``ptxas`` version. Without Triton it says so and exits.
+Shared memory is fixed before ``ptxas`` runs (Triton allocates it when lowering to LLVM IR);
+``--no-ptxas`` stops there, which takes about a third less time, and leaves registers and
+spills blank. ``--json`` also records whether each kernel was compiled with multiply-add
+fusion (every launch asks for it; the script's own default is Triton 3.10's, off, so a launch
+that does not ask shows). The kernel comments' "compiled for sm_90" figures come from this
+script. It relies on Triton internals (the driver, ``JITFunction.run``, ``Autotuner.run``,
+the stages hook) as of Triton 3.9; numbers are per Triton and ``ptxas`` version. Without
+Triton it says so and exits.
 """
 
 from __future__ import annotations
@@ -129,6 +133,18 @@ def _compile_and_record(self, *args, grid, warmup, **kwargs):
     if kernel.metadata.shared > limit:  # as the card would refuse it, before launching
         raise OutOfResources(kernel.metadata.shared, limit, "shared memory")
     return kernel
+
+
+def _stop_before_ptxas(*args):
+    """Triton's ``knobs.runtime.add_stages_inspection_hook``: called with no arguments for a
+    cache key, then with a backend's stages, of which the last (PTX to cubin, ``ptxas``) is
+    replaced by an empty binary. The kernel's metadata, its shared memory included, is
+    complete by then; nothing is launched."""
+    if not args:
+        return "effarch-no-ptxas", "effarch-no-ptxas"
+    stages = args[1]
+    stages["cubin"] = lambda src, metadata: b""
+    return None
 
 
 def _compile_every_config(self, *args, **kwargs):
@@ -249,6 +265,10 @@ def jobs() -> dict[str, Callable[[], None]]:
     return out
 
 
+def _blank(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
     lines = ["| job | kernel | constants | warps | stages | registers | spill bytes | shared KiB |",
@@ -259,7 +279,7 @@ def table(rows: list[dict]) -> str:
             continue
         constants = " ".join(f"{k}={v}" for k, v in r["constants"].items())
         lines.append(f"| {r['job']} | {r['kernel']} | {constants} | {r['warps']} | {r['stages']} | "
-                     f"{r['registers']} | {r['spill_bytes']} | {r['shared_kib']}"
+                     f"{_blank(r['registers'])} | {_blank(r['spill_bytes'])} | {r['shared_kib']}"
                      f"{'' if r['fits'] else ' (refused)'} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -276,6 +296,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--list", action="store_true", help="print the job names and exit")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
+    p.add_argument(
+        "--no-ptxas",
+        action="store_true",
+        help="stop before ptxas: shared memory only (no registers or spills), faster",
+    )
     args = p.parse_args(argv)
     every = jobs()
     chosen = [n for n in every if not args.only or any(s in n for s in args.only)]
@@ -289,6 +314,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     common._FITTED.clear()  # the shapes chosen for another card
     triton.knobs.nvidia.dump_ptxas_log = True
+    if args.no_ptxas:
+        triton.knobs.runtime.add_stages_inspection_hook = _stop_before_ptxas
     JITFunction.run = _compile_and_record
     Autotuner.run = _compile_every_config
     for name in chosen:
@@ -297,7 +324,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             every[name]()
         except OutOfResources as err:  # no launch shape of a kernel fits this card
             ROWS.append({"job": name, "kernel": "(launcher)", "error": f"{err!s:.200}"})
-    print(f"Compiled for sm_{args.arch} with Triton {triton.__version__}:\n")
+    until = " (up to ptxas: no registers or spills)" if args.no_ptxas else ""
+    print(f"Compiled for sm_{args.arch} with Triton {triton.__version__}{until}:\n")
     print(table(ROWS))
     if args.json:
         args.json.write_text(json.dumps(ROWS, indent=1))

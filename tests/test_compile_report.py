@@ -50,6 +50,23 @@ def test_a_kernel_compiles_for_a_gpu_and_reports_its_resources(tmp_path, arch):
     )
 
 
+def test_shared_memory_is_the_same_without_ptxas(tmp_path):
+    """The tests of shared memory below stop before ptxas (--no-ptxas): the figures they read
+    must be the full compile's, with registers and spills left blank rather than guessed."""
+    rows = {}
+    for flag in ((), ("--no-ptxas",)):
+        out = tmp_path / f"rows{len(flag)}.json"
+        run = report("int8_attention:d64", "--arch", "80", *flag, "--json", str(out))
+        assert run.returncode == 0, run.stderr
+        rows[bool(flag)] = json.loads(out.read_text())
+    full, quick = rows[False], rows[True]
+    assert len(full) == len(quick) == 1
+    assert quick[0]["shared_kib"] == full[0]["shared_kib"] > 0
+    assert (quick[0]["warps"], quick[0]["stages"]) == (full[0]["warps"], full[0]["stages"])
+    assert full[0]["registers"] > 0 and quick[0]["registers"] is None
+    assert quick[0]["spill_bytes"] is None
+
+
 def test_jobs_cover_every_kernel_module_and_a_wrong_name_is_refused():
     listed = report("--list")
     assert listed.returncode == 0, listed.stderr
@@ -98,7 +115,7 @@ def test_large_tiles_fit_the_cards_shared_memory(tmp_path, arch, limit_kib, fami
     the ptxas version."""
     out = tmp_path / "rows.json"
     jobs, kernels = LARGE_TILES[family]
-    run = report(*jobs, "--arch", str(arch), "--json", str(out))
+    run = report(*jobs, "--arch", str(arch), "--no-ptxas", "--json", str(out))
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())
     assert len(rows) == kernels * len(jobs) and all("error" not in r for r in rows), rows
@@ -122,7 +139,7 @@ def test_flash_attention_has_a_tiling_each_card_holds(tmp_path, job, arch, limit
     do not fit a card's shared memory: one of each kernel's must fit, causal or not, on an
     A100 (sm_80) at head_dim 256, and the forward's one tiling must."""
     out = tmp_path / "rows.json"
-    run = report(job, "--arch", str(arch), "--json", str(out))
+    run = report(job, "--arch", str(arch), "--no-ptxas", "--json", str(out))
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())
     assert all("error" not in r for r in rows), rows
