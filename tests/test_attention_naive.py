@@ -54,6 +54,8 @@ CASES = [
     (30, 30, 4, 2, 12, False, (3, 2)),
     (30, 30, 2, 1, 8, True, (4, -1)),
     (10, 14, 2, 2, 8, False, (-1, 0)),
+    (1, 23, 8, 2, 16, True, None),  # a decoding step with GQA: query heads packed as rows
+    (1, 9, 6, 3, 8, False, None),
 ]
 
 
@@ -90,6 +92,32 @@ def test_sdpa_wrapper_matches_the_loop(tq, tk, hq, hkv, d, causal, window, dv_ex
     want = brute_force_attention(q, k, v, causal=causal, window=window)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got, naive_attention(q, k, v, causal=causal, window=window))
+
+
+@pytest.mark.parametrize(("tq", "causal"), [(1, True), (1, False), (6, False)])
+def test_gqa_query_heads_sharing_keys_are_packed_as_rows(monkeypatch, tq, causal):
+    """Where every query sees every key, the query heads of a group are rows of one SDPA
+    call over their shared key/value head (no enable_gqa, no copies of the keys); outputs
+    and gradients equal the float64 loop's and naive_attention's."""
+    b, tk, hq, hkv, d = 2, 11, 8, 2, 16
+    q, k, v = (rand(b, t, h, d).requires_grad_() for t, h in ((tq, hq), (tk, hkv), (tk, hkv)))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(qq, kk, vv, **kw):
+        calls.append((tuple(qq.shape), tuple(kk.shape), kw.get("enable_gqa", False)))
+        return sdpa(qq, kk, vv, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    got = sdpa_attention(q, k, v, causal=causal)
+    assert calls == [((b, hkv, (hq // hkv) * tq, d), (b, hkv, tk, d), False)]
+    torch.testing.assert_close(got, brute_force_attention(q, k, v, causal=causal),
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    grads = torch.autograd.grad(got.sum(), (q, k, v))
+    monkeypatch.undo()
+    want = torch.autograd.grad(naive_attention(q, k, v, causal=causal).sum(), (q, k, v))
+    for g_got, g_want in zip(grads, want, strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])

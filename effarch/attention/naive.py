@@ -130,8 +130,12 @@ def sdpa_attention(
     GPU, a fused kernel on the CPU); a window is passed to it as a boolean mask. Rows that
     see no key are zeroed, as in flash-attn. Values narrower or wider than the queries and
     keys are zero-padded to one head dim, which the fused kernels need (as MLA prefill on
-    FlashAttention does; zero columns change no score and no output). An independent
-    reference for tests and the baseline in benchmarks.
+    FlashAttention does; zero columns change no score and no output). With GQA, where every
+    query sees every key (a decoding step's single query, or no mask), the query heads that
+    share a key/value head are packed as rows of one product over its keys, as flash-attn's
+    ``pack_gqa`` and flash-decoding do: each key is read once per group, not once per query
+    head (on a CPU, SDPA's ``enable_gqa`` path was about twice as slow per cached token). An
+    independent reference for tests and the baseline in benchmarks.
 
     ``mask``: an optional boolean ``[Tq, Tk]`` (or 3 or 4 dimensions broadcastable to
     ``[B, Hq, Tq, Tk]``), True where query ``i`` may attend to key ``j``: SDPA's boolean
@@ -190,6 +194,16 @@ def launch_sdpa(
         else:
             q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    if groups > 1 and mask is None and (not causal or tq == 1):
+        # every query sees every key (decoding, or no mask): the `groups` query heads that
+        # share a key/value head become rows of one product over that head's keys, which
+        # reads each key once for the whole group (flash-attn's pack_gqa, flash-decoding)
+        b, g = q.shape[0], k.shape[2]
+        qp = q.reshape(b, tq, g, groups, q.shape[-1]).permute(0, 2, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qp.reshape(b, g, groups * tq, -1), kt, vt,
+                                             scale=scale)  # fmt: skip
+        out = out.reshape(b, g, groups, tq, -1).permute(0, 3, 1, 2, 4)
+        return out.reshape(b, tq, g * groups, -1)[..., :dv]
     extra = {}
     if groups > 1:
         if _SDPA_HAS_GQA:  # reads each shared key/value head in place, no copies
