@@ -13,6 +13,7 @@ from effarch.models.bytelm import (
     ByteLM,
     ByteLMConfig,
     bits_per_byte,
+    bits_per_byte_per_row,
     decode,
     encode,
     load_bytelm,
@@ -148,6 +149,10 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab():
     torch.nn.init.zeros_(model.embed_tokens.weight)  # all logits 0: the uniform distribution
     x = torch.randint(0, 257, (3, 10))
     assert bits_per_byte(model, x, x, batch_size=2) == pytest.approx(math.log2(257), rel=1e-6)
+    per_row = bits_per_byte_per_row(model, x, x, batch_size=2)  # batches of 2 over 3 rows
+    torch.testing.assert_close(per_row, torch.full((3,), math.log2(257), dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"equal \[N, T\] shapes"):
+        bits_per_byte_per_row(model, x, x[:, 1:])
 
 
 def test_sink_mass_against_a_loop():

@@ -134,8 +134,8 @@ def sdpa_attention(
     query sees every key (a decoding step's single query, or no mask), the query heads that
     share a key/value head are packed as rows of one product over its keys, as flash-attn's
     ``pack_gqa`` and flash-decoding do: each key is read once per group, not once per query
-    head (on a CPU, SDPA's ``enable_gqa`` path was about twice as slow per cached token). An
-    independent reference for tests and the baseline in benchmarks.
+    head (on a CPU, SDPA's ``enable_gqa`` path took two to four times as long per cached
+    token). An independent reference for tests and the baseline in benchmarks.
 
     ``mask``: an optional boolean ``[Tq, Tk]`` (or 3 or 4 dimensions broadcastable to
     ``[B, Hq, Tq, Tk]``), True where query ``i`` may attend to key ``j``: SDPA's boolean

@@ -57,7 +57,7 @@ from ..diffusion import (
     from_autoregressive,
     masked_diffusion_loss,
 )
-from ..models.bytelm import bits_per_byte, load_bytelm
+from ..models.bytelm import bits_per_byte, bits_per_byte_per_row, load_bytelm
 from ..tasks import perm_copy
 from ..tasks.text import byte_batches, heldout_windows, stdlib_corpus
 from ..train import train
@@ -191,21 +191,11 @@ def judge_bits(tokens: torch.Tensor) -> float:
     return bits_per_byte(_judge(), _judge_inputs(tokens), tokens)
 
 
-@torch.no_grad()
 def judge_bits_per_sample(tokens: torch.Tensor) -> torch.Tensor:
     """:func:`judge_bits` of each row of ``tokens [N, L]``, in one pass of the judge:
     ``[N]`` float64 bits per byte (their mean is :func:`judge_bits`, up to rounding), for a
-    standard error over samples."""
-    judge = _judge()
-    device = next(judge.parameters()).device
-    inputs = _judge_inputs(tokens).to(device)
-    out = []
-    for i in range(0, len(tokens), 16):  # in batches of 16, as bits_per_byte
-        logits = judge(inputs[i : i + 16]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), tokens[i : i + 16].to(device),
-                              reduction="none")  # fmt: skip
-        out.append(nll.double().mean(1).cpu())
-    return torch.cat(out) / math.log(2)
+    standard error over samples (:func:`~effarch.models.bytelm.bits_per_byte_per_row`)."""
+    return bits_per_byte_per_row(_judge(), _judge_inputs(tokens), tokens)
 
 
 def byte_entropy(tokens: torch.Tensor) -> float:

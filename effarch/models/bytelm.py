@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "ByteLM",
     "ByteLMConfig",
     "bits_per_byte",
+    "bits_per_byte_per_row",
     "config_dict",
     "decode",
     "encode",
@@ -201,6 +203,24 @@ class ByteLM(nn.Module):
         return sd
 
 
+def _logits_in_batches(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits [b, T, V] float32, targets [b, T])`` in batches of ``batch_size``, on the
+    model's device, after checking the shapes (for :func:`bits_per_byte` and
+    :func:`bits_per_byte_per_row`)."""
+    if inputs.shape != targets.shape or inputs.ndim != 2:
+        raise ValueError(
+            f"inputs and targets must be equal [N, T] shapes, got {tuple(inputs.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    check_positive_int("batch_size", batch_size)
+    device = next(model.parameters()).device
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
+        yield model(x).float(), y
+
+
 @torch.no_grad()
 def bits_per_byte(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 16
@@ -213,20 +233,25 @@ def bits_per_byte(
     ``bpb = CE / ln 2``; perplexity per byte is ``2 ** bpb``. Runs in batches of ``batch_size``
     on the model's device.
     """
-    if inputs.shape != targets.shape or inputs.ndim != 2:
-        raise ValueError(
-            f"inputs and targets must be equal [N, T] shapes, got {tuple(inputs.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
-    check_positive_int("batch_size", batch_size)
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(inputs), batch_size):
-        x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
-        logits = model(x).float()
+    for logits, y in _logits_in_batches(model, inputs, targets, batch_size):
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     return total / count / math.log(2)
+
+
+@torch.no_grad()
+def bits_per_byte_per_row(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 16
+) -> torch.Tensor:
+    """:func:`bits_per_byte` of each row: ``[N]`` float64 on the CPU, whose mean is
+    :func:`bits_per_byte` up to rounding (every row has ``T`` bytes); for a standard error
+    over rows."""
+    rows = []
+    for logits, y in _logits_in_batches(model, inputs, targets, batch_size):
+        nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [b, T]
+        rows.append(nll.double().mean(1).cpu())
+    return torch.cat(rows) / math.log(2)
 
 
 def sink_mass(probs: torch.Tensor, n_sink: int = 1) -> tuple[torch.Tensor, float]:
