@@ -4,7 +4,7 @@
     python benchmarks/compile_report.py --arch 80 flash   # the jobs whose name has "flash"
     python benchmarks/compile_report.py --arch 75 fp16    # a T4 (86: an L4, RTX 30xx/40xx)
     python benchmarks/compile_report.py --list            # the job names
-    python benchmarks/compile_report.py --no-ptxas flash  # shared memory only, faster
+    python benchmarks/compile_report.py --shared-memory-only flash  # faster
 
 Whether a tile fits a card's shared memory, or spills registers to local memory (the usual
 reason a kernel is slower than its tile size promises), is decided at compile time, and
@@ -22,14 +22,15 @@ A launch asking for more shared memory than the card has per block is refused as
 would refuse it (``OutOfResources``, marked "(refused)"), so the launchers' fallbacks to
 smaller tiles (``first_that_fits``) and the autotuner's skipping run as they would there.
 
-Shared memory is fixed before ``ptxas`` runs (Triton allocates it when lowering to LLVM IR);
-``--no-ptxas`` stops there, which takes about a third less time, and leaves registers and
-spills blank. ``--json`` also records whether each kernel was compiled with multiply-add
-fusion (every launch asks for it; the script's own default is Triton 3.10's, off, so a launch
-that does not ask shows). The kernel comments' "compiled for sm_90" figures come from this
-script. It relies on Triton internals (the driver, ``JITFunction.run``, ``Autotuner.run``,
-the stages hook) as of Triton 3.9; numbers are per Triton and ``ptxas`` version. Without
-Triton it says so and exits.
+Shared memory is fixed early: Triton allocates it on the GPU dialect (TTGIR), before any
+LLVM IR exists. ``--shared-memory-only`` stops there, which takes about a fifth of the time,
+and leaves registers and spills blank (LLVM, PTX and ``ptxas`` never run). ``--json`` also
+records whether each kernel was compiled with multiply-add fusion (every launch asks for it;
+the script's own default is Triton 3.10's, off, so a launch that does not ask shows). The
+kernel comments' "compiled for sm_90" figures come from this script. It relies on Triton
+internals (the driver, ``JITFunction.run``, ``Autotuner.run``, the stages hook, the passes
+before shared-memory allocation) as of Triton 3.9; numbers are per Triton and ``ptxas``
+version. Without Triton it says so and exits.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ except ImportError:  # pragma: no cover - a machine without Triton
 ROWS: list[dict] = []  # one per compiled kernel
 PTXAS: dict[str, tuple[int | None, int | None]] = {}  # registers, spills by kernel hash
 JOB = {"name": ""}  # the job whose launcher is running
+LOWERED_IN_FULL: list[str] = []  # --shared-memory-only, if another Triton's passes differ
 
 
 # The shared memory one block may opt in to (bytes; Triton's max_shared_mem), by compute
@@ -135,14 +137,56 @@ def _compile_and_record(self, *args, grid, warmup, **kwargs):
     return kernel
 
 
-def _stop_before_ptxas(*args):
+def _allocate_shared_memory(src, metadata: dict, backend, options, capability: int) -> None:
+    """The first passes of Triton 3.9's ``make_llir``, up to shared-memory allocation, on the
+    kernel's TTGIR module; its metadata gets what ``make_llir`` would read from the module.
+    Lowering to LLVM IR, most of a compile's time, is skipped."""
+    from triton._C.libtriton import ir, nvidia, passes  # internals: another Triton may differ
+    from triton.backends.nvidia.compiler import get_ptx_version_from_options
+
+    pm = ir.pass_manager(src.context)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.ttgpuir.add_allocate_warp_groups(pm, False)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    ptx_version = get_ptx_version_from_options(options, backend.target.arch)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, capability, ptx_version)
+    pm.run(src, "make_llir")
+    shared = src.get_int_attr("ttg.shared")
+    if shared is None:
+        raise RuntimeError("no ttg.shared attribute after shared-memory allocation")
+    metadata["shared"] = shared
+    metadata["num_warps"] = src.get_int_attr("ttg.total-num-warps") or metadata["num_warps"]
+    metadata["name"] = src.get_entry_func_name()
+    metadata.update(tmem_size=None, global_scratch_size=0, global_scratch_align=1,
+                    profile_scratch_size=0, profile_scratch_align=1)  # fmt: skip
+
+
+def _shared_memory_only(*args):
     """Triton's ``knobs.runtime.add_stages_inspection_hook``: called with no arguments for a
-    cache key, then with a backend's stages, of which the last (PTX to cubin, ``ptxas``) is
-    replaced by an empty binary. The kernel's metadata, its shared memory included, is
-    complete by then; nothing is launched."""
+    cache key, then with a backend's stages. The LLVM IR stage becomes the passes up to
+    shared-memory allocation, the PTX and cubin stages return nothing; nothing is launched.
+    Should another Triton's passes differ (an error building them), the kernel is lowered in
+    full and only ``ptxas`` is skipped."""
     if not args:
-        return "effarch-no-ptxas", "effarch-no-ptxas"
-    stages = args[1]
+        return "effarch-shared-memory-only", "effarch-shared-memory-only"
+    backend, stages, options, _language, capability = args
+    full_llir, full_ptx = stages["llir"], stages["ptx"]
+    lowered = {"in full": False}
+
+    def llir(src, metadata):
+        try:
+            _allocate_shared_memory(src, metadata, backend, options, capability)
+        except (ImportError, AttributeError, TypeError, RuntimeError) as err:
+            if not LOWERED_IN_FULL:
+                print(f"compile_report.py: lowering in full ({err!s:.100})", file=sys.stderr)
+            LOWERED_IN_FULL.append(f"{err!s:.100}")
+            lowered["in full"] = True
+            return full_llir(src, metadata)
+        return ""
+
+    stages["llir"] = llir
+    stages["ptx"] = lambda src, metadata: full_ptx(src, metadata) if lowered["in full"] else ""
     stages["cubin"] = lambda src, metadata: b""
     return None
 
@@ -297,9 +341,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--list", action="store_true", help="print the job names and exit")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     p.add_argument(
-        "--no-ptxas",
+        "--shared-memory-only",
         action="store_true",
-        help="stop before ptxas: shared memory only (no registers or spills), faster",
+        help="stop once shared memory is allocated (no registers or spills), faster",
     )
     args = p.parse_args(argv)
     every = jobs()
@@ -314,8 +358,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     common._FITTED.clear()  # the shapes chosen for another card
     triton.knobs.nvidia.dump_ptxas_log = True
-    if args.no_ptxas:
-        triton.knobs.runtime.add_stages_inspection_hook = _stop_before_ptxas
+    if args.shared_memory_only:
+        triton.knobs.runtime.add_stages_inspection_hook = _shared_memory_only
     JITFunction.run = _compile_and_record
     Autotuner.run = _compile_every_config
     for name in chosen:
@@ -324,7 +368,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             every[name]()
         except OutOfResources as err:  # no launch shape of a kernel fits this card
             ROWS.append({"job": name, "kernel": "(launcher)", "error": f"{err!s:.200}"})
-    until = " (up to ptxas: no registers or spills)" if args.no_ptxas else ""
+    until = " (up to shared-memory allocation: no registers or spills)"
+    until = until if args.shared_memory_only else ""
     print(f"Compiled for sm_{args.arch} with Triton {triton.__version__}{until}:\n")
     print(table(ROWS))
     if args.json:

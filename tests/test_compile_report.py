@@ -50,21 +50,29 @@ def test_a_kernel_compiles_for_a_gpu_and_reports_its_resources(tmp_path, arch):
     )
 
 
-def test_shared_memory_is_the_same_without_ptxas(tmp_path):
-    """The tests of shared memory below stop before ptxas (--no-ptxas): the figures they read
-    must be the full compile's, with registers and spills left blank rather than guessed."""
+def test_shared_memory_only_reads_the_full_compiles_figures(tmp_path):
+    """The tests of shared memory below stop once Triton has allocated it
+    (--shared-memory-only): the figures they read must be the full compile's, kernel by
+    kernel (pipelined loads and layout conversions included), with registers and spills left
+    blank rather than guessed, and the short path must be the one taken."""
+    jobs = ("int8_attention:d64", "chunk_scalar_decay:fp16:d64")
     rows = {}
-    for flag in ((), ("--no-ptxas",)):
+    for flag in ((), ("--shared-memory-only",)):
         out = tmp_path / f"rows{len(flag)}.json"
-        run = report("int8_attention:d64", "--arch", "80", *flag, "--json", str(out))
+        run = report(*jobs, "--arch", "80", *flag, "--json", str(out))
         assert run.returncode == 0, run.stderr
+        assert "lowering in full" not in run.stderr
         rows[bool(flag)] = json.loads(out.read_text())
     full, quick = rows[False], rows[True]
-    assert len(full) == len(quick) == 1
-    assert quick[0]["shared_kib"] == full[0]["shared_kib"] > 0
-    assert (quick[0]["warps"], quick[0]["stages"]) == (full[0]["warps"], full[0]["stages"])
-    assert full[0]["registers"] > 0 and quick[0]["registers"] is None
-    assert quick[0]["spill_bytes"] is None
+    assert len(full) == len(quick) == 7
+
+    def layout(r):
+        return r["job"], r["kernel"], r["constants"], r["warps"], r["stages"], r["shared_kib"]
+
+    assert [layout(r) for r in quick] == [layout(r) for r in full]
+    assert all(r["shared_kib"] > 0 for r in full)
+    assert all(r["registers"] > 0 for r in full)
+    assert all(r["registers"] is None and r["spill_bytes"] is None for r in quick)
 
 
 def test_jobs_cover_every_kernel_module_and_a_wrong_name_is_refused():
@@ -115,7 +123,7 @@ def test_large_tiles_fit_the_cards_shared_memory(tmp_path, arch, limit_kib, fami
     the ptxas version."""
     out = tmp_path / "rows.json"
     jobs, kernels = LARGE_TILES[family]
-    run = report(*jobs, "--arch", str(arch), "--no-ptxas", "--json", str(out))
+    run = report(*jobs, "--arch", str(arch), "--shared-memory-only", "--json", str(out))
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())
     assert len(rows) == kernels * len(jobs) and all("error" not in r for r in rows), rows
@@ -125,8 +133,8 @@ def test_large_tiles_fit_the_cards_shared_memory(tmp_path, arch, limit_kib, fami
 
 
 # (job, arch, shared memory per block in KiB): at 16 bits and head_dim 256 none of dK/dV's
-# tilings fitted an A100 (164.8-273 KiB). (A T4, sm_75 with 64 KiB, at head_dim 128 is
-# checked by hand: compiling for sm_75 takes minutes, see benchmarks/README.md.)
+# tilings fitted an A100 (164.8-273 KiB). (A T4, sm_75 with 64 KiB, at head_dim 128: in
+# tests/test_compile_report_smaller_cards.py.)
 FLASH_ON_SMALLER_CARDS = [
     ("flash_attention:fp16:d256", 80, 163),
     ("flash_attention:fp32:d256", 80, 163),
@@ -139,7 +147,7 @@ def test_flash_attention_has_a_tiling_each_card_holds(tmp_path, job, arch, limit
     do not fit a card's shared memory: one of each kernel's must fit, causal or not, on an
     A100 (sm_80) at head_dim 256, and the forward's one tiling must."""
     out = tmp_path / "rows.json"
-    run = report(job, "--arch", str(arch), "--no-ptxas", "--json", str(out))
+    run = report(job, "--arch", str(arch), "--shared-memory-only", "--json", str(out))
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())
     assert all("error" not in r for r in rows), rows
