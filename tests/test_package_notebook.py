@@ -439,6 +439,31 @@ def test_api_reference_links_resolve_re_exported_names():
     assert lines[:2] == ["..", ""] and lines[2].startswith("Token mixers")
 
 
+def test_pybtex_plugins_are_found_without_scanning_entry_points(monkeypatch):
+    """The book's bibtex_plugins extension registers pybtex's entry points once: a lookup
+    then returns the class the entry point names without scanning installed packages."""
+    from importlib.metadata import entry_points
+
+    import pybtex.plugin
+
+    sys.path.insert(0, str(ROOT / "scripts" / "sphinx_ext"))
+    import bibtex_plugins
+
+    # what sphinxcontrib-bibtex asks for: a style, labels, names, the docutils backend
+    asked = [("pybtex.style.formatting", "plain"), ("pybtex.style.labels", "alpha"),
+             ("pybtex.style.names", "plain"), ("pybtex.backends", "docutils")]  # fmt: skip
+    want = [next(iter(entry_points(group=g, name=n))).load() for g, n in asked]
+    assert bibtex_plugins.register_pybtex_entry_points() >= len(asked)
+    assert "bibtex_plugins" in (ROOT / "_config.yml").read_text()
+
+    def scan(*args, **kwargs):
+        raise AssertionError("pybtex scanned the entry points")
+
+    monkeypatch.setattr(pybtex.plugin, "entry_points", scan)
+    for (group, name), cls in zip(asked, want, strict=True):
+        assert pybtex.plugin.find_plugin(group, name) is cls
+
+
 def test_citation_file_agrees_with_the_package_and_the_book():
     """CITATION.cff carries the release, the title and the repository of the package and the
     book, and cites the survey; the changelog has an entry for the release."""
