@@ -34,8 +34,10 @@ export EFFARCH_SIZE="${EFFARCH_SIZE:-small}"
 run() { local rc=0; "$@" || rc=$?; [ "$rc" -eq 5 ] && return 0; return "$rc"; }
 echo "== pytest: tests/ (unit, reference, kernels under the interpreter, browser)"
 # one worker per core (pytest-xdist), each file on one worker: the browser tests share one
-# book build, and nothing in tests/ times itself
-run python -m pytest tests -n auto --dist loadfile --durations=15 "$@"
+# book build, and nothing in tests/ times itself. Files are handed out in name order, not
+# xdist's default of most tests first, which left the few long browser tests (two book
+# builds) to the end, on one worker, while the other had nothing left to do.
+run python -m pytest tests -n auto --dist loadfile --no-loadscope-reorder --durations=15 "$@"
 echo "== pytest: nbval over chapters/, with Triton made unimportable (as on a laptop)"
 # Pages that assert claims about their own timings (they call effarch.bench.remeasured) run
 # one after another with the cores to themselves; the others, which time nothing they
