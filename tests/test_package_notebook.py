@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import ipywidgets as widgets
 import pytest
@@ -462,6 +463,29 @@ def test_pybtex_plugins_are_found_without_scanning_entry_points(monkeypatch):
     monkeypatch.setattr(pybtex.plugin, "entry_points", scan)
     for (group, name), cls in zip(asked, want, strict=True):
         assert pybtex.plugin.find_plugin(group, name) is cls
+
+
+def test_nbval_cells_wait_a_minute_for_their_output():
+    """chapters/conftest.py raises nbval's hard-coded 5-second wait for a cell's output
+    messages: the attribute it sets must be the one nbval's cells read."""
+    import importlib.util
+    import inspect
+
+    from nbval.plugin import IPyNbCell
+
+    spec = importlib.util.spec_from_file_location(
+        "chapters_conftest", ROOT / "chapters" / "conftest.py"
+    )
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    assert "self.output_timeout = 5" in inspect.getsource(IPyNbCell.__init__)
+    assert "timeout=self.output_timeout" in inspect.getsource(IPyNbCell.runtest)
+    cell = IPyNbCell.__new__(IPyNbCell)
+    cell.output_timeout = 5
+    other = SimpleNamespace()
+    conftest.pytest_collection_modifyitems([cell, other])
+    assert cell.output_timeout == conftest.OUTPUT_TIMEOUT_S == 60
+    assert not hasattr(other, "output_timeout")
 
 
 def test_citation_file_agrees_with_the_package_and_the_book():
