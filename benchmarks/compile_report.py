@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -74,7 +75,6 @@ except ImportError:  # pragma: no cover - a machine without Triton
 ROWS: list[dict] = []  # one per compiled kernel
 PTXAS: dict[str, tuple[int | None, int | None]] = {}  # registers, spills by kernel hash
 JOB = {"name": ""}  # the job whose launcher is running
-LOWERED_IN_FULL: list[str] = []  # --shared-memory-only, if another Triton's passes differ
 
 
 # The shared memory one block may opt in to (bytes; Triton's max_shared_mem), by compute
@@ -172,21 +172,17 @@ def _shared_memory_only(*args):
         return "effarch-shared-memory-only", "effarch-shared-memory-only"
     backend, stages, options, _language, capability = args
     full_llir, full_ptx = stages["llir"], stages["ptx"]
-    lowered = {"in full": False}
 
     def llir(src, metadata):
         try:
             _allocate_shared_memory(src, metadata, backend, options, capability)
         except (ImportError, AttributeError, TypeError, RuntimeError) as err:
-            if not LOWERED_IN_FULL:
-                print(f"compile_report.py: lowering in full ({err!s:.100})", file=sys.stderr)
-            LOWERED_IN_FULL.append(f"{err!s:.100}")
-            lowered["in full"] = True
+            warnings.warn(f"compile_report.py: lowering in full ({err!s:.100})", stacklevel=1)
             return full_llir(src, metadata)
-        return ""
+        return ""  # no LLVM IR: the PTX stage below has nothing to translate
 
     stages["llir"] = llir
-    stages["ptx"] = lambda src, metadata: full_ptx(src, metadata) if lowered["in full"] else ""
+    stages["ptx"] = lambda src, metadata: full_ptx(src, metadata) if src else ""
     stages["cubin"] = lambda src, metadata: b""
     return None
 
@@ -368,8 +364,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             every[name]()
         except OutOfResources as err:  # no launch shape of a kernel fits this card
             ROWS.append({"job": name, "kernel": "(launcher)", "error": f"{err!s:.200}"})
-    until = " (up to shared-memory allocation: no registers or spills)"
-    until = until if args.shared_memory_only else ""
+    note = "up to shared-memory allocation: no registers or spills"
+    until = f" ({note})" if args.shared_memory_only else ""
     print(f"Compiled for sm_{args.arch} with Triton {triton.__version__}{until}:\n")
     print(table(ROWS))
     if args.json:

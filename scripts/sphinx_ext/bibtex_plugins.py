@@ -25,8 +25,10 @@ def register_pybtex_entry_points() -> int:
     every = (ep for dist in distributions() for ep in dist.entry_points)
     for entry_point in every:
         key = entry_point.group, entry_point.name
-        if not entry_point.group.startswith("pybtex.") or key in seen:
-            continue  # a name two packages give: pybtex takes the first it finds
+        if not entry_point.group.startswith("pybtex."):
+            continue
+        if key in seen:  # a name two packages give: pybtex takes the first it finds
+            continue
         seen.add(key)
         try:
             pybtex.plugin.register_plugin(
