@@ -14,7 +14,6 @@ them, so each notebook runs once per CI run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,59 +24,54 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SOLUTION_TAG = "solution"
-# what the book is made of: copied for the students' edition
-BOOK_FILES = ("_config.yml", "_toc.yml", "intro.md", "references.bib")
-BOOK_DIRS = ("chapters", "guide")
+BUILD = ROOT / "_build"  # jupyter-book's: html/ and the doctrees (.doctrees/) it read
+STUDENT = BUILD / "student"  # the students' edition: html/, and _build/ while it builds
 
 
-def drop_solutions(notebook: Path) -> int:
-    """Remove the cells tagged ``solution`` from a notebook file; return how many."""
-    nb = json.loads(notebook.read_text())
-    keep = [c for c in nb["cells"] if SOLUTION_TAG not in c.get("metadata", {}).get("tags", [])]
-    dropped = len(nb["cells"]) - len(keep)
-    nb["cells"] = keep
-    notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
-    return dropped
+def reuse_doctrees(target: Path) -> bool:
+    """Start the students' edition from the doctrees of the last build of the full book.
 
-
-def student_sources() -> Path:
-    """A copy of the book's sources under _build/student/src without the solutions."""
-    src = ROOT / "_build" / "student" / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
-    for name in BOOK_FILES:
-        shutil.copy2(ROOT / name, src / name)
-    for name in BOOK_DIRS:
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("*checkpoint*"))
-    dropped = sum(drop_solutions(nb) for nb in (src / "chapters").rglob("*.ipynb"))
-    print(f"== students' edition: {dropped} solution cells left out")
-    return src
+    Leaving the solutions out changes no doctree (``scripts/sphinx_ext/students_edition.py``
+    removes them while writing), so Sphinx reads again only what changed since that build,
+    and writes every page. Without such a build (or after one that executed the
+    notebooks, which Sphinx tells from its settings) it reads the whole book itself.
+    """
+    full = BUILD / ".doctrees"
+    if not (full / "environment.pickle").is_file():
+        return False
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(full, target)
+    return True
 
 
 def build(execute: bool, *, student: bool = False) -> int:
-    source = student_sources() if student else ROOT
-    config = source / "_config.yml"
+    config = ROOT / "_config.yml"
     if not execute or student:
         cfg = yaml.safe_load(config.read_text())
         cfg["execute"]["execute_notebooks"] = "off"
+        if student:
+            cfg["sphinx"]["config"]["effarch_students_edition"] = True
         # local extensions are found relative to the config file, which moves into _build
         local = cfg.get("sphinx", {}).get("local_extensions", {})
         for name, path in local.items():
             local[name] = str((ROOT / path).resolve())
-        config = ROOT / "_build" / ("_config.student.yml" if student else "_config.no-execute.yml")
+        config = BUILD / ("_config.student.yml" if student else "_config.no-execute.yml")
         config.parent.mkdir(exist_ok=True)
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [
-        str(Path(sys.executable).parent / "jupyter-book"), "build", str(source),
+        str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT),
         "--config", str(config), "--builder", "html", "-W", "-n", "--keep-going",
     ]  # fmt: skip
-    start = time.perf_counter()
-    rc = subprocess.call(cmd, cwd=source)
     if student:
-        out = ROOT / "_build" / "student" / "html"
+        cmd += ["--path-output", str(STUDENT)]
+        reused = reuse_doctrees(STUDENT / "_build" / ".doctrees")
+        print(f"== students' edition: {'from the full build' if reused else 'read in full'}")
+    start = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    if student:
+        out = STUDENT / "html"
         shutil.rmtree(out, ignore_errors=True)
-        shutil.move(source / "_build" / "html", out)
+        shutil.move(STUDENT / "_build" / "html", out)
         print(f"== students' edition: {out / 'index.html'}")
     mode = (
         "students' edition"

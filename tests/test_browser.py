@@ -279,6 +279,16 @@ def test_launch_buttons_and_repository_links(book):
     assert f"{url}/edit/main/" in page, "edit this page"
 
 
+def test_stored_doctrees_hold_no_build_environment(book):
+    """No page's stored doctree carries a pickled copy of Sphinx's build environment (the
+    API pages did, through myst-parser's eval-rst documents: scripts/sphinx_ext/
+    nested_documents.py), which a build that only writes pages would unpickle again."""
+    doctrees = sorted((ROOT / "_build" / ".doctrees").rglob("*.doctree"))
+    assert len(doctrees) > len(notebook_pages()), "the doctrees of the book build"
+    carrying = [d.name for d in doctrees if b"BuildEnvironment" in d.read_bytes()]
+    assert not carrying, carrying
+
+
 def solution_cells() -> dict[str, list[str]]:
     """``{html page: [the heading comment of each solution cell]}``: every cell tagged
     ``solution`` opens with ``# Solution, exercise N: ...``, a line found nowhere else."""
@@ -296,6 +306,11 @@ def solution_cells() -> dict[str, list[str]]:
     return out
 
 
+def cell_sources(notebook: Path) -> str:
+    """The source of every cell of a notebook file, one after another."""
+    return "\n".join("".join(c["source"]) for c in json.loads(notebook.read_text())["cells"])
+
+
 def test_students_edition_leaves_out_every_solution(book):
     """The students' build drops the cells tagged `solution`; the full book keeps them."""
     rc = subprocess.call([sys.executable, str(ROOT / "scripts" / "build_book.py"), "--student"])
@@ -305,6 +320,11 @@ def test_students_edition_leaves_out_every_solution(book):
     assert solutions, "no notebook has an executed solution cell (tag: solution)"
     for page, heads in solutions.items():
         full, without = (book / page).read_text(), (student / page).read_text()
+        # the notebook the page's download button offers
+        source = Path("_sources", page).with_suffix(".ipynb")
+        full_nb, student_nb = (cell_sources(out / source) for out in (book, student))
         for head in heads:
             assert head in full, f"{page}: {head!r} missing from the book"
             assert head not in without, f"{page}: {head!r} is in the students' edition"
+            assert head in full_nb, f"{source}: {head!r} missing from the book's download"
+            assert head not in student_nb, f"{source}: {head!r} is in the students' download"

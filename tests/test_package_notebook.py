@@ -298,8 +298,8 @@ def test_glue_hands_values_to_myst_nb_or_passes_them_through(monkeypatch):
 def test_drop_solutions_keeps_every_other_cell(tmp_path):
     import nbformat
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from build_book import drop_solutions
+    sys.path.insert(0, str(ROOT / "scripts" / "sphinx_ext"))
+    from students_edition import drop_solution_cells_from_notebook as drop_solutions
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [
