@@ -91,6 +91,10 @@ def browser():
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
+                # nothing leaves the machine: no proxy, and no host name resolves but the
+                # book's server (test_every_page_in_chromium checks that none was reached)
+                "--no-proxy-server",
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
             ],
         )
         yield b
@@ -191,11 +195,21 @@ def test_every_page_in_chromium(book, server, browser):
     colab = f"https://colab.research.google.com/github/{urlsplit(repository_url()).path.strip('/')}"
 
     context = browser.new_context()
-    # Nothing leaves the machine: requests to other hosts (fonts, MathJax CDN) are refused
-    # here, so a page that depends on the network shows it as a missing image below.
-    context.route(
-        "**/*",
-        lambda route: route.continue_() if route.request.url.startswith(server) else route.abort(),
+    # Nothing leaves the machine: Chromium resolves no host but the book's server (the
+    # browser fixture's flags), so a page that depends on the network (fonts, a CDN) shows
+    # it below as a missing image or an untypeset formula, and a request that reached
+    # another host all the same is a problem. (Refusing requests through Playwright's
+    # routing instead turns Chromium's HTTP cache off: every page fetched and compiled
+    # MathJax and the theme's scripts again, a third of this test's time.)
+    reached: list[str] = []
+    context.on(
+        "requestfinished",
+        lambda request: (
+            reached.append(request.url)
+            if urlsplit(request.url).scheme in ("http", "https")
+            and not request.url.startswith(server)
+            else None
+        ),
     )
     page = context.new_page()
     problems: list[str] = []
@@ -256,6 +270,7 @@ def test_every_page_in_chromium(book, server, browser):
             if unquote(parts.fragment) not in anchors(target):
                 problems.append(f"missing anchor {url} (from {sorted(sources)[0]})")
     context.close()
+    problems += [f"a request left the machine: {url}" for url in sorted(set(reached))]
 
     print(
         json.dumps(
