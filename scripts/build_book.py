@@ -28,19 +28,24 @@ BUILD = ROOT / "_build"  # jupyter-book's: html/ and the doctrees (.doctrees/) i
 STUDENT = BUILD / "student"  # the students' edition: html/, and _build/ while it builds
 
 
+# in the full book's doctrees after a build that rendered the committed outputs
+COMMITTED_OUTPUTS = BUILD / ".doctrees" / "effarch-committed-outputs"
+
+
 def reuse_doctrees(target: Path) -> bool:
-    """Start the students' edition from the doctrees of the last build of the full book.
+    """Start the students' edition from the doctrees of the last build of the full book,
+    when that build rendered the committed outputs (``--no-execute``), as the students'
+    edition does.
 
     Leaving the solutions out changes no doctree (``scripts/sphinx_ext/students_edition.py``
     removes them while writing), so Sphinx reads again only what changed since that build,
-    and writes every page. Without such a build (or after one that executed the
-    notebooks, which Sphinx tells from its settings) it reads the whole book itself.
+    and writes every page. After a build that executed the notebooks Sphinx would read
+    everything again, so the students' own doctrees are kept instead.
     """
-    full = BUILD / ".doctrees"
-    if not (full / "environment.pickle").is_file():
+    if not COMMITTED_OUTPUTS.is_file():
         return False
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(full, target)
+    shutil.copytree(COMMITTED_OUTPUTS.parent, target)
     return True
 
 
@@ -62,12 +67,16 @@ def build(execute: bool, *, student: bool = False) -> int:
         str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT),
         "--config", str(config), "--builder", "html", "-W", "-n", "--keep-going",
     ]  # fmt: skip
+    start = time.perf_counter()
     if student:
         cmd += ["--path-output", str(STUDENT)]
         reused = reuse_doctrees(STUDENT / "_build" / ".doctrees")
-        print(f"== students' edition: {'from the full build' if reused else 'read in full'}")
-    start = time.perf_counter()
+        print(f"== students' edition: {'from the full book' if reused else 'on its own'}")
+    else:
+        COMMITTED_OUTPUTS.unlink(missing_ok=True)
     rc = subprocess.call(cmd, cwd=ROOT)
+    if not student and not execute and rc == 0:
+        COMMITTED_OUTPUTS.write_text("doctrees of a build that rendered the committed outputs\n")
     if student:
         out = STUDENT / "html"
         shutil.rmtree(out, ignore_errors=True)

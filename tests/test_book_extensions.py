@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 from docutils import nodes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts" / "sphinx_ext"))
+EXTENSIONS = str(ROOT / "scripts" / "sphinx_ext")
+
+
+@pytest.fixture(autouse=True)
+def book_extensions(monkeypatch):
+    """The book's local extensions importable, for this file's tests only."""
+    monkeypatch.syspath_prepend(EXTENSIONS)
+
 
 API_PAGE = """# An API page
 
@@ -29,23 +35,38 @@ API_PAGE = """# An API page
 """
 
 
-def build(tmp_path: Path, extensions: list[str], pages: dict[str, str], **config) -> Path:
-    """Build ``pages`` (name: MyST or notebook JSON) with Sphinx; return the output dir."""
+def build(
+    tmp_path: Path,
+    extensions: list[str],
+    pages: dict[str, str],
+    *,
+    out: str = "out",
+    doctrees: Path | None = None,
+    **config,
+) -> tuple[Path, list[str]]:
+    """Build ``pages`` (name: MyST or notebook JSON), written to ``tmp_path/src`` if not
+    there yet, into ``tmp_path/out`` with Sphinx, reusing the doctrees in ``doctrees`` when
+    given; return the output folder and the pages Sphinx read."""
     from sphinx.application import Sphinx
+    from sphinx.util.docutils import docutils_namespace
 
-    src, out = tmp_path / "src", tmp_path / "out"
-    src.mkdir(parents=True)
+    src, out_dir = tmp_path / "src", tmp_path / out
+    src.mkdir(parents=True, exist_ok=True)
     toc = "\n".join(Path(name).stem for name in pages)
-    (src / "index.md").write_text(f"# Index\n\n```{{toctree}}\n{toc}\n```\n")
-    for name, text in pages.items():
-        (src / name).write_text(text)
-    app = Sphinx(str(src), None, str(out), str(out / ".doctrees"), "html",
-                 confoverrides={"extensions": extensions, "nb_execution_mode": "off",
-                                **config},
-                 status=None, warning=None, freshenv=True)  # fmt: skip
-    app.build()
+    sources = {"index.md": f"# Index\n\n```{{toctree}}\n{toc}\n```\n", **pages}
+    for name, text in sources.items():
+        if not (src / name).is_file() or (src / name).read_text() != text:
+            (src / name).write_text(text)
+    read: list[str] = []
+    with docutils_namespace():
+        app = Sphinx(str(src), None, str(out_dir), str(doctrees or out_dir / ".doctrees"), "html",
+                     confoverrides={"extensions": extensions, "nb_execution_mode": "off",
+                                    **config},
+                     status=None, warning=None, freshenv=doctrees is None)  # fmt: skip
+        app.connect("env-before-read-docs", lambda app, env, docnames: read.extend(docnames))
+        app.build()
     assert app.statuscode == 0
-    return out
+    return out_dir, read
 
 
 def foreign_documents(doctree_file: Path) -> int:
@@ -62,13 +83,13 @@ def test_api_doctrees_carry_no_build_environment(tmp_path):
     pickled page no longer holds the environment."""
     from nested_documents import reattach_nested_nodes
 
-    plain = build(tmp_path / "plain", ["myst_parser"], {"api.md": API_PAGE})
+    plain, _ = build(tmp_path / "plain", ["myst_parser"], {"api.md": API_PAGE})
     stored = plain / ".doctrees" / "api.doctree"
     if foreign_documents(stored) == 0:
         pytest.skip("myst-parser no longer leaves nested documents: the extension can go")
     assert b"BuildEnvironment" in stored.read_bytes()
 
-    fixed = build(tmp_path / "fixed", ["myst_parser", "nested_documents"], {"api.md": API_PAGE})
+    fixed, _ = build(tmp_path / "fixed", ["myst_parser", "nested_documents"], {"api.md": API_PAGE})
     stored_fixed = fixed / ".doctrees" / "api.doctree"
     assert foreign_documents(stored_fixed) == 0
     assert b"BuildEnvironment" not in stored_fixed.read_bytes()
@@ -97,13 +118,16 @@ def notebook(cells: list[tuple[str, list[str]]]) -> str:
     })  # fmt: skip
 
 
-def test_students_edition_leaves_solutions_out_of_pages_and_downloads(tmp_path):
-    """With effarch_students_edition the cells tagged `solution` leave the page and the
-    notebook offered for download; without it, both keep them."""
+def test_students_edition_leaves_solutions_out_of_pages_index_and_downloads(tmp_path):
+    """With effarch_students_edition the code cells tagged `solution` leave the page, the
+    search index and the notebook offered for download; without it, all three keep them.
+    The students' build from the full build's doctrees reads no page again."""
+    import shutil
+
     page = "# Exercises\n\n" + "Exercise 1 asks for a number."
     nb = notebook([
         ("x = 1  # the exercise's set-up", []),
-        ("# Solution, exercise 1: the answer\nanswer = 42", ["solution", "hide-cell"]),
+        ("# Solution, exercise 1: zorbulate\nanswer = 42", ["solution", "hide-cell"]),
         ("y = 2  # after the solution", ["hide-input"]),
     ])  # fmt: skip
     md_nb = json.loads(nb)
@@ -113,14 +137,22 @@ def test_students_edition_leaves_solutions_out_of_pages_and_downloads(tmp_path):
     # as jupyter-book sets them: notebooks downloadable under their own name
     suffixes = {"source_suffix": {".md": "myst-nb", ".ipynb": "myst-nb"},
                 "html_sourcelink_suffix": ""}  # fmt: skip
-    full = build(tmp_path / "full", exts, pages, **suffixes)
-    student = build(tmp_path / "student", exts, pages, effarch_students_edition=True, **suffixes)
+    full, read_full = build(tmp_path, exts, pages, **suffixes)
+    assert sorted(read_full) == ["ex", "index"]
+    doctrees = tmp_path / "student" / ".doctrees"
+    shutil.copytree(full / ".doctrees", doctrees)  # what build_book.py --student does
+    student, read_student = build(
+        tmp_path, exts, pages, out="student", doctrees=doctrees,
+        effarch_students_edition=True, **suffixes,
+    )  # fmt: skip
+    assert read_student == []  # written from the full build's doctrees
 
     for out, kept in ((full, True), (student, False)):
         html = (out / "ex.html").read_text()
         assert ("Solution, exercise 1" in html) is kept
         assert "the exercise" in html and "after the solution" in html
         assert "Exercise 1 asks" in html
+        assert ('"zorbul"' in (out / "searchindex.js").read_text()) is kept  # stemmed
         sources = json.loads((out / "_sources" / "ex.ipynb").read_text())
         texts = ["".join(c["source"]) for c in sources["cells"]]
         assert any("Solution, exercise 1" in t for t in texts) is kept

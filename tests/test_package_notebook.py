@@ -299,7 +299,7 @@ def test_drop_solutions_keeps_every_other_cell(tmp_path):
     import nbformat
 
     sys.path.insert(0, str(ROOT / "scripts" / "sphinx_ext"))
-    from students_edition import drop_solution_cells_from_notebook as drop_solutions
+    from students_edition import drop_solution_cells_from_notebook
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [
@@ -309,9 +309,23 @@ def test_drop_solutions_keeps_every_other_cell(tmp_path):
     ]
     path = tmp_path / "x.ipynb"
     nbformat.write(nb, path)
-    assert drop_solutions(path) == 1
+    assert drop_solution_cells_from_notebook(path) == 1
     kept = nbformat.read(path, as_version=4).cells
     assert [c.source for c in kept] == ["Exercise 1: predict, then measure.", "y = 2"]
+
+
+def test_solutions_are_code_cells():
+    """The students' edition finds a solution on a page by the class myst-nb gives a code
+    cell's container (scripts/sphinx_ext/students_edition.py); a markdown cell is rendered
+    without its tags, so a solution written in one would stay on the students' page."""
+    tagged = [
+        (nb.name, c["cell_type"])
+        for nb in sorted((ROOT / "chapters").rglob("*.ipynb"))
+        for c in json.loads(nb.read_text())["cells"]
+        if "solution" in c.get("metadata", {}).get("tags", [])
+    ]
+    assert len(tagged) >= 100, len(tagged)
+    assert {kind for _, kind in tagged} == {"code"}, [t for t in tagged if t[1] != "code"]
 
 
 def test_learning_path_page_is_what_the_pages_say():

@@ -1,4 +1,4 @@
-"""Give the nodes an ``{eval-rst}`` block parsed back to the page they belong to.
+"""Point the nodes parsed from an ``{eval-rst}`` block at the page they belong to.
 
 myst-parser parses an ``{eval-rst}`` block (the ``automodule`` of every API page) into a
 docutils document of its own that shares the page's settings, then moves the top-level
@@ -7,7 +7,7 @@ through its settings to Sphinx's whole build environment: every notebook's metad
 widget state, the bibliography, the toctrees. Sphinx clears ``settings.env`` on the page's
 own document only before it pickles the page, so each API page's doctree held a copy of the
 environment (1.4 to 2.4 MB instead of tens of kB), unpickled again every time the page was
-read back: twice per page while writing the HTML, about a sixth of the book's build time.
+read back: twice per page when the pages are written from stored doctrees.
 
 This extension points those nodes at the page's document when the page has been read,
 before Sphinx pickles it. What is built does not change.
@@ -22,8 +22,8 @@ from sphinx.application import Sphinx
 
 
 def reattach_nested_nodes(doctree: nodes.document) -> int:
-    """Make ``doctree`` the document of every node in it that names another; return how
-    many nodes did."""
+    """Make ``doctree`` the document of every node in it that names another document;
+    return how many nodes were re-pointed."""
     moved = 0
     for node in doctree.findall():
         other = node.__dict__.get("_document")

@@ -1,11 +1,13 @@
 """The students' edition: the book without its exercise solutions.
 
 With the Sphinx setting ``effarch_students_edition = True`` (``scripts/build_book.py
---student`` sets it) every notebook cell tagged ``solution`` is left out of the pages, of
-the search index and of the notebooks the pages offer for download. The cells are removed
+--student`` sets it) every notebook code cell tagged ``solution`` is left out of the pages,
+of the search index and of the notebooks the pages offer for download. The cells are removed
 when a page is written, not when it is read: the setting changes no doctree, so a students'
 build reuses the doctrees of a build of the full book (``build_book.py`` copies them) and
-only writes the pages again.
+only writes the pages again. Solutions are code cells: myst-nb renders a markdown cell
+without its tags, so this extension could not find one on the page (a test in
+``tests/test_package_notebook.py`` checks that no markdown cell carries the tag).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def drop_solution_cells(doctree: nodes.document) -> int:
-    """Remove every notebook cell tagged ``solution`` from a page; return how many."""
+    """Remove every notebook code cell tagged ``solution`` from a page; return how many."""
     cells = list(doctree.findall(lambda n: isinstance(n, nodes.Element)
                                  and SOLUTION_CLASS in n.get("classes", [])))  # fmt: skip
     for cell in cells:
@@ -52,10 +54,14 @@ def setup(app: Sphinx) -> dict[str, Any]:
             dropped.append(drop_solution_cells(doctree))
 
     def on_build_finished(app: Sphinx, exception: Exception | None) -> None:
-        if app.config.effarch_students_edition and exception is None:
-            # the copies of the notebooks that each page's download button offers
-            for notebook in sorted(Path(app.outdir, "_sources").rglob("*.ipynb")):
-                drop_solution_cells_from_notebook(notebook)
+        if not app.config.effarch_students_edition:
+            return
+        # the copies of the notebooks that each page's download button offers, stripped
+        # even after a failed build: the pages written by then offer theirs
+        suffix = app.config.html_sourcelink_suffix or ""
+        for notebook in sorted(Path(app.outdir, "_sources").rglob(f"*.ipynb{suffix}")):
+            drop_solution_cells_from_notebook(notebook)
+        if exception is None:
             logger.info("students' edition: %d solution cells left out", sum(dropped))
 
     app.connect("doctree-resolved", on_doctree_resolved)
