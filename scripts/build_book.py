@@ -26,8 +26,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"  # jupyter-book's: html/ and the doctrees (.doctrees/) it read
 STUDENT = BUILD / "student"  # the students' edition: html/, and _build/ while it builds
-
-
 # in the full book's doctrees after a build that rendered the committed outputs
 COMMITTED_OUTPUTS = BUILD / ".doctrees" / "effarch-committed-outputs"
 

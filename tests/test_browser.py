@@ -313,6 +313,9 @@ def solution_cells() -> dict[str, list[str]]:
         heads = []
         for c in cells:
             if "solution" in c.get("metadata", {}).get("tags", []):
+                # myst-nb renders a markdown cell without its tags: the students' edition
+                # (scripts/sphinx_ext/students_edition.py) could not leave one out
+                assert c["cell_type"] == "code", f"{notebook}: a {c['cell_type']} solution cell"
                 first = "".join(c["source"]).strip().splitlines()[0]
                 assert first.startswith("# Solution"), f"{notebook}: solution cell opens {first!r}"
                 heads.append(first)

@@ -314,20 +314,6 @@ def test_drop_solutions_keeps_every_other_cell(tmp_path):
     assert [c.source for c in kept] == ["Exercise 1: predict, then measure.", "y = 2"]
 
 
-def test_solutions_are_code_cells():
-    """The students' edition finds a solution on a page by the class myst-nb gives a code
-    cell's container (scripts/sphinx_ext/students_edition.py); a markdown cell is rendered
-    without its tags, so a solution written in one would stay on the students' page."""
-    tagged = [
-        (nb.name, c["cell_type"])
-        for nb in sorted((ROOT / "chapters").rglob("*.ipynb"))
-        for c in json.loads(nb.read_text())["cells"]
-        if "solution" in c.get("metadata", {}).get("tags", [])
-    ]
-    assert len(tagged) >= 100, len(tagged)
-    assert {kind for _, kind in tagged} == {"code"}, [t for t in tagged if t[1] != "code"]
-
-
 def test_learning_path_page_is_what_the_pages_say():
     """guide/learning_path.{md,svg} are generated from each page's prerequisites line; they
     must be up to date, and the prerequisites must form a path without cycles."""

@@ -6,8 +6,8 @@ of the search index and of the notebooks the pages offer for download. The cells
 when a page is written, not when it is read: the setting changes no doctree, so a students'
 build reuses the doctrees of a build of the full book (``build_book.py`` copies them) and
 only writes the pages again. Solutions are code cells: myst-nb renders a markdown cell
-without its tags, so this extension could not find one on the page (a test in
-``tests/test_package_notebook.py`` checks that no markdown cell carries the tag).
+without its tags, so this extension could not find one on the page (the browser test's
+``solution_cells`` checks that no markdown cell carries the tag).
 """
 
 from __future__ import annotations
