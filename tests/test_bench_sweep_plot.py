@@ -141,6 +141,42 @@ def test_later_rounds_time_only_points_measured_within_budget(monkeypatch):
     assert res.rows[1]["time_q25_s"] == pytest.approx(0.005)  # round 2: 0.5 ms per unit
 
 
+def test_points_whose_rounds_agree_are_not_timed_again(monkeypatch):
+    """agree=0.05: after the second round, a point within 5 % of its first round is settled
+    and left out of the third; the others are timed a third time and keep their best."""
+    ms = {1: [1.0, 1.03, 9.0], 2: [3.0, 1.0, 0.5], 4: [1.0, 2.0, 0.9]}  # size -> per round
+    built, calls = {}, {}
+
+    def inputs(n):
+        built[n] = built.get(n, 0) + 1
+        return n
+
+    now = [0.0]
+
+    def work(n):
+        round_ = built[n] - 1
+        calls[(round_, n)] = calls.get((round_, n), 0) + 1
+        now[0] += ms[n][round_] * n / 1000
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    res = sweep(
+        {"work": work}, [1, 2, 4], inputs, measure="time", min_run_time=0.05, rounds=3,
+        agree=0.05, progress=False,
+    )  # fmt: skip
+    assert built == {1: 2, 2: 3, 4: 3}  # size 1 settled after two rounds: 1.03 vs 1.0 ms
+    assert (2, 1) not in calls and (2, 2) in calls and (2, 4) in calls
+    _, q25 = res.series("work", "time_q25_s")
+    assert q25 == pytest.approx([1e-3, 2 * 0.5e-3, 4 * 0.9e-3])  # the best round of each
+    # without agree, every point is timed in every round (and size 1 keeps its 1.0 ms)
+    built.clear(), calls.clear()
+    res = sweep(
+        {"work": work}, [1, 2, 4], inputs, measure="time", min_run_time=0.05, rounds=3,
+        progress=False,
+    )  # fmt: skip
+    assert built == {1: 3, 2: 3, 4: 3}
+    assert res.series("work", "time_q25_s")[1][0] == pytest.approx(1e-3)
+
+
 def test_out_of_memory_is_out_of_budget_and_others_go_on():
     def greedy(n):
         if n >= 64:
@@ -205,6 +241,7 @@ def test_sweep_lets_real_bugs_through():
         (dict(analytic_flops={"other": lambda n: n}), ValueError, "analytic_flops"),
         (dict(rounds=0), ValueError, "rounds"),
         (dict(rounds=2, measure=("memory",)), ValueError, "must include 'time'"),
+        (dict(rounds=2, agree=-0.1), ValueError, "agree"),
     ],
 )
 def test_sweep_rejects_bad_input(kwargs, err, words):

@@ -178,6 +178,7 @@ def sweep(
     size_name: str = "n",
     progress: bool = True,
     rounds: int = 1,
+    agree: float | None = None,
 ) -> SweepResult:
     """Measure each implementation at each size; stop a series that exceeds its budget.
 
@@ -204,6 +205,11 @@ def sweep(
             disturbances only ever add time, and a slow spell of a shared machine lasting
             seconds then spoils one round of a point rather than the point (as
             :func:`~effarch.bench.best_of_rounds` does for single calls).
+        agree: when set (``rounds > 1``), a point is not timed again once a later round's
+            lower quartile lies within this fraction of the best earlier one (``0.05``:
+            5 %): two rounds far apart in time that agree were both undisturbed, and only
+            the points whose rounds disagree pay for the remaining rounds. ``None`` (the
+            default) times every point in every round.
 
     Returns:
         SweepResult: rows with status ``"ok"`` or ``"out of budget"``.
@@ -246,6 +252,7 @@ def sweep(
     elif analytic_flops is not None:
         check_callable("analytic_flops", analytic_flops)
     check_positive_int("rounds", rounds)
+    check_positive_number("agree", agree, allow_none=True)
     if rounds > 1 and "time" not in measure:
         raise ValueError(
             f"rounds > 1 re-times every point, so measure must include 'time'; got "
@@ -302,8 +309,12 @@ def sweep(
             result.rows.append(row)
         del inputs
         _free(dev)
+    settled: set[tuple[str, int]] = set()  # points whose rounds agreed: not timed again
     for _ in range(rounds - 1):
-        _retime(result, impls, sizes, make_inputs, dev, warmup, min_run_time, size_name, bar)
+        _retime(
+            result, impls, sizes, make_inputs, dev, warmup, min_run_time, size_name, bar,
+            agree, settled,
+        )  # fmt: skip
     bar.close()
     return result
 
@@ -318,12 +329,17 @@ def _retime(
     min_run_time: float,
     size_name: str,
     bar: Any,
+    agree: float | None,
+    settled: set[tuple[str, int]],
 ) -> None:
-    """One more round of a sweep: time again each point measured within budget and keep,
-    per point, the timing with the smaller lower quartile."""
+    """One more round of a sweep: time again each point measured within budget and not yet
+    settled, and keep, per point, the timing with the smaller lower quartile. A point whose
+    new lower quartile lies within ``agree`` of its best so far joins ``settled``."""
     index = {(r["impl"], r["size"]): r for r in result.rows}
     for n in sizes:
-        todo = [name for name in impls if _retimable(index.get((name, n)))]
+        todo = [
+            name for name in impls if (name, n) not in settled and _retimable(index.get((name, n)))
+        ]
         bar.update(len(impls) - len(todo))
         if not todo:
             continue
@@ -335,7 +351,10 @@ def _retime(
                 call = partial(impls[name], *inputs)
                 timing = benchmark(call, device=dev, warmup=warmup, min_run_time=min_run_time)
                 row = index[(name, n)]
-                if timing.q25 < row["time_q25_s"]:
+                best = row["time_q25_s"]
+                if agree is not None and abs(timing.q25 - best) <= agree * min(timing.q25, best):
+                    settled.add((name, n))
+                if timing.q25 < best:
                     row.update(_time_columns(timing))
         except Exception as err:  # the first round fitted; keep its timings at this size
             if not is_out_of_memory(err):
