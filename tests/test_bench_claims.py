@@ -27,6 +27,7 @@ def test_a_disturbed_measurement_is_taken_again_and_the_clean_one_returned():
     assert bench.remeasured(measure, _below_two, attempts=3, log=lines.append) == 1.5
     assert len(calls) == 3
     assert len(lines) == 2 and "t = 5.0" in lines[0] and "t = 7.0" in lines[1]
+    assert all('`assert t < 2, f"t = {t}"`' in line for line in lines)  # which claim
     assert not any("Error:" in line for line in lines)
 
 

@@ -18,6 +18,7 @@ every one of ``attempts`` independent measurements.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -70,8 +71,19 @@ def remeasured(
                 raise
             log(
                 f"(measurement {attempt} of at most {attempts} broke a timing claim, "
-                f"{err!s:.120}; other work on the cores slows calls unevenly: measuring again)"
+                f"{_claim_line(err)}{err!s:.120}; other work on the cores slows calls "
+                "unevenly: measuring again)"
             )
         else:
             return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _claim_line(err: BaseException) -> str:
+    """The line of ``check`` that raised (its ``assert``), as ``"`line`: "``, or ``""``
+    where its source is not known: a dict of measurements cut to 120 characters may not
+    show which of several claims failed."""
+    frames = traceback.extract_tb(err.__traceback__)
+    # frames[0] is remeasured's own call of check; frames[1] is the line of check
+    line = frames[1].line if len(frames) > 1 else None
+    return f"`{line}`: " if line else ""
