@@ -81,27 +81,35 @@ def test_memory_budget_stops_the_series():
 
 class _RoundClock:
     """A clock that moves only when a measured call charges it: each call costs the
-    milliseconds its round and size give, so the best round of each point is known."""
+    milliseconds per unit of size that its round gives (``ms_per_round``: one list for every
+    size, or ``{size: list}``), so the best round of each point is known. A size's round is
+    how many times ``make_inputs`` has built it, less one."""
 
-    def __init__(self, ms_per_round, first):
-        self.now, self.round, self.ms_per_round, self.first = 0.0, -1, ms_per_round, first
+    def __init__(self, ms_per_round):
+        self.now, self.ms_per_round = 0.0, ms_per_round
+        self.built = {}  # n -> times make_inputs built it
         self.calls = {}  # (round, n) -> calls
 
     def __call__(self):
         return self.now
 
+    @property
+    def round(self):
+        return max(self.built.values()) - 1
+
     def inputs(self, n):
-        if n == self.first:
-            self.round += 1  # make_inputs sees the first size once per round
+        self.built[n] = self.built.get(n, 0) + 1
         return n
 
     def call(self, n):
-        self.calls[(self.round, n)] = self.calls.get((self.round, n), 0) + 1
-        self.now += self.ms_per_round[self.round] * n / 1000
+        round_ = self.built[n] - 1
+        self.calls[(round_, n)] = self.calls.get((round_, n), 0) + 1
+        ms = self.ms_per_round
+        self.now += (ms[n] if isinstance(ms, dict) else ms)[round_] * n / 1000
 
 
 def test_rounds_keep_the_least_disturbed_round_of_each_point(monkeypatch):
-    clock = _RoundClock(ms_per_round=[3.0, 1.0, 2.0], first=1)  # round 2: undisturbed
+    clock = _RoundClock(ms_per_round=[3.0, 1.0, 2.0])  # round 2: undisturbed
     monkeypatch.setattr(time, "perf_counter", clock)
     res = sweep(
         {"work": clock.call},
@@ -122,7 +130,7 @@ def test_rounds_keep_the_least_disturbed_round_of_each_point(monkeypatch):
 
 
 def test_later_rounds_time_only_points_measured_within_budget(monkeypatch):
-    clock = _RoundClock(ms_per_round=[1.0, 0.5], first=1)
+    clock = _RoundClock(ms_per_round=[1.0, 0.5])
     monkeypatch.setattr(time, "perf_counter", clock)
     res = sweep(
         {"work": clock.call},
@@ -145,35 +153,24 @@ def test_points_whose_rounds_agree_are_not_timed_again(monkeypatch):
     """agree=0.05: after the second round, a point within 5 % of its first round is settled
     and left out of the third; the others are timed a third time and keep their best."""
     ms = {1: [1.0, 1.03, 9.0], 2: [3.0, 1.0, 0.5], 4: [1.0, 2.0, 0.9]}  # size -> per round
-    built, calls = {}, {}
-
-    def inputs(n):
-        built[n] = built.get(n, 0) + 1
-        return n
-
-    now = [0.0]
-
-    def work(n):
-        round_ = built[n] - 1
-        calls[(round_, n)] = calls.get((round_, n), 0) + 1
-        now[0] += ms[n][round_] * n / 1000
-
-    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = _RoundClock(ms_per_round=ms)
+    monkeypatch.setattr(time, "perf_counter", clock)
     res = sweep(
-        {"work": work}, [1, 2, 4], inputs, measure="time", min_run_time=0.05, rounds=3,
-        agree=0.05, progress=False,
+        {"work": clock.call}, [1, 2, 4], clock.inputs, measure="time", min_run_time=0.05,
+        rounds=3, agree=0.05, progress=False,
     )  # fmt: skip
-    assert built == {1: 2, 2: 3, 4: 3}  # size 1 settled after two rounds: 1.03 vs 1.0 ms
-    assert (2, 1) not in calls and (2, 2) in calls and (2, 4) in calls
+    assert clock.built == {1: 2, 2: 3, 4: 3}  # size 1 settled after two rounds: 1.03 vs 1.0 ms
+    assert (2, 1) not in clock.calls and (2, 2) in clock.calls and (2, 4) in clock.calls
     _, q25 = res.series("work", "time_q25_s")
     assert q25 == pytest.approx([1e-3, 2 * 0.5e-3, 4 * 0.9e-3])  # the best round of each
     # without agree, every point is timed in every round (and size 1 keeps its 1.0 ms)
-    built.clear(), calls.clear()
+    clock = _RoundClock(ms_per_round=ms)
+    monkeypatch.setattr(time, "perf_counter", clock)
     res = sweep(
-        {"work": work}, [1, 2, 4], inputs, measure="time", min_run_time=0.05, rounds=3,
-        progress=False,
+        {"work": clock.call}, [1, 2, 4], clock.inputs, measure="time", min_run_time=0.05,
+        rounds=3, progress=False,
     )  # fmt: skip
-    assert built == {1: 3, 2: 3, 4: 3}
+    assert clock.built == {1: 3, 2: 3, 4: 3}
     assert res.series("work", "time_q25_s")[1][0] == pytest.approx(1e-3)
 
 
